@@ -1,0 +1,36 @@
+# `make demo` and `make test` work on a fresh machine: both create (or reuse) the
+# virtualenv and install what is missing first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Registry only: this machine's pip config offers a CPU-only torch wheel with which
+# torchvision (hence timm and open_clip) cannot import.
+PIP    := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(VENV)/bin/pip
+STAMP  := $(VENV)/.dtp_ds-installed
+DATA   ?= data/synth
+NPROC  ?= 2
+
+.PHONY: venv demo test lint bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $$(grep -E '^(torch|torchvision)==' requirements.txt)
+	$(PIP) install -q --no-build-isolation -r requirements.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+$(DATA)/zeroshot/classnames.json: | $(STAMP)
+	$(PY) tools/make_synthetic_shards --out $(DATA) --overwrite
+
+# A tiny CLIP trained by 2 ranks under the deepspeed launcher (ZeRO-2, bf16), then
+# zero-shot evaluated on the held-out synthetic split.
+demo: $(STAMP) $(DATA)/zeroshot/classnames.json
+	$(PY) -m dtp_ds.demo --data $(DATA) --nproc $(NPROC)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dtp_ds tests tools

@@ -1,0 +1,530 @@
+"""Synthetic captioned-image shards for tests and the demo.
+
+Each image is one saturated shape (colour x shape x size x position) on a muted plain or
+textured background; its caption names what is drawn in varied wording, so a tiny CLIP can
+learn the image-text mapping in minutes on CPU. Output mirrors img2dataset:
+
+    OUT/train/00000.tar          KEY.jpg, KEY.txt, KEY.json per sample (KEY = 9-digit counter)
+    OUT/train/00000_stats.json   count / successes per shard
+    OUT/zeroshot/c000/*.jpg      ImageFolder layout, one folder per "colour shape" class
+    OUT/zeroshot/classnames.json class names in index order
+    OUT/zeroshot/templates.json  open_clip-style prompt templates with "{}"
+    OUT/dataset.json             summary, written last (a complete dataset has one)
+
+Every sample is drawn from its own RNG seeded by (seed, split, index), so content does not
+depend on shard size and the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (35, 70, 225),
+    "yellow": (245, 215, 20),
+    "purple": (135, 45, 195),
+    "orange": (250, 135, 10),
+    "cyan": (10, 205, 220),
+    "pink": (250, 115, 190),
+}
+SIZES: dict[str, tuple[float, float]] = {
+    # Radius as a fraction of the image side; gaps between buckets keep them separable.
+    "small": (0.12, 0.15),
+    "medium": (0.19, 0.23),
+    "large": (0.28, 0.34),
+}
+POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
+PLAIN_BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    # Muted on purpose: far from every shape colour, so the object always stands out.
+    "gray": (128, 128, 128),
+    "white": (236, 236, 232),
+    "black": (24, 24, 28),
+    "beige": (214, 200, 170),
+}
+TEXTURED_BACKGROUNDS: tuple[str, ...] = ("striped", "checkered", "noisy")
+BACKGROUNDS: tuple[str, ...] = tuple(PLAIN_BACKGROUNDS) + TEXTURED_BACKGROUNDS
+
+ZEROSHOT_TEMPLATES: tuple[str, ...] = (
+    "a drawing of a {}.",
+    "a {} on a plain background.",
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a small {}.",
+    "a large {}.",
+    "a {} in the center.",
+)
+
+TEXTURED_PROB = 0.3  # share of training images on a striped/checkered/noisy background
+MIN_BG_DISTANCE = 100.0  # RGB distance shape <-> background mean; resampled below this
+JPEG_QUALITY = 90
+SUPERSAMPLE = 4  # shapes are drawn at 4x and box-reduced: anti-aliased edges at 64 px
+TAR_MTIME = 1_700_000_000  # fixed tar header time, so shards are byte-identical per seed
+_TRAIN_SPLIT, _ZEROSHOT_SPLIT = 0, 1
+_SHARD_RE = re.compile(r"^\d{5}(\.tar|_stats\.json)$")
+
+
+def classnames() -> list[str]:
+    """Zero-shot class names, colour-major: index = colour_idx * len(SHAPES) + shape_idx."""
+    return [f"{c} {s}" for c in COLORS for s in SHAPES]
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What one image shows; everything the caption and the json metadata are built from."""
+
+    shape: str
+    color: str
+    size: str
+    position: str
+    background: str
+    distractor: dict | None = None
+
+    @property
+    def class_index(self) -> int:
+        return list(COLORS).index(self.color) * len(SHAPES) + SHAPES.index(self.shape)
+
+
+def _rng(seed: int, split: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, split, index]))
+
+
+def _pick(rng: np.random.Generator, options: Sequence) -> object:
+    return options[int(rng.integers(len(options)))]
+
+
+def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) -> tuple[int, ...]:
+    d = rng.integers(-amount, amount + 1, size=3)
+    return tuple(int(v) for v in np.clip(np.asarray(rgb) + d, 0, 255))
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
+    """Polygon vertices of ``shape`` with circumradius ~``r``, rotated by ``angle`` radians."""
+    if shape == "square":
+        # Half-side 0.8 r keeps its area close to the other shapes at the same size.
+        h = 0.8 * r
+        pts = [(-h, -h), (h, -h), (h, h), (-h, h)]
+    elif shape == "diamond":
+        # Taller than wide, so a slightly rotated square never reads as a diamond.
+        pts = [(0.0, -r), (0.68 * r, 0.0), (0.0, r), (-0.68 * r, 0.0)]
+    elif shape == "triangle":
+        # Equilateral, pointing up, centred on its bounding box rather than its centroid.
+        pts = [(0.0, -r), (0.95 * r, 0.75 * r), (-0.95 * r, 0.75 * r)]
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else 0.45 * r
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((rad * math.cos(a), rad * math.sin(a)))
+    elif shape == "cross":
+        w = 0.32 * r
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w),
+               (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+    else:
+        raise ValueError(f"unknown polygon shape {shape!r}")
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
+
+
+def _draw_shape(img: Image.Image, shape: str, rgb: tuple, cx: float, cy: float, r: float,
+                angle: float) -> None:
+    """Paint an anti-aliased shape onto ``img`` in place (mask drawn at SUPERSAMPLE x)."""
+    n = img.width * SUPERSAMPLE
+    mask = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(mask)
+    s = SUPERSAMPLE
+    if shape == "circle":
+        draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=255)
+    else:
+        draw.polygon([(x * s, y * s) for x, y in _shape_points(shape, cx, cy, r, angle)], fill=255)
+    img.paste(rgb, None, mask.reduce(s))
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    return x, y
+
+
+def _background(rng: np.random.Generator, kind: str, size: int) -> Image.Image:
+    """A plain muted colour or a low-saturation texture (never a saturated shape colour)."""
+    if kind in PLAIN_BACKGROUNDS:
+        return Image.new("RGB", (size, size), _jitter(rng, PLAIN_BACKGROUNDS[kind], 8))
+    tint = rng.integers(-8, 9, size=3)
+    dark = np.clip(int(rng.integers(70, 111)) + tint, 0, 255)
+    light = np.clip(int(rng.integers(150, 206)) + tint, 0, 255)
+    x, y = _grid(size)
+    if kind == "striped":
+        theta = float(_pick(rng, (0.0, 0.25, 0.5, 0.75))) * math.pi
+        period = float(rng.uniform(0.1, 0.2)) * size
+        t = (x * math.cos(theta) + y * math.sin(theta)) / period + rng.uniform(0, 1)
+        sel = (np.floor(t * 2) % 2).astype(bool)
+    elif kind == "checkered":
+        cell = int(rng.integers(max(2, size // 12), max(3, size // 6) + 1))
+        sel = ((x // cell + y // cell) % 2).astype(bool)
+    elif kind == "noisy":
+        base = (dark + light) / 2
+        noise = rng.normal(0.0, 32.0, size=(size, size, 1))  # luminance noise keeps it muted
+        return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+    else:
+        raise ValueError(f"unknown background {kind!r}")
+    arr = np.where(sel[..., None], light, dark).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def _placement(rng: np.random.Generator, size_name: str, position: str, image_size: int,
+               shrink: float = 1.0) -> tuple[float, float, float]:
+    """Centre and radius for a shape so it lies fully inside the image at ``position``."""
+    lo, hi = SIZES[size_name]
+    r = float(rng.uniform(lo, hi)) * image_size * shrink
+    margin, jit = 0.03 * image_size, 0.05 * image_size
+
+    def coord(side: str) -> float:
+        if side in ("left", "top"):
+            return margin + r + float(rng.uniform(0, jit))
+        if side in ("right", "bottom"):
+            return image_size - margin - r - float(rng.uniform(0, jit))
+        return image_size / 2 + float(rng.uniform(-jit, jit))
+
+    vert, horiz = position.split() if " " in position else ("center", "center")
+    return coord(horiz), coord(vert), r
+
+
+def _color_distance(a: Sequence[float], b: Sequence[float]) -> float:
+    return float(np.linalg.norm(np.asarray(a, float) - np.asarray(b, float)))
+
+
+def sample_spec(rng: np.random.Generator, distractor_prob: float = 0.0,
+                shape: str | None = None, color: str | None = None) -> SampleSpec:
+    """Draw the attributes of one image (``shape``/``color`` fixed for the zero-shot split)."""
+    shape = shape or str(_pick(rng, SHAPES))
+    color = color or str(_pick(rng, list(COLORS)))
+    position = str(_pick(rng, POSITIONS))
+    textured = rng.random() < TEXTURED_PROB
+    background = str(_pick(rng, TEXTURED_BACKGROUNDS if textured else list(PLAIN_BACKGROUNDS)))
+    distractor = None
+    if rng.random() < distractor_prob:
+        # Keep the main object dominant: it is medium/large, the distractor is half "small",
+        # sits in a different corner and has another shape and colour.
+        size = str(_pick(rng, ("medium", "large")))
+        corners = [p for p in POSITIONS if p not in (position, "center")]
+        distractor = {
+            "shape": str(_pick(rng, [s for s in SHAPES if s != shape])),
+            "color": str(_pick(rng, [c for c in COLORS if c != color])),
+            "position": str(_pick(rng, corners)),
+        }
+    else:
+        size = str(_pick(rng, list(SIZES)))
+    return SampleSpec(shape, color, size, position, background, distractor)
+
+
+def render(rng: np.random.Generator, spec: SampleSpec, image_size: int) -> Image.Image:
+    """Draw ``spec`` as an RGB image of ``image_size`` x ``image_size``."""
+    rgb = _jitter(rng, COLORS[spec.color], 12)
+    for _ in range(8):  # resample a texture that happens to sit too close to the shape colour
+        bg = _background(rng, spec.background, image_size)
+        mean = np.asarray(bg).reshape(-1, 3).mean(0)
+        if _color_distance(mean, rgb) >= MIN_BG_DISTANCE:
+            break
+    if spec.distractor is not None:
+        d = spec.distractor
+        cx, cy, r = _placement(rng, "small", d["position"], image_size, shrink=0.5)
+        _draw_shape(bg, d["shape"], _jitter(rng, COLORS[d["color"]], 12), cx, cy, r,
+                    float(rng.uniform(-0.2, 0.2)))
+    cx, cy, r = _placement(rng, spec.size, spec.position, image_size)
+    # Small rotations only: a square turned by 45 degrees would be a diamond.
+    _draw_shape(bg, spec.shape, rgb, cx, cy, r, float(rng.uniform(-0.2, 0.2)))
+    return bg
+
+
+# ----------------------------------------------------------------------------- captions
+
+_PREFIXES = ("", "", "a drawing of", "a picture of", "an image of", "a photo of", "there is",
+             "an illustration of", "a simple drawing of", "a rendering of")
+_SIZE_WORDS = {"small": ("small", "small", "little"), "medium": ("medium", "medium-sized"),
+               "large": ("large", "large", "big")}
+_POS_WORDS = {
+    "top left": ("top left", "top left corner", "upper left"),
+    "top right": ("top right", "top right corner", "upper right"),
+    "bottom left": ("bottom left", "bottom left corner", "lower left"),
+    "bottom right": ("bottom right", "bottom right corner", "lower right"),
+    "center": ("center", "middle", "centre"),
+}
+_BG_WORDS = {"gray": ("gray", "grey"), "white": ("white",), "black": ("black",),
+             "beige": ("beige",), "striped": ("striped",), "checkered": ("checkered",),
+             "noisy": ("noisy", "grainy")}
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def caption(rng: np.random.Generator, spec: SampleSpec) -> str:
+    """A varied description of ``spec`` that always names its colour and shape."""
+    size = str(_pick(rng, _SIZE_WORDS[spec.size])) if rng.random() < 0.6 else None
+    pos = str(_pick(rng, _POS_WORDS[spec.position])) if rng.random() < 0.5 else None
+    bg = str(_pick(rng, _BG_WORDS[spec.background])) if rng.random() < 0.5 else None
+    pos_phrase = None
+    if pos is not None:
+        prep = "in the" if spec.position != "center" or rng.random() < 0.7 else "at the"
+        pos_phrase = f"{prep} {pos}"
+    bg_phrase = f"{_pick(rng, ('on', 'against'))} a {bg} background" if bg else None
+    style = int(rng.integers(5))
+    if style == 0:
+        # Comma list, optional attributes in random order: "red circle, small, top left".
+        extras = [x for x in (size, pos, f"{bg} background" if bg else None) if x]
+        rng.shuffle(extras)
+        text = ", ".join([f"{spec.color} {spec.shape}", *extras])
+    elif style == 1:
+        # Shape before colour: "a small circle colored red in the top left".
+        head = f"{size} {spec.shape}" if size else spec.shape
+        verb = str(_pick(rng, ("colored", "coloured", "that is", "in")))
+        tail = [x for x in (pos_phrase, bg_phrase) if x]
+        rng.shuffle(tail)
+        text = " ".join([_article(head), head, verb, spec.color, *tail])
+    elif style == 2 and (pos_phrase or bg_phrase):
+        # Context first: "on a gray background, a red circle in the center".
+        lead, rest = (pos_phrase, bg_phrase) if pos_phrase and (
+            not bg_phrase or rng.random() < 0.5) else (bg_phrase, pos_phrase)
+        noun = " ".join(x for x in (size, spec.color, spec.shape) if x)
+        text = " ".join(x for x in (f"{lead},", _article(noun), noun, rest) if x)
+    else:
+        # Plain sentence: "a drawing of a large red circle in the top left on a gray background".
+        noun = " ".join(x for x in (size, spec.color, spec.shape) if x)
+        tail = [x for x in (pos_phrase, bg_phrase) if x]
+        rng.shuffle(tail)
+        prefix = str(_pick(rng, _PREFIXES))
+        text = " ".join(x for x in (prefix, _article(noun), noun, *tail) if x)
+    if rng.random() < 0.4:
+        text += "."
+    if rng.random() < 0.3:
+        text = text[0].upper() + text[1:]
+    return text
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    # 4:4:4 chroma: with 4:2:0 a small shape's colour bleeds into the background at 64 px.
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return buf.getvalue()
+
+
+def make_train_sample(seed: int, index: int, image_size: int,
+                      distractor_prob: float = 0.1) -> tuple[bytes, str, dict]:
+    """JPEG bytes, caption and img2dataset-style metadata of training sample ``index``."""
+    rng = _rng(seed, _TRAIN_SPLIT, index)
+    spec = sample_spec(rng, distractor_prob)
+    jpg = _jpeg(render(rng, spec, image_size))
+    text = caption(rng, spec)
+    key = f"{index:09d}"
+    meta = {
+        "url": None,
+        "key": key,
+        "status": "success",
+        "error_message": None,
+        "caption": text,
+        "width": image_size,
+        "height": image_size,
+        "original_width": image_size,
+        "original_height": image_size,
+        "sha256": hashlib.sha256(jpg).hexdigest(),
+        **asdict(spec),
+        "class_index": spec.class_index,
+        "classname": f"{spec.color} {spec.shape}",
+    }
+    return jpg, text, meta
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+    info.uname = info.gname = "bigdata"  # what webdataset's TarWriter writes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_shard(path: Path, seed: int, start: int, count: int, image_size: int,
+                 distractor_prob: float) -> None:
+    """Write one tar under a temp name and rename it, so a crash never leaves a partial shard."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(start, start + count):
+                jpg, text, meta = make_train_sample(seed, index, image_size, distractor_prob)
+                key = meta["key"]
+                _add(tar, f"{key}.jpg", jpg)
+                _add(tar, f"{key}.txt", text.encode("utf-8"))
+                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    stats = {"count": count, "successes": count, "failed_to_download": 0,
+             "failed_to_resize": 0, "status_dict": {"success": count}}
+    _atomic_write(path.with_name(f"{path.stem}_stats.json"),
+                  json.dumps(stats, indent=2).encode("utf-8"))
+
+
+def _write_zeroshot(out: Path, seed: int, per_class: int, image_size: int) -> int:
+    """Write the class-folder split into a temp dir, then swap it into place."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = classnames()
+    for ci, name in enumerate(names):
+        color, shape = name.split(" ")
+        folder = tmp / f"c{ci:03d}"
+        folder.mkdir()
+        for k in range(per_class):
+            # Index by (class, k): disjoint from the train stream through the split id.
+            rng = _rng(seed, _ZEROSHOT_SPLIT, ci * 1_000_000 + k)
+            spec = sample_spec(rng, 0.0, shape=shape, color=color)
+            (folder / f"{k:05d}.jpg").write_bytes(_jpeg(render(rng, spec, image_size)))
+    (tmp / "classnames.json").write_text(json.dumps(names, indent=1) + "\n")
+    (tmp / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return per_class * len(names)
+
+
+def existing_outputs(out_dir: str | os.PathLike) -> list[Path]:
+    """Generated files/folders already under ``out_dir`` (what ``--overwrite`` would replace)."""
+    out = Path(out_dir)
+    found = sorted(p for p in (out / "train").glob("*") if _SHARD_RE.match(p.name))
+    found += [p for p in (out / "zeroshot", out / "dataset.json") if p.exists()]
+    return found
+
+
+def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 20000,
+                            samples_per_shard: int = 1000, val_per_class: int = 20,
+                            image_size: int = 64, seed: int = 0, *,
+                            distractor_prob: float = 0.1, overwrite: bool = True) -> dict:
+    """Write train shards and the zero-shot split under ``out_dir``; return a summary.
+
+    Re-running with the same arguments rewrites identical files; shards left over from a
+    larger earlier run are removed so a ``*.tar`` glob never mixes runs. With
+    ``overwrite=False`` an ``out_dir`` that already holds outputs raises FileExistsError.
+    """
+    if num_train < 1 or samples_per_shard < 1 or val_per_class < 0:
+        raise ValueError("num_train and samples_per_shard must be >= 1, val_per_class >= 0")
+    if image_size < 16:
+        raise ValueError(f"image_size {image_size} is too small to draw shapes; use >= 16")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    old = existing_outputs(out)
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds {len(old)} generated outputs")
+    t0 = time.perf_counter()
+    train = out / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    (out / "dataset.json").unlink(missing_ok=True)  # marks the dataset incomplete until done
+    num_shards = math.ceil(num_train / samples_per_shard)
+    shards = []
+    for s in range(num_shards):
+        start = s * samples_per_shard
+        path = train / f"{s:05d}.tar"
+        _write_shard(path, seed, start, min(samples_per_shard, num_train - start), image_size,
+                     distractor_prob)
+        shards.append(f"train/{path.name}")
+    for p in train.glob("*"):  # drop stale shards of an earlier, larger run
+        if _SHARD_RE.match(p.name) and int(p.name[:5]) >= num_shards:
+            p.unlink()
+    train_seconds = time.perf_counter() - t0
+    num_zeroshot = _write_zeroshot(out / "zeroshot", seed, val_per_class, image_size)
+    # dataset.json holds paths relative to out_dir (movable, byte-identical per seed);
+    # the returned summary has them joined to out_dir.
+    summary = {
+        "num_train": num_train,
+        "num_shards": num_shards,
+        "samples_per_shard": samples_per_shard,
+        "train_pattern": f"train/{{00000..{num_shards - 1:05d}}}.tar",
+        "shards": shards,
+        "num_classes": len(classnames()),
+        "val_per_class": val_per_class,
+        "num_zeroshot": num_zeroshot,
+        "zeroshot_dir": "zeroshot",
+        "image_size": image_size,
+        "seed": seed,
+        "distractor_prob": distractor_prob,
+        "attributes": {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES),
+                       "position": list(POSITIONS), "background": list(BACKGROUNDS)},
+    }
+    _atomic_write(out / "dataset.json", (json.dumps(summary, indent=1) + "\n").encode())
+    seconds = time.perf_counter() - t0
+    paths = {"train_pattern": str(out / summary["train_pattern"]),
+             "shards": [str(out / p) for p in shards], "zeroshot_dir": str(out / "zeroshot")}
+    return {**summary, **paths, "seconds": seconds,
+            "train_samples_per_second": num_train / max(train_seconds, 1e-9)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``make_synthetic_shards --out DIR [--num-samples N] ...``; returns an exit code."""
+    p = argparse.ArgumentParser(prog="make_synthetic_shards", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num-samples", type=int, default=20000, help="training samples")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--val-per-class", type=int, default=20, help="zero-shot images per class")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distractor-prob", type=float, default=0.1,
+                   help="share of training images with a second, small unmentioned shape")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.samples_per_shard < 1:
+        p.error("--num-samples and --samples-per-shard must be >= 1")
+    if args.val_per_class < 0 or args.image_size < 16 or not 0 <= args.distractor_prob <= 1:
+        p.error("need --val-per-class >= 0, --image-size >= 16, 0 <= --distractor-prob <= 1")
+    old = existing_outputs(args.out)
+    if old and not args.overwrite:
+        print(f"error: --out {args.out} already holds generated data ({len(old)} entries, e.g. "
+              f"{old[0]}); pass --overwrite to replace it, or choose an empty --out",
+              file=sys.stderr)
+        return 1
+    try:
+        s = write_synthetic_dataset(args.out, args.num_samples, args.samples_per_shard,
+                                    args.val_per_class, args.image_size, args.seed,
+                                    distractor_prob=args.distractor_prob, overwrite=True)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {s['num_train']} train samples in {s['num_shards']} shards "
+          f"({s['train_samples_per_second']:.0f} samples/s): {s['train_pattern']}")
+    print(f"wrote {s['num_zeroshot']} zero-shot images, {s['num_classes']} classes: "
+          f"{s['zeroshot_dir']}  ({s['seconds']:.1f} s total)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

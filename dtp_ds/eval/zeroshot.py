@@ -1,0 +1,98 @@
+"""Zero-shot classification: class names x prompt templates -> text classifier, then
+top-1 / top-5 over a class-folder image set, split across ranks.
+
+Every rank runs the same number of forward passes (ZeRO-3 gathers parameters with
+collectives, so ranks must not diverge); correct counts are summed across ranks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from open_clip import build_zero_shot_classifier
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+from torch import nn
+from torchvision.datasets import ImageFolder
+
+
+@dataclass
+class ZeroShotSplit:
+    name: str
+    image_dir: str
+    classnames: list[str]
+    templates: list[Callable[[str], str]]
+
+
+def imagenet_split(image_dir: str) -> ZeroShotSplit:
+    """ImageNet-1k val in class-folder layout, with open_clip's class names and templates."""
+    return ZeroShotSplit("imagenet-val", image_dir, list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES))
+
+
+def folder_split(root: str) -> ZeroShotSplit:
+    """A class-folder split with ``classnames.json`` (index order = sorted folder order)
+    and ``templates.json`` (strings with ``{}``), as tools/make_synthetic_shards writes."""
+    with open(os.path.join(root, "classnames.json")) as f:
+        classnames = json.load(f)
+    with open(os.path.join(root, "templates.json")) as f:
+        templates = [(lambda c, t=t: t.format(c)) for t in json.load(f)]
+    return ZeroShotSplit(os.path.basename(os.path.normpath(root)), root, classnames, templates)
+
+
+def check_split(split: ZeroShotSplit) -> None:
+    folders = sorted(d for d in os.listdir(split.image_dir) if os.path.isdir(os.path.join(split.image_dir, d)))
+    if len(folders) != len(split.classnames):
+        raise ValueError(f"{split.image_dir}: {len(folders)} class folders but {len(split.classnames)} class names")
+
+
+@torch.no_grad()
+def zero_shot_eval(
+    model: nn.Module,
+    tokenizer: Callable,
+    preprocess: Callable,
+    split: ZeroShotSplit,
+    device: torch.device,
+    input_dtype: torch.dtype = torch.float32,
+    batch_size: int = 64,
+    max_images: int | None = None,
+) -> dict[str, float]:
+    """Top-1/top-5 accuracy (in %) of a CLIP model on ``split``; call on every rank."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    was_training = model.training
+    model.eval()
+    classifier = build_zero_shot_classifier(model, tokenizer, split.classnames, split.templates,
+                                            num_classes_per_batch=10, device=device, use_tqdm=False)
+    dataset = ImageFolder(split.image_dir, transform=preprocess)
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    # Interleave so a capped evaluation still covers every class.
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    per_rank = math.ceil(n / world)
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    n_batches = math.ceil(per_rank / batch_size)
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, count
+    for b in range(n_batches):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        real = len(idx)
+        if real == 0:  # this rank ran out: a dummy batch keeps the collectives in step
+            idx = order[:1]
+        images = torch.stack([dataset[i][0] for i in idx]).to(device=device, dtype=input_dtype)
+        labels = torch.tensor([dataset[i][1] for i in idx], device=device)
+        feats = model.encode_image(images, normalize=True).float()
+        logits = feats @ classifier.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5 == labels[:, None]
+        if real:
+            stats += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), real],
+                                  dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    model.train(was_training)
+    top1, top5, count = stats.tolist()
+    return {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
+            "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),
+            "zeroshot_chance_top1": 100 / len(split.classnames)}

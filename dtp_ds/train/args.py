@@ -1,0 +1,167 @@
+"""Run settings: typed dataclasses filled from open_clip-style command-line flags.
+
+DeepSpeed settings (batch, ZeRO, precision, clipping) live in the ``--deepspeed_config``
+JSON; the flags here that overlap with it (``--batch-size``, ``--precision``, ...) win,
+and ``dtp_ds.train.ds_config.resolve`` records every such override.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dtp_ds.data.shards import DataConfig
+
+
+class ConfigError(ValueError):
+    """A run setting that cannot work; the message names the problem and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    model: str = "ViT-Tiny-8"
+    grad_checkpointing: bool | None = None  # None: on iff the ds_config has "activation_checkpointing"
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    boundary_loss_weight: float = 1.0  # DRIP models only
+
+
+@dataclass
+class OptimConfig:
+    lr: float | None = None  # None: the ds_config's optimizer lr
+    wd: float | None = None
+    warmup: int = 100
+    epochs: int = 1
+    max_steps: int | None = None  # stop early; the LR schedule still spans --epochs
+    grad_clip_norm: float | None = None
+    accum_freq: int | None = None  # gradient accumulation steps
+
+
+@dataclass
+class RunConfig:
+    deepspeed_config: str = ""
+    name: str | None = None
+    logs: str = "./logs"
+    seed: int = 0
+    precision: str | None = None  # fp32 | bf16 | fp16; None: the ds_config's
+    zero_stage: int | None = None
+    batch_size: int | None = None  # micro-batch per rank
+    resume: str | None = None  # "latest" or a checkpoint directory
+    save_every_n_steps: int = 0
+    keep_checkpoints: int = 3
+    log_every_n_steps: int = 10
+    report_to: str = ""  # "wandb" or ""
+    wandb_project_name: str = "dtp_ds"
+    zeroshot_frequency: int = 1  # every N epochs (and at the end of training); 0 turns it off
+    zeroshot_data: str | None = None  # class-folder dir with classnames.json / templates.json
+    imagenet_val: str | None = None  # ImageNet-1k val in class-folder layout
+    zeroshot_max_images: int | None = None
+    dist_timeout_minutes: float = 5.0
+    local_rank: int = -1  # appended by the deepspeed launcher
+
+
+@dataclass
+class TrainArgs:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dtp_ds.train",
+        description="CLIP pretraining under a DeepSpeed engine. Launch with "
+        "`deepspeed [--hostfile F | --num_gpus N] --module dtp_ds.train --deepspeed_config ds_configs/X.json ...`",
+    )
+    a = p.add_argument
+    # model
+    a("--model", default="ViT-Tiny-8", help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x)")
+    _bool_flag(p, "--grad-checkpointing", "activation checkpointing per transformer block "
+               "(default: on iff the ds_config has an activation_checkpointing section)")
+    a("--local-loss", action="store_true", help="contrastive loss over local x global features only")
+    a("--gather-with-grad", action="store_true", help="gather features across ranks with gradients")
+    a("--boundary-loss-weight", type=float, default=1.0, help="weight of the DRIP boundary-rate loss")
+    # data
+    a("--train-data", default=None,
+      help="shards: brace ranges and '::'-joined sources, e.g. 'DIR/{00000..00099}.tar'")
+    a("--train-num-samples", type=int, default=None, help="samples per epoch (default: from *_stats.json)")
+    a("--dataset-resampled", action="store_true", help="sample shards with replacement")
+    a("--workers", type=int, default=2, help="dataloader workers per rank")
+    a("--max-bad-fraction", type=float, default=0.05,
+      help="stop when more than this fraction of samples cannot be decoded")
+    # optimisation
+    a("--epochs", type=int, default=1)
+    a("--max-steps", type=int, default=None,
+      help="stop after this many optimizer steps (the LR schedule still spans --epochs)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: the ds_config's)")
+    a("--wd", type=float, default=None, help="weight decay (default: the ds_config's)")
+    a("--warmup", type=int, default=100, help="linear warmup steps")
+    a("--grad-clip-norm", type=float, default=None, help="gradient clipping norm (default: the ds_config's)")
+    a("--accum-freq", type=int, default=None, help="gradient accumulation steps (default: the ds_config's)")
+    # DeepSpeed overrides
+    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True)
+    a("--batch-size", type=int, default=None, help="micro-batch per rank (default: the ds_config's)")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: the ds_config's")
+    a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: the ds_config's")
+    # run
+    a("--name", default=None, help="run name (default: date-model-...)")
+    a("--logs", default="./logs", help="where runs are written: LOGS/NAME/")
+    a("--seed", type=int, default=0)
+    a("--resume", default=None,
+      help="'latest' (this run's newest complete checkpoint) or a checkpoint directory")
+    a("--save-every-n-steps", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
+    a("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
+    a("--log-every-n-steps", type=int, default=10)
+    a("--report-to", default="", choices=["", "wandb"],
+      help="also log to wandb (WANDB_MODE=offline works without network)")
+    a("--wandb-project-name", default="dtp_ds")
+    a("--zeroshot-frequency", type=int, default=1, help="zero-shot eval every N epochs and at the end (0: never)")
+    a("--zeroshot-data", default=None, help="class-folder split with classnames.json and templates.json")
+    a("--imagenet-val", default=None,
+      help="ImageNet-1k val in class-folder layout (open_clip's class names and templates)")
+    a("--zeroshot-max-images", type=int, default=None, help="evaluate on at most this many images")
+    a("--dist-timeout-minutes", type=float, default=5.0,
+      help="collective timeout: a dead rank stops the others this fast")
+    a("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
+    ns = build_parser().parse_args(argv)
+    v = vars(ns)
+
+    def take(cls):
+        return cls(**{f.name: v[f.name] for f in dataclasses.fields(cls)})
+
+    args = TrainArgs(model=take(ModelConfig), optim=take(OptimConfig), data=take(DataConfig), run=take(RunConfig))
+    check_args(args)
+    return args
+
+
+def check_args(args: TrainArgs) -> None:
+    """Checks that need no files and no world size."""
+    if not args.data.train_data:
+        raise ConfigError("--train-data is required: e.g. --train-data 'data/synth/train/{00000..00019}.tar'")
+    o = args.optim
+    if o.epochs < 1:
+        raise ConfigError(f"--epochs {o.epochs}: must be >= 1")
+    if o.max_steps is not None and o.max_steps < 1:
+        raise ConfigError(f"--max-steps {o.max_steps}: must be >= 1")
+    if o.warmup < 0:
+        raise ConfigError(f"--warmup {o.warmup}: must be >= 0")
+    if args.run.keep_checkpoints < 1:
+        raise ConfigError("--keep-checkpoints must be >= 1 (the newest checkpoint is always kept)")
+    if args.run.batch_size is not None and args.run.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.run.batch_size}: must be >= 1")
+    if not 0.0 <= args.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"--max-bad-fraction {args.data.max_bad_fraction}: must be in [0, 1]")

@@ -1,0 +1,121 @@
+"""The DeepSpeed config of a run: the ``--deepspeed_config`` JSON with the flags applied.
+
+A flag that disagrees with the JSON wins; each such change is recorded (key, JSON value,
+flag value) and saved in the run's ``config.json``. Batch arithmetic is checked against
+the world size before anything is written.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+from dtp_ds.train.args import ConfigError, TrainArgs
+
+# open_clip's trainer defaults for ViT CLIP (betas 0.9/0.98, eps 1e-6, wd 0.2).
+DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6,
+                                                   "weight_decay": 0.2, "torch_adam": True}}
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--deepspeed_config {path}: no such file (the shipped ones are in ds_configs/)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--deepspeed_config {path} must hold a JSON object")
+    return cfg
+
+
+def precision_of(cfg: dict[str, Any]) -> str:
+    if cfg.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if cfg.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+class _Resolver:
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = copy.deepcopy(cfg)
+        self.overrides: list[dict[str, Any]] = []
+
+    def set(self, path: str, value: Any, flag: str) -> None:
+        """Set dotted ``path`` to ``value``; record it when the JSON said otherwise."""
+        *parents, leaf = path.split(".")
+        node = self.cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        old = node.get(leaf)
+        if old != value:
+            node[leaf] = value
+            self.overrides.append({"key": path, "ds_config": old, "flag": flag, "value": value})
+
+
+def resolve_batch(cfg: dict[str, Any], args: TrainArgs, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, gradient accumulation steps) after the flags, checked."""
+    micro = args.run.batch_size or cfg.get("train_micro_batch_size_per_gpu")
+    accum = args.optim.accum_freq or cfg.get("gradient_accumulation_steps") or 1
+    total = cfg.get("train_batch_size")
+    flags_set_batch = args.run.batch_size is not None or args.optim.accum_freq is not None
+    if micro is None:
+        if total is None:
+            raise ConfigError("no batch size: give --batch-size or train_micro_batch_size_per_gpu in the ds_config")
+        if total % (accum * world_size):
+            raise ConfigError(
+                f"train_batch_size {total} is not divisible by gradient_accumulation_steps {accum} x "
+                f"world size {world_size}: set train_micro_batch_size_per_gpu or --batch-size")
+        micro = total // (accum * world_size)
+    if total is not None and not flags_set_batch and total != micro * accum * world_size:
+        raise ConfigError(
+            f"batch sizes do not multiply out: train_micro_batch_size_per_gpu {micro} x "
+            f"gradient_accumulation_steps {accum} x world size {world_size} = {micro * accum * world_size}, "
+            f"but train_batch_size is {total}. Fix the ds_config, drop train_batch_size (it is derived), "
+            f"or pass --batch-size / --accum-freq.")
+    return int(micro), int(accum)
+
+
+def resolve(raw: dict[str, Any], args: TrainArgs, world_size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ds_config to hand ``deepspeed.initialize``, and the list of flag overrides."""
+    r = _Resolver(raw)
+    micro, accum = resolve_batch(raw, args, world_size)
+    r.set("train_micro_batch_size_per_gpu", micro, "--batch-size")
+    r.set("gradient_accumulation_steps", accum, "--accum-freq")
+    r.set("train_batch_size", micro * accum * world_size, "derived: micro x accum x world size")
+
+    if args.run.precision is not None:
+        r.set("bf16.enabled", args.run.precision == "bf16", "--precision")
+        r.set("fp16.enabled", args.run.precision == "fp16", "--precision")
+    if args.run.zero_stage is not None:
+        r.set("zero_optimization.stage", args.run.zero_stage, "--zero-stage")
+    if args.optim.grad_clip_norm is not None:
+        r.set("gradient_clipping", args.optim.grad_clip_norm, "--grad-clip-norm")
+
+    if "optimizer" not in r.cfg:
+        r.cfg["optimizer"] = copy.deepcopy(DEFAULT_OPTIMIZER)
+    if args.optim.lr is not None:
+        r.set("optimizer.params.lr", args.optim.lr, "--lr")
+    if args.optim.wd is not None:
+        r.set("optimizer.params.weight_decay", args.optim.wd, "--wd")
+
+    # The LR schedule is dtp_ds's own (dtp_ds.train.schedule), built from --warmup/--epochs:
+    # a scheduler section in the JSON would compete with it.
+    if "scheduler" in r.cfg:
+        r.overrides.append({"key": "scheduler", "ds_config": r.cfg.pop("scheduler"), "flag": "--warmup/--epochs",
+                            "value": "dtp_ds.train.schedule.WarmupCosineLR"})
+
+    if precision_of(r.cfg) == "fp16" and "loss_scale" not in r.cfg["fp16"]:
+        r.cfg["fp16"]["loss_scale"] = 0  # 0: dynamic loss scaling
+    r.cfg.setdefault("steps_per_print", 10**9)  # dtp_ds logs itself
+    return r.cfg, r.overrides
+
+
+def grad_checkpointing_on(cfg: dict[str, Any], args: TrainArgs) -> bool:
+    """The flag, else whether the ds_config asks for activation checkpointing."""
+    if args.model.grad_checkpointing is not None:
+        return args.model.grad_checkpointing
+    return "activation_checkpointing" in cfg

@@ -1,0 +1,346 @@
+"""CLIP pretraining under a DeepSpeed engine: the orchestrator.
+
+    deepspeed [--hostfile F | --num_gpus N] --module dtp_ds.train \
+        --deepspeed_config ds_configs/vit_b_32.json --model DRIP-ViT-B-32-10x \
+        --train-data 'DIR/{00000..00099}.tar' --epochs 10 --lr 5e-4 ...
+
+Everything that can be wrong with the inputs is checked before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+import deepspeed
+import numpy as np
+import open_clip
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+
+import dtp_ds
+from dtp_ds.data.shards import DataError, count_samples, make_train_loader, plan_epoch, resolve_shards
+from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, imagenet_split, zero_shot_eval
+from dtp_ds.train import checkpoint
+from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
+from dtp_ds.train.ds_config import grad_checkpointing_on, load_ds_config, precision_of, resolve, resolve_batch
+from dtp_ds.train.metrics import MetricsLogger, peak_memory_gb, plot_loss_curve
+from dtp_ds.train.schedule import WarmupCosineLR
+from dtp_ds.train.task import CLIPTask, param_groups
+
+log = logging.getLogger("dtp_ds.train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many bad samples, ...); the message says why."""
+
+
+def git_revision() -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dtp_ds.__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def zeroshot_split(args: TrainArgs) -> ZeroShotSplit | None:
+    if args.run.imagenet_val:
+        split = imagenet_split(args.run.imagenet_val)
+    elif args.run.zeroshot_data:
+        if not os.path.isfile(os.path.join(args.run.zeroshot_data, "classnames.json")):
+            raise ConfigError(f"--zeroshot-data {args.run.zeroshot_data}: no classnames.json there "
+                              f"(make one with tools/make_synthetic_shards, or use --imagenet-val)")
+        split = folder_split(args.run.zeroshot_data)
+    else:
+        return None
+    if not os.path.isdir(split.image_dir):
+        raise ConfigError(f"zero-shot images: {split.image_dir} is not a directory")
+    check_split(split)
+    return split
+
+
+def default_name(args: TrainArgs, micro: int) -> str:
+    stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+    return f"{stamp}-model_{args.model.model}-b_{micro}-ep_{args.optim.epochs}"
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's value of ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the checks produce: nothing here has touched the disk."""
+
+    args: TrainArgs
+    ds_config: dict[str, Any]
+    overrides: list[dict[str, Any]]
+    shards: list[str]
+    plan: Any
+    micro: int
+    accum: int
+    total_steps: int
+    run_dir: str
+    split: ZeroShotSplit | None
+
+
+def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
+    """Every check that needs no engine: model, data, batch arithmetic, run directory."""
+    if args.model.model not in open_clip.list_models():
+        raise ConfigError(f"unknown model '{args.model.model}'. dtp_ds models: {', '.join(dtp_ds.list_models())}; "
+                          f"or any open_clip name (e.g. ViT-B-32, see open_clip.list_models())")
+    raw = load_ds_config(args.run.deepspeed_config)
+    micro, accum = resolve_batch(raw, args, world)
+    shards = resolve_shards(args.data.train_data)
+    num_samples = args.data.train_num_samples or count_samples(shards)
+    if not num_samples:
+        raise ConfigError("the shards carry no *_stats.json sample counts: give --train-num-samples")
+    plan = plan_epoch(num_samples, micro, world, args.data.workers, accum)
+    total_steps = plan.batches_per_rank // accum * args.optim.epochs
+    ds_config, overrides = resolve(raw, args, world)
+    split = zeroshot_split(args)
+    name = args.run.name or broadcast(default_name(args, micro) if rank == 0 else None)
+    run_dir = os.path.join(args.run.logs, name)
+    if not args.run.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise ConfigError(f"run directory {run_dir} already exists: pass --resume latest to continue it, "
+                          f"or --name to start a new run")
+    return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, split)
+
+
+def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
+    cfg = {
+        "args": s.args.to_dict(),
+        "ds_config_file": s.args.run.deepspeed_config,
+        "ds_config": s.ds_config,
+        "overrides": s.overrides,
+        "model_cfg": open_clip.get_model_config(s.args.model.model),
+        "world_size": world,
+        "epoch_plan": dataclasses.asdict(s.plan),
+        "total_steps": s.total_steps,
+        "git_revision": git_revision(),
+        "versions": {"dtp_ds": dtp_ds.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                     "open_clip": open_clip.__version__},
+        "resumed_from": resumed_from,
+        "command": sys.argv,
+    }
+    tmp = os.path.join(s.run_dir, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(s.run_dir, "config.json"))
+
+
+def current_lr(engine) -> float:
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def loss_scale(engine) -> float | None:
+    """The dynamic loss scale under fp16 (None otherwise)."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", float("nan"))))
+
+
+@torch.no_grad()
+def param_fingerprints(engine) -> list[list[float]]:
+    """(sum, sum of squares) of the full parameters, as every rank holds them: equal rows
+    mean the ranks agree. ZeRO-3 parameters are gathered first."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for p in engine.module.parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            x = p.detach().double().cpu()
+            total += torch.stack([x.sum(), (x * x).sum()])
+    rows = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, total)
+    return [r.tolist() for r in rows]
+
+
+def train(args: TrainArgs) -> int:
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timedelta(minutes=args.run.dist_timeout_minutes))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log.info("rank %d of %d: process group up (%s)", rank, world, dist.get_backend())
+    local_rank = int(os.environ.get("LOCAL_RANK", max(args.run.local_rank, 0)))
+    get_accelerator().set_device(local_rank)
+    device = torch.device(get_accelerator().device_name(local_rank))
+    s = prepare(args, world, rank)
+    precision = precision_of(s.ds_config)
+    log.info("checks passed: %d shards, %d micro-batches per rank per epoch, %d steps", len(s.shards),
+             s.plan.batches_per_rank, s.total_steps)
+    input_dtype = DTYPES[precision]
+
+    seed_all(args.run.seed)  # identical initial weights on every rank
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        args.model.model, output_dict=True, nonscalar_logit_scale=True)  # 0-dim params break DeepSpeed broadcasts
+    tokenizer = open_clip.get_tokenizer(args.model.model)
+    if grad_checkpointing_on(s.ds_config, args):
+        model.set_grad_checkpointing(True)
+    task = CLIPTask(model, rank, world, args.model.local_loss, args.model.gather_with_grad,
+                    args.model.boundary_loss_weight, input_dtype)
+    wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
+    engine, _, _, _ = deepspeed.initialize(
+        model=task, model_parameters=param_groups(task, wd), config=s.ds_config,
+        lr_scheduler=lambda opt: WarmupCosineLR(opt, max(1, args.optim.warmup), s.total_steps))
+
+    state, resumed_from = checkpoint.TrainState(), None
+    if args.run.resume:
+        found = checkpoint.resolve_resume(args.run.resume, s.run_dir)
+        if found is None:
+            log.warning("--resume %s: no checkpoint in %s yet; starting from scratch", args.run.resume, s.run_dir)
+        else:
+            state, _ = checkpoint.load(engine, *found)
+            resumed_from = os.path.join(*found)
+    seed_all(args.run.seed + 1000 * rank + state.step)  # per-rank noise (DRIP sampling), reproducible on resume
+
+    if rank == 0:
+        os.makedirs(s.run_dir, exist_ok=True)
+        write_run_config(s, world, resumed_from)
+    dist.barrier()
+    wandb_cfg = None
+    if args.run.report_to == "wandb":
+        wandb_cfg = {"project": args.run.wandb_project_name, "name": os.path.basename(s.run_dir),
+                     "dir": s.run_dir, "config": {"args": s.args.to_dict(), "ds_config": s.ds_config},
+                     "resume": "allow", "id": os.path.basename(s.run_dir).replace("/", "_")}
+    logger = MetricsLogger(s.run_dir, rank == 0, state.step if resumed_from else None, wandb_cfg)
+
+    client = {"model_name": args.model.model, "model_cfg": open_clip.get_model_config(args.model.model)}
+    global_batch = s.micro * s.accum * world
+    last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
+    bar = tqdm(total=last_step, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    saved_at = evaluated_at = -1
+
+    def save() -> None:
+        nonlocal saved_at
+        checkpoint.save(engine, s.run_dir, state, client, args.run.keep_checkpoints)
+        saved_at = state.step
+
+    def evaluate() -> None:
+        nonlocal evaluated_at
+        if s.split is None or args.run.zeroshot_frequency == 0:
+            return
+        t0 = time.time()
+        res = zero_shot_eval(engine.module.model, tokenizer, preprocess_val, s.split, device, input_dtype,
+                             batch_size=2 * s.micro, max_images=args.run.zeroshot_max_images)
+        res.update(step=state.step, epoch=state.epoch, eval_time=time.time() - t0, split=s.split.name)
+        logger.log(res)
+        if rank == 0:
+            bar.write(f"zero-shot {s.split.name} @ step {state.step}: top-1 {res['zeroshot_top1']:.2f}% "
+                      f"top-5 {res['zeroshot_top5']:.2f}% (chance {res['zeroshot_chance_top1']:.2f}%)")
+        evaluated_at = state.step
+
+    sums: dict[str, float] = {}
+    t_step, t_data, bad_local = time.time(), 0.0, 0
+    done = state.step >= last_step
+    for epoch in range(state.epoch, args.optim.epochs):
+        if done:
+            break
+        loader = make_train_loader(args.data, s.shards, s.plan, preprocess_train, tokenizer, s.micro, epoch,
+                                   args.run.seed, rank, world, state.batches_in_epoch)
+        t_fetch = time.time()
+        for images, texts, n_bad in loader:
+            t_data += time.time() - t_fetch
+            bad_local += n_bad
+            out = engine(images.to(device, non_blocking=True), texts.to(device, non_blocking=True))
+            engine.backward(out["loss"])
+            boundary = engine.is_gradient_accumulation_boundary()
+            lr = current_lr(engine)
+            engine.step()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            state.batches_in_epoch += 1
+            if boundary:
+                state.step += 1
+                step_time = time.time() - t_step
+                # one small collective per step: rank-mean losses and the bad-sample count
+                keys = sorted(sums)
+                red = torch.tensor([sums[k] / s.accum for k in keys] + [bad_local], dtype=torch.float64)
+                dist.all_reduce(red)
+                means = {k: red[i].item() / world for i, k in enumerate(keys)}
+                state.bad_samples += int(red[-1].item())
+                state.samples_seen += global_batch
+                sums, bad_local = {}, 0
+                frac = state.bad_samples / max(1, state.samples_seen + state.bad_samples)
+                if frac > args.data.max_bad_fraction:
+                    raise TrainingError(f"{state.bad_samples} undecodable samples ({100 * frac:.1f}%) exceed "
+                                        f"--max-bad-fraction {args.data.max_bad_fraction}: check the shards")
+                if state.step % args.run.log_every_n_steps == 0 or state.step == 1 or state.step == last_step:
+                    rec = {"step": state.step, "epoch": epoch, **means, "lr": lr,
+                           "grad_norm": engine.get_global_grad_norm(), "skipped_steps": engine.skipped_steps,
+                           "samples_per_s": global_batch / step_time, "step_time": step_time,
+                           "data_time": t_data, "peak_mem_gb": peak_memory_gb(),
+                           "samples_seen": state.samples_seen, "bad_samples": state.bad_samples}
+                    scale = loss_scale(engine)
+                    if scale is not None:
+                        rec["loss_scale"] = scale
+                    rec = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in rec.items()}
+                    logger.log(rec)
+                    bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                if args.run.save_every_n_steps and state.step % args.run.save_every_n_steps == 0:
+                    save()
+                t_step, t_data = time.time(), 0.0
+                if state.step >= last_step:
+                    done = True
+                    break
+            t_fetch = time.time()
+        if state.batches_in_epoch >= s.plan.batches_per_rank:  # the epoch ran to its end
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            save()
+            if args.run.zeroshot_frequency and state.epoch % args.run.zeroshot_frequency == 0:
+                evaluate()
+    bar.close()
+    if saved_at != state.step:
+        save()
+    if evaluated_at != state.step:
+        evaluate()
+    prints = param_fingerprints(engine)
+    logger.log({"step": state.step, "final": True, "param_fingerprint_by_rank": prints,
+                "params_finite": all(math.isfinite(v) for row in prints for v in row),
+                "samples_seen": state.samples_seen, "bad_samples": state.bad_samples})
+    if rank == 0:
+        plot_loss_curve(logger.path, os.path.join(s.run_dir, "loss.png"))
+    logger.close()
+    dist.barrier()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = parse_args(argv)
+        return train(args)
+    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(f"dtp_ds.train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Real multi-rank training under the deepspeed launcher on CPU (gloo): every ZeRO stage
+and every precision, activation checkpointing, resume, and refused configurations."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import base_args, metrics, run_train, step_records
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.mark.parametrize("stage,precision,ckpt", [
+    (0, "fp32", False),
+    (1, "bf16", True),
+    (2, "fp16", False),
+    (3, "bf16", True),
+])
+def test_trains_under_every_stage_and_precision(synth, tmp_path, stage, precision, ckpt):
+    extra = ["--zero-stage", str(stage), "--precision", precision, "--max-steps", "12", "--lr", "2e-3",
+             "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"]
+    run_train(base_args(synth, tmp_path, "run", *extra))
+    run = tmp_path / "run"
+    steps = step_records(run)
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    losses = [r["loss"] for r in steps]
+    assert all(math.isfinite(v) for v in losses)
+    # the loss falls: the last steps sit well below the first ones
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    final = metrics(run)[-1]
+    assert final["final"] and final["params_finite"]
+    a, b = final["param_fingerprint_by_rank"]
+    assert a == b, f"ranks disagree: {a} vs {b}"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["ds_config"]["zero_optimization"]["stage"] == stage
+    assert cfg["args"]["model"]["grad_checkpointing"] is ckpt
+    if precision == "fp16":
+        assert all("loss_scale" in r for r in steps)
+    assert (run / "loss.png").stat().st_size > 0
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000012"
+
+
+def _curve(run_dir):
+    return [(r["step"], r["lr"], r["loss"]) for r in step_records(run_dir)]
+
+
+@pytest.mark.parametrize("nproc,precision,stage", [(1, "fp32", 0), (2, "bf16", 2)])
+def test_resume_continues_lr_and_loss_curves(synth, tmp_path, nproc, precision, stage):
+    """N steps, stop, --resume latest to 2N == a straight 2N run (exact in fp32 on one rank).
+
+    Two dataloader workers and an odd stop step exercise the resume's worker rotation."""
+    common = ["--precision", precision, "--zero-stage", str(stage), "--workers", "2", "--lr", "2e-3"]
+    run_train(base_args(synth, tmp_path, "straight", *common, "--max-steps", "6"), nproc=nproc)
+    run_train(base_args(synth, tmp_path, "split", *common, "--max-steps", "3"), nproc=nproc)
+    run_train(base_args(synth, tmp_path, "split", *common, "--max-steps", "6", "--resume", "latest"), nproc=nproc)
+    straight, split = _curve(tmp_path / "straight"), _curve(tmp_path / "split")
+    assert [s for s, _, _ in split] == [1, 2, 3, 4, 5, 6]  # records past the checkpoint are not duplicated
+    assert [lr for _, lr, _ in split] == [lr for _, lr, _ in straight]
+    if nproc == 1 and precision == "fp32":
+        assert split == straight
+    else:
+        for (_, _, a), (_, _, b) in zip(split, straight):
+            assert abs(a - b) < 2e-2 * max(1.0, abs(b))
+    cfg = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert cfg["resumed_from"].endswith("step_00000003")
+    final = metrics(tmp_path / "split")[-1]
+    assert final["samples_seen"] == metrics(tmp_path / "straight")[-1]["samples_seen"]
+
+
+def test_zeroshot_eval_and_wandb_offline(synth, tmp_path):
+    run_train(base_args(synth, tmp_path, "zs", "--max-steps", "2", "--zeroshot-data", str(synth / "zeroshot"),
+                        "--zeroshot-frequency", "1", "--report-to", "wandb"),
+              env={"WANDB_MODE": "offline", "WANDB_API_KEY": "secret-key-must-not-leak"})
+    run = tmp_path / "zs"
+    evals = [r for r in metrics(run) if "zeroshot_top1" in r]
+    assert len(evals) == 1 and evals[0]["zeroshot_images"] == 96 and evals[0]["zeroshot_classes"] == 48
+    assert 0 <= evals[0]["zeroshot_top1"] <= evals[0]["zeroshot_top5"] <= 100
+    assert list((run / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    assert "secret-key-must-not-leak" not in (run / "config.json").read_text()
+
+
+@pytest.mark.parametrize("case", ["unknown_model", "batch_mismatch", "no_shards"])
+def test_bad_config_fails_clearly_and_writes_nothing(synth, tmp_path, case):
+    logs = tmp_path / "logs"
+    args = base_args(synth, logs, "bad", "--max-steps", "1")
+    expect = {"unknown_model": "unknown model 'ViT-Nope-99'",
+              "batch_mismatch": "batch sizes do not multiply out",
+              "no_shards": "no shard matches --train-data"}[case]
+    if case == "unknown_model":
+        args[args.index("--model") + 1] = "ViT-Nope-99"
+    elif case == "batch_mismatch":
+        bad = tmp_path / "bad_ds.json"
+        bad.write_text(json.dumps({"train_batch_size": 100, "train_micro_batch_size_per_gpu": 16,
+                                   "gradient_accumulation_steps": 1}))
+        args[args.index("--deepspeed_config") + 1] = str(bad)
+        del args[args.index("--batch-size"):args.index("--batch-size") + 2]
+    else:
+        args[args.index("--train-data") + 1] = str(synth / "train" / "{90000..90009}.tar")
+    proc = run_train(args, nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dtp_ds.train: error:")]
+    assert len(errors) == 1 and expect in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not logs.exists(), "a refused run must write nothing"

@@ -1,0 +1,119 @@
+"""Fast, single-process checks of the pieces under the engine: config resolution, batch
+arithmetic, LR schedule, epoch planning, the data loader's resume position."""
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from open_clip_train.scheduler import cosine_lr
+
+import dtp_ds  # noqa: F401  (registers the model configs)
+from dtp_ds.data.shards import DataConfig, DataError, make_train_loader, plan_epoch, resolve_shards
+from dtp_ds.train.args import ConfigError, parse_args
+from dtp_ds.train.ds_config import load_ds_config, resolve, resolve_batch
+from dtp_ds.train.schedule import WarmupCosineLR
+from tests.conftest import REPO, TINY_DS_CONFIG, train_data
+
+
+def _args(*extra: str):
+    return parse_args(["--deepspeed_config", TINY_DS_CONFIG, "--train-data", "x/{0..1}.tar", *extra])
+
+
+def test_flags_win_and_are_recorded():
+    raw = load_ds_config(TINY_DS_CONFIG)
+    cfg, overrides = resolve(raw, _args("--batch-size", "8", "--precision", "fp16", "--lr", "1e-4",
+                                        "--zero-stage", "3"), world_size=4)
+    assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["train_batch_size"] == 32
+    assert cfg["fp16"] == {"enabled": True, "loss_scale": 0} and cfg["bf16"]["enabled"] is False
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["optimizer"]["params"]["lr"] == 1e-4
+    changed = {o["key"]: o for o in overrides}
+    assert changed["train_micro_batch_size_per_gpu"] == {"key": "train_micro_batch_size_per_gpu", "ds_config": 64,
+                                                         "flag": "--batch-size", "value": 8}
+    assert changed["optimizer.params.lr"]["ds_config"] == 1e-3
+    assert {"bf16.enabled", "fp16.enabled", "zero_optimization.stage"} <= set(changed)
+    assert raw["bf16"]["enabled"] is True  # the loaded JSON itself is untouched
+
+
+def test_no_flags_no_overrides_but_the_derived_total():
+    cfg, overrides = resolve(load_ds_config(TINY_DS_CONFIG), _args(), world_size=2)
+    assert [o["key"] for o in overrides] == ["train_batch_size"]
+    assert cfg["train_batch_size"] == 128
+
+
+def test_batch_arithmetic_is_checked_against_world_size():
+    raw = {"train_batch_size": 100, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1}
+    with pytest.raises(ConfigError, match="do not multiply out"):
+        resolve_batch(raw, _args(), world_size=2)
+    assert resolve_batch({"train_batch_size": 128, "gradient_accumulation_steps": 2}, _args(), 4) == (16, 2)
+    with pytest.raises(ConfigError, match="not divisible"):
+        resolve_batch({"train_batch_size": 100, "gradient_accumulation_steps": 3}, _args(), 4)
+
+
+def test_bad_ds_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_ds_config(str(tmp_path / "nope.json"))
+    (tmp_path / "broken.json").write_text("{ not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_ds_config(str(tmp_path / "broken.json"))
+
+
+def test_every_shipped_ds_config_loads_and_resolves():
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        cfg, _ = resolve(load_ds_config(str(path)), _args(), world_size=2)
+        assert cfg["train_batch_size"] == (cfg["train_micro_batch_size_per_gpu"]
+                                           * cfg["gradient_accumulation_steps"] * 2), path
+
+
+def test_schedule_matches_open_clip_and_survives_state_dict():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}], lr=1e-3)
+    sched = WarmupCosineLR(opt, warmup=10, total_steps=50)
+    reference = cosine_lr(torch.optim.SGD(model.parameters(), lr=1e-3), 1e-3, 10, 50)
+    for step in range(50):
+        assert opt.param_groups[0]["lr"] == pytest.approx(reference(step), abs=1e-12)
+        assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
+        sched.step()
+    state = json.loads(json.dumps(sched.state_dict()))
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched2 = WarmupCosineLR(opt2, warmup=10, total_steps=50)
+    sched2.load_state_dict(state)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(reference(50), abs=1e-12)
+
+
+@pytest.mark.parametrize("n,micro,world,workers,accum", [(1000, 16, 2, 2, 1), (1000, 16, 2, 3, 4), (10, 64, 8, 4, 2)])
+def test_epoch_plan_is_whole_steps_shared_by_workers(n, micro, world, workers, accum):
+    plan = plan_epoch(n, micro, world, workers, accum)
+    assert plan.num_samples >= n
+    assert plan.batches_per_rank % accum == 0 and plan.batches_per_rank % workers == 0
+    assert plan.batches_per_worker * workers == plan.batches_per_rank
+    assert plan.num_samples == plan.batches_per_rank * micro * world
+
+
+def test_missing_shards(synth):
+    with pytest.raises(DataError, match="no shard matches"):
+        resolve_shards(str(synth / "train" / "{90000..90003}.tar"))
+    some = resolve_shards(str(synth / "train" / "{00010..00013}.tar"))  # 00012, 00013 do not exist
+    assert [p.rsplit("/", 1)[-1] for p in some] == ["00010.tar", "00011.tar"]
+
+
+def _loader_texts(synth, batches_done: int, workers: int = 2):
+    cfg = DataConfig(train_data=train_data(synth), workers=workers)
+    shards = resolve_shards(cfg.train_data)
+    plan = plan_epoch(2400, 16, 1, workers, 1)
+    tok = open_clip.get_tokenizer("ViT-Tiny-8")
+    _, _, preprocess = open_clip.create_model_and_transforms("ViT-Tiny-8")
+    loader = make_train_loader(cfg, shards, plan, preprocess, tok, micro_batch=16, epoch=1, seed=0, rank=0,
+                               world_size=1, batches_done=batches_done)
+    return [texts for _, texts, _ in loader], plan
+
+
+def test_loader_resume_continues_the_epoch_exactly(synth):
+    full, plan = _loader_texts(synth, 0)
+    assert len(full) == plan.batches_per_rank
+    resumed, _ = _loader_texts(synth, 5)  # odd position: the next batch comes from worker 1
+    assert len(resumed) == len(full) - 5
+    for a, b in zip(resumed, full[5:]):
+        assert torch.equal(a, b)
