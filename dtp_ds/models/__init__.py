@@ -1,0 +1,27 @@
+"""Single-device model code: DRIP vision transformers and the model-config registry."""
+from .boundary import BoundaryPredictor, boundary_rate_loss
+from .drip import POOL_TYPES, DripVisionTransformer, drip_aux, drip_trunks, forced_boundary_rate
+from .registry import (
+    CONFIG_DIR,
+    create_model,
+    get_drip_cfg,
+    list_models,
+    register_config,
+    register_model_configs,
+)
+
+__all__ = [
+    "CONFIG_DIR",
+    "POOL_TYPES",
+    "BoundaryPredictor",
+    "DripVisionTransformer",
+    "boundary_rate_loss",
+    "create_model",
+    "drip_aux",
+    "drip_trunks",
+    "forced_boundary_rate",
+    "get_drip_cfg",
+    "list_models",
+    "register_config",
+    "register_model_configs",
+]
