@@ -107,6 +107,25 @@ class Setup:
     split: ZeroShotSplit | None
 
 
+EMULATED_FP16_ENV = "DTP_DS_ALLOW_EMULATED_FP16"
+
+
+def check_precision_supported(precision: str) -> None:
+    """DeepSpeed refuses fp16 on CPUs without native fp16 (AVX512-FP16 / AMX-FP16) with a
+    bare message; say what to do instead. The env switch lifts only that capability gate:
+    the real fp16 engine and its dynamic loss scaler then run with emulated fp16 kernels
+    (slow; how the CPU test suite covers fp16)."""
+    acc = get_accelerator()
+    if precision != "fp16" or acc.is_fp16_supported():
+        return
+    if os.environ.get(EMULATED_FP16_ENV) == "1":
+        acc.is_fp16_supported = lambda: True
+        return
+    raise ConfigError(f"fp16 (from --precision or the ds_config) is not supported on this {acc.device_name()} "
+                      f"device: use bf16 or fp32 here and fp16 on GPUs without bf16 (V100), or set "
+                      f"{EMULATED_FP16_ENV}=1 to run it emulated (slow)")
+
+
 def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     """Every check that needs no engine: model, data, batch arithmetic, run directory."""
     if args.model.model not in open_clip.list_models():
@@ -121,6 +140,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     plan = plan_epoch(num_samples, micro, world, args.data.workers, accum)
     total_steps = plan.batches_per_rank // accum * args.optim.epochs
     ds_config, overrides = resolve(raw, args, world)
+    check_precision_supported(precision_of(ds_config))
     split = zeroshot_split(args)
     name = args.run.name or broadcast(default_name(args, micro) if rank == 0 else None)
     run_dir = os.path.join(args.run.logs, name)

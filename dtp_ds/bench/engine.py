@@ -1,0 +1,103 @@
+"""dtp_ds's DeepSpeed engine against open_clip's own trainer (open_clip_train.main): same
+model, shards, micro-batch, ranks and precision; prints each one's training throughput
+(median samples/s over the measured steps, data loading included) and their ratio.
+
+Runs alternate (dtp_ds, open_clip, dtp_ds, ...) so drifting machine load hits both.
+Precision: fp32 against fp32; bf16 (DeepSpeed's bf16 engine) against open_clip's amp_bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from dtp_ds.demo import deepspeed_launcher
+from dtp_ds.train.metrics import read_metrics
+
+OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
+BATCH_RE = re.compile(r"Batch \(t\): ([\d.]+), ([\d.]+)/s")
+
+
+def _env(nproc: int) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    if not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
+    return env
+
+
+def run_dtp_ds(a: argparse.Namespace, workdir: str, tag: str) -> list[float]:
+    cmd = [deepspeed_launcher(), "--num_gpus", str(a.nproc), "--master_port", str(a.port), "--module", "dtp_ds.train",
+           "--deepspeed_config", a.deepspeed_config, "--zero-stage", str(a.zero_stage), "--precision", a.precision,
+           "--model", a.model, "--train-data", a.train_data, "--batch-size", str(a.batch_size),
+           "--workers", str(a.workers), "--max-steps", str(a.steps), "--log-every-n-steps", "1", "--lr", "1e-4",
+           "--warmup", "1", "--zeroshot-frequency", "0", "--logs", workdir, "--name", tag, "--keep-checkpoints", "1"]
+    subprocess.run(cmd, check=True, env=_env(a.nproc), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rows = [r for r in read_metrics(os.path.join(workdir, tag, "metrics.jsonl")) if "samples_per_s" in r]
+    return [r["samples_per_s"] for r in rows if r["step"] > a.skip]
+
+
+def run_open_clip(a: argparse.Namespace, workdir: str, tag: str) -> list[float]:
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    samples = a.steps * a.batch_size * a.nproc
+    cmd = [torchrun, "--nproc_per_node", str(a.nproc), "--master_port", str(a.port + 1), "-m",
+           "dtp_ds.bench.open_clip_ref", "--model", a.model, "--train-data", a.train_data,
+           "--train-num-samples", str(samples), "--dataset-type", "webdataset", "--batch-size", str(a.batch_size),
+           "--workers", str(a.workers), "--precision", OPEN_CLIP_PRECISION[a.precision], "--epochs", "1",
+           "--lr", "1e-4", "--warmup", "1", "--log-every-n-steps", "1", "--zeroshot-frequency", "0",
+           "--save-frequency", "0", "--logs", workdir, "--name", tag, "--dist-backend",
+           "nccl" if torch.cuda.is_available() else "gloo", "--grad-clip-norm", "1.0"]
+    if not torch.cuda.is_available():
+        cmd += ["--device", "cpu"]
+    out = subprocess.run(cmd, check=True, env=_env(a.nproc), capture_output=True, text=True)
+    rates = [float(m.group(2)) for m in BATCH_RE.finditer(out.stdout + out.stderr)]
+    return rates[a.skip:]  # the first log line is step 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-Tiny-8")
+    p.add_argument("--train-data", default="data/synth/train/{00000..00019}.tar")
+    p.add_argument("--deepspeed_config", default="ds_configs/tiny.json")
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--batch-size", type=int, default=64, help="micro-batch per rank")
+    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the median")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each")
+    p.add_argument("--port", type=int, default=29610)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    result: dict[str, list[float]] = {"dtp_ds": [], "open_clip_train": []}
+    with tempfile.TemporaryDirectory() as work:
+        for i in range(a.repeats):
+            result["dtp_ds"] += run_dtp_ds(a, work, f"dtp_ds_{i}")
+            result["open_clip_train"] += run_open_clip(a, work, f"open_clip_{i}")
+    med = {k: statistics.median(v) for k, v in result.items()}
+    ratio = med["dtp_ds"] / med["open_clip_train"]
+    summary = {"model": a.model, "precision": a.precision, "zero_stage": a.zero_stage, "ranks": a.nproc,
+               "micro_batch": a.batch_size, "steps_measured": {k: len(v) for k, v in result.items()},
+               "samples_per_s": med, "ratio": ratio}
+    if a.json:
+        print(json.dumps(summary))
+        return 0
+    oc_prec = OPEN_CLIP_PRECISION[a.precision]
+    print(f"model {a.model}, {a.nproc} ranks x micro-batch {a.batch_size}, {a.steps} steps x {a.repeats} runs each "
+          f"(first {a.skip} left out), device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"{'trainer':<38} {'samples/s (median)':>20}")
+    print(f"{'dtp_ds (DeepSpeed ZeRO-' + str(a.zero_stage) + ', ' + a.precision + ')':<38} {med['dtp_ds']:>20.1f}")
+    print(f"{'open_clip_train (DDP, ' + oc_prec + ')':<38} {med['open_clip_train']:>20.1f}")
+    print(f"ratio dtp_ds / open_clip_train: {ratio:.3f} (target >= 0.95)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
