@@ -19,6 +19,9 @@ $(STAMP): requirements.txt setup.py
 	$(PIP) install -q $$(grep -E '^(torch|torchvision)==' requirements.txt)
 	$(PIP) install -q --no-build-isolation -r requirements.txt
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	# DeepSpeed JIT-compiles its CPU shared-memory collective on first use (about a minute);
+	# build it here rather than inside the first training run or test.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)
 
 $(DATA)/zeroshot/classnames.json: | $(STAMP)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -170,10 +171,16 @@ class _SkipTrained(wds.PipelineStage):
 
 class _DecodeCounted(wds.PipelineStage):
     """Decode image + caption; a sample that fails becomes a ``None`` marker (counted
-    downstream) and is warned about once per shard."""
+    downstream) and is warned about once per shard.
 
-    def __init__(self, preprocess: Callable, tokenizer: Callable):
+    Augmentation draws from an RNG seeded by (seed, epoch, sample key), inside a forked RNG:
+    a sample's crop is the same whichever worker decodes it and wherever the loader started,
+    which is what makes a resumed run reproduce the straight one.
+    """
+
+    def __init__(self, preprocess: Callable, tokenizer: Callable, seed: int, epoch: int):
         self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.seed_prefix = f"{seed}-{epoch}-"
         self.warned: set[str] = set()
 
     def _warn(self, sample: dict, why: str) -> None:
@@ -191,7 +198,8 @@ class _DecodeCounted(wds.PipelineStage):
                 yield None
                 continue
             try:
-                with Image.open(io.BytesIO(sample[ext])) as im:
+                with Image.open(io.BytesIO(sample[ext])) as im, torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(zlib.crc32((self.seed_prefix + str(sample.get("__key__"))).encode()))
                     image = self.preprocess(im.convert("RGB"))
                 caption = sample["txt"].decode("utf-8")
                 text = self.tokenizer(caption)[0]
@@ -257,7 +265,7 @@ def make_train_loader(
         tarfile_to_samples_nothrow,
         _SeededShuffle(seed, epoch, rank, batches_done),
         _SkipTrained(batches_done, micro_batch),
-        _DecodeCounted(preprocess, tokenizer),
+        _DecodeCounted(preprocess, tokenizer, seed, epoch),
         _BatchCounted(micro_batch),
     ]
     # Each worker loops over its shards as needed (with_epoch bounds it); the loader stops

@@ -19,6 +19,8 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from torch import nn
 from torchvision.datasets import ImageFolder
 
+from dtp_ds.models import drip_aux
+
 
 @dataclass
 class ZeroShotSplit:
@@ -74,7 +76,8 @@ def zero_shot_eval(
     per_rank = math.ceil(n / world)
     mine = order[rank * per_rank:(rank + 1) * per_rank]
     n_batches = math.ceil(per_rank / batch_size)
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, count
+    # top1, top5, images, DRIP compression summed over real batches, real batches
+    stats = torch.zeros(5, dtype=torch.float64, device=device)
     for b in range(n_batches):
         idx = mine[b * batch_size:(b + 1) * batch_size]
         real = len(idx)
@@ -87,12 +90,16 @@ def zero_shot_eval(
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5 == labels[:, None]
         if real:
-            stats += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), real],
+            compression = float(drip_aux(model).get("compression", 0.0))  # eval (deterministic) boundaries
+            stats += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), real, compression, 1],
                                   dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(stats)
     model.train(was_training)
-    top1, top5, count = stats.tolist()
-    return {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
-            "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),
-            "zeroshot_chance_top1": 100 / len(split.classnames)}
+    top1, top5, count, compression, batches = stats.tolist()
+    result = {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
+              "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),
+              "zeroshot_chance_top1": 100 / len(split.classnames)}
+    if compression:
+        result["zeroshot_compression"] = compression / batches
+    return result

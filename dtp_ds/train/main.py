@@ -226,14 +226,14 @@ def train(args: TrainArgs) -> int:
         lr_scheduler=lambda opt: WarmupCosineLR(opt, max(1, args.optim.warmup), s.total_steps))
 
     state, resumed_from = checkpoint.TrainState(), None
-    if args.run.resume:
-        found = checkpoint.resolve_resume(args.run.resume, s.run_dir)
-        if found is None:
-            log.warning("--resume %s: no checkpoint in %s yet; starting from scratch", args.run.resume, s.run_dir)
-        else:
-            state, _ = checkpoint.load(engine, *found)
-            resumed_from = os.path.join(*found)
-    seed_all(args.run.seed + 1000 * rank + state.step)  # per-rank noise (DRIP sampling), reproducible on resume
+    found = checkpoint.resolve_resume(args.run.resume, s.run_dir) if args.run.resume else None
+    if args.run.resume and found is None:
+        log.warning("--resume %s: no checkpoint in %s yet; starting from scratch", args.run.resume, s.run_dir)
+    if found is None:
+        seed_all(args.run.seed + 1000 * rank)  # per-rank noise (DRIP boundary sampling)
+    else:
+        state, _ = checkpoint.load(engine, *found)  # restores each rank's RNG as it was saved
+        resumed_from = os.path.join(*found)
 
     if rank == 0:
         os.makedirs(s.run_dir, exist_ok=True)
@@ -279,8 +279,10 @@ def train(args: TrainArgs) -> int:
             break
         loader = make_train_loader(args.data, s.shards, s.plan, preprocess_train, tokenizer, s.micro, epoch,
                                    args.run.seed, rank, world, state.batches_in_epoch)
+        with torch.random.fork_rng(devices=[]):  # starting the workers draws from the RNG: not from the run's
+            batches = iter(loader)
         t_fetch = time.time()
-        for images, texts, n_bad in loader:
+        for images, texts, n_bad in batches:
             t_data += time.time() - t_fetch
             bad_local += n_bad
             out = engine(images.to(device, non_blocking=True), texts.to(device, non_blocking=True))
