@@ -14,7 +14,7 @@ import torch
 
 from dtp_ds.train.metrics import read_metrics
 
-DEMO_MODEL = "ViT-Tiny-8"
+DEMO_MODEL = "DRIP-ViT-Tiny-8-4x"
 
 
 def deepspeed_launcher() -> str:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="demo")
     p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2, help="ranks (GPUs, or CPU processes)")
     p.add_argument("--model", default=DEMO_MODEL)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     a, extra = p.parse_known_args(argv)
     run_dir = os.path.join(a.logs, a.name)
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run: start clean each time

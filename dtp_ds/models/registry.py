@@ -35,6 +35,7 @@ __all__ = [
     "CONFIG_DIR",
     "create_model",
     "get_drip_cfg",
+    "get_model_config",
     "list_models",
     "load_config",
     "register_config",
@@ -172,6 +173,14 @@ def get_drip_cfg(name: str) -> dict[str, Any] | None:
     if name not in _REGISTERED:
         raise ValueError(f"unknown dtp_ds model '{name}'; dtp_ds models: {', '.join(list_models())}")
     return copy.deepcopy(_REGISTERED[name]["vision_cfg"].get("drip_cfg"))
+
+
+def get_model_config(name: str) -> dict[str, Any] | None:
+    """The config to store with a checkpoint: dtp_ds's own form (``drip_cfg`` kept, so
+    ``register_config`` can rebuild the model anywhere), else open_clip's."""
+    if name in _REGISTERED:
+        return copy.deepcopy(_REGISTERED[name])
+    return open_clip.get_model_config(name)
 
 
 def list_models() -> list[str]:

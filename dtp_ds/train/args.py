@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad-clip-norm", type=float, default=None, help="gradient clipping norm (default: the ds_config's)")
     a("--accum-freq", type=int, default=None, help="gradient accumulation steps (default: the ds_config's)")
     # DeepSpeed overrides
-    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True)
+    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="",
+      help="DeepSpeed JSON (default: ds_configs/ for the model's size, e.g. vit_b_32.json for DRIP-ViT-B-32-10x)")
     a("--batch-size", type=int, default=None, help="micro-batch per rank (default: the ds_config's)")
     a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: the ds_config's")
     a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: the ds_config's")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from typing import Any
 
 from dtp_ds.train.args import ConfigError, TrainArgs
@@ -16,6 +17,24 @@ from dtp_ds.train.args import ConfigError, TrainArgs
 # open_clip's trainer defaults for ViT CLIP (betas 0.9/0.98, eps 1e-6, wd 0.2).
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6,
                                                    "weight_decay": 0.2, "torch_adam": True}}
+
+
+DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "ds_configs")
+
+
+def default_ds_config(model: str) -> str:
+    """ds_configs/<size>.json for a model's size: DRIP variants use their base ViT's
+    (DRIP-ViT-L-14-10x -> vit_l_14.json), the tiny models tiny.json."""
+    m = re.match(r"^(?:DRIP-)?ViT-([A-Za-z]+)-(\d+)", model)
+    if m is None:
+        raise ConfigError(f"no default DeepSpeed config for model '{model}': pass --deepspeed_config")
+    size, patch = m.group(1).lower(), m.group(2)
+    path = os.path.join(DS_CONFIG_DIR, "tiny.json" if size == "tiny" else f"vit_{size}_{patch}.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"no DeepSpeed config for model '{model}' ({path} does not exist): "
+                          f"pass --deepspeed_config")
+    return path
 
 
 def load_ds_config(path: str) -> dict[str, Any]:

@@ -31,9 +31,17 @@ from tqdm import tqdm
 import dtp_ds
 from dtp_ds.data.shards import DataError, count_samples, make_train_loader, plan_epoch, resolve_shards
 from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, imagenet_split, zero_shot_eval
+from dtp_ds.models import get_model_config
 from dtp_ds.train import checkpoint
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
-from dtp_ds.train.ds_config import grad_checkpointing_on, load_ds_config, precision_of, resolve, resolve_batch
+from dtp_ds.train.ds_config import (
+    default_ds_config,
+    grad_checkpointing_on,
+    load_ds_config,
+    precision_of,
+    resolve,
+    resolve_batch,
+)
 from dtp_ds.train.metrics import MetricsLogger, peak_memory_gb, plot_loss_curve
 from dtp_ds.train.schedule import WarmupCosineLR
 from dtp_ds.train.task import CLIPTask, param_groups
@@ -131,6 +139,8 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     if args.model.model not in open_clip.list_models():
         raise ConfigError(f"unknown model '{args.model.model}'. dtp_ds models: {', '.join(dtp_ds.list_models())}; "
                           f"or any open_clip name (e.g. ViT-B-32, see open_clip.list_models())")
+    if not args.run.deepspeed_config:
+        args.run.deepspeed_config = default_ds_config(args.model.model)
     raw = load_ds_config(args.run.deepspeed_config)
     micro, accum = resolve_batch(raw, args, world)
     shards = resolve_shards(args.data.train_data)
@@ -156,7 +166,7 @@ def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
         "ds_config_file": s.args.run.deepspeed_config,
         "ds_config": s.ds_config,
         "overrides": s.overrides,
-        "model_cfg": open_clip.get_model_config(s.args.model.model),
+        "model_cfg": get_model_config(s.args.model.model),
         "world_size": world,
         "epoch_plan": dataclasses.asdict(s.plan),
         "total_steps": s.total_steps,
@@ -246,7 +256,7 @@ def train(args: TrainArgs) -> int:
                      "resume": "allow", "id": os.path.basename(s.run_dir).replace("/", "_")}
     logger = MetricsLogger(s.run_dir, rank == 0, state.step if resumed_from else None, wandb_cfg)
 
-    client = {"model_name": args.model.model, "model_cfg": open_clip.get_model_config(args.model.model)}
+    client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model)}
     global_batch = s.micro * s.accum * world
     last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
     bar = tqdm(total=last_step, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)

@@ -117,3 +117,18 @@ def test_loader_resume_continues_the_epoch_exactly(synth):
     assert len(resumed) == len(full) - 5
     for a, b in zip(resumed, full[5:]):
         assert torch.equal(a, b)
+
+
+def test_default_ds_config_follows_the_model_size():
+    from dtp_ds.train.ds_config import default_ds_config
+
+    assert default_ds_config("DRIP-ViT-Tiny-8-4x").endswith("ds_configs/tiny.json")
+    assert default_ds_config("ViT-Tiny-8").endswith("ds_configs/tiny.json")
+    with pytest.raises(ConfigError, match="pass --deepspeed_config"):
+        default_ds_config("RN50")
+    for path in sorted((REPO / "ds_configs").glob("vit_*_*.json")):  # every shipped size config is reachable
+        parts = path.stem.split("_")
+        if len(parts) != 3:  # variants (vit_b_32_fp16) are chosen explicitly
+            continue
+        size, patch = parts[1:]
+        assert default_ds_config(f"DRIP-ViT-{size.upper()}-{patch}-10x") == str(path)

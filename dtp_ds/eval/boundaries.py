@@ -1,0 +1,323 @@
+"""Draw the segment boundaries a trained DRIP encoder places on images.
+
+    tools/visualize_boundaries --checkpoint LOGS/NAME --image-dir DIR [--max-images N] --out DIR
+    tools/visualize_boundaries --checkpoint LOGS/NAME/checkpoints/step_N --images A.jpg B.jpg --out DIR
+
+The model comes out of a DeepSpeed checkpoint of any ZeRO stage (:mod:`dtp_ds.train.export`)
+and runs in eval mode, where boundaries are deterministic (boundary probability > 0.5), on
+each image after the model's own val transform. The boundaries are read with a forward hook
+on the trunk's boundary predictor during the image tower's normal forward, so they are the
+ones that forward pooled with, and segments are numbered by the same :func:`segment_ids`.
+
+A boundary at patch ``l`` (raster order: rows left to right, top to bottom) ends the segment
+that contains ``l``; the patches after the last boundary form one more segment. So segments
+are runs of patches in raster order: strips that may wrap from one row to the next.
+
+Each PNG shows the model's input image (un-normalised, upscaled to about
+:data:`TARGET_PX` pixels) with the patch grid (thin lines), each segment tinted in one
+colour and outlined (thick lines between neighbouring patches of different segments), a dot
+on every boundary patch, and a title band with the segment count and the compression
+(patches / segments).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from dtp_ds.models import DripVisionTransformer, drip_trunks
+from dtp_ds.models.boundary import Boundaries
+from dtp_ds.models.segments import segment_ids
+from dtp_ds.train.export import load_model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+TARGET_PX = 512  # the drawn image is upscaled by the integer factor that brings it nearest this
+TITLE_PX = 44  # height of the title band above the image
+PALETTE = [  # matplotlib's tab10
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]
+
+
+@dataclass
+class ImageBoundaries:
+    """One image's deterministic boundaries over its patch grid (raster order)."""
+
+    hard: np.ndarray  # (L,) bool: the patch ends its segment
+    probs: np.ndarray  # (L,) float: boundary probability
+    segments: np.ndarray  # (L,) int: segment id of each patch
+    grid: tuple[int, int]  # (rows, cols), rows * cols = L
+    patch_size: int
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.hard.size)
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.segments[-1]) + 1
+
+    @property
+    def compression(self) -> float:
+        return self.num_patches / self.num_segments
+
+
+def drip_trunk(model: nn.Module, name: str | None = None) -> DripVisionTransformer:
+    """The model's one DRIP trunk; ValueError for models without one."""
+    trunks = drip_trunks(model)
+    label = f"model '{name}'" if name else "this model"
+    if not trunks:
+        drip = [m for m in open_clip.list_models() if m.startswith("DRIP-")]
+        raise ValueError(f"{label} is not a DRIP model (no DripVisionTransformer in it): it has no segment "
+                         f"boundaries to draw. DRIP models: {', '.join(drip[:4])}, ...")
+    if len(trunks) > 1:
+        raise ValueError(f"{label} has {len(trunks)} DRIP trunks; expected one")
+    return trunks[0]
+
+
+@torch.no_grad()
+def extract_boundaries(model: nn.Module, images: torch.Tensor) -> list[ImageBoundaries]:
+    """Run the image tower on ``images`` (B, 3, H, W, already transformed) in eval mode and
+    return each image's boundaries, as that forward used them."""
+    trunk = drip_trunk(model)
+    tower = getattr(model, "visual", model)
+    captured: list[Boundaries] = []
+    handle = trunk.boundary_predictor.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    was_training = model.training
+    model.eval()
+    try:
+        tower(images)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if len(captured) != 1:
+        raise RuntimeError(f"boundary predictor ran {len(captured)} times in one forward; expected once")
+    bnd = captured[0]
+    ids = segment_ids(bnd.hard)  # what the forward pooled with
+    hard = (bnd.hard > 0.5).cpu().numpy()
+    probs, ids = bnd.probs.float().cpu().numpy(), ids.cpu().numpy()
+    return [ImageBoundaries(hard[i], probs[i], ids[i], tuple(trunk.grid_size), trunk.patch_size)
+            for i in range(len(hard))]
+
+
+def val_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
+    """The model's own val transform (as ``open_clip.create_model_and_transforms`` makes it)."""
+    return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
+
+
+def to_display(image: torch.Tensor, model: nn.Module) -> np.ndarray:
+    """A transformed image (3, H, W) back to (H, W, 3) uint8, as the model sees it."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD)).view(3, 1, 1)
+    pixels = (image.float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
+    return pixels.permute(1, 2, 0).numpy()
+
+
+def display_scale(height: int, width: int) -> int:
+    """Integer upscaling factor for drawing: the one bringing the longer side nearest TARGET_PX."""
+    return max(1, round(TARGET_PX / max(height, width)))
+
+
+def png_size(height: int, width: int) -> tuple[int, int]:
+    """(width, height) of the PNG drawn for an input image of ``height`` x ``width`` pixels."""
+    s = display_scale(height, width)
+    return width * s, height * s + TITLE_PX
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1, or no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def render(image: np.ndarray, bnd: ImageBoundaries, title: str, subtitle: str = "") -> Image.Image:
+    """The picture: image, patch grid, tinted and outlined segments, boundary dots, title."""
+    height, width = image.shape[:2]
+    s = display_scale(height, width)
+    rows, cols = bnd.grid
+    p = bnd.patch_size * s  # patch side on the canvas
+    base = Image.fromarray(image).convert("RGB").resize((width * s, height * s), Image.BICUBIC).convert("RGBA")
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    seg = bnd.segments.reshape(rows, cols)
+    hard = bnd.hard.reshape(rows, cols)
+    for r in range(rows):
+        for c in range(cols):
+            tint = (*PALETTE[seg[r, c] % len(PALETTE)], 90)
+            draw.rectangle([c * p, r * p, (c + 1) * p - 1, (r + 1) * p - 1], fill=tint)
+    for r in range(rows + 1):  # the patch grid
+        draw.line([(0, r * p), (cols * p, r * p)], fill=(255, 255, 255, 110), width=1)
+    for c in range(cols + 1):
+        draw.line([(c * p, 0), (c * p, rows * p)], fill=(255, 255, 255, 110), width=1)
+    thick = max(2, p // 10)
+    edge = (0, 0, 0, 235)
+    for r in range(rows):  # segment outlines: between neighbours of different segments, and the border
+        for c in range(cols):
+            if c + 1 == cols or seg[r, c] != seg[r, c + 1]:
+                draw.line([((c + 1) * p, r * p), ((c + 1) * p, (r + 1) * p)], fill=edge, width=thick)
+            if r + 1 == rows or seg[r, c] != seg[r + 1, c]:
+                draw.line([(c * p, (r + 1) * p), ((c + 1) * p, (r + 1) * p)], fill=edge, width=thick)
+            if c == 0:
+                draw.line([(0, r * p), (0, (r + 1) * p)], fill=edge, width=thick)
+            if r == 0:
+                draw.line([(c * p, 0), ((c + 1) * p, 0)], fill=edge, width=thick)
+            if hard[r, c]:  # this patch ends its segment
+                cx, cy, rad = c * p + p / 2, r * p + p / 2, max(2.0, p / 7)
+                draw.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=(255, 255, 255, 255), outline=edge,
+                             width=max(1, thick // 2))
+    picture = Image.alpha_composite(base, overlay).convert("RGB")
+    canvas = Image.new("RGB", (picture.width, picture.height + TITLE_PX), (255, 255, 255))
+    canvas.paste(picture, (0, TITLE_PX))
+    text = ImageDraw.Draw(canvas)
+    text.text((6, 4), title, fill=(0, 0, 0), font=_font(16))
+    if subtitle:
+        text.text((6, 24), subtitle, fill=(80, 80, 80), font=_font(12))
+    return canvas
+
+
+def _segments(bnd: ImageBoundaries) -> str:
+    return f"{bnd.num_segments} segment{'' if bnd.num_segments == 1 else 's'}"
+
+
+@dataclass
+class Written:
+    """One PNG written by :func:`visualize`."""
+
+    image: str
+    png: str
+    boundaries: ImageBoundaries
+
+
+def _png_names(paths: Sequence[str], root: str | None) -> list[str]:
+    names, seen = [], set()
+    for path in paths:
+        rel = os.path.relpath(path, root) if root else os.path.basename(path)
+        stem = os.path.splitext(rel)[0].replace(os.sep, "_")
+        name, k = stem, 1
+        while name in seen:
+            k += 1
+            name = f"{stem}_{k}"
+        seen.add(name)
+        names.append(name + ".png")
+    return names
+
+
+def visualize(model: nn.Module, name: str, paths: Sequence[str], out_dir: str, image_root: str | None = None,
+              batch_size: int = 32, device: str | torch.device = "cpu") -> list[Written]:
+    """Draw the boundaries of ``model`` on each image of ``paths`` into ``out_dir`` (one PNG
+    each, named after the image; relative to ``image_root`` when given)."""
+    trunk = drip_trunk(model, name)
+    transform = val_transform(model)
+    pngs = _png_names(paths, image_root)
+    written: list[Written] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(paths))))
+        tensors = []
+        for i in chunk:
+            try:
+                with Image.open(paths[i]) as img:
+                    tensors.append(transform(img))
+            except (OSError, ValueError) as e:  # unreadable / not an image
+                raise ValueError(f"cannot read image {paths[i]}: {e}") from e
+        batch = torch.stack(tensors).to(device)
+        for i, tensor, bnd in zip(chunk, tensors, extract_boundaries(model, batch)):
+            title = f"{_segments(bnd)} / {bnd.num_patches} patches: compression {bnd.compression:.2f}x"
+            subtitle = (f"{name} (target {trunk.compression:g}x) | {os.path.basename(paths[i])} | "
+                        f"boundary p max {bnd.probs.max():.2f} | dots: boundary patches")
+            png = os.path.join(out_dir, pngs[i])
+            os.makedirs(out_dir, exist_ok=True)
+            render(to_display(tensor, model), bnd, title, subtitle).save(png)
+            written.append(Written(paths[i], png, bnd))
+    return written
+
+
+def list_images(image_dir: str, max_images: int | None) -> list[str]:
+    """Image files under ``image_dir`` (recursively), sorted, at most ``max_images``."""
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"--image-dir {image_dir}: not a directory")
+    found = sorted(os.path.join(d, f) for d, _, files in os.walk(image_dir) for f in files
+                   if f.lower().endswith(IMAGE_EXTS))
+    if not found:
+        raise FileNotFoundError(f"--image-dir {image_dir}: no images ({', '.join(IMAGE_EXTS)}) in it")
+    return found[:max_images] if max_images else found
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="visualize_boundaries",
+        description="Draw a DRIP checkpoint's learned segment boundaries (eval mode: probability > 0.5) on images.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory LOGS/NAME (newest complete checkpoint), its checkpoints/ directory, "
+                             "or one checkpoint directory checkpoints/step_N; any ZeRO stage")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="IMG", help="image files")
+    src.add_argument("--image-dir", metavar="DIR", help="a directory of images (searched recursively, sorted)")
+    parser.add_argument("--max-images", type=int, default=None, metavar="N",
+                        help="at most N images (default: all of --images, 16 of --image-dir)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where the PNGs go (created)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    if args.max_images is not None and args.max_images < 1:
+        parser.error("--max-images must be >= 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    return args
+
+
+class _NoPretrainedNote(logging.Filter):
+    """open_clip warns that it loaded no pretrained weights; the checkpoint's come next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+_NO_PRETRAINED_NOTE = _NoPretrainedNote()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().addFilter(_NO_PRETRAINED_NOTE)  # open_clip logs on the root logger
+    args = parse_args(argv)
+    try:
+        if args.images:
+            missing = [p for p in args.images if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"--images: no such file: {', '.join(missing)}")
+            paths, root = args.images[: args.max_images], None
+        else:
+            paths, root = list_images(args.image_dir, args.max_images or 16), args.image_dir
+        model, name = load_model_from_checkpoint(args.checkpoint, args.device)
+        drip_trunk(model, name)  # refuse non-DRIP models before any output
+        written = visualize(model, name, paths, args.out, root, args.batch_size, args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"visualize_boundaries: error: {e}", file=sys.stderr)
+        return 2
+    for w in written:
+        b = w.boundaries
+        print(f"{w.png}: {_segments(b)} / {b.num_patches} patches, compression {b.compression:.2f}x")
+    per_image = [w.boundaries.compression for w in written]
+    overall = sum(w.boundaries.num_patches for w in written) / sum(w.boundaries.num_segments for w in written)
+    target = drip_trunk(model).compression
+    print(f"{len(written)} images, model {name} (target {target:g}x): mean compression {np.mean(per_image):.2f}x "
+          f"(min {min(per_image):.2f}, max {max(per_image):.2f}; all patches / all segments "
+          f"{overall:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
