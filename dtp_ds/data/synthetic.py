@@ -48,10 +48,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 115, 190),
 }
 SIZES: dict[str, tuple[float, float]] = {
-    # Radius as a fraction of the image side; gaps between buckets keep them separable.
-    "small": (0.12, 0.15),
-    "medium": (0.19, 0.23),
-    "large": (0.28, 0.34),
+    # Radius as a fraction of the image side; gaps between buckets keep them separable. Even
+    # "small" spans about three 8 px patches at 64 px: smaller, corners and spikes blur away.
+    "small": (0.17, 0.20),
+    "medium": (0.23, 0.26),
+    "large": (0.29, 0.33),
 }
 POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
 PLAIN_BACKGROUNDS: dict[str, tuple[int, int, int]] = {

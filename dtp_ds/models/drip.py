@@ -110,6 +110,31 @@ class PatchEmbed(nn.Conv2d):
         return x.flatten(2).transpose(1, 2)
 
 
+class ConvStem(nn.Module):
+    """Patch embedding by stride-2 3x3 convolutions down to the patch grid, then a 1x1
+    projection -> (B, N, D). Early convolutions give a ViT its edge and corner detectors
+    at once (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): a tiny
+    model trained for minutes then learns shapes, not only colours."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        steps = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**steps != patch_size:
+            raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+        layers: list[nn.Module] = []
+        chans = in_chans
+        for i in range(steps):
+            out = max(16, dim // 2 ** (steps - i))
+            layers += [nn.Conv2d(chans, out, 3, stride=2, padding=1), nn.GELU()]
+            chans = out
+        layers.append(nn.Conv2d(chans, dim, 1))
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.convs(x.to(self.convs[0].weight.dtype))
+        return x.flatten(2).transpose(1, 2)
+
+
 class DripVisionTransformer(nn.Module):
     """ViT with dynamic token pooling between ``pre`` and ``shorten`` blocks (see module doc).
 
@@ -136,8 +161,11 @@ class DripVisionTransformer(nn.Module):
         num_classes: int = 512,
         global_pool: str = "mean_with_cls",
         drop_path_rate: float = 0.0,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' (a ViT's linear patch embedding) or 'conv', got {stem!r}")
         if global_pool not in POOL_TYPES:
             raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
         if post and not upsample:
@@ -157,7 +185,7 @@ class DripVisionTransformer(nn.Module):
         self.grad_checkpointing = False
         self.aux: dict[str, torch.Tensor] = {}
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = (ConvStem if stem == "conv" else PatchEmbed)(patch_size, in_chans, embed_dim)
         scale = embed_dim**-0.5
         self.cls_token = nn.Parameter(scale * torch.randn(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(scale * torch.randn(1, self.num_patches + 1, embed_dim))

@@ -48,8 +48,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _REGISTERED: dict[str, dict[str, Any]] = {}
 _TIMM_KWARGS: dict[str, dict[str, Any]] = {}
 
-DRIP_KEYS = {"pre", "shorten", "post", "upsample", "compression", "predictor_hidden", "temperature", "pool"}
-_DRIP_DEFAULTS = {"post": 0, "upsample": False, "predictor_hidden": None, "temperature": 0.5, "pool": "mean_with_cls"}
+DRIP_KEYS = {"pre", "shorten", "post", "upsample", "compression", "predictor_hidden", "temperature", "pool", "stem"}
+_DRIP_DEFAULTS = {"post": 0, "upsample": False, "predictor_hidden": None, "temperature": 0.5, "pool": "mean_with_cls",
+                  "stem": "patch"}
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -98,6 +99,7 @@ def _trunk_kwargs(name: str, vision: dict[str, Any], drip: dict[str, Any]) -> di
         predictor_hidden=d["predictor_hidden"],
         temperature=d["temperature"],
         global_pool=d["pool"],
+        stem=d["stem"],
     )
 
 

@@ -453,3 +453,16 @@ def test_bench_tool_runs() -> None:
     rows = json.loads(proc.stdout)["rows"]
     assert [r["model"] for r in rows] == ["ViT-Tiny-8", "DRIP-ViT-Tiny-8-4x"]
     assert rows[1]["gflops_ratio"] < 1 and rows[1]["act_mb_image_ratio"] < 1 and rows[1]["step_s"] > 0
+
+
+def test_conv_stem_gives_the_patch_grid_and_refuses_odd_patches():
+    from dtp_ds.models.drip import ConvStem
+
+    stem = ConvStem(8, 3, 192)
+    assert stem(torch.randn(2, 3, 64, 64)).shape == (2, 64, 192)  # 8 x 8 grid of 192-d tokens
+    with pytest.raises(ValueError, match="power-of-two"):
+        ConvStem(14, 3, 192)
+    tiny = open_clip.create_model("DRIP-ViT-Tiny-8-4x")
+    assert isinstance(tiny.visual.trunk.patch_embed, ConvStem)
+    assert not isinstance(open_clip.create_model("DRIP-ViT-B-32-10x", pretrained=None).visual.trunk.patch_embed,
+                          ConvStem)

@@ -74,9 +74,12 @@ def test_config_builds_with_open_clip(name: str) -> None:
     assert trunk.head.out_features == cfg["embed_dim"]
     assert trunk.global_pool == drip["pool"]
     assert len(model.visual.head) == 0  # the trunk's head is the CLIP projection
-    # Same tower as the plain ViT it derives from, plus only the boundary predictor.
+    # Same tower as the plain ViT it derives from, plus only the boundary predictor (and, for
+    # a conv stem, that stem in place of the linear patch embedding).
     plain = meta_model(base_name(name))
-    assert n_params(model.visual) - n_params(trunk.boundary_predictor) == n_params(plain.visual)
+    stem_extra = n_params(trunk.patch_embed) - n_params(plain.visual.conv1)
+    assert (stem_extra == 0) == (drip.get("stem", "patch") == "patch")
+    assert n_params(model.visual) - n_params(trunk.boundary_predictor) - stem_extra == n_params(plain.visual)
     assert n_params(model) - n_params(model.visual) == n_params(plain) - n_params(plain.visual)
 
 
