@@ -38,7 +38,9 @@ def run_dtp_ds(a: argparse.Namespace, workdir: str, tag: str) -> list[float]:
            "--model", a.model, "--train-data", a.train_data, "--batch-size", str(a.batch_size),
            "--workers", str(a.workers), "--max-steps", str(a.steps), "--log-every-n-steps", "1", "--lr", "1e-4",
            "--warmup", "1", "--zeroshot-frequency", "0", "--logs", workdir, "--name", tag, "--keep-checkpoints", "1"]
-    subprocess.run(cmd, check=True, env=_env(a.nproc), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = subprocess.run(cmd, env=_env(a.nproc), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"dtp_ds.train failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     rows = [r for r in read_metrics(os.path.join(workdir, tag, "metrics.jsonl")) if "samples_per_s" in r]
     return [r["samples_per_s"] for r in rows if r["step"] > a.skip]
 
@@ -46,16 +48,20 @@ def run_dtp_ds(a: argparse.Namespace, workdir: str, tag: str) -> list[float]:
 def run_open_clip(a: argparse.Namespace, workdir: str, tag: str) -> list[float]:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     samples = a.steps * a.batch_size * a.nproc
-    cmd = [torchrun, "--nproc_per_node", str(a.nproc), "--master_port", str(a.port + 1), "-m",
-           "dtp_ds.bench.open_clip_ref", "--model", a.model, "--train-data", a.train_data,
+    oc_args = ["--model", a.model, "--train-data", a.train_data,
            "--train-num-samples", str(samples), "--dataset-type", "webdataset", "--batch-size", str(a.batch_size),
            "--workers", str(a.workers), "--precision", OPEN_CLIP_PRECISION[a.precision], "--epochs", "1",
            "--lr", "1e-4", "--warmup", "1", "--log-every-n-steps", "1", "--zeroshot-frequency", "0",
            "--save-frequency", "0", "--logs", workdir, "--name", tag, "--dist-backend",
            "nccl" if torch.cuda.is_available() else "gloo", "--grad-clip-norm", "1.0"]
     if not torch.cuda.is_available():
-        cmd += ["--device", "cpu"]
-    out = subprocess.run(cmd, check=True, env=_env(a.nproc), capture_output=True, text=True)
+        oc_args += ["--device", "cpu"]
+    cmd = [torchrun, "--nproc_per_node", str(a.nproc), "--master_port", str(a.port + 1), "-m",
+           "dtp_ds.bench.open_clip_ref"]
+    out = subprocess.run(cmd, env={**_env(a.nproc), "OPEN_CLIP_ARGS": json.dumps(oc_args)}, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"open_clip_train failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     rates = [float(m.group(2)) for m in BATCH_RE.finditer(out.stdout + out.stderr)]
     return rates[a.skip:]  # the first log line is step 0
 
