@@ -32,7 +32,10 @@ $(DATA)/zeroshot/classnames.json: | $(STAMP)
 demo: $(STAMP) $(DATA)/zeroshot/classnames.json
 	$(PY) -m dtp_ds.demo --data $(DATA) --nproc $(NPROC)
 
+# tools/ci_setup_ssh installs and starts sshd (127.0.0.1 only) + pdsh for tests/e2e; where it
+# cannot (no apt, not root) it says why and the e2e tests skip with that reason.
 test: $(STAMP)
+	-$(PY) tools/ci_setup_ssh
 	$(PY) -m pytest tests -q
 
 lint: $(STAMP)
