@@ -1,13 +1,22 @@
 """WebDataset training pipeline for img2dataset-layout shards (``KEY.jpg``, ``KEY.txt``, ``KEY.json``).
 
-Built from open_clip_train's own stages (shard shuffling, resampling, tar reading), with
-three changes a resumable cluster run needs:
+Built from open_clip_train's own stages (shard shuffling, resampling), with changes a
+resumable cluster run needs:
 
 * the sample shuffle is seeded by (seed, epoch, rank, worker), so an epoch's order is
   reproducible and ``--resume`` continues it exactly;
 * resuming mid-epoch skips the already-trained samples *before* decoding them;
-* samples that cannot be decoded (or lack an image or caption) are skipped and counted,
-  the count travelling with each batch so the trainer can log it and stop on too many.
+* nothing bad is silently dropped: a sample that cannot be decoded or lacks an image or a
+  caption, a shard that cannot be opened (a directory, a FIFO, a failed download) and a
+  truncated tar become :class:`Bad` markers in the stream, counted per kind (:data:`BAD_KINDS`)
+  in a :class:`BadCounts` that travels with each batch, so the trainer can log them, warn once
+  per shard and stop on too many. Samples lost with a broken shard are estimated from its
+  ``*_stats.json``.
+
+Local shards are opened with ``open()``, never through a shell; remote URLs go through
+webdataset's openers, which hand http(s)/gs URLs to ``curl``/``gsutil`` through a shell, so
+those URLs are refused when they carry shell metacharacters (``pipe:`` sources are shell
+commands the user wrote on purpose and pass as given).
 """
 from __future__ import annotations
 
@@ -17,21 +26,19 @@ import logging
 import math
 import os
 import random
+import re
+import stat
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import webdataset as wds
-from open_clip_train.data import (
-    ResampledShards2,
-    SharedEpoch,
-    detshuffle2,
-    expand_urls,
-    tarfile_to_samples_nothrow,
-)
+from open_clip_train.data import ResampledShards2, SharedEpoch, detshuffle2, expand_urls
 from PIL import Image
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,17 @@ _SHARD_SHUFFLE_INITIAL = 500
 _SAMPLE_SHUFFLE_SIZE = 5000
 _SAMPLE_SHUFFLE_INITIAL = 1000
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+# What can be wrong with the data, as counted in metrics.jsonl (``bad_by_kind``):
+# samples (the first four) and shard failures (the last two, one per failed read).
+SAMPLE_KINDS = ("decode_error", "no_caption", "no_image")
+BAD_KINDS = (*SAMPLE_KINDS, "lost_in_shards", "truncated_shards", "unreadable_shards")
+# A worker that reads this many bad items in a row without one good sample gives up:
+# the data is unusable (and an all-broken shard list would otherwise loop forever).
+MAX_BAD_IN_A_ROW = 2000
+# webdataset hands remote URLs to a shell inside single quotes ('URL'): a quote (or a
+# control character) would end the quoting and run the rest as commands.
+_SHELL_UNSAFE = re.compile(r"['\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -59,35 +77,65 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+def check_url(url: str) -> None:
+    """Refuse a remote shard URL that webdataset would splice into a shell command line
+    with characters that escape its quoting (``pipe:`` sources are the user's own commands)."""
+    if _is_local(url) or url.startswith("pipe:"):
+        return
+    if _SHELL_UNSAFE.search(url):
+        raise DataError(f"shard URL {url!r} contains a quote or a control character: webdataset opens remote URLs "
+                        f"through a shell (curl/gsutil, inside single quotes), so it is refused. Percent-encode it")
+
+
+def split_shards(train_data: str) -> tuple[list[str], list[str]]:
+    """(shards to read, local shards of the brace ranges that do not exist), in order."""
+    urls, _ = expand_urls(train_data)
+    for url in urls:
+        check_url(url)
+    missing = [u for u in urls if _is_local(u) and not os.path.exists(u)]
+    gone = set(missing)
+    return [u for u in urls if u not in gone], missing
+
+
 def resolve_shards(train_data: str) -> list[str]:
     """Expand brace ranges and ``::`` sources; local shards that do not exist are dropped
     (with a warning naming them); no existing shard at all is an error."""
-    urls, _ = expand_urls(train_data)
-    local = [u for u in urls if _is_local(u)]
-    missing = [u for u in local if not os.path.exists(u)]
-    if len(missing) == len(urls):
+    present, missing = split_shards(train_data)
+    if not present:
+        urls = missing
         raise DataError(
             f"no shard matches --train-data '{train_data}' ({len(urls)} paths expanded, none exists; "
             f"first: {urls[0] if urls else '-'}). Check the directory and the brace range, "
             f"e.g. 'DIR/{{00000..00099}}.tar', or make data with tools/make_synthetic_shards."
         )
     if missing:
-        log.warning("%d of %d shards do not exist and are skipped (first: %s)", len(missing), len(urls), missing[0])
-    return [u for u in urls if u not in set(missing)]
+        named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        log.warning("%d of %d shards do not exist and are skipped: %s", len(missing), len(present) + len(missing),
+                    named)
+    return present
+
+
+def shard_samples(shard: str) -> int | None:
+    """Samples in one local img2dataset shard, from its ``*_stats.json`` (None if unknown)."""
+    if not _is_local(shard):
+        return None
+    stats = os.path.splitext(shard)[0] + "_stats.json"
+    try:
+        with open(stats) as f:
+            s = json.load(f)
+        return int(s.get("successes", s.get("count", 0)))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def count_samples(shards: list[str]) -> int | None:
     """Samples in local img2dataset shards, from their ``*_stats.json`` (None if any lacks one)."""
     total = 0
     for shard in shards:
-        if not _is_local(shard):
+        n = shard_samples(shard)
+        if n is None:
             return None
-        stats = os.path.splitext(shard)[0] + "_stats.json"
-        if not os.path.exists(stats):
-            return None
-        with open(stats) as f:
-            s = json.load(f)
-        total += int(s.get("successes", s.get("count", 0)))
+        total += n
     return total
 
 
@@ -147,31 +195,145 @@ class _SeededShuffle(wds.PipelineStage):
         return wds.filters._shuffle(src, _SAMPLE_SHUFFLE_SIZE, _SAMPLE_SHUFFLE_INITIAL, rng=rng)
 
 
+@dataclass
+class Bad:
+    """A skipped item travelling down the pipeline in place of a sample."""
+
+    kind: str  # one of BAD_KINDS
+    shard: str
+    reason: str
+    samples: int = 1  # samples it stands for (lost_in_shards: the estimate, maybe 0)
+    extra: dict[str, int] = field(default_factory=dict)  # further counts (a shard failure: {"lost_in_shards": n})
+
+
+@dataclass
+class BadCounts:
+    """What a batch's worker skipped since its previous batch: counts per kind (see
+    :data:`BAD_KINDS`) and, per shard, the first reason seen (for one warning per shard)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def add(self, bad: Bad) -> None:
+        self.counts[bad.kind] = self.counts.get(bad.kind, 0) + bad.samples
+        for k, n in bad.extra.items():
+            self.counts[k] = self.counts.get(k, 0) + n
+        self.first.setdefault(bad.shard, f"{bad.kind}: {bad.reason}")
+
+    @property
+    def samples(self) -> int:
+        """Samples lost (the shard-failure counts are events, not samples)."""
+        return sum(self.counts.get(k, 0) for k in (*SAMPLE_KINDS, "lost_in_shards"))
+
+    def __int__(self) -> int:
+        return self.samples
+
+
+def _open_shard(url: str) -> Any:
+    """A binary stream of one shard: local files with ``open()`` (regular files only: a
+    directory or a FIFO in a shard's place is refused, not waited on), others with
+    webdataset's openers."""
+    if _is_local(url):
+        mode = os.stat(url).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file ({'directory' if stat.S_ISDIR(mode) else 'special file'})")
+        return open(url, "rb")
+    return wds.gopen(url)
+
+
+def _read_shard(url: str) -> Iterator[dict | Bad]:
+    """Samples of one tar shard (grouped by key as open_clip_train does), then, if the read
+    failed or came up short of the shard's ``*_stats.json`` count, one :class:`Bad` for it."""
+    current: dict[str, Any] | None = None
+    n, failure = 0, None
+    try:
+        stream = _open_shard(url)
+    except Exception as e:  # missing since resolution, unreadable, not a file, fetch failed
+        yield Bad("unreadable_shards", url, f"{type(e).__name__}: {e}", samples=1,
+                  extra={"lost_in_shards": shard_samples(url) or 0})
+        return
+    try:
+        for member in tar_file_iterator(stream):
+            prefix, suffix = base_plus_ext(member["fname"])
+            if prefix is None:
+                continue
+            suffix = suffix.lower()
+            if current is None or prefix != current["__key__"] or suffix in current:
+                if current is not None:
+                    n += 1
+                    yield current
+                current = {"__key__": prefix, "__url__": url}
+            current[suffix] = member["data"]
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:  # truncated or corrupt tar, failed pipe
+        failure = f"{type(e).__name__}: {str(e).split(' @ ')[0]}"  # (what was read of the last sample still goes
+        # on: if its image or caption is missing, decoding counts it)
+    finally:
+        try:
+            stream.close()
+        except Exception as e:  # a pipe: source that exited with an error
+            failure = failure or f"{type(e).__name__}: {e}"
+    if current is not None:
+        n += 1
+        yield current
+    expected = shard_samples(url)
+    short = expected is not None and n < expected
+    if failure or short:
+        kind = "unreadable_shards" if failure and n == 0 else "truncated_shards"
+        lost = max(0, (expected or 0) - n)
+        why = failure or "ends early"
+        yield Bad(kind, url, f"{why} after {n} samples" + (f" of {expected}" if expected is not None else ""),
+                  samples=1, extra={"lost_in_shards": lost})
+
+
+class _ReadShards(wds.PipelineStage):
+    """Shard URLs (``{"url": ...}``) to samples, failures as :class:`Bad` markers (replaces
+    open_clip_train's ``tarfile_to_samples_nothrow``, which logs and drops them uncounted)."""
+
+    def run(self, src: Iterator[dict]) -> Iterator[dict | Bad]:
+        for item in src:
+            yield from _read_shard(item["url"])
+
+
+def _incomplete(sample: dict) -> str | None:
+    """Why a grouped sample cannot be a training pair without decoding it (None: complete)."""
+    if not any(e in sample for e in IMAGE_EXTS):
+        return "no_image"
+    if "txt" not in sample:
+        return "no_caption"
+    return None
+
+
 class _SkipTrained(wds.PipelineStage):
     """Drop the samples this worker already fed into trained batches (resume mid-epoch):
     original worker v produced ``batches_done // W + (v < batches_done % W)`` of them.
     The count is kept across the epoch's repeated passes, so it is skipped once.
+
+    Only complete samples count toward that number; :class:`Bad` markers and incomplete
+    samples met while skipping were counted before the checkpoint and are dropped here.
+    (A sample whose image turns out undecodable is only found by decoding, so each one
+    before the resume point shifts the resumed stream by one sample.)
     """
 
     def __init__(self, batches_done: int, batch_size: int):
         self.batches_done, self.batch_size = batches_done, batch_size
         self.remaining: int | None = None
 
-    def run(self, src: Iterator[dict]) -> Iterator[dict]:
+    def run(self, src: Iterator[dict | Bad]) -> Iterator[dict | Bad]:
         if self.remaining is None:
             v, nw = _virtual_worker(self.batches_done)
             mine = self.batches_done // nw + (1 if v < self.batches_done % nw else 0)
             self.remaining = mine * self.batch_size
         for sample in src:
             if self.remaining > 0:
-                self.remaining -= 1
+                if not isinstance(sample, Bad) and _incomplete(sample) is None:
+                    self.remaining -= 1
                 continue
             yield sample
 
 
 class _DecodeCounted(wds.PipelineStage):
-    """Decode image + caption; a sample that fails becomes a ``None`` marker (counted
-    downstream) and is warned about once per shard.
+    """Decode image + caption; a sample that fails becomes a :class:`Bad` marker (counted
+    downstream, warned about once per shard by the trainer).
 
     Augmentation draws from an RNG seeded by (seed, epoch, sample key), inside a forked RNG:
     a sample's crop is the same whichever worker decodes it and wherever the loader started,
@@ -181,53 +343,54 @@ class _DecodeCounted(wds.PipelineStage):
     def __init__(self, preprocess: Callable, tokenizer: Callable, seed: int, epoch: int):
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.seed_prefix = f"{seed}-{epoch}-"
-        self.warned: set[str] = set()
 
-    def _warn(self, sample: dict, why: str) -> None:
-        shard = sample.get("__url__", "?")
-        if shard not in self.warned:
-            self.warned.add(shard)
-            log.warning("skipping undecodable sample %s in %s (%s); further ones in this shard are only counted",
-                        sample.get("__key__"), shard, why)
-
-    def run(self, src: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+    def run(self, src: Iterator[dict | Bad]) -> Iterator[tuple[torch.Tensor, torch.Tensor] | Bad]:
         for sample in src:
-            ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            if ext is None or "txt" not in sample:
-                self._warn(sample, "no image" if ext is None else "no caption")
-                yield None
+            if isinstance(sample, Bad):
+                yield sample
                 continue
+            shard, key = sample.get("__url__", "?"), sample.get("__key__")
+            missing = _incomplete(sample)
+            if missing is not None:
+                yield Bad(missing, shard, f"sample {key} has no {'image' if missing == 'no_image' else 'caption'}")
+                continue
+            ext = next(e for e in IMAGE_EXTS if e in sample)
             try:
                 with Image.open(io.BytesIO(sample[ext])) as im, torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(zlib.crc32((self.seed_prefix + str(sample.get("__key__"))).encode()))
+                    torch.manual_seed(zlib.crc32((self.seed_prefix + str(key)).encode()))
                     image = self.preprocess(im.convert("RGB"))
                 caption = sample["txt"].decode("utf-8")
                 text = self.tokenizer(caption)[0]
             except Exception as e:  # corrupt JPEG, bad utf-8, ...: the sample is lost, not the run
-                self._warn(sample, f"{type(e).__name__}: {e}")
-                yield None
+                yield Bad("decode_error", shard, f"sample {key}: {type(e).__name__}: {e}")
                 continue
             yield image, text
 
 
 class _BatchCounted(wds.PipelineStage):
-    """Collate decoded samples into (images, texts, n_bad) where n_bad counts the samples
-    skipped since this worker's previous batch."""
+    """Collate decoded samples into (images, texts, BadCounts) where the counts are the
+    items skipped since this worker's previous batch. Gives up (DataError) after
+    ``MAX_BAD_IN_A_ROW`` bad items without a good sample."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
 
-    def run(self, src: Iterator[tuple | None]) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        images, texts, bad = [], [], 0
+    def run(self, src: Iterator[tuple | Bad]) -> Iterator[tuple[torch.Tensor, torch.Tensor, BadCounts]]:
+        images, texts, bad, in_a_row = [], [], BadCounts(), 0
         for item in src:
-            if item is None:
-                bad += 1
+            if isinstance(item, Bad):
+                bad.add(item)
+                in_a_row += 1
+                if in_a_row >= MAX_BAD_IN_A_ROW:
+                    raise DataError(f"{in_a_row} bad items in a row and not one usable sample (last: {item.shard}: "
+                                    f"{item.kind}: {item.reason}); the training data is unusable")
                 continue
+            in_a_row = 0
             images.append(item[0])
             texts.append(item[1])
             if len(images) == self.batch_size:
                 yield torch.stack(images), torch.stack(texts), bad
-                images, texts, bad = [], [], 0
+                images, texts, bad = [], [], BadCounts()
 
 
 def make_train_loader(
@@ -244,7 +407,7 @@ def make_train_loader(
     batches_done: int = 0,
 ) -> wds.WebLoader:
     """The loader for one epoch: yields ``plan.batches_per_rank - batches_done`` batches of
-    (images, tokens, n_bad) on this rank."""
+    (images, tokens, :class:`BadCounts`) on this rank."""
     workers = max(1, cfg.workers)
     if not cfg.dataset_resampled and len(shards) < workers * world_size:
         raise DataError(
@@ -262,7 +425,7 @@ def make_train_loader(
             _SplitByWorker(batches_done),
         ]
     stages += [
-        tarfile_to_samples_nothrow,
+        _ReadShards(),
         _SeededShuffle(seed, epoch, rank, batches_done),
         _SkipTrained(batches_done, micro_batch),
         _DecodeCounted(preprocess, tokenizer, seed, epoch),
@@ -274,5 +437,3 @@ def make_train_loader(
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.workers,
                            persistent_workers=False)
     return loader.slice(plan.batches_per_rank - batches_done)
-
-

@@ -59,6 +59,8 @@ class RunConfig:
     imagenet_val: str | None = None  # ImageNet-1k val in class-folder layout
     zeroshot_max_images: int | None = None
     dist_timeout_minutes: float = 5.0
+    peer_timeout_seconds: float = 120.0  # dtp_ds.launch.watchdog: a silent peer is named and the job stops
+    max_nonfinite_steps: int = 5  # non-finite steps in a row (each skipped) that stop the run
     local_rank: int = -1  # appended by the deepspeed launcher
 
 
@@ -133,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--zeroshot-max-images", type=int, default=None, help="evaluate on at most this many images")
     a("--dist-timeout-minutes", type=float, default=5.0,
       help="collective timeout: a dead rank stops the others this fast")
+    a("--peer-timeout-seconds", type=float, default=120.0,
+      help="a rank silent this long (dead or hung) is named and the job stops (0: no watchdog)")
+    a("--max-nonfinite-steps", type=int, default=5,
+      help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     a("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
@@ -164,5 +170,7 @@ def check_args(args: TrainArgs) -> None:
         raise ConfigError("--keep-checkpoints must be >= 1 (the newest checkpoint is always kept)")
     if args.run.batch_size is not None and args.run.batch_size < 1:
         raise ConfigError(f"--batch-size {args.run.batch_size}: must be >= 1")
+    if args.run.max_nonfinite_steps < 1:
+        raise ConfigError(f"--max-nonfinite-steps {args.run.max_nonfinite_steps}: must be >= 1")
     if not 0.0 <= args.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"--max-bad-fraction {args.data.max_bad_fraction}: must be in [0, 1]")

@@ -19,12 +19,22 @@ depends on the ZeRO stage and the precision.
 The trainer wraps the CLIP model in :class:`~dtp_ds.train.task.CLIPTask`, so state-dict keys
 carry a ``model.`` prefix, stripped here. The model name and its open_clip config come from
 the checkpoint's client state (``model_name``, ``model_cfg``).
+
+Every file is read with ``torch.load(weights_only=True)`` except by DeepSpeed's ZeRO merger
+(``zero_to_fp32``), which unpickles with ``weights_only=False``: the checkpoint directory is
+first verified with the weights-only loader (:func:`dtp_ds.train.checkpoint.verify_weights_only`).
+
+:func:`export_safetensors` (``tools/export_checkpoint``) writes the fp32 (or bf16) weights as
+one safetensors file that ``open_clip.create_model(name, pretrained=FILE)`` loads after
+``import dtp_ds``; the model name and config ride in its metadata (:func:`load_exported`).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import io
+import json
 import logging
 import os
 import sys
@@ -34,9 +44,17 @@ import open_clip
 import torch
 from torch import nn
 
-import dtp_ds  # noqa: F401  (registers the dtp_ds model configs with open_clip)
+import dtp_ds  # (importing it registers the dtp_ds model configs with open_clip)
 from dtp_ds.models import get_model_config, register_config
-from dtp_ds.train.checkpoint import TAG_RE, checkpoint_root, latest_tag, list_checkpoints
+from dtp_ds.train.checkpoint import (
+    PARTIAL,
+    TAG_RE,
+    CheckpointError,
+    checkpoint_root,
+    latest_tag,
+    list_checkpoints,
+    verify_weights_only,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +89,9 @@ def resolve_checkpoint_dir(path: str) -> str:
     if not os.path.isdir(full):
         raise ValueError(f"{path} is a file: give a run directory (LOGS/NAME), its checkpoints/ directory "
                          f"or one checkpoint directory (checkpoints/step_N)")
+    if full.endswith(PARTIAL):
+        raise FileNotFoundError(f"{path}: an incomplete checkpoint (its save never finished or failed): use a "
+                                f"committed one (the run directory picks the one 'latest' names)")
     if _is_checkpoint_dir(full):
         return full
     if os.path.isfile(os.path.join(full, "latest")) or list_checkpoints(full):
@@ -118,7 +139,8 @@ def _zero_fp32_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
 
     out = io.StringIO()
     # DeepSpeed's loader prints progress; keep it for the debug log. It reads the optimizer
-    # and model-states files with torch.load(weights_only=False) (its own files, trusted here).
+    # and model-states files with torch.load(weights_only=False): verify them first.
+    verify_weights_only(ckpt_dir)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ckpt_dir), tag=os.path.basename(ckpt_dir))
     log.debug("zero_to_fp32: %s", out.getvalue())
@@ -250,3 +272,90 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") ->
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"{ckpt_dir}: weights do not fit model '{name}': {e}") from e
     return model.float().to(device).eval(), name
+
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def exportable_state(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The model's state dict as open_clip's default models hold it: the trainer's
+    1-element ``logit_scale`` (``nonscalar_logit_scale``) back to 0-dim, floating tensors in
+    ``dtype``, each its own contiguous tensor (safetensors refuses shared storage)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if k in ("logit_scale", "logit_bias") and v.numel() == 1:
+            v = v.reshape(())
+        out[k] = (v.to(dtype) if v.is_floating_point() else v).clone().contiguous()
+    return out
+
+
+def export_safetensors(path: str, out: str, dtype: str = "fp32") -> tuple[str, str, dict[str, str]]:
+    """Export the checkpoint ``path`` (run directory, checkpoints root or step directory; any
+    ZeRO stage and precision) to the safetensors file ``out``, written atomically. Returns
+    (checkpoint directory, model name, metadata)."""
+    from safetensors.torch import save_file
+
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype}: one of {', '.join(EXPORT_DTYPES)}")
+    ckpt_dir = resolve_checkpoint_dir(path)
+    model, name = load_model_from_checkpoint(ckpt_dir)
+    states = read_model_states(ckpt_dir)
+    train_state = (states.get("train_state") or {})
+    meta = {"format": "pt", "model_name": name, "model_cfg": json.dumps(get_model_config(name)),
+            "dtype": dtype, "dtp_ds_version": dtp_ds.__version__, "checkpoint": os.path.basename(ckpt_dir),
+            "step": str(train_state.get("step", ""))}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    try:
+        save_file(exportable_state(model, EXPORT_DTYPES[dtype]), tmp, metadata=meta)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ckpt_dir, name, meta
+
+
+def exported_metadata(file: str) -> dict[str, str]:
+    """The metadata of an exported safetensors file (nothing is unpickled)."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_exported(file: str, **kwargs: Any) -> nn.Module:
+    """``open_clip.create_model(name, pretrained=file)`` for an exported file, the model name
+    and config taken from its metadata (registered first if open_clip does not know it)."""
+    meta = exported_metadata(file)
+    name = meta.get("model_name")
+    if not name:
+        raise ValueError(f"{file}: no model_name in its safetensors metadata (not written by tools/export_checkpoint)")
+    cfg = json.loads(meta["model_cfg"]) if meta.get("model_cfg") else None
+    if name not in open_clip.list_models() or (cfg is not None and get_model_config(name) != cfg):
+        _register_model(name, cfg, file)
+    return open_clip.create_model(name, pretrained=file, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tools/export_checkpoint``: one line per export on stdout."""
+    p = argparse.ArgumentParser(
+        prog="export_checkpoint",
+        description="Export a dtp_ds DeepSpeed checkpoint (any ZeRO stage and precision) to one safetensors file "
+                    "that open_clip.create_model(NAME, pretrained=FILE) loads after `import dtp_ds`.")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (LOGS/NAME: the checkpoint 'latest' names), checkpoints/ or checkpoints/step_N")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32", help="weights' dtype in the file")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not a.out.endswith(".safetensors"):
+        p.error("--out must end in .safetensors (open_clip picks the loader by the suffix)")
+    try:
+        ckpt_dir, name, meta = export_safetensors(a.checkpoint, a.out, a.dtype)
+    except (FileNotFoundError, ValueError, CheckpointError, OSError) as e:
+        print(f"export_checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.out}: {name} ({meta['dtype']}) from {ckpt_dir}; load with "
+          f"`import dtp_ds, open_clip; open_clip.create_model({name!r}, pretrained={a.out!r})`", flush=True)
+    return 0

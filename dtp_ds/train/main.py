@@ -4,36 +4,44 @@
         --deepspeed_config ds_configs/vit_b_32.json --model DRIP-ViT-B-32-10x \
         --train-data 'DIR/{00000..00099}.tar' --epochs 10 --lr 5e-4 ...
 
-Everything that can be wrong with the inputs is checked before anything is written.
+Everything that can be wrong with the inputs (the output directory's room included) is
+checked before anything is written. What can go wrong later is guarded: bad data
+(:class:`~dtp_ds.train.guard.BadDataGuard`), non-finite steps
+(:class:`~dtp_ds.train.guard.NonFiniteGuard`), a failing or interrupted checkpoint save
+(:mod:`dtp_ds.train.checkpoint`); secrets are kept out of what the run writes
+(:mod:`dtp_ds.train.redact`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import deepspeed
 import numpy as np
 import open_clip
+import psutil
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 import dtp_ds
-from dtp_ds.data.shards import DataError, count_samples, make_train_loader, plan_epoch, resolve_shards
+from dtp_ds.data.shards import DataError, count_samples, make_train_loader, plan_epoch, resolve_shards, split_shards
 from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, imagenet_split, zero_shot_eval
+from dtp_ds.launch.discovery import DiscoveryError, discover
+from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
 from dtp_ds.models import get_model_config
 from dtp_ds.train import checkpoint
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
+from dtp_ds.train.checkpoint import CheckpointError
 from dtp_ds.train.ds_config import (
     default_ds_config,
     grad_checkpointing_on,
@@ -42,27 +50,24 @@ from dtp_ds.train.ds_config import (
     resolve,
     resolve_batch,
 )
-from dtp_ds.train.metrics import MetricsLogger, peak_memory_gb, plot_loss_curve
+from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError, all_reduce_step
+from dtp_ds.train.metrics import (
+    MetricsLogger,
+    git_revision,
+    loss_scale,
+    param_fingerprints,
+    peak_memory_gb,
+    plot_loss_curve,
+    write_json_atomic,
+)
+from dtp_ds.train.redact import install_log_filter
 from dtp_ds.train.schedule import WarmupCosineLR
+from dtp_ds.train.storage import check_storage, saves_planned
 from dtp_ds.train.task import CLIPTask, param_groups
 
 log = logging.getLogger("dtp_ds.train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (too many bad samples, ...); the message says why."""
-
-
-def git_revision() -> str | None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(dtp_ds.__file__)))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+__all__ = ["TrainingError", "main", "train"]
 
 
 def seed_all(seed: int) -> None:
@@ -113,6 +118,7 @@ class Setup:
     total_steps: int
     run_dir: str
     split: ZeroShotSplit | None
+    missing_shards: list[str]
 
 
 EMULATED_FP16_ENV = "DTP_DS_ALLOW_EMULATED_FP16"
@@ -144,6 +150,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     raw = load_ds_config(args.run.deepspeed_config)
     micro, accum = resolve_batch(raw, args, world)
     shards = resolve_shards(args.data.train_data)
+    missing = split_shards(args.data.train_data)[1]
     num_samples = args.data.train_num_samples or count_samples(shards)
     if not num_samples:
         raise ConfigError("the shards carry no *_stats.json sample counts: give --train-num-samples")
@@ -157,11 +164,13 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     if not args.run.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise ConfigError(f"run directory {run_dir} already exists: pass --resume latest to continue it, "
                           f"or --name to start a new run")
-    return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, split)
+    return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, split, missing)
 
 
 def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
-    cfg = {
+    """RUN/config.json: everything that describes the run (secrets redacted)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dtp_ds.__file__)))
+    write_json_atomic(os.path.join(s.run_dir, "config.json"), {
         "args": s.args.to_dict(),
         "ds_config_file": s.args.run.deepspeed_config,
         "ds_config": s.ds_config,
@@ -170,49 +179,47 @@ def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
         "world_size": world,
         "epoch_plan": dataclasses.asdict(s.plan),
         "total_steps": s.total_steps,
-        "git_revision": git_revision(),
+        "shards": len(s.shards),
+        "missing_shards": s.missing_shards,
+        "git_revision": git_revision(root),
         "versions": {"dtp_ds": dtp_ds.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                      "open_clip": open_clip.__version__},
         "resumed_from": resumed_from,
         "command": sys.argv,
-    }
-    tmp = os.path.join(s.run_dir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(cfg, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(s.run_dir, "config.json"))
+    })
 
 
 def current_lr(engine) -> float:
     return float(engine.optimizer.param_groups[0]["lr"])
 
 
-def loss_scale(engine) -> float | None:
-    """The dynamic loss scale under fp16 (None otherwise)."""
-    if not engine.fp16_enabled():
-        return None
-    opt = engine.optimizer
-    return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", float("nan"))))
+def _rank_local(batches: Iterator[Any]) -> Iterator[Any]:
+    """The loader's batches; a DataError raised in this rank's workers is marked as this
+    rank's own (printed by it, not only by rank 0)."""
+    try:
+        yield from batches
+    except DataError as e:
+        e.rank_local = True  # type: ignore[attr-defined]
+        raise
 
 
-@torch.no_grad()
-def param_fingerprints(engine) -> list[list[float]]:
-    """(sum, sum of squares) of the full parameters, as every rank holds them: equal rows
-    mean the ranks agree. ZeRO-3 parameters are gathered first."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for p in engine.module.parameters():
-        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-            x = p.detach().double().cpu()
-            total += torch.stack([x.sum(), (x * x).sum()])
-    rows = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, total)
-    return [r.tolist() for r in rows]
+def _step(engine) -> None:
+    try:
+        engine.step()
+    except Exception as e:  # DeepSpeed's dynamic loss scaler gives up with a bare Exception
+        if "loss scale already at minimum" in str(e):
+            raise TrainingError("fp16: the dynamic loss scale reached its minimum and the gradients still "
+                                "overflow: lower --lr, set --grad-clip-norm, or train in bf16") from e
+        raise
 
 
 def train(args: TrainArgs) -> int:
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timedelta(minutes=args.run.dist_timeout_minutes))
+    source = discover()  # RANK, WORLD_SIZE, ... from the launcher, MPI or Slurm
+    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(minutes=args.run.dist_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
-    log.info("rank %d of %d: process group up (%s)", rank, world, dist.get_backend())
+    log.info("rank %d of %d: process group up (%s; ranks from %s)", rank, world, dist.get_backend(), source)
+    start_watchdog(args.run.peer_timeout_seconds)
     local_rank = int(os.environ.get("LOCAL_RANK", max(args.run.local_rank, 0)))
     get_accelerator().set_device(local_rank)
     device = torch.device(get_accelerator().device_name(local_rank))
@@ -225,6 +232,7 @@ def train(args: TrainArgs) -> int:
     seed_all(args.run.seed)  # identical initial weights on every rank
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         args.model.model, output_dict=True, nonscalar_logit_scale=True)  # 0-dim params break DeepSpeed broadcasts
+    n_params = sum(p.numel() for p in model.parameters())
     tokenizer = open_clip.get_tokenizer(args.model.model)
     if grad_checkpointing_on(s.ds_config, args):
         model.set_grad_checkpointing(True)
@@ -236,17 +244,26 @@ def train(args: TrainArgs) -> int:
         lr_scheduler=lambda opt: WarmupCosineLR(opt, max(1, args.optim.warmup), s.total_steps))
 
     state, resumed_from = checkpoint.TrainState(), None
+    root = checkpoint.checkpoint_root(s.run_dir)
     found = checkpoint.resolve_resume(args.run.resume, s.run_dir) if args.run.resume else None
     if args.run.resume and found is None:
         log.warning("--resume %s: no checkpoint in %s yet; starting from scratch", args.run.resume, s.run_dir)
+    t_load = time.time()
     if found is None:
         seed_all(args.run.seed + 1000 * rank)  # per-rank noise (DRIP boundary sampling)
     else:
         state, _ = checkpoint.load(engine, *found)  # restores each rank's RNG as it was saved
         resumed_from = os.path.join(*found)
+    t_load = time.time() - t_load
+    last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
+    check_storage(s.run_dir, s.ds_config, n_params, precision, s.args.run.keep_checkpoints,
+                  saves_planned(state.step, last_step, args.run.save_every_n_steps, s.plan.batches_per_rank // s.accum))
 
+    discarded = []
     if rank == 0:
         os.makedirs(s.run_dir, exist_ok=True)
+        if args.run.resume:
+            discarded = checkpoint.discard_incomplete(root)
         write_run_config(s, world, resumed_from)
     dist.barrier()
     wandb_cfg = None
@@ -255,15 +272,20 @@ def train(args: TrainArgs) -> int:
                      "dir": s.run_dir, "config": {"args": s.args.to_dict(), "ds_config": s.ds_config},
                      "resume": "allow", "id": os.path.basename(s.run_dir).replace("/", "_")}
     logger = MetricsLogger(s.run_dir, rank == 0, state.step if resumed_from else None, wandb_cfg)
+    if resumed_from:
+        logger.log({"step": state.step, "event": "resume", "from": resumed_from, "load_s": t_load,
+                    "startup_s": time.time() - psutil.Process().create_time(), "discarded": discarded})
 
     client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model)}
     global_batch = s.micro * s.accum * world
-    last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
+    nonfinite = NonFiniteGuard(engine, precision, args.run.max_nonfinite_steps, rank, root)
+    bad_data = BadDataGuard(args.data.max_bad_fraction, s.plan.num_samples)
     bar = tqdm(total=last_step, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     saved_at = evaluated_at = -1
 
     def save() -> None:
         nonlocal saved_at
+        nonfinite.check_params(state.step)  # never commit broken weights
         checkpoint.save(engine, s.run_dir, state, client, args.run.keep_checkpoints)
         saved_at = state.step
 
@@ -282,7 +304,7 @@ def train(args: TrainArgs) -> int:
         evaluated_at = state.step
 
     sums: dict[str, float] = {}
-    t_step, t_data, bad_local = time.time(), 0.0, 0
+    t_step, t_data = time.time(), 0.0
     done = state.step >= last_step
     for epoch in range(state.epoch, args.optim.epochs):
         if done:
@@ -290,46 +312,45 @@ def train(args: TrainArgs) -> int:
         loader = make_train_loader(args.data, s.shards, s.plan, preprocess_train, tokenizer, s.micro, epoch,
                                    args.run.seed, rank, world, state.batches_in_epoch)
         with torch.random.fork_rng(devices=[]):  # starting the workers draws from the RNG: not from the run's
-            batches = iter(loader)
+            batches = _rank_local(iter(loader))
         t_fetch = time.time()
-        for images, texts, n_bad in batches:
+        for images, texts, bad in batches:
             t_data += time.time() - t_fetch
-            bad_local += n_bad
+            bad_data.add(bad)
             out = engine(images.to(device, non_blocking=True), texts.to(device, non_blocking=True))
-            engine.backward(out["loss"])
+            out["loss"] = nonfinite.loss(out["loss"], state.step + 1)
+            engine.backward(nonfinite.backward_loss(out["loss"]))
             boundary = engine.is_gradient_accumulation_boundary()
             lr = current_lr(engine)
-            engine.step()
+            _step(engine)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             state.batches_in_epoch += 1
             if boundary:
                 state.step += 1
                 step_time = time.time() - t_step
-                # one small collective per step: rank-mean losses and the bad-sample count
-                keys = sorted(sums)
-                red = torch.tensor([sums[k] / s.accum for k in keys] + [bad_local], dtype=torch.float64)
-                dist.all_reduce(red)
-                means = {k: red[i].item() / world for i, k in enumerate(keys)}
-                state.bad_samples += int(red[-1].item())
+                # one small collective per step: rank-mean losses and the bad-data counts
+                means, bad_counts = all_reduce_step(sums, s.accum, bad_data.take(), device)
+                sums = {}
                 state.samples_seen += global_batch
-                sums, bad_local = {}, 0
-                frac = state.bad_samples / max(1, state.samples_seen + state.bad_samples)
-                if frac > args.data.max_bad_fraction:
-                    raise TrainingError(f"{state.bad_samples} undecodable samples ({100 * frac:.1f}%) exceed "
-                                        f"--max-bad-fraction {args.data.max_bad_fraction}: check the shards")
-                if state.step % args.run.log_every_n_steps == 0 or state.step == 1 or state.step == last_step:
+                bad_data.account(state, bad_counts)
+                state.nonfinite_steps += nonfinite.account(state.step, means["loss"])
+                if state.step % args.run.log_every_n_steps == 0 or state.step in (1, last_step) \
+                        or nonfinite.in_a_row:
                     rec = {"step": state.step, "epoch": epoch, **means, "lr": lr,
-                           "grad_norm": engine.get_global_grad_norm(), "skipped_steps": engine.skipped_steps,
-                           "samples_per_s": global_batch / step_time, "step_time": step_time,
-                           "data_time": t_data, "peak_mem_gb": peak_memory_gb(),
-                           "samples_seen": state.samples_seen, "bad_samples": state.bad_samples}
+                           "grad_norm": nonfinite.grad_norm(), "skipped_steps": engine.skipped_steps,
+                           "nonfinite_steps": state.nonfinite_steps, "samples_per_s": global_batch / step_time,
+                           "step_time": step_time, "data_time": t_data, "peak_mem_gb": peak_memory_gb(),
+                           "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
+                           "bad_by_kind": dict(state.bad_by_kind)}
                     scale = loss_scale(engine)
                     if scale is not None:
                         rec["loss_scale"] = scale
                     rec = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in rec.items()}
                     logger.log(rec)
                     bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
+                bad_data.check(state)
+                nonfinite.check(state.step)
                 bar.update(1)
                 if args.run.save_every_n_steps and state.step % args.run.save_every_n_steps == 0:
                     save()
@@ -348,10 +369,11 @@ def train(args: TrainArgs) -> int:
         save()
     if evaluated_at != state.step:
         evaluate()
-    prints = param_fingerprints(engine)
+    prints = param_fingerprints(engine, device)
     logger.log({"step": state.step, "final": True, "param_fingerprint_by_rank": prints,
                 "params_finite": all(math.isfinite(v) for row in prints for v in row),
-                "samples_seen": state.samples_seen, "bad_samples": state.bad_samples})
+                "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
+                "bad_by_kind": dict(state.bad_by_kind), "nonfinite_steps": state.nonfinite_steps})
     if rank == 0:
         plot_loss_curve(logger.path, os.path.join(s.run_dir, "loss.png"))
     logger.close()
@@ -359,17 +381,35 @@ def train(args: TrainArgs) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of ``e``; for an error re-raised from a dataloader worker (whose message
+    is a traceback), the original exception's own message."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()
     try:
-        args = parse_args(argv)
-        return train(args)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
+        return train(parse_args(argv))
+    except (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError, DiscoveryError) as e:
+        report_failure(e)  # peers name this rank and its message rather than time out
         rank = int(os.environ.get("RANK", "0"))
-        if rank == 0:
-            print(f"dtp_ds.train: error: {e}", file=sys.stderr, flush=True)
+        if rank == 0 or getattr(e, "rank_local", False):
+            where = f"rank {rank}: " if rank != 0 else ""
+            # tqdm.write: on a line of its own even while the progress bar is drawn
+            tqdm.write(f"dtp_ds.train: error: {where}{_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if report_failure(e):  # a collective failed because a peer died: named (printed) instead of a traceback
+            return EXIT_PEER_LOST
+        raise
     finally:
+        stop_watchdog()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,16 +1,28 @@
 """Run logging on rank 0: ``metrics.jsonl`` (one JSON object per logged step and per
-evaluation), wandb when asked, and a loss-curve PNG at the end."""
+evaluation), ``config.json``, wandb when asked, and a loss-curve PNG at the end. Everything
+written goes through :mod:`dtp_ds.train.redact` first.
+
+``metrics.jsonl`` survives a ``kill -9``: a last line cut off mid-write is dropped when the
+file is read (and when a resumed run rewrites the file up to its checkpoint's step).
+"""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
+import subprocess
 import sys
 from typing import Any
 
+import deepspeed
 import torch
+import torch.distributed as dist
+
+from dtp_ds.train.redact import redact_obj
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 def peak_memory_gb() -> float:
@@ -22,10 +34,60 @@ def peak_memory_gb() -> float:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line cut off by a killed writer is skipped."""
     if not os.path.exists(path):
         return []
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: line %d is not complete JSON (a writer killed mid-line?); skipped", path, i + 1)
+    return out
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """``obj`` (secrets redacted) as indented JSON at ``path``, replaced atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(redact_obj(obj), f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def git_revision(root: str) -> str | None:
+    """HEAD of the git checkout at ``root`` (``-dirty`` with uncommitted changes), or None."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def loss_scale(engine) -> float | None:
+    """The dynamic loss scale under fp16 (None otherwise)."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", float("nan"))))
+
+
+@torch.no_grad()
+def param_fingerprints(engine, device: torch.device) -> list[list[float]]:
+    """(sum, sum of squares) of the full parameters, as every rank holds them: equal rows
+    mean the ranks agree. ZeRO-3 parameters are gathered first."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for p in engine.module.parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            x = p.detach().double()
+            total += torch.stack([x.sum(), (x * x).sum()]).to(device)
+    rows = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, total)
+    return [r.tolist() for r in rows]
 
 
 class MetricsLogger:
@@ -43,7 +105,11 @@ class MetricsLogger:
         if wandb_cfg is not None:
             import wandb
 
-            self.wandb = wandb.init(**wandb_cfg)
+            # no system metadata (it records the command line and environment details) and no
+            # code or git snapshot: nothing that could carry a secret into the run directory
+            settings = wandb.Settings(x_disable_meta=True, x_disable_machine_info=True, save_code=False,
+                                      disable_git=True, x_save_requirements=False)
+            self.wandb = wandb.init(**redact_obj(wandb_cfg), settings=settings)
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past the resumed checkpoint: those steps are trained again, and the
@@ -58,6 +124,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        record = redact_obj(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:

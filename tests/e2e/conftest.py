@@ -21,11 +21,6 @@ import pytest
 from tests.conftest import REPO
 
 SETUP = REPO / "tools" / "ci_setup_ssh"
-MAIN_SRC = (REPO / "dtp_ds" / "train" / "main.py").read_text()
-# hooks proposed for dtp_ds/train/main.py (see the README's "Multi-node launch"); the tests use
-# them where they are wired and say so where they are not
-WATCHDOG_WIRED = "start_watchdog" in MAIN_SRC
-DISCOVERY_WIRED = "discover(" in MAIN_SRC
 
 
 def pytest_configure(config):

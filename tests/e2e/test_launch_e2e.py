@@ -18,8 +18,6 @@ import pytest
 
 from tests.conftest import REPO, TINY_DS_CONFIG, metrics, train_data
 from tests.e2e.conftest import (
-    DISCOVERY_WIRED,
-    WATCHDOG_WIRED,
     Job,
     env_of,
     free_port,
@@ -103,8 +101,7 @@ def test_mpiexec_with_mpi_discovery(synth, tmp_path):
     if mpiexec is None:
         pytest.skip("no mpiexec (pip install mpich mpi4py)")
     logs = tmp_path / "logs"
-    entry = ["-m", "dtp_ds.train"] if DISCOVERY_WIRED else ["-m", "dtp_ds.launch.run", "dtp_ds.train"]
-    cmd = [mpiexec, "-n", "2", sys.executable, "-u", *entry,
+    cmd = [mpiexec, "-n", "2", sys.executable, "-u", "-m", "dtp_ds.train",
            *train_args(logs, "mpi", train_data(synth), "--max-steps", "3")]
     job = Job(cmd, tmp_path / "mpi.log", job_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
               marker=str(tmp_path))
@@ -114,14 +111,13 @@ def test_mpiexec_with_mpi_discovery(synth, tmp_path):
         job.stop()
     out = job.output()
     assert rc == 0, out[-5000:]
-    if not DISCOVERY_WIRED:
-        assert out.count("dtp_ds.launch.run: ranks from MPI (mpi4py)") == 2, out[-3000:]
+    assert out.count("ranks from MPI (mpi4py)") == 2, out[-3000:]
     assert_two_ranks_agree(logs / "mpi", 3)
 
 
 def test_killed_rank_stops_the_job(synth, tmp_path, loopback):
     """SIGKILL of rank 1 (on "node" 127.0.0.1) mid-run: the job over pdsh exits non-zero well
-    within the timeout, no rank left behind; with the watchdog wired, rank 0 names rank 1."""
+    within the timeout, no rank left behind; rank 0's watchdog names rank 1."""
     logs, timeout_min = tmp_path / "logs", 1.0
     data = f"'{synth}/train/{{00000..00011}}.tar'"  # quoted for pdsh's remote shell
     args = train_args(logs, "kill", data, "--max-steps", "400", "--epochs", "10", "--dist-timeout-minutes",
@@ -149,8 +145,7 @@ def test_killed_rank_stops_the_job(synth, tmp_path, loopback):
     assert not left, "rank 0 outlived the job"
     steps = [r["step"] for r in metrics(run) if "loss" in r]
     assert 2 <= max(steps) < 400 and not any(r.get("final") for r in metrics(run))
-    if WATCHDOG_WIRED:
-        assert re.search(rf"dtp_ds: error: rank 0: rank 1 \(\S+, pid {ranks['1']}\)", out), out[-4000:]
+    assert re.search(rf"dtp_ds: error: rank 0: rank 1 \(\S+, pid {ranks['1']}\)", out), out[-4000:]
 
 
 def _ssh_ok(port: int) -> bool:

@@ -1,0 +1,135 @@
+"""Point 3: numbers. Non-finite losses are injected for real (``DTP_DS_FAULT_NONFINITE``
+adds ``+inf`` to the loss before the backward pass); fp16 overflow is real (an initial loss
+scale far too high for the gradients)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtp_ds.train.checkpoint import _deepspeed_safe_globals
+from dtp_ds.train.schedule import warmup_cosine
+from tests.conftest import TINY_DS_CONFIG
+from tests.faults.conftest import base, error_lines, records, run, run_ok, steps
+
+pytestmark = pytest.mark.dist  # real runs under the deepspeed launcher
+
+CLIENT_KEYS = {"train_state", "global_steps", "global_samples", "skipped_steps", "iteration", "ds_version",
+               "ds_config", "model_name", "model_cfg"}
+
+
+def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor (and number) in a checkpoint structure, by path; objects by their __dict__."""
+    out: dict[str, object] = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if (prefix == "" and k in CLIENT_KEYS) or k == "overflow":  # the flag of the last step
+                continue
+            out.update(_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_tensors(v, f"{prefix}/{i}"))
+    elif hasattr(obj, "__dict__"):
+        out.update(_tensors(vars(obj), f"{prefix}/."))
+    elif isinstance(obj, (int, float)):
+        out[prefix] = obj
+    return out
+
+
+def engine_state(ckpt: Path) -> dict[str, object]:
+    """Weights, optimizer state (moments, masters, step counts), LR-schedule state and loss
+    scale of a checkpoint: everything a skipped step must leave as it was."""
+    out = {}
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        for f in sorted(ckpt.glob("*states.pt")):
+            out.update({f.name + k: v for k, v in _tensors(torch.load(f, weights_only=True)).items()})
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def _lrs_follow_the_schedule(rows: list[dict], base_lr: float, warmup: int, total: int) -> None:
+    """The LR of each step is the schedule's at (applied steps before it): skipped steps hold it."""
+    skipped_before = 0
+    for r in rows:
+        assert r["lr"] == pytest.approx(warmup_cosine(r["step"] - 1 - skipped_before, base_lr, warmup, total),
+                                        rel=1e-9), (r["step"], skipped_before)
+        skipped_before = r["skipped_steps"]
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(synth, tmp_path):
+    """2 ranks, bf16, ZeRO-2; +inf in rank 0's loss only, at steps 3 and 4."""
+    args = base(synth, tmp_path, "nf", "--precision", "bf16", "--zero-stage", "2", "--lr", "2e-3", "--max-steps", "6",
+                "--save-every-n-steps", "2")
+    run_ok(args, nproc=2, env={"DTP_DS_FAULT_NONFINITE": "3,4@0"})
+    run_dir = tmp_path / "nf"
+    rows = steps(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [math.isfinite(r["loss"]) for r in rows] == [True, True, False, False, True, True]
+    assert [r["nonfinite_steps"] for r in rows] == [0, 0, 1, 2, 2, 2]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 2]
+    _lrs_follow_the_schedule(rows, 2e-3, 2, json.loads((run_dir / "config.json").read_text())["total_steps"])
+    # nothing of steps 3-4 was applied: step 4's engine state is step 2's, on both ranks' partitions
+    ck = run_dir / "checkpoints"
+    s2, s4, s6 = (engine_state(ck / f"step_{n:08d}") for n in (2, 4, 6))
+    assert any("zero_pp_rank_1" in k for k in s2) and any("exp_avg" in k for k in s2)
+    assert same(s2, s4), [k for k in s2 if k in s4 and not (torch.equal(s2[k], s4[k]) if
+                                                               isinstance(s2[k], torch.Tensor) else s2[k] == s4[k])][:5]
+    assert not same(s4, s6)  # and training went on after them
+    final = records(run_dir)[-1]
+    a, b = final["param_fingerprint_by_rank"]
+    assert a == b and final["params_finite"] and final["nonfinite_steps"] == 2
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(synth, tmp_path):
+    """1 rank, fp32, ZeRO-0 (a plain torch optimizer, guarded by dtp_ds itself); +inf at 3-5."""
+    args = base(synth, tmp_path, "stop", "--precision", "fp32", "--zero-stage", "0", "--lr", "2e-3", "--max-steps",
+                "8", "--save-every-n-steps", "2", "--max-nonfinite-steps", "3")
+    proc = run(args, env={"DTP_DS_FAULT_NONFINITE": "3-5"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = error_lines(proc)
+    assert len(errors) == 1 and "3 non-finite steps in a row (steps 3-5" in errors[0], proc.stderr[-2000:]
+    assert "--max-nonfinite-steps 3" in errors[0] and "last good checkpoint is step_00000004" in errors[0]
+    assert "Traceback" not in proc.stderr
+    run_dir = tmp_path / "stop"
+    rows = steps(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["nonfinite_steps"] == 3
+    assert rows[-1]["skipped_steps"] == 3
+    ck = run_dir / "checkpoints"
+    assert (ck / "latest").read_text() == "step_00000004"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step_00000002", "step_00000004"]
+    # step 4 (saved during the run of non-finite steps) holds step 2's weights and optimizer state
+    assert same(engine_state(ck / "step_00000002"), engine_state(ck / "step_00000004"))
+
+
+def test_fp16_overflow_is_absorbed_by_the_dynamic_loss_scale(synth, tmp_path):
+    """1 rank, fp16, ZeRO-0, initial loss scale 2^19: the first steps overflow (more of them in a
+    row than --max-nonfinite-steps), the scale halves until the gradients fit, training goes on."""
+    cfg = json.loads(Path(TINY_DS_CONFIG).read_text())
+    cfg["bf16"] = {"enabled": False}
+    cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 19, "hysteresis": 1}
+    ds = tmp_path / "fp16.json"
+    ds.write_text(json.dumps(cfg))
+    args = base(synth, tmp_path, "fp16", "--zero-stage", "0", "--lr", "1e-3", "--max-steps", "6",
+                "--max-nonfinite-steps", "2")
+    args[args.index("--deepspeed_config") + 1] = str(ds)
+    run_ok(args, env={"DTP_DS_ALLOW_EMULATED_FP16": "1"})
+    rows = steps(tmp_path / "fp16")
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    skipped = [r["skipped_steps"] for r in rows]
+    assert skipped[2] == 3, skipped  # overflow, overflow, overflow: 3 in a row, beyond the limit of 2
+    assert skipped[-1] < len(rows)  # then the scale fits and steps are applied
+    flags = [b - a for a, b in zip([0, *skipped], skipped)]  # this step overflowed
+    scales = [2.0**19] + [r["loss_scale"] for r in rows]  # the scale after each step
+    assert all(b == (a / 2 if f else a) for a, b, f in zip(scales, scales[1:], flags)), (scales, flags)
+    assert all(r["nonfinite_steps"] == 0 for r in rows)  # loss-scale overflows are not non-finite steps
+    _lrs_follow_the_schedule(rows, 1e-3, 2, json.loads((tmp_path / "fp16" / "config.json").read_text())["total_steps"])
+    assert records(tmp_path / "fp16")[-1]["params_finite"]
