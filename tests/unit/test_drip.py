@@ -453,6 +453,7 @@ def test_bench_tool_runs() -> None:
     rows = json.loads(proc.stdout)["rows"]
     assert [r["model"] for r in rows] == ["ViT-Tiny-8", "DRIP-ViT-Tiny-8-4x"]
     assert rows[1]["gflops_ratio"] < 1 and rows[1]["act_mb_image_ratio"] < 1 and rows[1]["step_s"] > 0
+    assert rows[1]["gflops_run"] >= rows[1]["gflops"] * 0.5 and rows[0]["gflops_run"] == rows[0]["gflops"]
 
 
 def test_conv_stem_gives_the_patch_grid_and_refuses_odd_patches():
