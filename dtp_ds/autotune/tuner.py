@@ -260,6 +260,7 @@ def build_ds_config(c: Candidate, meta: dict[str, Any] | None = None) -> dict[st
     opt = copy.deepcopy(DEFAULT_OPTIMIZER)
     if s.offload != "none":  # ZeRO-Offload wants DeepSpeedCPUAdam (torch's AdamW on the CPU is refused)
         opt["params"]["torch_adam"] = False
+        del opt["params"]["fused"]  # a torch.optim flag
     cfg["optimizer"] = opt
     if meta:
         cfg["_tuned_by"] = meta
