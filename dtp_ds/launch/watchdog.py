@@ -152,7 +152,11 @@ class PeerWatchdog:
         """The ranks silent for ``limit_s`` (default: the timeout), or None."""
         limit = self.timeout_s if limit_s is None else limit_s
         silent = time.monotonic() - self._last_ok
-        if self.rank != 0 and silent >= limit:
+        lost = [(r, age) for r, age in self.stalled() if age >= limit]
+        # Rank 0's counter can stop up to one beat before its store stops answering: when rank 0
+        # is the lost one and the store is silent too, the store is what hangs.
+        store_down = silent >= limit or (silent >= min(limit, 2 * self.interval_s) and any(r == 0 for r, _ in lost))
+        if self.rank != 0 and store_down:
             addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             why = self._last_error or "no answer"
             return (f"rank 0 stopped: the rendezvous store it hosts ({addr}) has not answered for {silent:.0f} s "
@@ -162,7 +166,6 @@ class PeerWatchdog:
             failed = [(r, why) for r, (why, t) in self._failed.items() if now - t >= min(limit, 2 * self.interval_s)]
         if failed:
             return ", ".join(f"{self.describe(r)} failed: {why}" for r, why in failed)
-        lost = [(r, age) for r, age in self.stalled() if age >= limit]
         if lost:
             return ", ".join(f"{self.describe(r)} silent for {age:.0f} s" for r, age in lost) + ": it died or hangs"
         return None

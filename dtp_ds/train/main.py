@@ -216,7 +216,7 @@ def _step(engine) -> None:
 def train(args: TrainArgs) -> int:
     deepspeed.utils.logger.setLevel(logging.WARNING)
     source = discover()  # RANK, WORLD_SIZE, ... from the launcher, MPI or Slurm
-    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(minutes=args.run.dist_timeout_minutes))
+    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timedelta(minutes=args.run.dist_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     log.info("rank %d of %d: process group up (%s; ranks from %s)", rank, world, dist.get_backend(), source)
     start_watchdog(args.run.peer_timeout_seconds)
