@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dtp_ds.launch.discovery import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_DS_CONFIG = str(REPO / "ds_configs" / "tiny.json")
 
@@ -28,8 +30,9 @@ def train_data(synth: Path) -> str:
 
 
 def deepspeed_cmd(nproc: int) -> list[str]:
+    # a fresh port per run: a killed job leaves its port behind for a while
     return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc),
-            "--master_port", str(29500 + os.getpid() % 1000), "--module", "dtp_ds.train"]
+            "--master_port", str(free_port()), "--module", "dtp_ds.train"]
 
 
 def run_train(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None,

@@ -17,6 +17,7 @@ Bytes are computed exactly; GiB (2^30) only when printed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
@@ -301,7 +302,6 @@ class Estimate:
     components: dict[str, float]  # the larger phase's parts
     phase: str  # "forward/backward" or "optimizer step"
     peak: float  # what torch.cuda.max_memory_reserved() + the context should read
-    other_phase_peak: float
     cpu_per_process: float = 0.0  # host RAM for offloaded states, per GPU process
 
     @property
@@ -408,28 +408,52 @@ def estimate(shape: ModelShape, setup: TrainSetup, micro: int, fragmentation: fl
         return fragmentation * sum(parts.values())
 
     if peak_fb >= peak_st:
-        comps, phase, peak, other = {**ctx, **fb, "fragmentation": frag_of(fb)}, "forward/backward", peak_fb, peak_st
+        comps, phase, peak = {**ctx, **fb, "fragmentation": frag_of(fb)}, "forward/backward", peak_fb
     else:
-        comps, phase, peak, other = {**ctx, **st, "fragmentation": frag_of(st)}, "optimizer step", peak_st, peak_fb
-    return Estimate(micro, comps, phase, peak, other, host + (PROCESS_HOST_BYTES if host else 0.0))
+        comps, phase, peak = {**ctx, **st, "fragmentation": frag_of(st)}, "optimizer step", peak_st
+    return Estimate(micro, comps, phase, peak, host + (PROCESS_HOST_BYTES if host else 0.0))
+
+
+def search_max(fits: Callable[[int], bool], start: int, cap: int = 1 << 16, rel_tol: float = 0.0) -> int:
+    """Largest ``m`` in ``[1, cap]`` with ``fits(m)`` for a monotone ``fits`` (0 if even 1
+    fails). Starts at ``start`` (the prediction), doubles or halves until the boundary is
+    bracketed, then bisects until ``hi - lo <= max(1, rel_tol * lo)``."""
+    start = max(1, min(start, cap))
+    lo, hi = 0, cap + 1  # invariant: lo fits (0: nothing known to fit), hi fails (cap + 1: unknown)
+    if fits(start):
+        lo = start
+        while lo < cap:
+            nxt = min(cap, lo * 2)
+            if fits(nxt):
+                lo = nxt
+            else:
+                hi = nxt
+                break
+        else:
+            return lo
+    else:
+        hi = start
+        while hi > 1:
+            nxt = hi // 2
+            if fits(nxt):
+                lo = nxt
+                break
+            hi = nxt
+        if lo == 0:
+            return 0
+    while hi - lo > max(1, int(rel_tol * lo)):
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def max_micro_batch(shape: ModelShape, setup: TrainSetup, budget_bytes: float, upper: int = 1 << 16,
                     **kw: Any) -> int:
     """Largest micro-batch whose predicted peak fits ``budget_bytes`` (0 if none does)."""
-    if estimate(shape, setup, 1, **kw).peak > budget_bytes:
-        return 0
-    lo, hi = 1, 2
-    while hi <= upper and estimate(shape, setup, hi, **kw).peak <= budget_bytes:
-        lo, hi = hi, hi * 2
-    hi = min(hi, upper + 1)
-    while hi - lo > 1:  # invariant: lo fits, hi does not (or is past the cap)
-        mid = (lo + hi) // 2
-        if estimate(shape, setup, mid, **kw).peak <= budget_bytes:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return search_max(lambda m: estimate(shape, setup, m, **kw).peak <= budget_bytes, 1, upper)
 
 
 # --- model shapes -----------------------------------------------------------------------------
@@ -460,6 +484,7 @@ def model_shape(name: str, image_size: int | None = None, context_length: int | 
     """The shape of a registered model (open_clip or dtp_ds), optionally at another image size,
     context length, or DRIP boundary rate (e.g. what a checkpoint learned)."""
     from dtp_ds.models import get_model_config
+    from dtp_ds.models.registry import DRIP_DEFAULTS
 
     cfg = get_model_config(name)
     if cfg is None:
@@ -478,12 +503,12 @@ def model_shape(name: str, image_size: int | None = None, context_length: int | 
     text = TowerShape(tw, tc.get("heads", 8), int(tw * tc.get("mlp_ratio", 4.0)), tc.get("layers", 12), ctx)
     drip = None
     if "drip_cfg" in vc:
-        d = vc["drip_cfg"]
+        d = {**DRIP_DEFAULTS, **vc["drip_cfg"]}
         rate = boundary_rate if boundary_rate is not None else 1.0 / d["compression"]
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"boundary rate must be in (0, 1], got {rate}")
-        drip = DripShape(d["pre"], d["shorten"], d.get("post", 0), d.get("upsample", False), d["compression"],
-                         d.get("predictor_hidden") or vw, rate, d.get("stem", "patch"))
+        drip = DripShape(d["pre"], d["shorten"], d["post"], d["upsample"], d["compression"],
+                         d["predictor_hidden"] or vw, rate, d["stem"])
     elif boundary_rate is not None:
         raise ValueError(f"{name} is not a DRIP model: --boundary-rate does not apply")
     params, matmul, largest_layer, largest_param = _param_counts(name)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from dtp_ds.autotune.memory import search_max
+from dtp_ds.launch.discovery import free_port
 
 GiB = 2**30
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
@@ -52,51 +53,9 @@ class SearchResult:
         return {"max_micro_batch": self.max_micro, "probes": [asdict(p) for p in self.probes]}
 
 
-def search_max(fits: Callable[[int], bool], start: int, cap: int = 1 << 16, rel_tol: float = 0.0) -> int:
-    """Largest ``m`` in ``[1, cap]`` with ``fits(m)`` for a monotone ``fits`` (0 if even 1
-    fails). Starts at ``start`` (the prediction), doubles or halves until the boundary is
-    bracketed, then bisects until ``hi - lo <= max(1, rel_tol * lo)``."""
-    start = max(1, min(start, cap))
-    lo, hi = 0, cap + 1  # invariant: lo fits (0: nothing known to fit), hi fails (cap + 1: unknown)
-    if fits(start):
-        lo = start
-        while lo < cap:
-            nxt = min(cap, lo * 2)
-            if fits(nxt):
-                lo = nxt
-            else:
-                hi = nxt
-                break
-        else:
-            return lo
-    else:
-        hi = start
-        while hi > 1:
-            nxt = hi // 2
-            if fits(nxt):
-                lo = nxt
-                break
-            hi = nxt
-        if lo == 0:
-            return 0
-    while hi - lo > max(1, int(rel_tol * lo)):
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _probe_env() -> dict[str, str]:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
             "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
             # few malloc arenas: each reserves 64 MB of address space, which RLIMIT_AS counts
             "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -180,13 +139,6 @@ class ProbeSession:
                 res = _parse_result(lines[-1:])
         res.seconds = round(time.time() - t0, 2)
         return res
-
-
-def probe_once(model: str, ds_config: dict[str, Any], micro: int, budget_gib: float, image_size: int | None = None,
-               steps: int = 2, device: str = "auto") -> ProbeResult:
-    """One probe in a fresh process: build model + engine, run ``steps`` training steps."""
-    with ProbeSession(device) as session:
-        return session.probe(_spec(model, ds_config, micro, budget_gib, image_size, steps))
 
 
 def _spec(model: str, ds_config: dict[str, Any], micro: int, budget_gib: float, image_size: int | None,
@@ -352,7 +304,7 @@ def _serve() -> int:
         pid = os.fork()
         if pid == 0:  # child: its own rendezvous port, its own rlimit, its own engine
             os.close(rfd)
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
             try:
                 data = json.dumps(asdict(_worker(spec)))
             except BaseException as e:  # noqa: BLE001

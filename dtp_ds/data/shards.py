@@ -97,9 +97,10 @@ def split_shards(train_data: str) -> tuple[list[str], list[str]]:
     return [u for u in urls if u not in gone], missing
 
 
-def resolve_shards(train_data: str) -> list[str]:
-    """Expand brace ranges and ``::`` sources; local shards that do not exist are dropped
-    (with a warning naming them); no existing shard at all is an error."""
+def resolve_shards(train_data: str) -> tuple[list[str], list[str]]:
+    """Expand brace ranges and ``::`` sources: (shards to read, local shards that do not
+    exist). The missing ones are dropped with a warning naming them; no existing shard at
+    all is an error."""
     present, missing = split_shards(train_data)
     if not present:
         urls = missing
@@ -112,7 +113,7 @@ def resolve_shards(train_data: str) -> list[str]:
         named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         log.warning("%d of %d shards do not exist and are skipped: %s", len(missing), len(present) + len(missing),
                     named)
-    return present
+    return present, missing
 
 
 def shard_samples(shard: str) -> int | None:

@@ -28,7 +28,6 @@ from typing import Any
 
 from dtp_ds.launch import probe
 from dtp_ds.launch.hostfile import HostfileError, read_hostfile
-from dtp_ds.launch.hostnames import HostnameError
 
 REPO = probe.REPO
 PROBE = os.path.join("dtp_ds", "launch", "probe.py")
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         entries = read_hostfile(args.hostfile)
-    except (HostfileError, HostnameError, OSError) as e:
+    except (HostfileError, OSError) as e:  # a bad hostname is a HostfileError here
         print(f"dtp_ds.launch.check: error: {e}", file=sys.stderr)
         return 2
     if any(not o or o.startswith("-") or "=" not in o for o in args.ssh_option):

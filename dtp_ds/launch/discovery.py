@@ -34,11 +34,11 @@ class DiscoveryError(RuntimeError):
     """The environment names no rank, or names it incompletely; the message says what to set."""
 
 
-def _free_port() -> str:
+def free_port() -> int:
     """A port nothing listens on now (a lone process must not collide with other jobs on 29500)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+        return s.getsockname()[1]
 
 
 def _mpi_env(env: MutableMapping[str, str]) -> tuple[str, str, str] | None:
@@ -112,7 +112,7 @@ def discover(env: MutableMapping[str, str] | None = None) -> str:
     elif "RANK" not in env and "WORLD_SIZE" not in env:
         values, source = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                           "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-                          "MASTER_PORT": env.get("MASTER_PORT") or _free_port()}, "single process"
+                          "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}, "single process"
     else:
         missing = [k for k in REQUIRED if k not in env]
         raise DiscoveryError(f"incomplete launch environment: {', '.join(missing)} unset and no MPI or Slurm "

@@ -50,10 +50,12 @@ def source_hash(repo: str = REPO) -> str:
     return h.hexdigest()[:16]
 
 
-def git_revision(repo: str = REPO) -> str | None:
-    """``HEAD`` (``-dirty`` with uncommitted changes to tracked files), None outside git."""
+def git_revision(repo: str = REPO, short: bool = True) -> str | None:
+    """``HEAD`` (12 hex digits, or all with ``short=False``; ``-dirty`` with uncommitted changes
+    to tracked files), None outside git."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True,
+        length = ["--short=12"] if short else []
+        rev = subprocess.run(["git", "rev-parse", *length, "HEAD"], cwd=repo, capture_output=True, text=True,
                              check=True, timeout=30).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, check=True, timeout=30).stdout.strip()

@@ -248,11 +248,6 @@ def report_failure(exc: BaseException) -> str | None:
     return None
 
 
-def explain_failure(wait_s: float | None = None) -> str | None:
-    """Name the ranks that stopped, if any (see ``PeerWatchdog.explain``)."""
-    return _ACTIVE.explain(wait_s) if _ACTIVE is not None else None
-
-
 def stop_watchdog() -> None:
     """Stop the watchdog started by ``start_watchdog`` (a clean stop unless ``report_failure``
     already published an error)."""

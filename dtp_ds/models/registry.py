@@ -49,8 +49,9 @@ _REGISTERED: dict[str, dict[str, Any]] = {}
 _TIMM_KWARGS: dict[str, dict[str, Any]] = {}
 
 DRIP_KEYS = {"pre", "shorten", "post", "upsample", "compression", "predictor_hidden", "temperature", "pool", "stem"}
-_DRIP_DEFAULTS = {"post": 0, "upsample": False, "predictor_hidden": None, "temperature": 0.5, "pool": "mean_with_cls",
-                  "stem": "patch"}
+# drip_cfg keys a model JSON may leave out, and their values
+DRIP_DEFAULTS = {"post": 0, "upsample": False, "predictor_hidden": None, "temperature": 0.5, "pool": "mean_with_cls",
+                 "stem": "patch"}
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def _trunk_kwargs(name: str, vision: dict[str, Any], drip: dict[str, Any]) -> di
     unknown = set(drip) - DRIP_KEYS
     if unknown:
         raise ValueError(f"{name}: unknown drip_cfg keys {sorted(unknown)}; known: {sorted(DRIP_KEYS)}")
-    d = {**_DRIP_DEFAULTS, **drip}
+    d = {**DRIP_DEFAULTS, **drip}
     for key in ("pre", "shorten", "compression"):
         if key not in d:
             raise ValueError(f"{name}: drip_cfg needs '{key}'")

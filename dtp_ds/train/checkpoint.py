@@ -109,7 +109,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """``text`` at ``path``, all or nothing: a temporary file, fsynced, renamed over it."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "w") as f:
@@ -141,13 +142,22 @@ def latest_tag(root: str) -> str | None:
         return f.read().strip() or None
 
 
-def _all_errors(error: str | None) -> list[str]:
-    """Every rank's error (None for none), gathered on every rank (collective)."""
+def gather_errors(error: str | None) -> dict[int, str]:
+    """Every rank's error by rank (``error`` None: none on this rank), on every rank
+    (collective), so that all ranks take the same branch."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [error] if error else []
+        return {0: error} if error else {}
     gathered: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, error)
-    return [f"rank {r}: {e}" for r, e in enumerate(gathered) if e]
+    return {r: e for r, e in enumerate(gathered) if e}
+
+
+def _all_errors(error: str | None) -> list[str]:
+    """Every rank's error, named by rank when there are several ranks (collective)."""
+    errors = gather_errors(error)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(errors.values())
+    return [f"rank {r}: {e}" for r, e in errors.items()]
 
 
 def _describe(e: BaseException) -> str:
@@ -170,7 +180,7 @@ def _commit(root: str, work: str, tag: str, keep: int) -> None:
         os.rename(final, aside)
     os.rename(os.path.join(root, work), final)
     _fsync_dir(root)
-    _write_atomic(os.path.join(root, "latest"), tag)
+    write_atomic(os.path.join(root, "latest"), tag)
     shutil.rmtree(aside, ignore_errors=True)
     for _, old in list_checkpoints(root)[:-keep]:
         if old != tag:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from dtp_ds.data.shards import BAD_KINDS, SAMPLE_KINDS, BadCounts
 from dtp_ds.train import faults
+from dtp_ds.train.checkpoint import latest_tag
 
 log = logging.getLogger("dtp_ds.train")
 MIN_SAMPLES_FOR_FRACTION = 1000
@@ -130,8 +131,6 @@ class NonFiniteGuard:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            from dtp_ds.train.checkpoint import latest_tag
-
             raise TrainingError(f"step {step}: the parameters are no longer finite, so no checkpoint is written; the "
                                 f"last good one is {latest_tag(self.ckpt_root) or 'none yet'} in {self.ckpt_root}. "
                                 f"Lower --lr or set --grad-clip-norm, then --resume latest")
@@ -157,8 +156,6 @@ class NonFiniteGuard:
     def check(self, step: int) -> None:
         """Raise :class:`TrainingError` at ``max_in_a_row`` non-finite steps in a row."""
         if self.in_a_row >= self.max_in_a_row:
-            from dtp_ds.train.checkpoint import latest_tag
-
             latest = latest_tag(self.ckpt_root)
             raise TrainingError(
                 f"{self.in_a_row} non-finite steps in a row (steps {self.first_of_run}-{step}: inf/NaN loss or "

@@ -34,9 +34,10 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 import dtp_ds
-from dtp_ds.data.shards import DataError, count_samples, make_train_loader, plan_epoch, resolve_shards, split_shards
+from dtp_ds.data.shards import DataError, count_samples, make_train_loader, plan_epoch, resolve_shards
 from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, imagenet_split, zero_shot_eval
 from dtp_ds.launch.discovery import DiscoveryError, discover
+from dtp_ds.launch.probe import git_revision
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
 from dtp_ds.models import get_model_config
 from dtp_ds.train import checkpoint
@@ -53,7 +54,6 @@ from dtp_ds.train.ds_config import (
 from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError, all_reduce_step
 from dtp_ds.train.metrics import (
     MetricsLogger,
-    git_revision,
     loss_scale,
     param_fingerprints,
     peak_memory_gb,
@@ -149,8 +149,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         args.run.deepspeed_config = default_ds_config(args.model.model)
     raw = load_ds_config(args.run.deepspeed_config)
     micro, accum = resolve_batch(raw, args, world)
-    shards = resolve_shards(args.data.train_data)
-    missing = split_shards(args.data.train_data)[1]
+    shards, missing = resolve_shards(args.data.train_data)
     num_samples = args.data.train_num_samples or count_samples(shards)
     if not num_samples:
         raise ConfigError("the shards carry no *_stats.json sample counts: give --train-num-samples")
@@ -169,7 +168,6 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
 
 def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
     """RUN/config.json: everything that describes the run (secrets redacted)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(dtp_ds.__file__)))
     write_json_atomic(os.path.join(s.run_dir, "config.json"), {
         "args": s.args.to_dict(),
         "ds_config_file": s.args.run.deepspeed_config,
@@ -181,7 +179,7 @@ def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
         "total_steps": s.total_steps,
         "shards": len(s.shards),
         "missing_shards": s.missing_shards,
-        "git_revision": git_revision(root),
+        "git_revision": git_revision(short=False),
         "versions": {"dtp_ds": dtp_ds.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                      "open_clip": open_clip.__version__},
         "resumed_from": resumed_from,

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import resource
-import subprocess
 import sys
 from typing import Any
 
@@ -19,6 +18,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from dtp_ds.train.checkpoint import write_atomic
 from dtp_ds.train.redact import redact_obj
 
 METRICS_FILE = "metrics.jsonl"
@@ -51,21 +51,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """``obj`` (secrets redacted) as indented JSON at ``path``, replaced atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(redact_obj(obj), f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def git_revision(root: str) -> str | None:
-    """HEAD of the git checkout at ``root`` (``-dirty`` with uncommitted changes), or None."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    write_atomic(path, json.dumps(redact_obj(obj), indent=2, default=str))
 
 
 def loss_scale(engine) -> float | None:

@@ -11,10 +11,8 @@ import shutil
 import tempfile
 from typing import Any
 
-import torch.distributed as dist
-
 from dtp_ds.train.args import ConfigError
-from dtp_ds.train.checkpoint import checkpoint_root, list_checkpoints
+from dtp_ds.train.checkpoint import checkpoint_root, gather_errors, list_checkpoints
 
 # Room for config.json, metrics.jsonl, loss.png, wandb's offline files.
 LOGS_MARGIN = 16 << 20
@@ -93,11 +91,6 @@ def check_storage(run_dir: str, ds_config: dict[str, Any], n_params: int, precis
     need = bytes_needed(ckpt, saves, len(list_checkpoints(checkpoint_root(run_dir))), keep)
     what = (f"{saves} checkpoint(s) to write, keeping {keep}, each about {ckpt / 1e6:,.0f} MB: "
             f"{n_params / 1e6:,.1f}M parameters, {precision}, ZeRO stage {stage}")
-    error = check_output_dir(run_dir, need, what)
-    errors = [error] if error else []
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, error)
-        errors = [e for e in gathered if e]
+    errors = gather_errors(check_output_dir(run_dir, need, what))
     if errors:
-        raise ConfigError(errors[0])
+        raise ConfigError(next(iter(errors.values())))

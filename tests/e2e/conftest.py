@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,12 +34,6 @@ def loopback() -> None:
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         pytest.skip(f"e2e prerequisites unavailable: {lines[-1] if lines else 'tools/ci_setup_ssh exit 3'}")
     assert p.returncode == 0, f"tools/ci_setup_ssh failed (exit {p.returncode}):\n{p.stdout}\n{p.stderr}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_env(**extra: str) -> dict[str, str]:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from dtp_ds.launch.discovery import free_port
 from tests.conftest import REPO, TINY_DS_CONFIG, metrics, train_data
 from tests.e2e.conftest import (
     Job,
     env_of,
-    free_port,
     is_rank_process,
     job_env,
     pids_with,

@@ -1,46 +1,29 @@
-"""Real runs under the deepspeed launcher for the fault tests: a distinct master port per
-run (a run killed with -9 leaves its port behind for a while), runs in the background for
-the kill tests, and small helpers to read what a run left."""
+"""Real runs under the deepspeed launcher for the fault tests (wandb off, one rank unless
+asked), runs in the background for the kill tests, and small helpers to read what a run left."""
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, deepspeed_cmd, run_train
 from tests.conftest import base_args as base  # noqa: F401  (the fault tests' run arguments)
 
 FAST_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_cmd(args: list[str], nproc: int = 1) -> list[str]:
-    return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_port",
-            str(free_port()), "--module", "dtp_ds.train", *args]
-
-
 def run(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """A run to its end (any exit status)."""
-    return subprocess.run(launch_cmd(args, nproc), cwd=REPO, env={**os.environ, **FAST_ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return run_train(args, nproc, timeout, {**FAST_ENV, **(env or {})}, check=False)
 
 
 def run_ok(args: list[str], nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = run(args, nproc, env)
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return run_train(args, nproc, env={**FAST_ENV, **(env or {})})
 
 
 class Background:
@@ -49,7 +32,7 @@ class Background:
     def __init__(self, args: list[str], log: Path, nproc: int = 1, env: dict | None = None):
         self.log = log
         self.out = open(log, "w")
-        self.proc = subprocess.Popen(launch_cmd(args, nproc), cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(deepspeed_cmd(nproc) + args, cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT,
                                      env={**os.environ, **FAST_ENV, **(env or {})}, start_new_session=True)
 
     def wait_for(self, predicate, timeout: float = 240, what: str = "") -> None:

@@ -15,6 +15,7 @@ from dtp_ds.launch import check, discovery, envfile
 from dtp_ds.launch.hostfile import HostfileError, check_partition, format_hostfile, parse_hostfile, read_hostfile
 from dtp_ds.launch.hostnames import HostnameError, validate_hostname
 from dtp_ds.launch.nodelist import NodeListError, expand_nodelist, parse_pbs_nodefile, slurm_gpus_per_node
+from dtp_ds.launch.probe import MODULES
 from tests.conftest import REPO
 
 MAKE_HOSTFILE = str(REPO / "tools" / "make_hostfile")
@@ -253,16 +254,10 @@ def test_discovery_sources(monkeypatch):
 
 
 def _probe(git="abc", source="s1", torch="2.1", gpus=0, names=(), bad_import=None):
-    imports = {m: {"ok": True, "version": torch if m == "torch" else "1.0"} for m in probe_modules()}
+    imports = {m: {"ok": True, "version": torch if m == "torch" else "1.0"} for m in MODULES}
     if bad_import:
         imports[bad_import] = {"ok": False, "error": "ModuleNotFoundError: No module named 'x'"}
     return {"revision": {"git": git, "source": source}, "imports": imports, "gpus": gpus, "gpu_names": list(names)}
-
-
-def probe_modules():
-    from dtp_ds.launch.probe import MODULES
-
-    return MODULES
 
 
 def test_preflight_verdicts():

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from dtp_ds.launch.watchdog import EXIT_PEER_LOST
+from dtp_ds.launch.discovery import free_port
+from dtp_ds.launch.watchdog import EXIT_PEER_LOST, PeerWatchdog
 from tests.conftest import REPO
 
 TIMEOUT_S = 3.0
@@ -39,18 +39,12 @@ except Exception as e:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("victim,sig", [(1, signal.SIGSTOP), (0, signal.SIGSTOP), (1, signal.SIGKILL)],
                          ids=["rank1-hangs", "rank0-store-host-hangs", "rank1-dies"])
 def test_survivor_names_the_lost_rank_and_stops(tmp_path, victim, sig):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": "0"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
@@ -105,38 +99,41 @@ class FakeStore:
         self.data[key] = value.encode()
 
 
-def test_watchdog_logic_with_a_fake_store():
-    """Three ranks on one store: rank 2 stops cleanly (not reported), rank 1 goes silent (named)."""
-    from dtp_ds.launch.watchdog import PeerWatchdog
-
+def _dogs(world: int, timeout_s: float) -> tuple[list[PeerWatchdog], list[str]]:
+    """``world`` started watchdogs on one fake store, beating every 0.1 s, and the list their
+    verdicts land in."""
     store, lost = FakeStore(), []
-    dogs = [PeerWatchdog(store, r, 3, timeout_s=1.0, interval_s=0.1, on_lost=lost.append) for r in range(3)]
+    dogs = [PeerWatchdog(store, r, world, timeout_s=timeout_s, interval_s=0.1, on_lost=lost.append)
+            for r in range(world)]
     for d in dogs:
         d.start()
+    return dogs, lost
+
+
+def _wait_for_verdict(lost: list[str], seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_watchdog_logic_with_a_fake_store():
+    """Three ranks on one store: rank 2 stops cleanly (not reported), rank 1 goes silent (named)."""
+    dogs, lost = _dogs(3, timeout_s=1.0)
     time.sleep(0.5)
     dogs[2].stop()
     time.sleep(0.3)
     assert not lost and all(d.verdict() is None for d in dogs)
     dogs[1]._stop.set()  # silent without saying goodbye: as if killed
-    deadline = time.monotonic() + 5
-    while not lost and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for_verdict(lost)
     dogs[0].stop()
     assert len(lost) == 1 and lost[0].startswith("rank 1 (") and f"pid {os.getpid()}" in lost[0], lost
     assert "rank 2" not in lost[0]
 
 
 def test_watchdog_names_a_peer_that_failed_with_its_error():
-    from dtp_ds.launch.watchdog import PeerWatchdog
-
-    store, lost = FakeStore(), []
-    dogs = [PeerWatchdog(store, r, 2, timeout_s=30.0, interval_s=0.1, on_lost=lost.append) for r in range(2)]
-    for d in dogs:
-        d.start()
+    dogs, lost = _dogs(2, timeout_s=30.0)
     time.sleep(0.3)
     dogs[1].stop(failed="DataError: shard 00003.tar is truncated")
-    deadline = time.monotonic() + 5
-    while not lost and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for_verdict(lost)
     dogs[0].stop()
     assert len(lost) == 1 and lost[0].startswith("rank 1 (") and "failed: DataError: shard 00003.tar" in lost[0]

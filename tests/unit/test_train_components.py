@@ -95,13 +95,14 @@ def test_epoch_plan_is_whole_steps_shared_by_workers(n, micro, world, workers, a
 def test_missing_shards(synth):
     with pytest.raises(DataError, match="no shard matches"):
         resolve_shards(str(synth / "train" / "{90000..90003}.tar"))
-    some = resolve_shards(str(synth / "train" / "{00010..00013}.tar"))  # 00012, 00013 do not exist
+    some, missing = resolve_shards(str(synth / "train" / "{00010..00013}.tar"))  # 00012, 00013 do not exist
     assert [p.rsplit("/", 1)[-1] for p in some] == ["00010.tar", "00011.tar"]
+    assert [p.rsplit("/", 1)[-1] for p in missing] == ["00012.tar", "00013.tar"]
 
 
 def _loader_texts(synth, batches_done: int, workers: int = 2):
     cfg = DataConfig(train_data=train_data(synth), workers=workers)
-    shards = resolve_shards(cfg.train_data)
+    shards, _ = resolve_shards(cfg.train_data)
     plan = plan_epoch(2400, 16, 1, workers, 1)
     tok = open_clip.get_tokenizer("ViT-Tiny-8")
     _, _, preprocess = open_clip.create_model_and_transforms("ViT-Tiny-8")

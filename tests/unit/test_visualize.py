@@ -3,7 +3,6 @@ world size 1, one training step) of every ZeRO stage, real image files, real PNG
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from dtp_ds.eval.boundaries import (
     val_transform,
     visualize,
 )
+from dtp_ds.launch.discovery import free_port
 from dtp_ds.models import CONFIG_DIR, drip_aux, drip_trunks, register_config, registry
 from dtp_ds.models.registry import load_config
 from dtp_ds.train.export import load_model_from_checkpoint, resolve_checkpoint_dir
@@ -92,16 +92,10 @@ for spec in sys.argv[2:]:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpts")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     specs = [f"{run}:{model}:{stage}:{precision}" for run, model, stage, precision in RUNS + CUSTOM]
     proc = subprocess.run([sys.executable, "-c", MAKE_CHECKPOINTS, str(out), *specs], cwd=REPO, env=env,

@@ -1,11 +1,11 @@
-"""``dtp_ds.train`` as a script file, with rank discovery first (``dtp_ds.launch.discovery``).
+"""``dtp_ds.train`` as a script file, for launchers that run a file rather than a module
+(``deepspeed --launcher slurm`` drops ``--module``):
 
-For launchers that run a file rather than a module (``deepspeed --launcher slurm`` drops
-``--module``) and for plain ``srun`` / ``mpirun``, which set SLURM_PROCID or the MPI rank
-variables instead of RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT:
+    deepspeed --hostfile H --launcher slurm tools/slurm/train_entry.py --deepspeed_config ... --model ...
 
-    srun python tools/slurm/train_entry.py --deepspeed_config ... --model ...
-    mpirun -np 8 -hostfile H -x MASTER_ADDR -x MASTER_PORT python tools/slurm/train_entry.py ...
+``dtp_ds.train`` takes its ranks from the launcher, MPI or Slurm itself
+(``dtp_ds.launch.discovery``), so plain ``srun`` / ``mpirun`` can run this file or
+``python -m dtp_ds.train`` alike.
 """
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 # the repository root, not this folder, leads the import path
 sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-from dtp_ds.launch.run import main  # noqa: E402
+from dtp_ds.train.main import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["dtp_ds.train", *sys.argv[1:]]))
+    sys.exit(main())
