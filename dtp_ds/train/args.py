@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset-resampled", action="store_true", help="sample shards with replacement")
     a("--workers", type=int, default=2, help="dataloader workers per rank")
     a("--max-bad-fraction", type=float, default=0.05,
-      help="stop when more than this fraction of samples cannot be decoded")
+      help="stop when more than this fraction of the data cannot be used "
+      "(undecodable or incomplete samples, samples lost with broken shards)")
     # optimisation
     a("--epochs", type=int, default=1)
     a("--max-steps", type=int, default=None,
