@@ -271,8 +271,10 @@ def launch_line(model: str, job: Job, out: str, c: Candidate, workers: int) -> s
     extra = " --local-loss --gather-with-grad" if c.setup.local_loss else ""
     head = (f"deepspeed --num_gpus {job.gpus_per_node}" if job.nodes == 1 else
             f"deepspeed --hostfile HOSTFILE --num_nodes {job.nodes} --num_gpus {job.gpus_per_node}")
+    # over pdsh each node's shell sees the command again: quote the shard pattern once more
+    data = "'DATA/{00000..NNNNN}.tar'" if job.nodes == 1 else "\"'DATA/{00000..NNNNN}.tar'\""
     return (f"{head} --module dtp_ds.train --deepspeed_config {out} --model {model} "
-            f"--train-data 'DATA/{{00000..NNNNN}}.tar' --workers {workers}{extra}")
+            f"--train-data {data} --workers {workers}{extra}")
 
 
 def workers_for(job: Job, c: Candidate | None) -> int:

@@ -394,6 +394,16 @@ class _BatchCounted(wds.PipelineStage):
                 images, texts, bad = [], [], BadCounts()
 
 
+def check_every_worker_has_a_shard(cfg: DataConfig, shards: list[str], world_size: int) -> None:
+    """Without resampling each dataloader worker of each rank reads shards of its own."""
+    workers = max(1, cfg.workers)
+    if not cfg.dataset_resampled and len(shards) < workers * world_size:
+        raise DataError(
+            f"{len(shards)} shards for {world_size} ranks x {workers} workers: every worker needs a shard. "
+            f"Use fewer --workers, more shards, or --dataset-resampled."
+        )
+
+
 def make_train_loader(
     cfg: DataConfig,
     shards: list[str],
@@ -409,15 +419,15 @@ def make_train_loader(
 ) -> wds.WebLoader:
     """The loader for one epoch: yields ``plan.batches_per_rank - batches_done`` batches of
     (images, tokens, :class:`BadCounts`) on this rank."""
-    workers = max(1, cfg.workers)
-    if not cfg.dataset_resampled and len(shards) < workers * world_size:
-        raise DataError(
-            f"{len(shards)} shards for {world_size} ranks x {workers} workers: every worker needs a shard. "
-            f"Use fewer --workers, more shards, or --dataset-resampled."
-        )
+    check_every_worker_has_a_shard(cfg, shards, world_size)
     shared_epoch = SharedEpoch(epoch=epoch)
     if cfg.dataset_resampled:
-        stages: list[Any] = [ResampledShards2(shards, deterministic=True, epoch=shared_epoch)]
+        # Seeded by (seed, rank, virtual worker), not by the dataloader's worker seeds (drawn
+        # from the run's RNG at loader start): a resumed epoch resamples the same shards.
+        def worker_seed() -> int:
+            return hash((seed, rank, _virtual_worker(batches_done)[0])) % 2**31
+
+        stages: list[Any] = [ResampledShards2(shards, worker_seed=worker_seed, deterministic=True, epoch=shared_epoch)]
     else:
         stages = [
             wds.SimpleShardList(shards),

@@ -3,6 +3,11 @@ top-1 / top-5 over a class-folder image set, split across ranks.
 
 Every rank runs the same number of forward passes (ZeRO-3 gathers parameters with
 collectives, so ranks must not diverge); correct counts are summed across ranks.
+
+Under ZeRO-3 a submodule's parameters are gathered by hooks around that submodule's
+``forward``. ``encode_image`` / ``encode_text`` are not the CLIP module's forward, so the
+parameters CLIP holds itself (``positional_embedding``, ``text_projection``, ...) would stay
+partitioned (empty) there: they are gathered for the evaluation, and only they (small).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from open_clip import build_zero_shot_classifier
@@ -67,6 +73,17 @@ def zero_shot_eval(
     world = dist.get_world_size() if dist.is_initialized() else 1
     was_training = model.training
     model.eval()
+    # a no-op for parameters ZeRO-3 does not manage (every other stage)
+    with deepspeed.zero.GatheredParameters(list(model.parameters(recurse=False))):
+        result = _evaluate(model, tokenizer, preprocess, split, device, input_dtype, batch_size, max_images,
+                           rank, world)
+    model.train(was_training)
+    return result
+
+
+def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split: ZeroShotSplit,
+              device: torch.device, input_dtype: torch.dtype, batch_size: int, max_images: int | None,
+              rank: int, world: int) -> dict[str, float]:
     classifier = build_zero_shot_classifier(model, tokenizer, split.classnames, split.templates,
                                             num_classes_per_batch=10, device=device, use_tqdm=False)
     dataset = ImageFolder(split.image_dir, transform=preprocess)
@@ -95,7 +112,6 @@ def zero_shot_eval(
                                   dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(stats)
-    model.train(was_training)
     top1, top5, count, compression, batches = stats.tolist()
     result = {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
               "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),

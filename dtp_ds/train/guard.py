@@ -49,20 +49,39 @@ class _FiniteStep:
     """``optimizer.step`` for a plain torch optimizer that DeepSpeed does not guard: skips
     the update when any gradient is non-finite (decided with an all-reduce, so every rank
     agrees) and reports it through ``optimizer.overflow``, which the engine reads to count
-    the skip and hold the LR schedule, as it does for its own wrappers."""
+    the skip and hold the LR schedule, as it does for its own wrappers.
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer, self.inner = optimizer, optimizer.step
-        optimizer.overflow = False
-        optimizer.step = self
+    It also reports the gradient norm (``optimizer._global_grad_norm``, which the engine
+    copies after the step), as DeepSpeed's wrappers do: the norm before clipping, taken from
+    the engine's own clipping (whose result DeepSpeed discards on this path), else computed
+    here. The gradients are already all-reduced, so the local norm is the global one."""
+
+    def __init__(self, engine):
+        self.engine, self.optimizer = engine, engine.optimizer
+        self.inner = self.optimizer.step
+        self.optimizer.overflow = False
+        self.optimizer.step = self
+        self.clipped_norm: torch.Tensor | None = None
+        engine.clip_fp32_gradients = self._clip
+
+    def _clip(self) -> None:
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self.clipped_norm = clip_grad_norm_(parameters=list(self.engine.module.parameters()),
+                                            max_norm=self.engine.gradient_clipping(), mpu=self.engine.mpu)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
         bad = torch.zeros(1, device=device)
+        norm = torch.zeros((), device=device)
         if grads:
-            norms = torch._foreach_norm(grads)
-            bad[0] = float(not bool(torch.isfinite(torch.stack(norms)).all()))
+            norms = torch.stack(torch._foreach_norm(grads)).float()
+            bad[0] = float(not bool(torch.isfinite(norms).all()))
+            norm = torch.linalg.vector_norm(norms)
+        if self.clipped_norm is not None:
+            norm, self.clipped_norm = self.clipped_norm, None
+        self.optimizer._global_grad_norm = float(norm)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.optimizer.overflow = bool(bad.item())
@@ -83,7 +102,7 @@ class NonFiniteGuard:
         self.first_of_run: int | None = None
         self._skipped = engine.skipped_steps
         if not hasattr(engine.optimizer, "overflow"):
-            _FiniteStep(engine.optimizer)
+            _FiniteStep(engine)
         # DeepSpeed 0.19's engine.backward applies the loss scale for its ZeRO optimizers only:
         # under ZeRO-0 in fp16, its FP16_(Unfused)Optimizer unscales gradients that were never
         # scaled (updates 2^16 times too small, no overflow ever seen). Scale them here.

@@ -34,7 +34,14 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 import dtp_ds
-from dtp_ds.data.shards import DataError, count_samples, make_train_loader, plan_epoch, resolve_shards
+from dtp_ds.data.shards import (
+    DataError,
+    check_every_worker_has_a_shard,
+    count_samples,
+    make_train_loader,
+    plan_epoch,
+    resolve_shards,
+)
 from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, imagenet_split, zero_shot_eval
 from dtp_ds.launch.discovery import DiscoveryError, discover
 from dtp_ds.launch.probe import git_revision
@@ -88,7 +95,10 @@ def zeroshot_split(args: TrainArgs) -> ZeroShotSplit | None:
         return None
     if not os.path.isdir(split.image_dir):
         raise ConfigError(f"zero-shot images: {split.image_dir} is not a directory")
-    check_split(split)
+    try:
+        check_split(split)
+    except ValueError as e:
+        raise ConfigError(f"zero-shot split: {e}; give one class name per class folder") from e
     return split
 
 
@@ -150,6 +160,11 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     raw = load_ds_config(args.run.deepspeed_config)
     micro, accum = resolve_batch(raw, args, world)
     shards, missing = resolve_shards(args.data.train_data)
+    check_every_worker_has_a_shard(args.data, shards, world)
+    if len(missing) > args.data.max_bad_fraction * (len(shards) + len(missing)):
+        raise ConfigError(f"{len(missing)} of {len(shards) + len(missing)} shards named by --train-data do not exist "
+                          f"(first: {missing[0]}), more than --max-bad-fraction {args.data.max_bad_fraction}: "
+                          f"fix the directory or the brace range, or raise --max-bad-fraction")
     num_samples = args.data.train_num_samples or count_samples(shards)
     if not num_samples:
         raise ConfigError("the shards carry no *_stats.json sample counts: give --train-num-samples")
@@ -279,7 +294,9 @@ def train(args: TrainArgs) -> int:
     nonfinite = NonFiniteGuard(engine, precision, args.run.max_nonfinite_steps, rank, root)
     bad_data = BadDataGuard(args.data.max_bad_fraction, s.plan.num_samples)
     bar = tqdm(total=last_step, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    saved_at = evaluated_at = -1
+    # a checkpoint of this run that it resumed from is its current state: not written again
+    resumed_own = found is not None and os.path.abspath(found[0]) == os.path.abspath(root)
+    saved_at, evaluated_at = (state.step if resumed_own else -1), -1
 
     def save() -> None:
         nonlocal saved_at
@@ -340,7 +357,7 @@ def train(args: TrainArgs) -> int:
                            "nonfinite_steps": state.nonfinite_steps, "samples_per_s": global_batch / step_time,
                            "step_time": step_time, "data_time": t_data, "peak_mem_gb": peak_memory_gb(),
                            "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
-                           "bad_by_kind": dict(state.bad_by_kind)}
+                           "bad_by_kind": dict(state.bad_by_kind), "missing_shards": len(s.missing_shards)}
                     scale = loss_scale(engine)
                     if scale is not None:
                         rec["loss_scale"] = scale

@@ -53,13 +53,19 @@ class CLIPTask(nn.Module):
         return result
 
 
+# Parameter-name parts that take no weight decay, besides every tensor of < 2 dims (gains,
+# biases, the class embedding): open_clip's trainer's names, plus the token and position
+# embeddings (open_clip's ``token_embedding`` / ``positional_embedding``, DRIP's
+# ``pos_embed`` / ``cls_token``), which open_clip decays because they are 2-d.
+NO_DECAY_NAME_PARTS = ("bn", "ln", "bias", "logit_scale", "embedding", "pos_embed", "cls_token")
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as open_clip's trainer makes them: no weight decay on gains, biases,
-    embeddings held in 1-d tensors, and the logit scale."""
+    """AdamW groups: no weight decay on gains, biases, embeddings and the logit scale."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        exclude = p.ndim < 2 or any(part in name for part in NO_DECAY_NAME_PARTS)
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]

@@ -12,22 +12,36 @@ from tests.conftest import base_args, metrics, run_train, step_records
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("stage,precision,ckpt", [
-    (0, "fp32", False),
-    (1, "bf16", True),
-    (2, "fp16", False),
-    (3, "bf16", True),
+@pytest.mark.parametrize("stage,precision,ckpt,extra", [
+    (0, "fp32", False, []),
+    (1, "bf16", True, ["--accum-freq", "2", "--local-loss", "--gather-with-grad"]),
+    (2, "fp16", False, []),
+    (3, "bf16", True, ["zero3-partitioned-eval"]),
 ])
-def test_trains_under_every_stage_and_precision(synth, tmp_path, stage, precision, ckpt):
-    extra = ["--zero-stage", str(stage), "--precision", precision, "--max-steps", "12", "--lr", "2e-3",
-             "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"]
+def test_trains_under_every_stage_and_precision(synth, tmp_path, stage, precision, ckpt, extra):
+    args = base_args(synth, tmp_path, "run", "--zero-stage", str(stage), "--precision", precision,
+                     "--max-steps", "12", "--lr", "2e-3", "--grad-checkpointing" if ckpt else "--no-grad-checkpointing")
+    if extra == ["zero3-partitioned-eval"]:
+        # Partition every parameter (the tiny model's all sit below the default persistence
+        # threshold, a real model's do not) and evaluate zero-shot at the end: the eval runs
+        # outside the engine's forward and must still see CLIP's own parameters.
+        cfg = json.loads(open(args[args.index("--deepspeed_config") + 1]).read())
+        cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0)
+        (tmp_path / "ds.json").write_text(json.dumps(cfg))
+        args[args.index("--deepspeed_config") + 1] = str(tmp_path / "ds.json")
+        extra = ["--zeroshot-data", str(synth / "zeroshot"), "--zeroshot-frequency", "1"]
     # this CPU lacks native fp16: run DeepSpeed's real fp16 engine on emulated kernels
-    run_train(base_args(synth, tmp_path, "run", *extra), env={"DTP_DS_ALLOW_EMULATED_FP16": "1"})
+    run_train(args + extra, env={"DTP_DS_ALLOW_EMULATED_FP16": "1"})
     run = tmp_path / "run"
     steps = step_records(run)
     assert [r["step"] for r in steps] == list(range(1, 13))
     losses = [r["loss"] for r in steps]
     assert all(math.isfinite(v) for v in losses)
+    # a grad norm for every step; not finite only where fp16's loss scale skipped the step
+    applied = [r for r, skipped_before in zip(steps, [0] + [r["skipped_steps"] for r in steps])
+               if r["skipped_steps"] == skipped_before]
+    assert all(r["grad_norm"] is not None for r in steps) and len(applied) >= 6
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in applied), [r["grad_norm"] for r in steps]
     # the loss falls: the last steps sit well below the first ones
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
     final = metrics(run)[-1]
@@ -39,6 +53,12 @@ def test_trains_under_every_stage_and_precision(synth, tmp_path, stage, precisio
     assert cfg["args"]["model"]["grad_checkpointing"] is ckpt
     if precision == "fp16":
         assert all("loss_scale" in r for r in steps)
+    if "--accum-freq" in extra:  # 12 optimizer steps of 2 micro-batches each
+        assert cfg["ds_config"]["gradient_accumulation_steps"] == 2
+        assert final["samples_seen"] == 12 * 2 * 16 * 2
+    if "--zeroshot-data" in extra:
+        evals = [r for r in metrics(run) if "zeroshot_top1" in r]
+        assert len(evals) == 1 and evals[0]["zeroshot_images"] == 96
     assert (run / "loss.png").stat().st_size > 0
     assert (run / "checkpoints" / "latest").read_text() == "step_00000012"
 
@@ -82,13 +102,16 @@ def test_zeroshot_eval_and_wandb_offline(synth, tmp_path):
     assert "secret-key-must-not-leak" not in (run / "config.json").read_text()
 
 
-@pytest.mark.parametrize("case", ["unknown_model", "batch_mismatch", "no_shards"])
+@pytest.mark.parametrize("case", ["unknown_model", "batch_mismatch", "no_shards", "too_few_shards",
+                                  "most_shards_missing"])
 def test_bad_config_fails_clearly_and_writes_nothing(synth, tmp_path, case):
     logs = tmp_path / "logs"
     args = base_args(synth, logs, "bad", "--max-steps", "1")
     expect = {"unknown_model": "unknown model 'ViT-Nope-99'",
               "batch_mismatch": "batch sizes do not multiply out",
-              "no_shards": "no shard matches --train-data"}[case]
+              "no_shards": "no shard matches --train-data",
+              "too_few_shards": "12 shards for 2 ranks x 8 workers: every worker needs a shard",
+              "most_shards_missing": "18 of 30 shards named by --train-data do not exist"}[case]
     if case == "unknown_model":
         args[args.index("--model") + 1] = "ViT-Nope-99"
     elif case == "batch_mismatch":
@@ -97,8 +120,12 @@ def test_bad_config_fails_clearly_and_writes_nothing(synth, tmp_path, case):
                                    "gradient_accumulation_steps": 1}))
         args[args.index("--deepspeed_config") + 1] = str(bad)
         del args[args.index("--batch-size"):args.index("--batch-size") + 2]
-    else:
+    elif case == "no_shards":
         args[args.index("--train-data") + 1] = str(synth / "train" / "{90000..90009}.tar")
+    elif case == "most_shards_missing":
+        args[args.index("--train-data") + 1] = str(synth / "train" / "{00000..00029}.tar")
+    else:
+        args[args.index("--workers") + 1] = "8"
     proc = run_train(args, nproc=2, check=False, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dtp_ds.train: error:")]

@@ -115,7 +115,7 @@ def test_mpiexec_with_mpi_discovery(synth, tmp_path):
     assert_two_ranks_agree(logs / "mpi", 3)
 
 
-def test_killed_rank_stops_the_job(synth, tmp_path, loopback):
+def test_killed_rank_stops_the_job(synth, tmp_path, loopback, capsys):
     """SIGKILL of rank 1 (on "node" 127.0.0.1) mid-run: the job over pdsh exits non-zero well
     within the timeout, no rank left behind; rank 0's watchdog names rank 1."""
     logs, timeout_min = tmp_path / "logs", 1.0
@@ -146,6 +146,9 @@ def test_killed_rank_stops_the_job(synth, tmp_path, loopback):
     steps = [r["step"] for r in metrics(run) if "loss" in r]
     assert 2 <= max(steps) < 400 and not any(r.get("final") for r in metrics(run))
     assert re.search(rf"dtp_ds: error: rank 0: rank 1 \(\S+, pid {ranks['1']}\)", out), out[-4000:]
+    with capsys.disabled():
+        print(f"\n[rank killed] the 2-node job exited {rc} {elapsed:.1f}s after SIGKILL of rank 1 "
+              f"(collective timeout {timeout_min:g} min)")
 
 
 def _ssh_ok(port: int) -> bool:

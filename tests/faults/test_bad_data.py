@@ -79,6 +79,7 @@ def test_bad_data_is_skipped_counted_and_warned_once(damaged, tolerant_run):
     assert records(run_dir)[-1]["bad_by_kind"] == by  # the final record too
     cfg = config(run_dir)
     assert cfg["missing_shards"] == facts["missing"] and cfg["shards"] == 11 + 2
+    assert all(r["missing_shards"] == 1 for r in rows)
     # one warning per damaged shard, naming it, whatever the number of passes over it
     warnings = [line for line in proc.stderr.splitlines() if "bad data in shard" in line]
     for shard in facts["damaged"]:

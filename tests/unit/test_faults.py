@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,13 +115,14 @@ def test_bad_data_guard_warns_once_and_weighs_shard_losses_against_the_epoch(cap
 def test_finite_step_skips_a_plain_optimizer_on_nonfinite_gradients():
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([p], lr=0.1)
-    _FiniteStep(opt)
+    _FiniteStep(SimpleNamespace(optimizer=opt))
     p.grad = torch.tensor([1.0, float("nan"), 0.0])
     opt.step()
     assert opt.overflow and torch.equal(p.detach(), torch.ones(3)) and p.grad is None and not opt.state
     p.grad = torch.ones(3)
     opt.step()
     assert not opt.overflow and not torch.equal(p.detach(), torch.ones(3))
+    assert opt._global_grad_norm == pytest.approx(3**0.5)  # what the engine reports as its grad norm
 
 
 def test_guard_flags_and_fault_hooks(monkeypatch, capsys):

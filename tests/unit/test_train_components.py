@@ -100,8 +100,8 @@ def test_missing_shards(synth):
     assert [p.rsplit("/", 1)[-1] for p in missing] == ["00012.tar", "00013.tar"]
 
 
-def _loader_texts(synth, batches_done: int, workers: int = 2):
-    cfg = DataConfig(train_data=train_data(synth), workers=workers)
+def _loader_texts(synth, batches_done: int, workers: int = 2, resampled: bool = False):
+    cfg = DataConfig(train_data=train_data(synth), workers=workers, dataset_resampled=resampled)
     shards, _ = resolve_shards(cfg.train_data)
     plan = plan_epoch(2400, 16, 1, workers, 1)
     tok = open_clip.get_tokenizer("ViT-Tiny-8")
@@ -111,10 +111,11 @@ def _loader_texts(synth, batches_done: int, workers: int = 2):
     return [texts for _, texts, _ in loader], plan
 
 
-def test_loader_resume_continues_the_epoch_exactly(synth):
-    full, plan = _loader_texts(synth, 0)
+@pytest.mark.parametrize("resampled", [False, True])
+def test_loader_resume_continues_the_epoch_exactly(synth, resampled):
+    full, plan = _loader_texts(synth, 0, resampled=resampled)
     assert len(full) == plan.batches_per_rank
-    resumed, _ = _loader_texts(synth, 5)  # odd position: the next batch comes from worker 1
+    resumed, _ = _loader_texts(synth, 5, resampled=resampled)  # odd position: the next batch comes from worker 1
     assert len(resumed) == len(full) - 5
     for a, b in zip(resumed, full[5:]):
         assert torch.equal(a, b)
@@ -133,3 +134,23 @@ def test_default_ds_config_follows_the_model_size():
             continue
         size, patch = parts[1:]
         assert default_ds_config(f"DRIP-ViT-{size.upper()}-{patch}-10x") == str(path)
+
+
+def test_param_groups_leave_gains_biases_embeddings_and_logit_scale_undecayed():
+    import open_clip
+
+    from dtp_ds.train.task import CLIPTask, param_groups
+
+    task = CLIPTask(open_clip.create_model("DRIP-ViT-Tiny-8-4x", output_dict=True))
+    no_decay, decay = param_groups(task, 0.1)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.1)
+    names = {id(p): n for n, p in task.named_parameters()}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    for name in ("model.token_embedding.weight", "model.positional_embedding", "model.logit_scale",
+                 "model.visual.trunk.pos_embed", "model.visual.trunk.cls_token", "model.ln_final.weight",
+                 "model.visual.trunk.norm.bias"):
+        assert name in undecayed, name
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "model.text_projection" in decayed and "model.visual.trunk.pre_blocks.0.attn.qkv.weight" in decayed
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(undecayed) + len(decayed) == sum(1 for _ in task.parameters())
