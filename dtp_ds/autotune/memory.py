@@ -63,11 +63,12 @@ class DripShape:
     boundary_rate: float  # the rate to plan for: 1 / compression, or what a checkpoint learned
     stem: str = "patch"  # "patch" (a ViT's linear patch embedding) or "conv" (stride-2 convolutions)
     # The batch's longest short sequence, in standard deviations over the mean; 0: all samples
-    # alike (boundaries pinned, as forced_boundary_rate does), no padding at all.
+    # alike (boundaries pinned, as pinned_segments does), no padding at all.
     padding_sigmas: float = 3.0
 
     def segments(self, patches: int) -> float:
-        """Expected segments per sample: boundaries, plus the run after the last one."""
+        """Expected segments per sample: boundaries, plus the run after the last one
+        (:func:`dtp_ds.models.expected_segments`, written out: no torch import here)."""
         return self.boundary_rate * patches + (1.0 - self.boundary_rate)
 
     def padded_segments(self, patches: int) -> float:

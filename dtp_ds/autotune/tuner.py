@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _boundary_rate(arg: str | None) -> float | None:
+def boundary_rate_arg(arg: str | None) -> float | None:
+    """``--boundary-rate``: a number, or a run directory / ``metrics.jsonl`` whose last logged
+    boundary rates (those of the predictor as trained) are averaged."""
     if arg is None:
         return None
     try:
@@ -527,7 +529,7 @@ def tune(argv: list[str] | None = None) -> Report:
     args = build_parser().parse_args(argv)
     part = resolve_target(args.partition, args.gpu_mem)
     job = Job(part, args.nodes, args.gpus_per_node, check_job_shape(part, args.nodes, args.gpus_per_node))
-    shape = model_shape(args.model, args.image_size, args.context_length, _boundary_rate(args.boundary_rate))
+    shape = model_shape(args.model, args.image_size, args.context_length, boundary_rate_arg(args.boundary_rate))
     rep = run_amp_ddp(args, shape, job) if args.setting == "amp-ddp" else run_search(args, shape, job)
     if args.micro_batch and args.setting == "deepspeed":
         best = rep.data["chosen"]

@@ -8,10 +8,12 @@ Two counters, both in the "1 multiply-add = 1 FLOP" convention of fvcore (the us
   it does count the attention matmuls.
 
 A DRIP model's cost depends on how many segments its boundary predictor makes. Counting
-pins the hard boundaries (see :class:`dtp_ds.models.forced_boundary_rate`) to evenly spaced
-positions at the trunk's prior 1 / compression, or at ``boundary_rate`` (e.g. the rate a
-checkpoint learned, from its ``metrics.jsonl``): ``floor(L * rate)`` boundaries, hence
-``floor(L * rate) + 1`` segments or fewer when the last patch is a boundary.
+pins the hard boundaries (:class:`dtp_ds.models.pinned_segments`) to evenly spaced segments:
+as many as a predictor running at the trunk's prior rate 1 / compression makes on average
+(:func:`dtp_ds.models.expected_segments`: ``rate * (L - 1) + 1``, the last segment ends with the
+sequence), or at ``boundary_rate`` (e.g. the rate a checkpoint learned, from its
+``metrics.jsonl``), or exactly ``segments`` (what a run measured: patches / compression). A
+fractional count is the linear interpolation of the two whole counts around it.
 
 Counting runs with autograd on. Under ``torch.no_grad()`` open_clip's plain ViTs take
 ``nn.MultiheadAttention``'s fused inference path, which neither counter sees into: the
@@ -34,7 +36,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dtp_ds
-from dtp_ds.models import drip_aux, drip_trunks, forced_boundary_rate
+from dtp_ds.autotune.tuner import boundary_rate_arg
+from dtp_ds.models import drip_trunks, expected_segments, pinned_segments
 
 with warnings.catch_warnings():
     # fvcore scripts a helper at import; torch 2.x flags torch.jit.script as deprecated.
@@ -58,41 +61,53 @@ def _torch_count(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
     return int(counter.get_total_flops()) // 2  # FlopCounterMode counts 2 per multiply-add
 
 
+def _count(model: nn.Module, image: torch.Tensor, text: torch.Tensor | None, no_grad: bool) -> dict[str, float]:
+    with torch.no_grad() if no_grad else contextlib.nullcontext():
+        result = {"gflops": _fvcore(model.visual, (image,)) / 1e9,
+                  "gflops_attn": _torch_count(model.visual, (image,)) / 1e9}
+        if text is not None:
+            result["clip_gflops"] = _fvcore(model, (image, text)) / 1e9
+            result["clip_gflops_attn"] = _torch_count(model, (image, text)) / 1e9
+    return result
+
+
 def count_flops(
     model: nn.Module,
     image_size: tuple[int, int],
     context_length: int | None = None,
     boundary_rate: float | None = None,
     no_grad: bool = False,
+    segments: float | None = None,
 ) -> dict[str, Any]:
     """FLOPs of one sample through ``model.visual`` (and through the whole CLIP model when
-    ``context_length`` is given), DRIP trunks pinned at ``boundary_rate`` (None: their prior)."""
+    ``context_length`` is given); DRIP trunks at ``segments`` per sample, else at the
+    segments a predictor at ``boundary_rate`` (None: the trunk's prior) makes on average."""
     model.eval()
     device = next(model.parameters()).device
     image = torch.randn(1, 3, *image_size, device=device)
-    grad_ctx = torch.no_grad() if no_grad else contextlib.nullcontext()
-    result: dict[str, Any] = {}
-    with forced_boundary_rate(model, boundary_rate), grad_ctx:
-        result["gflops"] = _fvcore(model.visual, (image,)) / 1e9
-        result["gflops_attn"] = _torch_count(model.visual, (image,)) / 1e9
-        aux = drip_aux(model)
-        if context_length is not None:
-            text = torch.randint(0, 49408, (1, context_length), device=device)
-            result["clip_gflops"] = _fvcore(model, (image, text)) / 1e9
-            result["clip_gflops_attn"] = _torch_count(model, (image, text)) / 1e9
+    text = None if context_length is None else torch.randint(0, 49408, (1, context_length), device=device)
     trunks = drip_trunks(model)
-    if trunks:
-        trunk = trunks[0]
-        rate = boundary_rate if boundary_rate is not None else trunk.boundary_predictor.prior
-        result["boundary_rate"] = rate
-        result["compression"] = float(aux["compression"])
-        result["tokens"] = 1 + round(trunk.num_patches / result["compression"])
-    else:
-        result["boundary_rate"] = None
-        result["compression"] = 1.0
+    if not trunks:
         grid = [s // p for s, p in zip(image_size, _patch_size(model))]
-        result["tokens"] = 1 + math.prod(grid)
-    return result
+        return {**_count(model, image, text, no_grad), "boundary_rate": None, "compression": 1.0,
+                "tokens": 1 + math.prod(grid)}
+    trunk = trunks[0]
+    patches = trunk.num_patches
+    if segments is None:
+        rate = boundary_rate if boundary_rate is not None else trunk.boundary_predictor.prior
+        segments = expected_segments(patches, rate)
+    else:
+        rate = (segments - 1.0) / max(patches - 1, 1)
+    if not 1.0 <= segments <= patches:
+        raise ValueError(f"{segments} segments per sample: a {patches}-patch DRIP model has 1 to {patches}")
+    low, frac = math.floor(segments), segments - math.floor(segments)
+    with pinned_segments(model, low):
+        result = _count(model, image, text, no_grad)
+    if frac > 1e-9:
+        with pinned_segments(model, low + 1):
+            high = _count(model, image, text, no_grad)
+        result = {k: (1.0 - frac) * v + frac * high[k] for k, v in result.items()}
+    return {**result, "boundary_rate": rate, "compression": patches / segments, "tokens": 1 + segments}
 
 
 def _patch_size(model: nn.Module) -> tuple[int, int]:
@@ -131,7 +146,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ("patch_size", "patch", "{}"),
         ("boundary_rate", "rate", "{:.3f}"),
         ("compression", "compression", "{:.2f}"),
-        ("tokens", "tokens", "{}"),
+        ("tokens", "tokens", "{:.1f}"),
     ]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     cells = [[h for _, h, _ in cols]]
@@ -147,28 +162,34 @@ def main(argv: list[str] | None = None) -> int:
     """CLI behind ``tools/flops``."""
     parser = argparse.ArgumentParser(
         description="fvcore GFLOPs (1 multiply-add = 1 FLOP) of CLIP image towers and whole models; "
-        "DRIP models with boundaries pinned at their prior rate 1/compression (or --boundary-rate).",
+        "DRIP models at the segments their prior rate 1/compression makes (or --boundary-rate's).",
     )
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="model names (default: %(default)s)")
-    parser.add_argument("--boundary-rate", type=float, default=None,
-                        help="pin DRIP boundaries at this rate (e.g. the rate a checkpoint learned) "
-                        "instead of each model's prior 1/compression")
+    parser.add_argument("--boundary-rate", default=None, metavar="RATE|RUN_DIR",
+                        help="count DRIP models at the segments a predictor at this boundary rate makes, "
+                        "instead of each model's prior 1/compression: a number, or a run directory (or its "
+                        "metrics.jsonl) whose logged rate (what the checkpoint learned) is used")
     parser.add_argument("--image-only", action="store_true", help="skip the whole-CLIP counts (faster)")
     parser.add_argument("--no-grad", action="store_true",
                         help="count under torch.no_grad(): reproduces the count that misses "
                         "nn.MultiheadAttention's projections in plain open_clip ViTs (see module doc)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
     args = parser.parse_args(argv)
-    if args.boundary_rate is not None and not 0.0 < args.boundary_rate <= 1.0:
-        parser.error("--boundary-rate must be in (0, 1]")
+    try:
+        rate = boundary_rate_arg(args.boundary_rate)
+    except (OSError, ValueError) as e:
+        parser.error(f"--boundary-rate {args.boundary_rate}: {e}")
+    if rate is not None and not 0.0 <= rate <= 1.0:
+        parser.error("--boundary-rate must be in [0, 1]")
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights per model
-    rows = [model_flops(n, args.boundary_rate, not args.image_only, args.no_grad) for n in args.models]
+    rows = [model_flops(n, rate, not args.image_only, args.no_grad) for n in args.models]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows))
         print("GFLOPs: fvcore, image tower, 1 multiply-add = 1 FLOP, attention matmuls not counted; "
-              "+attn: torch FlopCounterMode / 2 (counts attention). DRIP rows at the pinned boundary rate.")
+              "+attn: torch FlopCounterMode / 2 (counts attention). DRIP rows at the segments (tokens - 1) a "
+              "predictor at that rate makes on average: rate x (patches - 1) + 1.")
     return 0
 
 

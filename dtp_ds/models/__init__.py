@@ -1,6 +1,6 @@
 """Single-device model code: DRIP vision transformers and the model-config registry."""
-from .boundary import BoundaryPredictor, boundary_rate_loss
-from .drip import POOL_TYPES, DripVisionTransformer, drip_aux, drip_trunks, forced_boundary_rate
+from .boundary import BoundaryPredictor, boundary_rate_loss, expected_segments
+from .drip import POOL_TYPES, DripVisionTransformer, drip_aux, drip_trunks, pinned_segments
 from .registry import (
     CONFIG_DIR,
     create_model,
@@ -20,10 +20,11 @@ __all__ = [
     "create_model",
     "drip_aux",
     "drip_trunks",
-    "forced_boundary_rate",
+    "expected_segments",
     "get_drip_cfg",
     "get_model_config",
     "list_models",
+    "pinned_segments",
     "register_config",
     "register_model_configs",
 ]

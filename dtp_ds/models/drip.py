@@ -362,22 +362,21 @@ def drip_aux(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: torch.stack([a[k] for a in auxes]).mean() for k in auxes[0]}
 
 
-class forced_boundary_rate:
-    """Context manager pinning every DRIP trunk's hard boundaries to ``rate`` (evenly spaced).
+class pinned_segments:
+    """Context manager cutting every DRIP trunk's patches into ``segments`` near-equal
+    segments per sample (:func:`~dtp_ds.models.boundary.regular_boundaries`), whatever its
+    predictor says. Used for FLOP counts and memory checks."""
 
-    ``rate=None`` pins each trunk at its own prior, 1 / compression. Used for FLOP counts.
-    """
-
-    def __init__(self, model: nn.Module, rate: float | None = None) -> None:
+    def __init__(self, model: nn.Module, segments: int) -> None:
         self.predictors = [t.boundary_predictor for t in drip_trunks(model)]
-        self.rate = rate
+        self.segments = segments
 
-    def __enter__(self) -> forced_boundary_rate:
-        self.saved = [p.forced_rate for p in self.predictors]
+    def __enter__(self) -> pinned_segments:
+        self.saved = [p.forced_segments for p in self.predictors]
         for p in self.predictors:
-            p.forced_rate = p.prior if self.rate is None else self.rate
+            p.forced_segments = self.segments
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for p, r in zip(self.predictors, self.saved):
-            p.forced_rate = r
+        for p, saved in zip(self.predictors, self.saved):
+            p.forced_segments = saved

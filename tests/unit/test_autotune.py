@@ -32,7 +32,7 @@ from dtp_ds.autotune.memory import (
 from dtp_ds.autotune.partitions import JobShapeError, check_job_shape, registry_partition, resolve_target
 from dtp_ds.autotune.tuner import main as tuner_main
 from dtp_ds.autotune.tuner import tune
-from dtp_ds.models import forced_boundary_rate
+from dtp_ds.models import pinned_segments
 from dtp_ds.models.drip import DripBlock
 from dtp_ds.models.segments import make_packing, pack_segments, segment_ids
 from dtp_ds.train.args import parse_args
@@ -146,7 +146,7 @@ def test_whole_clip_activations_match_autograd(name, mode, ckpt):
     texts = torch.randint(0, 49408, (batch, shape.text.tokens))
 
     def run():
-        with forced_boundary_rate(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "amp"):
+        with pinned_segments(model, 16), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "amp"):
             task(images, texts)
 
     measured = saved_bytes(run, task)

@@ -19,7 +19,8 @@ from dtp_ds.models import (
     boundary_rate_loss,
     drip_aux,
     drip_trunks,
-    forced_boundary_rate,
+    expected_segments,
+    pinned_segments,
     register_config,
     registry,
 )
@@ -245,17 +246,24 @@ def test_eval_batch_invariance_and_determinism(upsample: bool, pool: str) -> Non
     assert torch.equal(batched, again)
 
 
-def test_forced_boundary_rate_pins_segments() -> None:
+def test_pinned_segments_cut_exactly_that_many() -> None:
     trunk = small_trunk().eval()  # 64 patches
     spread_predictor(trunk)
-    with forced_boundary_rate(trunk, 0.1):
-        trunk(torch.randn(3, 3, 32, 32))
-        # floor(64 * 0.1) = 6 boundaries, none on the last patch: 7 segments
-        assert drip_aux(trunk)["compression"].item() == pytest.approx(64 / 7)
-    with forced_boundary_rate(trunk):  # at the prior 1/4: 16 boundaries, the last on patch 63
-        trunk(torch.randn(3, 3, 32, 32))
-        assert drip_aux(trunk)["compression"].item() == pytest.approx(64 / 16)
-    assert trunk.boundary_predictor.forced_rate is None
+    for segments in (1, 7, 16, 63, 64):
+        with pinned_segments(trunk, segments):
+            trunk(torch.randn(3, 3, 32, 32))
+            assert drip_aux(trunk)["compression"].item() == pytest.approx(64 / segments)
+    assert trunk.boundary_predictor.forced_segments is None
+    with pytest.raises(ValueError, match="segments must be in"), pinned_segments(trunk, 65):
+        trunk(torch.randn(1, 3, 32, 32))
+
+
+def test_expected_segments_is_what_a_predictor_at_that_rate_makes() -> None:
+    torch.manual_seed(0)
+    for length, rate in ((49, 0.1), (64, 0.25), (196, 0.5)):
+        hard = (torch.rand(20000, length) < rate).float()
+        counts = make_packing(segment_ids(hard)).counts.float()
+        assert counts.mean().item() == pytest.approx(expected_segments(length, rate), rel=0.01)
 
 
 def test_drip_aux_contents() -> None:
@@ -435,13 +443,21 @@ def test_flops_counts_drip_at_its_prior(capsys: pytest.CaptureFixture[str]) -> N
 
     plain = model_flops("ViT-Tiny-8", whole_model=False)
     drip = model_flops("DRIP-ViT-Tiny-8-4x", whole_model=False)
-    assert plain["tokens"] == 65 and drip["tokens"] == 17  # 64 patches -> 16 segments + CLS
-    assert drip["compression"] == pytest.approx(4.0)
+    # 64 patches at the prior 1/4: 63 / 4 + 1 = 16.75 segments on average, + CLS
+    assert plain["tokens"] == 65 and drip["tokens"] == pytest.approx(17.75)
+    assert drip["compression"] == pytest.approx(64 / 16.75)
     assert 0.3 < drip["gflops"] / plain["gflops"] < 0.7
     assert drip["gflops_attn"] >= drip["gflops"]
+    # a fractional count lies between the whole counts around it (linear in the segments)
+    model = dtp_ds.create_model("DRIP-ViT-Tiny-8-4x")
+    size = (model.visual.image_size,) * 2 if isinstance(model.visual.image_size, int) else model.visual.image_size
+    from dtp_ds.eval.flops import count_flops
+
+    g16, g17 = (count_flops(model, size, segments=n)["gflops"] for n in (16, 17))
+    assert g16 < drip["gflops"] < g17 and drip["gflops"] == pytest.approx(0.25 * g16 + 0.75 * g17)
     assert main(["--models", "DRIP-ViT-Tiny-8-4x", "--image-only", "--boundary-rate", "0.5", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["boundary_rate"] == 0.5 and row["tokens"] == 33
+    assert row["boundary_rate"] == 0.5 and row["tokens"] == pytest.approx(1 + 32.5)
 
 
 def test_bench_tool_runs() -> None:
