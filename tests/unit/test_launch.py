@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -319,6 +320,13 @@ def test_batch_scripts_dry_run(tmp_path):
     # the brace range reaches dtp_ds.train intact through pdsh's remote shell
     assert "--train-data \\'/fs/shards/\\{00000..00099\\}.tar\\'" in cmd
     assert "--deepspeed_config ds_configs/vit_l_14_fp16.json" in cmd and cmd.endswith("--epochs 5")
+    # every other argument too: what the remote shell would interpret is quoted for it once ...
+    p = _dry_run("pitzer_vit_l_14.sbatch", {**env, "SLURM_JOB_ID": "4245"}, tmp_path, "--zeroshot-data", "/fs/$(id)/z*")
+    assert p.returncode == 0, p.stderr
+    assert "'/fs/$(id)/z*'" in shlex.split(p.stdout)
+    # ... and what cannot be quoted for it is refused before anything runs
+    p = _dry_run("pitzer_vit_l_14.sbatch", {**env, "SLURM_JOB_ID": "4246"}, tmp_path, "--zeroshot-data", "/fs/a b")
+    assert p.returncode == 2 and "cannot cross pdsh" in p.stderr and not p.stdout
     # a shape the partition refuses stops the job before anything runs
     p = _dry_run("pitzer_vit_l_14.sbatch", {**env, "SLURM_JOB_ID": "4243", "SLURM_JOB_NODELIST": "p[0301-0304]"},
                  tmp_path)

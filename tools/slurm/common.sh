@@ -64,14 +64,22 @@ if [ "${PREFLIGHT:-1}" != 0 ] && [ "${DRY_RUN:-0}" != 1 ]; then
 fi
 
 # 3. the training command
-case "$TRAIN_DATA" in *"'"*) echo "common.sh: TRAIN_DATA must not contain a single quote" >&2; exit 2 ;; esac
-if [ "$LAUNCHER" = pdsh ]; then
-    # pdsh runs the command through every node's shell, which would expand {a..b} and globs
-    DATA_ARG="'$TRAIN_DATA'"
-else
-    DATA_ARG="$TRAIN_DATA"
-fi
-train_args=(--deepspeed_config "$DS_CONFIG" --model "$MODEL" --train-data "$DATA_ARG" --logs "$LOGS"
+# pdsh runs it through every node's shell, and DeepSpeed's pdsh runner only wraps arguments that
+# hold a space in double quotes (inside which $ and ` still run): each argument with anything a
+# shell interprets ({a..b}, globs, $, ;, ...) is single-quoted once for that shell, and one that
+# cannot be (a quote or whitespace in it) is refused.
+pdsh_word() {
+    case "$1" in
+        *[!A-Za-z0-9_./:=,+@%-]*) ;;
+        *) printf '%s' "$1"; return 0 ;;
+    esac
+    case "$1" in
+        *"'"*|*[[:space:]]*) echo "common.sh: argument '$1' cannot cross pdsh's remote shell (it holds a quote or whitespace): rename it, or use another LAUNCHER" >&2
+                             return 1 ;;
+    esac
+    printf "'%s'" "$1"
+}
+train_args=(--deepspeed_config "$DS_CONFIG" --model "$MODEL" --train-data "$TRAIN_DATA" --logs "$LOGS"
             --name "$NAME" --resume latest)
 [ -n "${PRECISION:-}" ] && train_args+=(--precision "$PRECISION")
 [ -n "${EPOCHS:-}" ] && train_args+=(--epochs "$EPOCHS")
@@ -80,6 +88,11 @@ train_args=(--deepspeed_config "$DS_CONFIG" --model "$MODEL" --train-data "$DATA
 [ -n "${BATCH_SIZE:-}" ] && train_args+=(--batch-size "$BATCH_SIZE")
 [ -n "${ZEROSHOT_DATA:-}" ] && train_args+=(--zeroshot-data "$ZEROSHOT_DATA")
 train_args+=("$@")
+if [ "$LAUNCHER" = pdsh ]; then
+    quoted=()
+    for a in "${train_args[@]}"; do w="$(pdsh_word "$a")" || exit 2; quoted+=("$w"); done
+    train_args=("${quoted[@]}")
+fi
 ENTRY="$REPO/tools/slurm/train_entry.py"   # dtp_ds.train with rank discovery, as a file
 GPN=$((RANKS / NNODES))
 
