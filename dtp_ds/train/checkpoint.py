@@ -165,9 +165,13 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _write(engine, root: str, work: str, state: TrainState, client: dict[str, Any]) -> None:
-    """Phase 1 on this rank: the RNG file and the engine's files into ``root/work``."""
+def _write_rng(root: str, work: str) -> None:
+    """Phase 1a on this rank: its RNG state into ``root/work``."""
     torch.save(_rng_state(), os.path.join(root, work, f"rng_rank{_rank():04d}.pt"))
+
+
+def _write_engine(engine, root: str, work: str, state: TrainState, client: dict[str, Any]) -> None:
+    """Phase 1b on this rank: the engine's files into ``root/work`` (collective)."""
     engine.save_checkpoint(root, tag=work, client_state={"train_state": dataclasses.asdict(state), **client},
                            save_latest=False)
 
@@ -207,7 +211,14 @@ def save(engine, run_dir: str, state: TrainState, client: dict[str, Any], keep: 
     errors = _all_errors(error)  # also the barrier before the other ranks write into it
     if not errors:
         try:
-            _write(engine, root, work, state, client)
+            _write_rng(root, work)
+        except Exception as e:  # disk full: torch.save raises OSError or RuntimeError
+            error = _describe(e)
+        # agreed before DeepSpeed's save, whose collectives a rank that failed here would miss
+        errors = _all_errors(error)
+    if not errors:
+        try:
+            _write_engine(engine, root, work, state, client)
         except Exception as e:  # disk full, quota, I/O error: nothing is committed
             error = _describe(e)
             if multi:

@@ -24,14 +24,16 @@ DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.
                              "ds_configs")
 
 
-def default_ds_config(model: str) -> str:
+def default_ds_config(model: str, bf16: bool = True) -> str:
     """ds_configs/<size>.json for a model's size: DRIP variants use their base ViT's
-    (DRIP-ViT-L-14-10x -> vit_l_14.json), the tiny models tiny.json."""
+    (DRIP-ViT-L-14-10x -> vit_l_14.json), the tiny models tiny.json; on devices without
+    bf16 (``bf16=False``: V100s) the fp16 variant (vit_l_14_fp16.json)."""
     m = re.match(r"^(?:DRIP-)?ViT-([A-Za-z]+)-(\d+)", model)
     if m is None:
         raise ConfigError(f"no default DeepSpeed config for model '{model}': pass --deepspeed_config")
     size, patch = m.group(1).lower(), m.group(2)
-    path = os.path.join(DS_CONFIG_DIR, "tiny.json" if size == "tiny" else f"vit_{size}_{patch}.json")
+    name = "tiny" if size == "tiny" else f"vit_{size}_{patch}" + ("" if bf16 else "_fp16")
+    path = os.path.join(DS_CONFIG_DIR, f"{name}.json")
     if not os.path.isfile(path):
         raise ConfigError(f"no DeepSpeed config for model '{model}' ({path} does not exist): "
                           f"pass --deepspeed_config")

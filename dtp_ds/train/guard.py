@@ -234,12 +234,15 @@ class BadDataGuard:
                                 f"--max-bad-fraction")
 
 
-def all_reduce_step(sums: dict[str, float], accum: int, bad: list[float], device: torch.device
+def all_reduce_step(sums: dict[str, torch.Tensor | float], accum: int, bad: list[float], device: torch.device
                     ) -> tuple[dict[str, float], list[float]]:
     """One collective per step: the rank-mean of the loss terms (``sums`` over ``accum``
-    micro-batches) and the bad-data counts summed over ranks."""
+    micro-batches, device tensors: read back here, once per step) and the bad-data counts
+    summed over ranks."""
     keys = sorted(sums)
-    red = torch.tensor([sums[k] / accum for k in keys] + bad, dtype=torch.float64, device=device)
+    terms = [torch.as_tensor(sums[k], dtype=torch.float64, device=device).reshape(()) / accum for k in keys]
+    red = torch.cat([torch.stack(terms) if terms else torch.zeros(0, dtype=torch.float64, device=device),
+                     torch.tensor(bad, dtype=torch.float64, device=device)])
     if dist.is_initialized():
         dist.all_reduce(red)
     world = dist.get_world_size() if dist.is_initialized() else 1

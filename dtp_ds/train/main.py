@@ -67,7 +67,7 @@ from dtp_ds.train.metrics import (
     plot_loss_curve,
     write_json_atomic,
 )
-from dtp_ds.train.redact import install_log_filter
+from dtp_ds.train.redact import install_log_filter, redact
 from dtp_ds.train.schedule import WarmupCosineLR
 from dtp_ds.train.storage import check_storage, saves_planned
 from dtp_ds.train.task import CLIPTask, param_groups
@@ -140,6 +140,10 @@ def check_precision_supported(precision: str) -> None:
     the real fp16 engine and its dynamic loss scaler then run with emulated fp16 kernels
     (slow; how the CPU test suite covers fp16)."""
     acc = get_accelerator()
+    if precision == "bf16" and not acc.is_bf16_supported():
+        raise ConfigError(f"bf16 (from --precision or the ds_config) is not supported on this {acc.device_name()} "
+                          f"device (a V100 has none): use the config's fp16 variant (ds_configs/*_fp16.json) "
+                          f"or --precision fp16")
     if precision != "fp16" or acc.is_fp16_supported():
         return
     if os.environ.get(EMULATED_FP16_ENV) == "1":
@@ -156,7 +160,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         raise ConfigError(f"unknown model '{args.model.model}'. dtp_ds models: {', '.join(dtp_ds.list_models())}; "
                           f"or any open_clip name (e.g. ViT-B-32, see open_clip.list_models())")
     if not args.run.deepspeed_config:
-        args.run.deepspeed_config = default_ds_config(args.model.model)
+        args.run.deepspeed_config = default_ds_config(args.model.model, get_accelerator().is_bf16_supported())
     raw = load_ds_config(args.run.deepspeed_config)
     micro, accum = resolve_batch(raw, args, world)
     shards, missing = resolve_shards(args.data.train_data)
@@ -318,7 +322,7 @@ def train(args: TrainArgs) -> int:
                       f"top-5 {res['zeroshot_top5']:.2f}% (chance {res['zeroshot_chance_top1']:.2f}%)")
         evaluated_at = state.step
 
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor | float] = {}
     t_step, t_data = time.time(), 0.0
     done = state.step >= last_step
     for epoch in range(state.epoch, args.optim.epochs):
@@ -338,8 +342,8 @@ def train(args: TrainArgs) -> int:
             boundary = engine.is_gradient_accumulation_boundary()
             lr = current_lr(engine)
             _step(engine)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            for k, v in out.items():  # summed on the device: no host synchronisation per micro-batch
+                sums[k] = sums.get(k, 0.0) + v.detach().double().reshape(())
             state.batches_in_epoch += 1
             if boundary:
                 state.step += 1
@@ -417,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 or getattr(e, "rank_local", False):
             where = f"rank {rank}: " if rank != 0 else ""
             # tqdm.write: on a line of its own even while the progress bar is drawn
-            tqdm.write(f"dtp_ds.train: error: {where}{_one_line(e)}", file=sys.stderr)
+            tqdm.write(redact(f"dtp_ds.train: error: {where}{_one_line(e)}"), file=sys.stderr)
         return 2
     except Exception as e:
         if report_failure(e):  # a collective failed because a peer died: named (printed) instead of a traceback

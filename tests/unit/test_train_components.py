@@ -134,6 +134,19 @@ def test_default_ds_config_follows_the_model_size():
             continue
         size, patch = parts[1:]
         assert default_ds_config(f"DRIP-ViT-{size.upper()}-{patch}-10x") == str(path)
+        # without bf16 (V100s) the fp16 variant
+        assert default_ds_config(f"ViT-{size.upper()}-{patch}", bf16=False) == str(path).replace(".json", "_fp16.json")
+
+
+def test_bf16_on_a_device_without_it_is_refused_naming_the_fp16_variant(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    from dtp_ds.train.main import check_precision_supported
+
+    monkeypatch.setattr(get_accelerator(), "is_bf16_supported", lambda: False)
+    with pytest.raises(ConfigError, match=r"bf16 .* not supported .* fp16 variant"):
+        check_precision_supported("bf16")
+    check_precision_supported("fp32")
 
 
 def test_param_groups_leave_gains_biases_embeddings_and_logit_scale_undecayed():
