@@ -244,12 +244,28 @@ def save(engine, run_dir: str, state: TrainState, client: dict[str, Any], keep: 
     return tag
 
 
+def committed_dir(root: str, tag: str) -> str:
+    """The directory ``latest``'s ``tag`` names: ``tag`` itself, or, when a save of the same
+    step was killed between moving the old one aside and renaming the new one into place,
+    the old one (``tag.superseded``, complete; the new ``.partial`` may not be)."""
+    if not os.path.isdir(os.path.join(root, tag)) and os.path.isdir(os.path.join(root, tag + SUPERSEDED)):
+        return tag + SUPERSEDED
+    return tag
+
+
 def discard_incomplete(root: str) -> list[str]:
     """Remove what killed saves left under ``root`` (``*.partial``, ``*.superseded``,
-    temporary ``latest`` files); returns their names. Rank 0, before training resumes."""
+    temporary ``latest`` files); returns their names. A ``.superseded`` directory that
+    ``latest`` still stands for (see :func:`committed_dir`) is renamed back instead. Rank 0,
+    after every rank has loaded its checkpoint, before training resumes."""
     if not os.path.isdir(root):
         return []
     gone = []
+    tag = latest_tag(root)
+    if tag and committed_dir(root, tag) != tag:
+        os.rename(os.path.join(root, tag + SUPERSEDED), os.path.join(root, tag))
+        _fsync_dir(root)
+        log.warning("restored %s from %s (a save of the same step was interrupted)", tag, tag + SUPERSEDED)
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         if name.endswith((PARTIAL, SUPERSEDED)) and os.path.isdir(path):
@@ -269,11 +285,11 @@ def resolve_resume(resume: str, run_dir: str) -> tuple[str, str] | None:
     if resume == "latest":
         root = checkpoint_root(run_dir)
         tag = latest_tag(root)
-        return (root, tag) if tag else None
+        return (root, committed_dir(root, tag)) if tag else None
     path = os.path.abspath(resume.rstrip("/"))
     if os.path.isfile(os.path.join(path, "latest")):
         tag = latest_tag(path)
-        return (path, tag) if tag else None
+        return (path, committed_dir(path, tag)) if tag else None
     if path.endswith((PARTIAL, SUPERSEDED)):
         raise FileNotFoundError(f"--resume {resume}: an incomplete checkpoint (its save never finished); "
                                 f"use --resume latest or a step_N directory")

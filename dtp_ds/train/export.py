@@ -51,6 +51,7 @@ from dtp_ds.train.checkpoint import (
     TAG_RE,
     CheckpointError,
     checkpoint_root,
+    committed_dir,
     latest_tag,
     list_checkpoints,
     verify_weights_only,
@@ -74,7 +75,7 @@ def _from_root(root: str, given: str) -> str:
         hint = f" (it has {', '.join(found)}: pass one of them)" if found else ""
         raise FileNotFoundError(f"{given}: {os.path.join(root, 'latest')} is missing or empty, so there is no "
                                 f"complete checkpoint to load{hint}")
-    ckpt = os.path.join(root, tag)
+    ckpt = os.path.join(root, committed_dir(root, tag))
     if not _is_checkpoint_dir(ckpt):
         raise FileNotFoundError(f"{given}: 'latest' names {tag}, but {ckpt} holds no {STATES} or {STAGE3_STATES}")
     return ckpt

@@ -277,6 +277,8 @@ def train(args: TrainArgs) -> int:
                   saves_planned(state.step, last_step, args.run.save_every_n_steps, s.plan.batches_per_rank // s.accum))
 
     discarded = []
+    if args.run.resume:
+        dist.barrier()  # every rank has read its checkpoint files: leftovers may go now
     if rank == 0:
         os.makedirs(s.run_dir, exist_ok=True)
         if args.run.resume:

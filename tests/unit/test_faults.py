@@ -179,6 +179,14 @@ def test_checkpoint_leftovers_are_never_taken_and_are_cleaned(tmp_path):
     assert checkpoint.discard_incomplete(str(root)) == ["latest.tmp.123", "step_00000004.superseded",
                                                         "step_00000006.partial"]
     assert sorted(os.listdir(root)) == ["latest", "step_00000002", "step_00000004"]
+    # killed while re-saving step 4, between moving the old one aside and renaming the new one in:
+    # latest's step 4 is the old (complete) one, taken and then put back; the new one is discarded
+    (root / "step_00000004").rename(root / "step_00000004.superseded")
+    (root / "step_00000004.partial").mkdir()
+    assert checkpoint.resolve_resume("latest", str(tmp_path)) == (str(root), "step_00000004.superseded")
+    assert checkpoint.discard_incomplete(str(root)) == ["step_00000004.partial"]
+    assert sorted(os.listdir(root)) == ["latest", "step_00000002", "step_00000004"]
+    assert checkpoint.resolve_resume("latest", str(tmp_path)) == (str(root), "step_00000004")
 
 
 class _Exploit:
