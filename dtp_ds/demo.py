@@ -33,20 +33,36 @@ def launch_command(data: str, logs: str, name: str, nproc: int, model: str, extr
         deepspeed_launcher(), "--num_gpus", str(nproc), "--module", "dtp_ds.train",
         "--deepspeed_config", "ds_configs/tiny.json", "--model", model,
         "--train-data", train_data, "--zeroshot-data", os.path.join(data, "zeroshot"),
+        *(["--zeroshot-extra", os.path.join(data, "layout")] if os.path.isdir(os.path.join(data, "layout")) else []),
         "--logs", logs, "--name", name, "--workers", "1", *extra,
     ]
 
 
-def summary_line(metrics_path: str) -> str:
+def summary_lines(metrics_path: str) -> list[str]:
+    """The demo's last lines: DRIP's boundaries as evaluation ran them (when the model has
+    them), the layout split, then zero-shot top-1 / top-5 against chance (the last line)."""
     evals = [r for r in read_metrics(metrics_path) if "zeroshot_top1" in r]
     if not evals:
         raise SystemExit(f"demo: no zero-shot result in {metrics_path}")
     r = evals[-1]
+    lines = []
+    if "zeroshot_compression" in r:
+        train = r.get("train_compression")
+        gap = f" ({100 * (r['zeroshot_compression'] / train - 1):+.1f}%)" if train else ""
+        lines.append(f"demo: boundaries: eval compression {r['zeroshot_compression']:.2f}x vs training "
+                     f"{train or float('nan'):.2f}x{gap}; segment purity {r.get('zeroshot_purity', float('nan')):.3f} "
+                     f"vs {r.get('zeroshot_purity_even', float('nan')):.3f} for evenly spaced boundaries; "
+                     f"boundary probability spread (q95 - q05) {r['zeroshot_prob_spread']:.3f}")
+    if "layout_top1" in r:
+        ratio = r["layout_top1"] / r["layout_chance_top1"]
+        lines.append(f"demo: layout split: top-1 {r['layout_top1']:.1f}% = {ratio:.1f}x "
+                     f"chance ({r['layout_chance_top1']:.2f}%), {r['layout_classes']} classes (which shape is left)")
     chance1 = r["zeroshot_chance_top1"]
     chance5 = min(100.0, 5 * chance1)
-    return (f"demo: zero-shot top-1 {r['zeroshot_top1']:.1f}% = {r['zeroshot_top1'] / chance1:.1f}x chance "
-            f"({chance1:.2f}%), top-5 {r['zeroshot_top5']:.1f}% = {r['zeroshot_top5'] / chance5:.1f}x chance "
-            f"({chance5:.2f}%), {r['zeroshot_classes']} held-out classes, step {r['step']}")
+    lines.append(f"demo: zero-shot top-1 {r['zeroshot_top1']:.1f}% = {r['zeroshot_top1'] / chance1:.1f}x chance "
+                 f"({chance1:.2f}%), top-5 {r['zeroshot_top5']:.1f}% = {r['zeroshot_top5'] / chance5:.1f}x chance "
+                 f"({chance5:.2f}%), {r['zeroshot_classes']} held-out classes, step {r['step']}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: training failed (exit {rc}); see the output above and {run_dir}", file=sys.stderr)
         return rc
     print(f"demo: run written to {run_dir}/ (metrics.jsonl, config.json, loss.png, checkpoints/)")
-    print(summary_line(os.path.join(run_dir, "metrics.jsonl")), flush=True)
+    print("\n".join(summary_lines(os.path.join(run_dir, "metrics.jsonl"))), flush=True)
     return 0
 
 

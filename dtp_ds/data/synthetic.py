@@ -9,7 +9,14 @@ learn the image-text mapping in minutes on CPU. Output mirrors img2dataset:
     OUT/zeroshot/c000/*.jpg      ImageFolder layout, one folder per "colour shape" class
     OUT/zeroshot/classnames.json class names in index order
     OUT/zeroshot/templates.json  open_clip-style prompt templates with "{}"
+    OUT/zeroshot/objects.json    where every shape of every image is (rebuilds its mask)
+    OUT/layout/...               the same for two-object scenes whose class is their layout
+                                 ("circle left of a star": what pooling keeps shows there)
     OUT/dataset.json             summary, written last (a complete dataset has one)
+
+A share of the training images (``pair_prob``) are such two-object scenes, captioned with
+their layout; each sample's JSON records its objects (shape, centre, radius, angle), from
+which :func:`object_mask` redraws the exact mask.
 
 Every sample is drawn from its own RNG seeded by (seed, split, index), so content does not
 depend on shard size and the same seed gives byte-identical files.
@@ -76,18 +83,32 @@ ZEROSHOT_TEMPLATES: tuple[str, ...] = (
     "a {} in the center.",
 )
 
+LAYOUT_TEMPLATES: tuple[str, ...] = (
+    "a {}.",
+    "a drawing of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+)
+
 TEXTURED_PROB = 0.3  # share of training images on a striped/checkered/noisy background
 MIN_BG_DISTANCE = 100.0  # RGB distance shape <-> background mean; resampled below this
 JPEG_QUALITY = 90
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-reduced: anti-aliased edges at 64 px
 TAR_MTIME = 1_700_000_000  # fixed tar header time, so shards are byte-identical per seed
-_TRAIN_SPLIT, _ZEROSHOT_SPLIT = 0, 1
+PAIR_PROB = 0.2  # share of training images that are two-object layout scenes
+# RNG streams: the pair decision has its own, so single-shape samples are what they always were.
+_TRAIN_SPLIT, _ZEROSHOT_SPLIT, _PAIR_CHOICE, _LAYOUT_SPLIT = 0, 1, 2, 3
 _SHARD_RE = re.compile(r"^\d{5}(\.tar|_stats\.json)$")
 
 
 def classnames() -> list[str]:
     """Zero-shot class names, colour-major: index = colour_idx * len(SHAPES) + shape_idx."""
     return [f"{c} {s}" for c in COLORS for s in SHAPES]
+
+
+def layout_classnames() -> list[str]:
+    """Layout classes: ordered pairs of different shapes, ``"circle left of a star"``."""
+    return [f"{a} left of a {b}" for a in SHAPES for b in SHAPES if a != b]
 
 
 @dataclass(frozen=True)
@@ -150,10 +171,9 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
     return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
 
 
-def _draw_shape(img: Image.Image, shape: str, rgb: tuple, cx: float, cy: float, r: float,
-                angle: float) -> None:
-    """Paint an anti-aliased shape onto ``img`` in place (mask drawn at SUPERSAMPLE x)."""
-    n = img.width * SUPERSAMPLE
+def _shape_alpha(size: int, shape: str, cx: float, cy: float, r: float, angle: float) -> Image.Image:
+    """Anti-aliased coverage (``L`` image, 0-255) of one shape: drawn at SUPERSAMPLE x, reduced."""
+    n = size * SUPERSAMPLE
     mask = Image.new("L", (n, n), 0)
     draw = ImageDraw.Draw(mask)
     s = SUPERSAMPLE
@@ -161,7 +181,33 @@ def _draw_shape(img: Image.Image, shape: str, rgb: tuple, cx: float, cy: float, 
         draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=255)
     else:
         draw.polygon([(x * s, y * s) for x, y in _shape_points(shape, cx, cy, r, angle)], fill=255)
-    img.paste(rgb, None, mask.reduce(s))
+    return mask.reduce(s)
+
+
+def _draw_shape(img: Image.Image, shape: str, rgb: tuple, cx: float, cy: float, r: float,
+                angle: float, objects: list[dict] | None = None) -> None:
+    """Paint an anti-aliased shape onto ``img`` in place; record it in ``objects``."""
+    img.paste(rgb, None, _shape_alpha(img.width, shape, cx, cy, r, angle))
+    if objects is not None:
+        objects.append({"shape": shape, "cx": round(cx, 4), "cy": round(cy, 4), "r": round(r, 4),
+                        "angle": round(angle, 6)})
+
+
+def object_mask(objects: Sequence[dict], image_size: int) -> np.ndarray:
+    """(H, W) bool: pixels covered (more than half) by any recorded object."""
+    cover = np.zeros((image_size, image_size), dtype=np.uint8)
+    for o in objects:
+        alpha = np.asarray(_shape_alpha(image_size, o["shape"], o["cx"], o["cy"], o["r"], o["angle"]))
+        cover = np.maximum(cover, alpha)
+    return cover > 127
+
+
+def patch_labels(objects: Sequence[dict], image_size: int, patch_size: int) -> np.ndarray:
+    """(rows * cols,) bool in raster order: the patch lies mostly on a shape (else background)."""
+    mask = object_mask(objects, image_size)
+    g = image_size // patch_size
+    cells = mask[: g * patch_size, : g * patch_size].reshape(g, patch_size, g, patch_size)
+    return (cells.mean(axis=(1, 3)) > 0.5).reshape(-1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -242,23 +288,100 @@ def sample_spec(rng: np.random.Generator, distractor_prob: float = 0.0,
     return SampleSpec(shape, color, size, position, background, distractor)
 
 
-def render(rng: np.random.Generator, spec: SampleSpec, image_size: int) -> Image.Image:
-    """Draw ``spec`` as an RGB image of ``image_size`` x ``image_size``."""
-    rgb = _jitter(rng, COLORS[spec.color], 12)
-    for _ in range(8):  # resample a texture that happens to sit too close to the shape colour
-        bg = _background(rng, spec.background, image_size)
+def _backdrop(rng: np.random.Generator, kind: str, image_size: int, *rgbs: tuple) -> Image.Image:
+    for _ in range(8):  # resample a texture that happens to sit too close to a shape colour
+        bg = _background(rng, kind, image_size)
         mean = np.asarray(bg).reshape(-1, 3).mean(0)
-        if _color_distance(mean, rgb) >= MIN_BG_DISTANCE:
+        if min(_color_distance(mean, rgb) for rgb in rgbs) >= MIN_BG_DISTANCE:
             break
+    return bg
+
+
+def render_with_objects(rng: np.random.Generator, spec: SampleSpec,
+                        image_size: int) -> tuple[Image.Image, list[dict]]:
+    """Draw ``spec`` as an RGB image of ``image_size`` x ``image_size``; also return where
+    each shape went (in drawing order: the main shape last, on top)."""
+    rgb = _jitter(rng, COLORS[spec.color], 12)
+    bg = _backdrop(rng, spec.background, image_size, rgb)
+    objects: list[dict] = []
     if spec.distractor is not None:
         d = spec.distractor
         cx, cy, r = _placement(rng, "small", d["position"], image_size, shrink=0.5)
         _draw_shape(bg, d["shape"], _jitter(rng, COLORS[d["color"]], 12), cx, cy, r,
-                    float(rng.uniform(-0.2, 0.2)))
+                    float(rng.uniform(-0.2, 0.2)), objects)
     cx, cy, r = _placement(rng, spec.size, spec.position, image_size)
     # Small rotations only: a square turned by 45 degrees would be a diamond.
-    _draw_shape(bg, spec.shape, rgb, cx, cy, r, float(rng.uniform(-0.2, 0.2)))
-    return bg
+    _draw_shape(bg, spec.shape, rgb, cx, cy, r, float(rng.uniform(-0.2, 0.2)), objects)
+    return bg, objects
+
+
+def render(rng: np.random.Generator, spec: SampleSpec, image_size: int) -> Image.Image:
+    """Draw ``spec`` as an RGB image of ``image_size`` x ``image_size``."""
+    return render_with_objects(rng, spec, image_size)[0]
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """A two-object layout scene: one shape in the left half, another in the right half."""
+
+    left_shape: str
+    left_color: str
+    right_shape: str
+    right_color: str
+    background: str
+
+    @property
+    def classname(self) -> str:
+        return f"{self.left_shape} left of a {self.right_shape}"
+
+    @property
+    def class_index(self) -> int:
+        return layout_classnames().index(self.classname)
+
+
+def pair_spec(rng: np.random.Generator, left_shape: str | None = None,
+              right_shape: str | None = None) -> PairSpec:
+    left_shape = left_shape or str(_pick(rng, SHAPES))
+    right_shape = right_shape or str(_pick(rng, [s for s in SHAPES if s != left_shape]))
+    left_color = str(_pick(rng, list(COLORS)))
+    right_color = str(_pick(rng, [c for c in COLORS if c != left_color]))
+    background = str(_pick(rng, list(PLAIN_BACKGROUNDS)))
+    return PairSpec(left_shape, left_color, right_shape, right_color, background)
+
+
+def render_pair(rng: np.random.Generator, spec: PairSpec, image_size: int) -> tuple[Image.Image, list[dict]]:
+    """Two small shapes side by side (left one first in ``objects``)."""
+    rgbs = [_jitter(rng, COLORS[c], 12) for c in (spec.left_color, spec.right_color)]
+    bg = _backdrop(rng, spec.background, image_size, *rgbs)
+    objects: list[dict] = []
+    for side, shape, rgb in ((0.25, spec.left_shape, rgbs[0]), (0.75, spec.right_shape, rgbs[1])):
+        lo, hi = SIZES["small"]
+        r = float(rng.uniform(lo, hi)) * image_size
+        cx = (side + float(rng.uniform(-0.02, 0.02))) * image_size
+        cy = float(rng.uniform(0.35, 0.65)) * image_size
+        _draw_shape(bg, shape, rgb, cx, cy, r, float(rng.uniform(-0.2, 0.2)), objects)
+    return bg, objects
+
+
+def pair_caption(rng: np.random.Generator, spec: PairSpec) -> str:
+    """A varied description of a pair scene that always says which shape is on which side."""
+    colored = rng.random() < 0.6
+    left = f"{spec.left_color} {spec.left_shape}" if colored else spec.left_shape
+    right = f"{spec.right_color} {spec.right_shape}" if colored else spec.right_shape
+    style = int(rng.integers(4))
+    if style == 0:
+        text = f"{_article(left)} {left} {_pick(rng, ('left of', 'to the left of'))} {_article(right)} {right}"
+    elif style == 1:
+        text = f"{_article(right)} {right} {_pick(rng, ('right of', 'to the right of'))} {_article(left)} {left}"
+    elif style == 2:
+        text = f"{_article(left)} {left} on the left and {_article(right)} {right} on the right"
+    else:
+        text = f"on the left {_article(left)} {left}, on the right {_article(right)} {right}"
+    prefix = str(_pick(rng, _PREFIXES))
+    text = f"{prefix} {text}" if prefix else text
+    if rng.random() < 0.4:
+        text += "."
+    return text
 
 
 # ----------------------------------------------------------------------------- captions
@@ -336,13 +459,23 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def make_train_sample(seed: int, index: int, image_size: int,
-                      distractor_prob: float = 0.1) -> tuple[bytes, str, dict]:
+def make_train_sample(seed: int, index: int, image_size: int, distractor_prob: float = 0.1,
+                      pair_prob: float = PAIR_PROB) -> tuple[bytes, str, dict]:
     """JPEG bytes, caption and img2dataset-style metadata of training sample ``index``."""
     rng = _rng(seed, _TRAIN_SPLIT, index)
-    spec = sample_spec(rng, distractor_prob)
-    jpg = _jpeg(render(rng, spec, image_size))
-    text = caption(rng, spec)
+    if _rng(seed, _PAIR_CHOICE, index).random() < pair_prob:
+        pair = pair_spec(rng)
+        img, objects = render_pair(rng, pair, image_size)
+        text = pair_caption(rng, pair)
+        described = {"kind": "pair", **asdict(pair), "classname": pair.classname,
+                     "class_index": pair.class_index}
+    else:
+        spec = sample_spec(rng, distractor_prob)
+        img, objects = render_with_objects(rng, spec, image_size)
+        text = caption(rng, spec)
+        described = {"kind": "single", **asdict(spec), "class_index": spec.class_index,
+                     "classname": f"{spec.color} {spec.shape}"}
+    jpg = _jpeg(img)
     key = f"{index:09d}"
     meta = {
         "url": None,
@@ -355,9 +488,8 @@ def make_train_sample(seed: int, index: int, image_size: int,
         "original_width": image_size,
         "original_height": image_size,
         "sha256": hashlib.sha256(jpg).hexdigest(),
-        **asdict(spec),
-        "class_index": spec.class_index,
-        "classname": f"{spec.color} {spec.shape}",
+        **described,
+        "objects": objects,
     }
     return jpg, text, meta
 
@@ -376,13 +508,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _write_shard(path: Path, seed: int, start: int, count: int, image_size: int,
-                 distractor_prob: float) -> None:
+                 distractor_prob: float, pair_prob: float) -> None:
     """Write one tar under a temp name and rename it, so a crash never leaves a partial shard."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, start + count):
-                jpg, text, meta = make_train_sample(seed, index, image_size, distractor_prob)
+                jpg, text, meta = make_train_sample(seed, index, image_size, distractor_prob, pair_prob)
                 key = meta["key"]
                 _add(tar, f"{key}.jpg", jpg)
                 _add(tar, f"{key}.txt", text.encode("utf-8"))
@@ -396,41 +528,65 @@ def _write_shard(path: Path, seed: int, start: int, count: int, image_size: int,
                   json.dumps(stats, indent=2).encode("utf-8"))
 
 
-def _write_zeroshot(out: Path, seed: int, per_class: int, image_size: int) -> int:
-    """Write the class-folder split into a temp dir, then swap it into place."""
+def _zeroshot_image(seed: int, ci: int, k: int, image_size: int) -> tuple[Image.Image, list[dict]]:
+    color, shape = classnames()[ci].split(" ")
+    # Index by (class, k): disjoint from the train stream through the split id.
+    rng = _rng(seed, _ZEROSHOT_SPLIT, ci * 1_000_000 + k)
+    return render_with_objects(rng, sample_spec(rng, 0.0, shape=shape, color=color), image_size)
+
+
+def _layout_image(seed: int, ci: int, k: int, image_size: int) -> tuple[Image.Image, list[dict]]:
+    left, right = layout_classnames()[ci].split(" left of a ")
+    rng = _rng(seed, _LAYOUT_SPLIT, ci * 1_000_000 + k)
+    return render_pair(rng, pair_spec(rng, left, right), image_size)
+
+
+def _write_class_split(out: Path, names: list[str], templates: Sequence[str], draw, seed: int,
+                       per_class: int, image_size: int) -> int:
+    """Write a class-folder split (with ``objects.json``) into a temp dir, then swap it in."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    names = classnames()
-    for ci, name in enumerate(names):
-        color, shape = name.split(" ")
+    objects: dict[str, list[dict]] = {}
+    for ci in range(len(names)):
         folder = tmp / f"c{ci:03d}"
         folder.mkdir()
         for k in range(per_class):
-            # Index by (class, k): disjoint from the train stream through the split id.
-            rng = _rng(seed, _ZEROSHOT_SPLIT, ci * 1_000_000 + k)
-            spec = sample_spec(rng, 0.0, shape=shape, color=color)
-            (folder / f"{k:05d}.jpg").write_bytes(_jpeg(render(rng, spec, image_size)))
+            img, objs = draw(seed, ci, k, image_size)
+            (folder / f"{k:05d}.jpg").write_bytes(_jpeg(img))
+            objects[f"c{ci:03d}/{k:05d}.jpg"] = objs
     (tmp / "classnames.json").write_text(json.dumps(names, indent=1) + "\n")
-    (tmp / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1) + "\n")
+    (tmp / "templates.json").write_text(json.dumps(list(templates), indent=1) + "\n")
+    (tmp / OBJECTS_FILE).write_text(json.dumps({"image_size": image_size, "objects": objects}) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return per_class * len(names)
 
 
+OBJECTS_FILE = "objects.json"
+
+
+def read_objects(split_dir: str | os.PathLike) -> dict | None:
+    """A split's ``objects.json`` (``{"image_size", "objects": {relpath: [object, ...]}}``), or
+    ``None`` for a split without one (ImageNet)."""
+    path = Path(split_dir) / OBJECTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def existing_outputs(out_dir: str | os.PathLike) -> list[Path]:
     """Generated files/folders already under ``out_dir`` (what ``--overwrite`` would replace)."""
     out = Path(out_dir)
     found = sorted(p for p in (out / "train").glob("*") if _SHARD_RE.match(p.name))
-    found += [p for p in (out / "zeroshot", out / "dataset.json") if p.exists()]
+    found += [p for p in (out / "zeroshot", out / "layout", out / "dataset.json") if p.exists()]
     return found
 
 
 def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 20000,
                             samples_per_shard: int = 1000, val_per_class: int = 20,
                             image_size: int = 64, seed: int = 0, *,
-                            distractor_prob: float = 0.1, overwrite: bool = True) -> dict:
+                            distractor_prob: float = 0.1, pair_prob: float = PAIR_PROB,
+                            overwrite: bool = True) -> dict:
     """Write train shards and the zero-shot split under ``out_dir``; return a summary.
 
     Re-running with the same arguments rewrites identical files; shards left over from a
@@ -457,13 +613,16 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 20000,
         start = s * samples_per_shard
         path = train / f"{s:05d}.tar"
         _write_shard(path, seed, start, min(samples_per_shard, num_train - start), image_size,
-                     distractor_prob)
+                     distractor_prob, pair_prob)
         shards.append(f"train/{path.name}")
     for p in train.glob("*"):  # drop stale shards of an earlier, larger run
         if _SHARD_RE.match(p.name) and int(p.name[:5]) >= num_shards:
             p.unlink()
     train_seconds = time.perf_counter() - t0
-    num_zeroshot = _write_zeroshot(out / "zeroshot", seed, val_per_class, image_size)
+    num_zeroshot = _write_class_split(out / "zeroshot", classnames(), ZEROSHOT_TEMPLATES, _zeroshot_image,
+                                      seed, val_per_class, image_size)
+    num_layout = _write_class_split(out / "layout", layout_classnames(), LAYOUT_TEMPLATES, _layout_image,
+                                    seed, val_per_class, image_size)
     # dataset.json holds paths relative to out_dir (movable, byte-identical per seed);
     # the returned summary has them joined to out_dir.
     summary = {
@@ -476,16 +635,21 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 20000,
         "val_per_class": val_per_class,
         "num_zeroshot": num_zeroshot,
         "zeroshot_dir": "zeroshot",
+        "num_layout_classes": len(layout_classnames()),
+        "num_layout": num_layout,
+        "layout_dir": "layout",
         "image_size": image_size,
         "seed": seed,
         "distractor_prob": distractor_prob,
+        "pair_prob": pair_prob,
         "attributes": {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES),
                        "position": list(POSITIONS), "background": list(BACKGROUNDS)},
     }
     _atomic_write(out / "dataset.json", (json.dumps(summary, indent=1) + "\n").encode())
     seconds = time.perf_counter() - t0
     paths = {"train_pattern": str(out / summary["train_pattern"]),
-             "shards": [str(out / p) for p in shards], "zeroshot_dir": str(out / "zeroshot")}
+             "shards": [str(out / p) for p in shards], "zeroshot_dir": str(out / "zeroshot"),
+             "layout_dir": str(out / "layout")}
     return {**summary, **paths, "seconds": seconds,
             "train_samples_per_second": num_train / max(train_seconds, 1e-9)}
 
@@ -501,12 +665,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distractor-prob", type=float, default=0.1,
                    help="share of training images with a second, small unmentioned shape")
+    p.add_argument("--pair-prob", type=float, default=PAIR_PROB,
+                   help="share of training images that are two-object scenes captioned with their layout")
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.samples_per_shard < 1:
         p.error("--num-samples and --samples-per-shard must be >= 1")
-    if args.val_per_class < 0 or args.image_size < 16 or not 0 <= args.distractor_prob <= 1:
-        p.error("need --val-per-class >= 0, --image-size >= 16, 0 <= --distractor-prob <= 1")
+    if args.val_per_class < 0 or args.image_size < 16 or not 0 <= args.distractor_prob <= 1 \
+            or not 0 <= args.pair_prob <= 1:
+        p.error("need --val-per-class >= 0, --image-size >= 16, 0 <= --distractor-prob <= 1, "
+                "0 <= --pair-prob <= 1")
     old = existing_outputs(args.out)
     if old and not args.overwrite:
         print(f"error: --out {args.out} already holds generated data ({len(old)} entries, e.g. "
@@ -516,14 +684,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         s = write_synthetic_dataset(args.out, args.num_samples, args.samples_per_shard,
                                     args.val_per_class, args.image_size, args.seed,
-                                    distractor_prob=args.distractor_prob, overwrite=True)
+                                    distractor_prob=args.distractor_prob, pair_prob=args.pair_prob,
+                                    overwrite=True)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {s['num_train']} train samples in {s['num_shards']} shards "
           f"({s['train_samples_per_second']:.0f} samples/s): {s['train_pattern']}")
     print(f"wrote {s['num_zeroshot']} zero-shot images, {s['num_classes']} classes: "
-          f"{s['zeroshot_dir']}  ({s['seconds']:.1f} s total)")
+          f"{s['zeroshot_dir']}; {s['num_layout']} layout images, {s['num_layout_classes']} classes: "
+          f"{s['layout_dir']}  ({s['seconds']:.1f} s total)")
     return 0
 
 

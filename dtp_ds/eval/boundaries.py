@@ -4,10 +4,12 @@
     tools/visualize_boundaries --checkpoint LOGS/NAME/checkpoints/step_N --images A.jpg B.jpg --out DIR
 
 The model comes out of a DeepSpeed checkpoint of any ZeRO stage (:mod:`dtp_ds.train.export`)
-and runs in eval mode, where boundaries are deterministic (boundary probability > 0.5), on
-each image after the model's own val transform. The boundaries are read with a forward hook
-on the trunk's boundary predictor during the image tower's normal forward, so they are the
-ones that forward pooled with, and segments are numbered by the same :func:`segment_ids`.
+and runs in eval mode, where boundaries follow the predictor's deterministic evaluation rule
+(the one zero-shot evaluation and FLOP counts use: for the MLP predictor by default the
+``round(sum of probabilities)`` most probable patches), on each image after the model's own
+val transform. The boundaries are read with :class:`~dtp_ds.models.capture_boundaries` during
+the image tower's normal forward, so they are the ones that forward pooled with, and segments
+are numbered by the same :func:`segment_ids`.
 
 A boundary at patch ``l`` (raster order: rows left to right, top to bottom) ends the segment
 that contains ``l``; the patches after the last boundary form one more segment. So segments
@@ -35,8 +37,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from dtp_ds.models import DripVisionTransformer, drip_trunks
-from dtp_ds.models.boundary import Boundaries
+from dtp_ds.models import DripVisionTransformer, capture_boundaries, drip_trunks
 from dtp_ds.models.segments import segment_ids
 from dtp_ds.train.export import load_model_from_checkpoint
 
@@ -93,18 +94,16 @@ def extract_boundaries(model: nn.Module, images: torch.Tensor) -> list[ImageBoun
     return each image's boundaries, as that forward used them."""
     trunk = drip_trunk(model)
     tower = getattr(model, "visual", model)
-    captured: list[Boundaries] = []
-    handle = trunk.boundary_predictor.register_forward_hook(lambda _m, _i, out: captured.append(out))
     was_training = model.training
     model.eval()
     try:
-        tower(images)
+        with capture_boundaries(model) as cap:
+            tower(images)
     finally:
-        handle.remove()
         model.train(was_training)
-    if len(captured) != 1:
-        raise RuntimeError(f"boundary predictor ran {len(captured)} times in one forward; expected once")
-    bnd = captured[0]
+    if len(cap.captured) != 1:
+        raise RuntimeError(f"boundary predictor ran {len(cap.captured)} times in one forward; expected once")
+    bnd = cap.captured[0]
     ids = segment_ids(bnd.hard)  # what the forward pooled with
     hard = (bnd.hard > 0.5).cpu().numpy()
     probs, ids = bnd.probs.float().cpu().numpy(), ids.cpu().numpy()
@@ -259,7 +258,8 @@ def list_images(image_dir: str, max_images: int | None) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="visualize_boundaries",
-        description="Draw a DRIP checkpoint's learned segment boundaries (eval mode: probability > 0.5) on images.")
+        description="Draw a DRIP checkpoint's learned segment boundaries on images, as evaluation places them "
+                    "(the predictor's eval rule, the one zero-shot evaluation and tools/flops use).")
     parser.add_argument("--checkpoint", required=True,
                         help="run directory LOGS/NAME (newest complete checkpoint), its checkpoints/ directory, "
                              "or one checkpoint directory checkpoints/step_N; any ZeRO stage")

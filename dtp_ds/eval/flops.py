@@ -11,8 +11,8 @@ A DRIP model's cost depends on how many segments its boundary predictor makes. C
 pins the hard boundaries (:class:`dtp_ds.models.pinned_segments`) to evenly spaced segments:
 as many as a predictor running at the trunk's prior rate 1 / compression makes on average
 (:func:`dtp_ds.models.expected_segments`: ``rate * (L - 1) + 1``, the last segment ends with the
-sequence), or at ``boundary_rate`` (e.g. the rate a checkpoint learned, from its
-``metrics.jsonl``), or exactly ``segments`` (what a run measured: patches / compression). A
+sequence), or at ``boundary_rate`` (e.g. the rate a run's evaluation ran at, from its
+``metrics.jsonl``: ``zeroshot_boundary_rate``), or exactly ``segments`` (what a run measured: patches / compression). A
 fractional count is the linear interpolation of the two whole counts around it.
 
 Counting runs with autograd on. Under ``torch.no_grad()`` open_clip's plain ViTs take
@@ -81,8 +81,18 @@ def count_flops(
 ) -> dict[str, Any]:
     """FLOPs of one sample through ``model.visual`` (and through the whole CLIP model when
     ``context_length`` is given); DRIP trunks at ``segments`` per sample, else at the
-    segments a predictor at ``boundary_rate`` (None: the trunk's prior) makes on average."""
+    segments a predictor at ``boundary_rate`` (None: the trunk's prior) makes on average.
+    The model's train/eval mode is restored afterwards."""
+    was_training = model.training
     model.eval()
+    try:
+        return _count_flops(model, image_size, context_length, boundary_rate, no_grad, segments)
+    finally:
+        model.train(was_training)
+
+
+def _count_flops(model: nn.Module, image_size: tuple[int, int], context_length: int | None,
+                 boundary_rate: float | None, no_grad: bool, segments: float | None) -> dict[str, Any]:
     device = next(model.parameters()).device
     image = torch.randn(1, 3, *image_size, device=device)
     text = None if context_length is None else torch.randint(0, 49408, (1, context_length), device=device)
@@ -168,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boundary-rate", default=None, metavar="RATE|RUN_DIR",
                         help="count DRIP models at the segments a predictor at this boundary rate makes, "
                         "instead of each model's prior 1/compression: a number, or a run directory (or its "
-                        "metrics.jsonl) whose logged rate (what the checkpoint learned) is used")
+                        "metrics.jsonl): the rate its last evaluation ran at (the deterministic eval rule on "
+                        "real images), else its last logged training rate")
     parser.add_argument("--image-only", action="store_true", help="skip the whole-CLIP counts (faster)")
     parser.add_argument("--no-grad", action="store_true",
                         help="count under torch.no_grad(): reproduces the count that misses "

@@ -25,7 +25,9 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from torch import nn
 from torchvision.datasets import ImageFolder
 
-from dtp_ds.models import drip_aux
+from dtp_ds.data.synthetic import patch_labels, read_objects
+from dtp_ds.eval.boundary_quality import BoundaryQuality
+from dtp_ds.models import capture_boundaries
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ZeroShotSplit:
     image_dir: str
     classnames: list[str]
     templates: list[Callable[[str], str]]
+    objects: dict | None = None  # objects.json of a synthetic split: boundary purity is measured
 
 
 def imagenet_split(image_dir: str) -> ZeroShotSplit:
@@ -48,7 +51,7 @@ def folder_split(root: str) -> ZeroShotSplit:
         classnames = json.load(f)
     with open(os.path.join(root, "templates.json")) as f:
         templates = [(lambda c, t=t: t.format(c)) for t in json.load(f)]
-    return ZeroShotSplit(os.path.basename(os.path.normpath(root)), root, classnames, templates)
+    return ZeroShotSplit(os.path.basename(os.path.normpath(root)), root, classnames, templates, read_objects(root))
 
 
 def check_split(split: ZeroShotSplit) -> None:
@@ -68,7 +71,10 @@ def zero_shot_eval(
     batch_size: int = 64,
     max_images: int | None = None,
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy (in %) of a CLIP model on ``split``; call on every rank."""
+    """Top-1/top-5 accuracy (in %) of a CLIP model on ``split``; call on every rank. For
+    DRIP models also the boundaries' quality as evaluation ran them
+    (:mod:`dtp_ds.eval.boundary_quality`: ``zeroshot_compression``, ``..._purity`` where the
+    split records its objects, ``..._prob_spread``)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     was_training = model.training
@@ -93,8 +99,8 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
     per_rank = math.ceil(n / world)
     mine = order[rank * per_rank:(rank + 1) * per_rank]
     n_batches = math.ceil(per_rank / batch_size)
-    # top1, top5, images, DRIP compression summed over real batches, real batches
-    stats = torch.zeros(5, dtype=torch.float64, device=device)
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, images
+    quality = BoundaryQuality(device)
     for b in range(n_batches):
         idx = mine[b * batch_size:(b + 1) * batch_size]
         real = len(idx)
@@ -102,20 +108,34 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
             idx = order[:1]
         images = torch.stack([dataset[i][0] for i in idx]).to(device=device, dtype=input_dtype)
         labels = torch.tensor([dataset[i][1] for i in idx], device=device)
-        feats = model.encode_image(images, normalize=True).float()
+        with capture_boundaries(model) as cap:
+            feats = model.encode_image(images, normalize=True).float()
         logits = feats @ classifier.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5 == labels[:, None]
         if real:
-            compression = float(drip_aux(model).get("compression", 0.0))  # eval (deterministic) boundaries
-            stats += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), real, compression, 1],
+            stats += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), real],
                                   dtype=torch.float64, device=device)
+            for bnd in cap.captured:  # the boundaries this forward pooled with
+                quality.add(bnd.hard, bnd.probs,
+                            [_patch_labels(split, dataset.samples[i][0], bnd.hard.shape[-1]) for i in idx])
     if dist.is_initialized():
         dist.all_reduce(stats)
-    top1, top5, count, compression, batches = stats.tolist()
+        dist.all_reduce(quality.sums)
+    top1, top5, count = stats.tolist()
     result = {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
               "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),
               "zeroshot_chance_top1": 100 / len(split.classnames)}
-    if compression:
-        result["zeroshot_compression"] = compression / batches
+    result.update(quality.result("zeroshot_"))
     return result
+
+
+def _patch_labels(split: ZeroShotSplit, path: str, num_patches: int):
+    """Patch labels (on a shape or not) of one image of a split that records its objects."""
+    if split.objects is None:
+        return None
+    objects = split.objects["objects"].get(os.path.relpath(path, split.image_dir).replace(os.sep, "/"))
+    size, grid = split.objects["image_size"], math.isqrt(num_patches)
+    if objects is None or grid * grid != num_patches or size % grid:
+        return None  # unknown image, or the model sees another grid than the split was drawn on
+    return patch_labels(objects, size, size // grid)

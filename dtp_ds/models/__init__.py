@@ -1,6 +1,6 @@
 """Single-device model code: DRIP vision transformers and the model-config registry."""
 from .boundary import BoundaryPredictor, boundary_rate_loss, expected_segments
-from .drip import POOL_TYPES, DripVisionTransformer, drip_aux, drip_trunks, pinned_segments
+from .drip import POOL_TYPES, DripVisionTransformer, capture_boundaries, drip_aux, drip_trunks, pinned_segments
 from .registry import (
     CONFIG_DIR,
     create_model,
@@ -9,6 +9,7 @@ from .registry import (
     list_models,
     register_config,
     register_model_configs,
+    register_model_file,
 )
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "BoundaryPredictor",
     "DripVisionTransformer",
     "boundary_rate_loss",
+    "capture_boundaries",
     "create_model",
     "drip_aux",
     "drip_trunks",
@@ -27,4 +29,5 @@ __all__ = [
     "pinned_segments",
     "register_config",
     "register_model_configs",
+    "register_model_file",
 ]

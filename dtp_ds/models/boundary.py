@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .segments import straight_through_weights
+
 LOGIT_CLAMP = 20.0
 PROB_EPS = 1e-4
 _NOISE_EPS = 1e-6
@@ -81,22 +83,96 @@ def regular_boundaries(length: int, segments: int, device: torch.device | None =
     return pattern
 
 
-class BoundaryPredictor(nn.Module):
-    """MLP (Linear, GELU, Linear) giving one boundary logit per patch token.
+PREDICTORS = ("mlp", "cosine", "fixed")
+EVAL_RULES = ("expected", "threshold", "sample")
+STRAIGHT_THROUGH = ("cumsum", "confidence")
+EVAL_SAMPLE_SEED = 0
+
+
+def topk_boundaries(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """0/1 boundaries at each row's ``counts[b]`` most probable positions (ties: lower index)."""
+    order = probs.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(probs.shape[-1], device=probs.device)
+                                             .expand_as(order))
+    return (ranks < counts.unsqueeze(-1)).to(probs.dtype)
+
+
+def confidence_weights(probs: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """H-Net's confidence-weighted straight-through (Hwang, Wang, Gu 2025): value 1, gradient
+    of the confidence in the decision taken (``p`` at a boundary, ``1 - p`` elsewhere). Used as
+    pooling weights, each patch's decision gets the gradient of its own weight in its segment
+    mean, which does not cancel as the cumulative-sum path's does (see :class:`MLPBoundaryPredictor`)."""
+    hard = (hard.detach() > 0.5).to(probs.dtype)
+    conf = hard * probs + (1.0 - hard) * (1.0 - probs)
+    return 1.0 + (conf - conf.detach())
+
+
+class BoundaryPredictorBase(nn.Module):
+    """What every predictor shares: the prior rate, pinned segments, the pooling weights.
 
     ``forced_segments``: when set (not ``None``), the hard boundaries are replaced by
-    :func:`regular_boundaries` cutting that many segments (the MLP still runs and gradients
-    still flow through the straight-through path); FLOP counting uses this to evaluate a
-    model at a given compression regardless of what the untrained predictor outputs.
+    :func:`regular_boundaries` cutting that many segments (gradients still flow through the
+    straight-through path); FLOP counting uses this to evaluate a model at a given compression
+    regardless of what the predictor outputs.
     """
 
-    def __init__(self, dim: int, hidden: int, temperature: float = 0.5, prior: float = 0.5) -> None:
+    straight_through = "cumsum"
+
+    def __init__(self, prior: float) -> None:
         super().__init__()
         if not 0.0 < prior < 1.0:
             raise ValueError(f"boundary prior must be in (0, 1), got {prior}")
-        self.temperature = temperature
         self.prior = prior
         self.forced_segments: int | None = None
+
+    def _finish(self, logits: torch.Tensor, probs: torch.Tensor, hard: torch.Tensor) -> Boundaries:
+        if self.forced_segments is not None:
+            pattern = regular_boundaries(probs.shape[-1], self.forced_segments, probs.device)
+            hard = pattern.expand_as(probs) + probs - probs.detach()
+        return Boundaries(logits=logits, probs=probs, hard=hard)
+
+    def pooling_weights(self, bnd: Boundaries) -> torch.Tensor | None:
+        """(B, L) weights of value 1 carrying the boundary gradient into the segment means;
+        ``None`` when no gradient is wanted."""
+        if not bnd.hard.requires_grad:
+            return None
+        if self.straight_through == "confidence":
+            return confidence_weights(bnd.probs, bnd.hard)
+        return straight_through_weights(bnd.hard)
+
+    def rate_loss(self, bnd: Boundaries) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MLPBoundaryPredictor(BoundaryPredictorBase):
+    """DTP's predictor (Nawrot et al. 2023): an MLP (Linear, GELU, Linear) gives one logit per
+    patch token; training samples Gumbel-Sigmoid boundaries made hard with a straight-through
+    estimator; the rate loss is ``-log Binomial(L, prior).pmf(count) / L``.
+
+    Evaluation is deterministic and runs at the training compression (``eval_rule``):
+
+    - ``"expected"`` (default): per image the ``k = round(sum of sigmoid(logits))`` most probable
+      patches are boundaries. A Gumbel-Sigmoid sample has boundary ``l`` with probability exactly
+      ``sigmoid(logit_l)``, so ``k`` is the count training draws on average;
+    - ``"threshold"``: ``sigmoid(logit) > 0.5``, DTP's rule. A predictor near a prior < 0.5
+      places no boundary at all under it (every image one segment);
+    - ``"sample"``: a Bernoulli sample from a fixed seed (:data:`EVAL_SAMPLE_SEED`).
+
+    ``straight_through``: ``"cumsum"`` is DTP's path (the gradient reaches boundary ``j``
+    through the segment index of every later token); ``"confidence"`` H-Net's
+    (:func:`confidence_weights`).
+    """
+
+    def __init__(self, dim: int, hidden: int, temperature: float = 0.5, prior: float = 0.5,
+                 eval_rule: str = "expected", straight_through: str = "cumsum") -> None:
+        super().__init__(prior)
+        if eval_rule not in EVAL_RULES:
+            raise ValueError(f"eval_rule must be one of {EVAL_RULES}, got {eval_rule!r}")
+        if straight_through not in STRAIGHT_THROUGH:
+            raise ValueError(f"straight_through must be one of {STRAIGHT_THROUGH}, got {straight_through!r}")
+        self.temperature = temperature
+        self.eval_rule = eval_rule
+        self.straight_through = straight_through
         self.fc1 = Fp32Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = Fp32Linear(hidden, 1)
@@ -114,11 +190,102 @@ class BoundaryPredictor(nn.Module):
     def forward(self, x: torch.Tensor) -> Boundaries:
         """``x``: (B, L, D) patch tokens -> :class:`Boundaries` over the L positions."""
         logits = self.fc2(self.act(self.fc1(x))).squeeze(-1)
-        probs, hard = sample_boundaries(logits, self.temperature, stochastic=self.training)
-        if self.forced_segments is not None:
-            pattern = regular_boundaries(logits.shape[-1], self.forced_segments, logits.device)
-            hard = pattern.expand_as(probs) + probs - probs.detach()
-        return Boundaries(logits=logits, probs=probs, hard=hard)
+        if self.training:
+            probs, hard = sample_boundaries(logits, self.temperature, stochastic=True)
+            return self._finish(logits, probs, hard)
+        probs, hard = sample_boundaries(logits, self.temperature, stochastic=False)  # hard: threshold rule
+        if self.eval_rule == "expected":
+            counts = probs.detach().sum(-1).round().long()
+            hard = topk_boundaries(probs.detach(), counts) + probs - probs.detach()
+        elif self.eval_rule == "sample":
+            gen = torch.Generator(device=probs.device).manual_seed(EVAL_SAMPLE_SEED)
+            u = torch.rand(probs.shape, generator=gen, device=probs.device)
+            hard = (u < probs.detach()).to(probs.dtype) + probs - probs.detach()
+        return self._finish(logits, probs, hard)
+
+    def rate_loss(self, bnd: Boundaries) -> torch.Tensor:
+        return boundary_rate_loss(bnd.hard, self.prior)
+
+
+BoundaryPredictor = MLPBoundaryPredictor  # the name earlier releases used
+
+
+class CosineBoundaryPredictor(BoundaryPredictorBase):
+    """H-Net's dynamic-chunking router (Hwang, Wang, Gu 2025), in raster order over patches.
+
+    ``p_l = (1 - cos(W_q x_{l+1}, W_k x_l)) / 2``: a boundary after patch ``l`` is likely where
+    the next patch differs from it. ``W_q``, ``W_k`` start at the identity, so from the first
+    step boundaries sit where content changes. The last patch ends the sequence and so its
+    segment (``p = 1``). Boundaries are ``p > 0.5`` in training and evaluation alike: the
+    model evaluated is the model trained, with no eval rule to choose. The rate loss is
+    H-Net's ratio loss on the selected fraction ``F`` (no gradient) and the mean probability
+    ``G``, ``N / (N - 1) * ((N - 1) F G + (1 - F)(1 - G))`` with ``N = 1 / prior``, smallest at
+    ``F = G = prior``, taken per image and averaged (H-Net takes it over the batch: per image
+    every image is held near the target count, so an image unlike the training mix, one shape
+    on a plain background, still runs near the training compression); the straight-through
+    path is confidence-weighted.
+    """
+
+    straight_through = "confidence"
+
+    def __init__(self, dim: int, prior: float = 0.5) -> None:
+        super().__init__(prior)
+        self.q = Fp32Linear(dim, dim, bias=False)
+        self.k = Fp32Linear(dim, dim, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.eye_(self.q.weight)
+        nn.init.eye_(self.k.weight)
+
+    def forward(self, x: torch.Tensor) -> Boundaries:
+        q = F.normalize(self.q(x[:, 1:]), dim=-1)
+        k = F.normalize(self.k(x[:, :-1]), dim=-1)
+        cos = (q * k).sum(-1)
+        probs = (0.5 * (1.0 - cos)).clamp(PROB_EPS, 1.0 - PROB_EPS)
+        probs = torch.cat([probs, probs.new_ones(probs.shape[0], 1)], dim=-1)  # the sequence end
+        logits = torch.logit(probs)
+        hard = (probs > 0.5).to(probs.dtype)
+        return self._finish(logits, probs, hard + probs - probs.detach())
+
+    def rate_loss(self, bnd: Boundaries) -> torch.Tensor:
+        n = 1.0 / self.prior
+        selected = (bnd.hard[:, :-1].detach() > 0.5).float().mean(-1)
+        mean_prob = bnd.probs[:, :-1].float().mean(-1)
+        per_image = n / (n - 1.0) * ((n - 1.0) * selected * mean_prob + (1.0 - selected) * (1.0 - mean_prob))
+        return per_image.mean()
+
+
+class FixedBoundaryPredictor(BoundaryPredictorBase):
+    """Control arm: evenly spaced boundaries at the prior's segment count
+    (:func:`expected_segments`, rounded), the same for every image, in training and evaluation.
+    Isolates what content-adaptive boundaries add over pooling at the same compression."""
+
+    def __init__(self, prior: float = 0.5) -> None:
+        super().__init__(prior)
+
+    def forward(self, x: torch.Tensor) -> Boundaries:
+        length = x.shape[1]
+        segments = min(length, max(1, round(expected_segments(length, self.prior))))
+        hard = regular_boundaries(length, segments, x.device).expand(x.shape[0], -1)
+        probs = hard.clamp(PROB_EPS, 1.0 - PROB_EPS)
+        return self._finish(torch.logit(probs), probs, hard)
+
+    def rate_loss(self, bnd: Boundaries) -> torch.Tensor:
+        return bnd.probs.new_zeros(())
+
+
+def make_boundary_predictor(kind: str, dim: int, hidden: int, prior: float, temperature: float = 0.5,
+                            eval_rule: str = "expected", straight_through: str = "cumsum") -> BoundaryPredictorBase:
+    """The predictor a model JSON's ``predictor`` names (see :data:`PREDICTORS`)."""
+    if kind == "mlp":
+        return MLPBoundaryPredictor(dim, hidden, temperature, prior, eval_rule, straight_through)
+    if kind == "cosine":
+        return CosineBoundaryPredictor(dim, prior)
+    if kind == "fixed":
+        return FixedBoundaryPredictor(prior)
+    raise ValueError(f"predictor must be one of {PREDICTORS}, got {kind!r}")
 
 
 def binomial_log_pmf(k: torch.Tensor, n: int, p: float) -> torch.Tensor:

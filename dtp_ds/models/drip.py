@@ -24,14 +24,13 @@ from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .boundary import BoundaryPredictor, boundary_rate_loss
+from .boundary import make_boundary_predictor
 from .segments import (
     Packing,
     from_padded,
     make_packing,
     pack_segments,
     segment_ids,
-    straight_through_weights,
     to_padded,
     unpack_patches,
 )
@@ -162,6 +161,9 @@ class DripVisionTransformer(nn.Module):
         global_pool: str = "mean_with_cls",
         drop_path_rate: float = 0.0,
         stem: str = "patch",
+        predictor: str = "mlp",
+        eval_rule: str = "expected",
+        straight_through: str = "cumsum",
     ) -> None:
         super().__init__()
         if stem not in ("patch", "conv"):
@@ -201,8 +203,9 @@ class DripVisionTransformer(nn.Module):
             )
 
         self.pre_blocks = blocks(0, pre)
-        self.boundary_predictor = BoundaryPredictor(
-            embed_dim, predictor_hidden or embed_dim, temperature, prior=1.0 / compression
+        self.boundary_predictor = make_boundary_predictor(
+            predictor, embed_dim, predictor_hidden or embed_dim, 1.0 / compression, temperature, eval_rule,
+            straight_through,
         )
         self.shorten_blocks = blocks(pre, shorten)
         self.post_blocks = blocks(pre + shorten, post)
@@ -292,11 +295,11 @@ class DripVisionTransformer(nn.Module):
         bnd = self.boundary_predictor(x[:, 1:])
         ids = segment_ids(bnd.hard)
         packing = make_packing(ids)  # the forward's one host synchronisation
-        weights = straight_through_weights(bnd.hard) if bnd.hard.requires_grad else None
+        weights = self.boundary_predictor.pooling_weights(bnd)
         short = self._run(self.shorten_blocks, pack_segments(x, packing, weights), packing)
 
         self.aux = {
-            "boundary_loss": boundary_rate_loss(bnd.hard, self.boundary_predictor.prior),
+            "boundary_loss": self.boundary_predictor.rate_loss(bnd),
             "boundary_rate": (bnd.hard.detach() > 0.5).float().mean(),
             "compression": float(batch * length) / packing.counts.sum(),
         }
@@ -380,3 +383,22 @@ class pinned_segments:
     def __exit__(self, *exc: object) -> None:
         for p, saved in zip(self.predictors, self.saved):
             p.forced_segments = saved
+
+
+class capture_boundaries:
+    """Context manager collecting the :class:`~dtp_ds.models.boundary.Boundaries` of every
+    forward of every DRIP trunk inside ``model`` (``.captured``, in call order): exactly the
+    boundaries those forwards pooled with."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.predictors = [t.boundary_predictor for t in drip_trunks(model)]
+        self.captured: list = []
+
+    def __enter__(self) -> capture_boundaries:
+        self.handles = [p.register_forward_hook(lambda _m, _i, out: self.captured.append(out))
+                        for p in self.predictors]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()

@@ -40,6 +40,7 @@ __all__ = [
     "load_config",
     "register_config",
     "register_model_configs",
+    "register_model_file",
     "timm_name",
 ]
 # timm's register_model appends each entrypoint's name to this module's __all__.
@@ -48,10 +49,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _REGISTERED: dict[str, dict[str, Any]] = {}
 _TIMM_KWARGS: dict[str, dict[str, Any]] = {}
 
-DRIP_KEYS = {"pre", "shorten", "post", "upsample", "compression", "predictor_hidden", "temperature", "pool", "stem"}
+DRIP_KEYS = {"pre", "shorten", "post", "upsample", "compression", "predictor_hidden", "temperature", "pool", "stem",
+             "predictor", "eval_rule", "straight_through"}
 # drip_cfg keys a model JSON may leave out, and their values
 DRIP_DEFAULTS = {"post": 0, "upsample": False, "predictor_hidden": None, "temperature": 0.5, "pool": "mean_with_cls",
-                 "stem": "patch"}
+                 "stem": "patch", "predictor": "mlp", "eval_rule": "expected", "straight_through": "cumsum"}
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -101,6 +103,9 @@ def _trunk_kwargs(name: str, vision: dict[str, Any], drip: dict[str, Any]) -> di
         temperature=d["temperature"],
         global_pool=d["pool"],
         stem=d["stem"],
+        predictor=d["predictor"],
+        eval_rule=d["eval_rule"],
+        straight_through=d["straight_through"],
     )
 
 
@@ -169,6 +174,15 @@ def register_model_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
         register_config(path.stem, load_config(path))
         names.append(path.stem)
     return names
+
+
+def register_model_file(path: str | Path) -> str:
+    """Register one model JSON (e.g. an ablation variant) under its file name; returns the name."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such model config file {path}")
+    register_config(path.stem, load_config(path))
+    return path.stem
 
 
 def get_drip_cfg(name: str) -> dict[str, Any] | None:

@@ -56,6 +56,7 @@ class RunConfig:
     wandb_project_name: str = "dtp_ds"
     zeroshot_frequency: int = 1  # every N epochs (and at the end of training); 0 turns it off
     zeroshot_data: str | None = None  # class-folder dir with classnames.json / templates.json
+    zeroshot_extra: list[str] | None = None  # more such splits, logged as NAME_top1, ...
     imagenet_val: str | None = None  # ImageNet-1k val in class-folder layout
     zeroshot_max_images: int | None = None
     dist_timeout_minutes: float = 5.0
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--wandb-project-name", default="dtp_ds")
     a("--zeroshot-frequency", type=int, default=1, help="zero-shot eval every N epochs and at the end (0: never)")
     a("--zeroshot-data", default=None, help="class-folder split with classnames.json and templates.json")
+    a("--zeroshot-extra", nargs="+", default=None, metavar="DIR",
+      help="more class-folder splits evaluated alongside (e.g. data/synth/layout), logged as NAME_top1, ...")
     a("--imagenet-val", default=None,
       help="ImageNet-1k val in class-folder layout (open_clip's class names and templates)")
     a("--zeroshot-max-images", type=int, default=None, help="evaluate on at most this many images")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 from typing import Any
 
 from dtp_ds.train.args import ConfigError, TrainArgs
+
+log = logging.getLogger(__name__)
 
 # open_clip's trainer defaults for ViT CLIP (betas 0.9/0.98, eps 1e-6, wd 0.2), as torch's fused
 # AdamW (CPU and CUDA; on CPU it is about 8% of a tiny model's step faster than the per-tensor loop).
@@ -101,8 +104,25 @@ def resolve_batch(cfg: dict[str, Any], args: TrainArgs, world_size: int) -> tupl
     return int(micro), int(accum)
 
 
-def resolve(raw: dict[str, Any], args: TrainArgs, world_size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The ds_config to hand ``deepspeed.initialize``, and the list of flag overrides."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it (AVX2 only:
+    most laptops, AMD EPYC before Zen 4) oneDNN emulates bf16 matmuls, tens of times slower
+    than fp32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve(raw: dict[str, Any], args: TrainArgs, world_size: int,
+            cpu_bf16: bool | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ds_config to hand ``deepspeed.initialize``, and the list of flag overrides.
+
+    ``cpu_bf16``: ``None`` off CPU; on CPU whether bf16 is native there. Where it is not, a
+    ds_config's bf16 becomes fp32 unless ``--precision bf16`` asks for it (then it runs, with
+    a warning)."""
     r = _Resolver(raw)
     micro, accum = resolve_batch(raw, args, world_size)
     r.set("train_micro_batch_size_per_gpu", micro, "--batch-size")
@@ -112,6 +132,11 @@ def resolve(raw: dict[str, Any], args: TrainArgs, world_size: int) -> tuple[dict
     if args.run.precision is not None:
         r.set("bf16.enabled", args.run.precision == "bf16", "--precision")
         r.set("fp16.enabled", args.run.precision == "fp16", "--precision")
+    elif cpu_bf16 is False and precision_of(r.cfg) == "bf16":
+        r.set("bf16.enabled", False, "CPU without native bf16 (AVX512-BF16 / AMX): fp32 (--precision bf16 forces it)")
+    if cpu_bf16 is False and precision_of(r.cfg) == "bf16":
+        log.warning("bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): its matmuls are emulated, "
+                    "tens of times slower than fp32 here; --precision fp32 trains faster")
     if args.run.zero_stage is not None:
         r.set("zero_optimization.stage", args.run.zero_stage, "--zero-stage")
     if args.optim.grad_clip_norm is not None:

@@ -46,11 +46,12 @@ from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, image
 from dtp_ds.launch.discovery import DiscoveryError, discover
 from dtp_ds.launch.probe import git_revision
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
-from dtp_ds.models import get_model_config
+from dtp_ds.models import get_model_config, register_model_file
 from dtp_ds.train import checkpoint
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
 from dtp_ds.train.checkpoint import CheckpointError
 from dtp_ds.train.ds_config import (
+    cpu_has_native_bf16,
     default_ds_config,
     grad_checkpointing_on,
     load_ds_config,
@@ -83,16 +84,14 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def zeroshot_split(args: TrainArgs) -> ZeroShotSplit | None:
-    if args.run.imagenet_val:
-        split = imagenet_split(args.run.imagenet_val)
-    elif args.run.zeroshot_data:
-        if not os.path.isfile(os.path.join(args.run.zeroshot_data, "classnames.json")):
-            raise ConfigError(f"--zeroshot-data {args.run.zeroshot_data}: no classnames.json there "
-                              f"(make one with tools/make_synthetic_shards, or use --imagenet-val)")
-        split = folder_split(args.run.zeroshot_data)
-    else:
-        return None
+def _folder_split(path: str, flag: str) -> ZeroShotSplit:
+    if not os.path.isfile(os.path.join(path, "classnames.json")):
+        raise ConfigError(f"{flag} {path}: no classnames.json there "
+                          f"(make one with tools/make_synthetic_shards, or use --imagenet-val)")
+    return folder_split(path)
+
+
+def _checked(split: ZeroShotSplit) -> ZeroShotSplit:
     if not os.path.isdir(split.image_dir):
         raise ConfigError(f"zero-shot images: {split.image_dir} is not a directory")
     try:
@@ -100,6 +99,18 @@ def zeroshot_split(args: TrainArgs) -> ZeroShotSplit | None:
     except ValueError as e:
         raise ConfigError(f"zero-shot split: {e}; give one class name per class folder") from e
     return split
+
+
+def zeroshot_splits(args: TrainArgs) -> list[ZeroShotSplit]:
+    """The evaluation splits: ImageNet or --zeroshot-data first (its rows keep the
+    ``zeroshot_`` keys), then each --zeroshot-extra."""
+    splits = []
+    if args.run.imagenet_val:
+        splits.append(imagenet_split(args.run.imagenet_val))
+    elif args.run.zeroshot_data:
+        splits.append(_folder_split(args.run.zeroshot_data, "--zeroshot-data"))
+    splits += [_folder_split(d, "--zeroshot-extra") for d in args.run.zeroshot_extra or []]
+    return [_checked(s) for s in splits]
 
 
 def default_name(args: TrainArgs, micro: int) -> str:
@@ -127,7 +138,7 @@ class Setup:
     accum: int
     total_steps: int
     run_dir: str
-    split: ZeroShotSplit | None
+    splits: list[ZeroShotSplit]
     missing_shards: list[str]
 
 
@@ -156,6 +167,11 @@ def check_precision_supported(precision: str) -> None:
 
 def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     """Every check that needs no engine: model, data, batch arithmetic, run directory."""
+    if args.model.model.endswith(".json"):  # a model JSON of one's own: registered under its file name
+        try:
+            args.model.model = register_model_file(args.model.model)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--model {args.model.model}: {e}") from e
     if args.model.model not in open_clip.list_models():
         raise ConfigError(f"unknown model '{args.model.model}'. dtp_ds models: {', '.join(dtp_ds.list_models())}; "
                           f"or any open_clip name (e.g. ViT-B-32, see open_clip.list_models())")
@@ -174,15 +190,16 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         raise ConfigError("the shards carry no *_stats.json sample counts: give --train-num-samples")
     plan = plan_epoch(num_samples, micro, world, args.data.workers, accum)
     total_steps = plan.batches_per_rank // accum * args.optim.epochs
-    ds_config, overrides = resolve(raw, args, world)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    ds_config, overrides = resolve(raw, args, world, cpu_has_native_bf16() if on_cpu else None)
     check_precision_supported(precision_of(ds_config))
-    split = zeroshot_split(args)
+    splits = zeroshot_splits(args)
     name = args.run.name or broadcast(default_name(args, micro) if rank == 0 else None)
     run_dir = os.path.join(args.run.logs, name)
     if not args.run.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise ConfigError(f"run directory {run_dir} already exists: pass --resume latest to continue it, "
                           f"or --name to start a new run")
-    return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, split, missing)
+    return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, splits, missing)
 
 
 def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
@@ -312,19 +329,31 @@ def train(args: TrainArgs) -> int:
 
     def evaluate() -> None:
         nonlocal evaluated_at
-        if s.split is None or args.run.zeroshot_frequency == 0:
+        if not s.splits or args.run.zeroshot_frequency == 0:
             return
         t0 = time.time()
-        res = zero_shot_eval(engine.module.model, tokenizer, preprocess_val, s.split, device, input_dtype,
-                             batch_size=2 * s.micro, max_images=args.run.zeroshot_max_images)
-        res.update(step=state.step, epoch=state.epoch, eval_time=time.time() - t0, split=s.split.name)
+        res: dict[str, Any] = {}
+        for i, split in enumerate(s.splits):
+            one = zero_shot_eval(engine.module.model, tokenizer, preprocess_val, split, device, input_dtype,
+                                 batch_size=2 * s.micro, max_images=args.run.zeroshot_max_images)
+            prefix = "zeroshot_" if i == 0 else f"{split.name}_"
+            res.update({prefix + k.removeprefix("zeroshot_"): v for k, v in one.items()})
+            if rank == 0:
+                bar.write(f"zero-shot {split.name} @ step {state.step}: top-1 {one['zeroshot_top1']:.2f}% "
+                          f"top-5 {one['zeroshot_top5']:.2f}% (chance {one['zeroshot_chance_top1']:.2f}%)"
+                          + (f", eval compression {one['zeroshot_compression']:.2f} (training "
+                             f"{last_train['compression']:.2f}), purity {one.get('zeroshot_purity', 0):.3f} "
+                             f"(even {one.get('zeroshot_purity_even', 0):.3f}), p spread "
+                             f"{one['zeroshot_prob_spread']:.3f}"
+                             if "zeroshot_compression" in one and "compression" in last_train else ""))
+        if "compression" in last_train:  # the last logged training compression, next to evaluation's
+            res["train_compression"] = last_train["compression"]
+        res.update(step=state.step, epoch=state.epoch, eval_time=time.time() - t0, split=s.splits[0].name)
         logger.log(res)
-        if rank == 0:
-            bar.write(f"zero-shot {s.split.name} @ step {state.step}: top-1 {res['zeroshot_top1']:.2f}% "
-                      f"top-5 {res['zeroshot_top5']:.2f}% (chance {res['zeroshot_chance_top1']:.2f}%)")
         evaluated_at = state.step
 
     sums: dict[str, torch.Tensor | float] = {}
+    last_train: dict[str, float] = {}  # the step means of the last step
     t_step, t_data = time.time(), 0.0
     done = state.step >= last_step
     for epoch in range(state.epoch, args.optim.epochs):
@@ -353,6 +382,7 @@ def train(args: TrainArgs) -> int:
                 # one small collective per step: rank-mean losses and the bad-data counts
                 means, bad_counts = all_reduce_step(sums, s.accum, bad_data.take(), device)
                 sums = {}
+                last_train.update({k: float(v) for k, v in means.items() if k == "compression"})
                 state.samples_seen += global_batch
                 bad_data.account(state, bad_counts)
                 state.nonfinite_steps += nonfinite.account(state.step, means["loss"])

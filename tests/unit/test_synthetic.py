@@ -83,13 +83,27 @@ def test_images_decode_and_captions_tell_the_truth(dataset: tuple[Path, dict]) -
     out, _ = dataset
     size_words = {"small": {"small", "little"}, "medium": {"medium", "medium-sized"},
                   "large": {"large", "big"}}
-    captions = set()
+    captions, pairs = set(), 0
     for shard in sorted((out / "train").glob("*.tar")):
         for _, files in _read_shard(shard):
             meta, text = json.loads(files["json"]), files["txt"].decode("utf-8")
             img = Image.open(io.BytesIO(files["jpg"]))
             assert img.format == "JPEG" and img.mode == "RGB"
             assert img.size == (SIZE, SIZE) == (meta["width"], meta["height"])
+            if meta["kind"] == "pair":  # a layout scene: both shapes, and which is left, named
+                pairs += 1
+                assert _has_color(img, meta["left_color"]) and _has_color(img, meta["right_color"])
+                assert _words(text, syn.COLORS) <= {meta["left_color"], meta["right_color"]}, text
+                assert _words(text, syn.SHAPES) == {meta["left_shape"], meta["right_shape"]}, text
+                left, right = meta["left_shape"], meta["right_shape"]
+                said = (re.search(rf"{left}\b.*\b(left of|on the left and)\b.*\b{right}", text)
+                        or re.search(rf"{right}\b.*\bright of\b.*\b{left}", text)
+                        or re.search(rf"on the left .*{left}, on the right .*{right}", text))
+                assert said, text
+                assert syn.layout_classnames()[meta["class_index"]] == meta["classname"]
+                assert [o["cx"] < SIZE / 2 for o in meta["objects"]] == [True, False]
+                captions.add(text)
+                continue
             assert _has_color(img, meta["color"])
             # Exactly the recorded colour and shape are named (distractors are not mentioned).
             assert _words(text, syn.COLORS) == {meta["color"]}, text
@@ -101,6 +115,7 @@ def test_images_decode_and_captions_tell_the_truth(dataset: tuple[Path, dict]) -
             assert syn.classnames()[meta["class_index"]] == meta["classname"]
             captions.add(text)
     assert len(captions) > N_TRAIN * 0.8  # wording varies
+    assert 0.05 * N_TRAIN < pairs < 0.4 * N_TRAIN  # PAIR_PROB = 0.2
 
 
 def test_same_seed_gives_identical_bytes(dataset: tuple[Path, dict], tmp_path: Path) -> None:
@@ -135,6 +150,26 @@ def test_zeroshot_split_is_an_imagefolder(dataset: tuple[Path, dict]) -> None:
         img, label = ds[i]
         assert img.size == (SIZE, SIZE)
         assert _has_color(img, names[label].split()[0]), (ds.samples[i][0], names[label])
+
+
+def test_layout_split_classes_are_which_shape_is_left(dataset: tuple[Path, dict]) -> None:
+    from torchvision.datasets import ImageFolder
+
+    out, summary = dataset
+    split = out / "layout"
+    names = json.loads((split / "classnames.json").read_text())
+    assert names == syn.layout_classnames() and len(names) == 30 == summary["num_layout_classes"]
+    objects = syn.read_objects(split)
+    ds = ImageFolder(str(split))
+    assert len(ds) == PER_CLASS * 30 == len(objects["objects"])
+    for path, label in ds.samples:
+        left, right = names[label].split(" left of a ")
+        objs = objects["objects"][Path(path).relative_to(split).as_posix()]
+        assert [o["shape"] for o in objs] == [left, right] and objs[0]["cx"] < objs[1]["cx"]
+    # the shapes split records its objects too: one per image, the class's shape
+    zs = syn.read_objects(out / "zeroshot")
+    assert all(len(v) == 1 and v[0]["shape"] == syn.classnames()[int(k[1:4])].split()[1]
+               for k, v in zs["objects"].items())
 
 
 def test_webdataset_reads_the_shards(dataset: tuple[Path, dict]) -> None:

@@ -1,0 +1,148 @@
+"""Boundary-predictor ablation on the synthetic data (``tools/boundary_ablation``).
+
+Each arm is one real ``dtp_ds.train`` run (the ``deepspeed`` launcher, same data, seed, ds_config,
+steps, global batch); arms differ only in the DRIP trunk's ``predictor`` options, plus evenly
+spaced boundaries at the same compression (``predictor: fixed``) and the plain ViT. Each trained
+MLP predictor is then also evaluated under every evaluation rule. Printed: eval compression
+and its gap to the training compression, segment purity against evenly spaced boundaries at
+the same count, the spread of boundary probabilities, zero-shot top-1 / top-5 on the shapes
+split and on the layout split.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import open_clip
+import torch
+
+from dtp_ds.demo import launch_command
+from dtp_ds.eval.boundaries import val_transform
+from dtp_ds.eval.zeroshot import folder_split, zero_shot_eval
+from dtp_ds.models import drip_trunks, get_model_config
+from dtp_ds.models.boundary import EVAL_RULES
+from dtp_ds.train.export import load_model_from_checkpoint
+from dtp_ds.train.metrics import read_metrics
+
+BASE_MODEL = "DRIP-ViT-Tiny-8-4x"
+PLAIN_MODEL = "ViT-Tiny-8"
+# arm -> drip_cfg overrides (None: the plain ViT)
+ARMS: dict[str, dict[str, Any] | None] = {
+    "mlp-cumsum": {"predictor": "mlp", "straight_through": "cumsum"},
+    "mlp-confidence": {"predictor": "mlp", "straight_through": "confidence"},
+    "cosine": {"predictor": "cosine"},
+    "fixed-even": {"predictor": "fixed"},
+    "plain-vit": None,
+}
+COLUMNS = [("arm", "arm", "{}"), ("rule", "eval rule", "{}"), ("train_compression", "train compr", "{:.2f}"),
+           ("zeroshot_compression", "eval compr", "{:.2f}"), ("gap", "gap", "{:+.1%}"),
+           ("zeroshot_purity", "purity", "{:.3f}"), ("zeroshot_purity_even", "even purity", "{:.3f}"),
+           ("zeroshot_prob_spread", "p spread", "{:.3f}"), ("zeroshot_top1", "shapes top-1", "{:.1f}"),
+           ("zeroshot_top5", "top-5", "{:.1f}"), ("layout_top1", "layout top-1", "{:.1f}"),
+           ("layout_top5", "top-5", "{:.1f}")]
+
+
+def write_arm_config(arm: str, overrides: dict[str, Any], base: str, out_dir: str) -> str:
+    cfg = copy.deepcopy(get_model_config(base))
+    cfg["vision_cfg"]["drip_cfg"].update(overrides)
+    path = os.path.join(out_dir, "configs", f"{base}-abl-{arm}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=1)
+    return path
+
+
+def run_arm(arm: str, model: str, a: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    logs = os.path.join(a.out, "runs")
+    cmd = launch_command(a.data, logs, arm, a.nproc, model,
+                         ["--epochs", "1", "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
+                          "--lr", str(a.lr), "--warmup", str(a.warmup), "--log-every-n-steps", "10",
+                          "--zeroshot-frequency", "1", "--seed", str(a.seed), *extra])
+    run_dir = os.path.join(logs, arm)
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) or not any(
+            "zeroshot_top1" in r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))):
+        subprocess.run(["rm", "-rf", run_dir], check=True)
+        print(f"ablation: {arm}: {' '.join(cmd)}", flush=True)
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
+        if subprocess.call(cmd, env=env) != 0:
+            raise SystemExit(f"ablation: the {arm} run failed; see its output above and {run_dir}")
+    rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "zeroshot_top1" in r]
+    return {"arm": arm, "rule": "-", "run_dir": run_dir, **rows[-1]}
+
+
+@torch.no_grad()
+def rule_rows(arm: str, run_dir: str, a: argparse.Namespace, train_compression: float) -> list[dict[str, Any]]:
+    """The trained MLP predictor evaluated under each evaluation rule (one process)."""
+    model, name = load_model_from_checkpoint(run_dir)
+    tok = open_clip.get_tokenizer(name)
+    preprocess = val_transform(model)
+    rows = []
+    for rule in EVAL_RULES:
+        for t in drip_trunks(model):
+            t.boundary_predictor.eval_rule = rule
+        row: dict[str, Any] = {"arm": arm, "rule": rule, "train_compression": train_compression}
+        for i, split in enumerate(("zeroshot", "layout")):
+            res = zero_shot_eval(model, tok, preprocess, folder_split(os.path.join(a.data, split)),
+                                 torch.device("cpu"), batch_size=128)
+            prefix = "zeroshot_" if i == 0 else "layout_"
+            row.update({prefix + k.removeprefix("zeroshot_"): v for k, v in res.items()})
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    for r in rows:
+        if r.get("train_compression") and r.get("zeroshot_compression"):
+            r["gap"] = r["zeroshot_compression"] / r["train_compression"] - 1.0
+    cells = [[h for _, h, _ in COLUMNS]]
+    for r in rows:
+        cells.append([fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in COLUMNS])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="boundary_ablation", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="data/synth", help="made by tools/make_synthetic_shards")
+    p.add_argument("--out", default="logs/boundary_ablation", help="runs, configs and table.md go here")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=128, help="micro-batch per rank")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
+    p.add_argument("--json", action="store_true")
+    a, extra = p.parse_known_args(argv)
+    for split in ("zeroshot", "layout"):
+        if not os.path.isfile(os.path.join(a.data, split, "classnames.json")):
+            p.error(f"--data {a.data}: no {split}/ split; run tools/make_synthetic_shards --out {a.data}")
+    rows = []
+    for arm in a.arms:
+        overrides = ARMS[arm]
+        model = PLAIN_MODEL if overrides is None else write_arm_config(arm, overrides, BASE_MODEL, a.out)
+        row = run_arm(arm, model, a, extra)
+        rows.append(row)
+        if overrides and overrides.get("predictor") == "mlp":
+            rows += rule_rows(arm, row["run_dir"], a, row.get("train_compression"))
+    table = format_table(rows)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(a.out, "rows.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(json.dumps(rows, indent=1) if a.json else table)
+    print(f"ablation: {a.steps} steps x global batch {a.batch_size * a.nproc} per arm; eval on {a.data}/zeroshot "
+          f"(shapes) and {a.data}/layout; table in {a.out}/table.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

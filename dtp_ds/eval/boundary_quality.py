@@ -1,0 +1,94 @@
+"""How well boundaries follow content, on images whose shapes are known (the synthetic splits).
+
+- **segment purity** (``purity``): the share of patches that lie on their segment's majority
+  side (shape or background), over all patches of all images: each segment's purity weighted
+  by its size. Evenly spaced boundaries at the same per-image count give the reference
+  (``purity_even``): pooling that follows the shapes beats it, random pooling does not, and one
+  segment per image scores the background's share (and so does the reference at that count).
+  ``purity_by_segment`` (and ``purity_by_segment_even``) averages over segments unweighted;
+  it is not the headline because it rewards uneven segmentations: random pooling at rate 0.25
+  makes many one-patch segments, pure by construction, and scores 0.952 against 0.941 for
+  even spacing, where the patch-weighted figure gives 0.917 against 0.939
+  (``tests/unit/test_boundary_rules.py``).
+- **probability spread**: ``q95 - q05`` of the boundary probabilities over all patches; a
+  predictor that outputs its prior everywhere has a spread near 0.
+- **compression**: patches / segments over all images, as evaluation really ran, and the
+  boundary rate that makes that many segments (what ``tools/flops --boundary-rate RUN_DIR``
+  counts at).
+
+Accumulated as sums (and a probability histogram) so ranks can all-reduce them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dtp_ds.models.boundary import regular_boundaries
+from dtp_ds.models.segments import segment_ids
+
+HIST_BINS = 1000
+# sums: segment purity, the same for even boundaries, labelled segments, majority patches,
+# the same for even boundaries, labelled patches; patches, segments, images
+_FIELDS = 9
+
+
+def segment_purity_sums(ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int]:
+    """(sum over segments of their purity, patches on their segment's majority side, number of
+    segments) for one image: ``ids`` (L,) segment ids, ``labels`` (L,) bool (patch mostly on a
+    shape)."""
+    ids = ids.long().cpu()
+    n = int(ids[-1]) + 1
+    size = torch.bincount(ids, minlength=n).double()
+    on_shape = torch.bincount(ids, weights=labels.double().cpu(), minlength=n)
+    majority = torch.maximum(on_shape, size - on_shape)
+    return float((majority / size).sum()), float(majority.sum()), n
+
+
+class BoundaryQuality:
+    """Accumulates purity, its even-spacing reference, compression and the probability
+    histogram over batches; :meth:`result` after an optional all-reduce of :attr:`sums`."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.sums = torch.zeros(_FIELDS + HIST_BINS, dtype=torch.float64, device=device)
+
+    def add(self, hard: torch.Tensor, probs: torch.Tensor, labels: Sequence[np.ndarray | None]) -> None:
+        """One batch: ``hard``/``probs`` (B, L) as the forward used them, ``labels[b]`` the
+        patch labels of image ``b`` (``None``: no objects known, counted in compression only)."""
+        ids = segment_ids(hard).cpu()
+        length = ids.shape[-1]
+        acc = torch.zeros(_FIELDS, dtype=torch.float64)
+        for b, lab in enumerate(labels):
+            n = int(ids[b, -1]) + 1
+            acc[6:9] += torch.tensor([length, n, 1], dtype=torch.float64)
+            if lab is None:
+                continue
+            lab_t = torch.as_tensor(lab, dtype=torch.bool)
+            seg, maj, _ = segment_purity_sums(ids[b], lab_t)
+            seg_even, maj_even, _ = segment_purity_sums(
+                segment_ids(regular_boundaries(length, n).unsqueeze(0))[0], lab_t)
+            acc[0:6] += torch.tensor([seg, seg_even, n, maj, maj_even, length], dtype=torch.float64)
+        hist = torch.histc(probs.detach().float().cpu().clamp(0, 1), bins=HIST_BINS, min=0.0, max=1.0)
+        self.sums += torch.cat([acc, hist.double()]).to(self.sums.device)
+
+    def result(self, prefix: str = "") -> dict[str, float]:
+        s = self.sums.cpu()
+        seg, seg_even, labelled, maj, maj_even, labelled_patches, patches, segments, images = s[:_FIELDS].tolist()
+        if not segments:
+            return {}
+        hist = s[_FIELDS:]
+        cdf = hist.cumsum(0) / max(float(hist.sum()), 1.0)
+        q = [float((torch.searchsorted(cdf, torch.tensor([p], dtype=cdf.dtype)).clamp(max=HIST_BINS - 1) + 0.5)
+                   / HIST_BINS) for p in (0.05, 0.95)]
+        length = patches / images
+        # the rate whose expected segment count (dtp_ds.models.expected_segments) is the one seen
+        rate = (segments / images - 1.0) / max(length - 1.0, 1.0)
+        out = {f"{prefix}compression": patches / segments, f"{prefix}boundary_rate": rate,
+               f"{prefix}prob_spread": q[1] - q[0],
+               f"{prefix}prob_q05": q[0], f"{prefix}prob_q95": q[1]}
+        if labelled:
+            out.update({f"{prefix}purity": maj / labelled_patches, f"{prefix}purity_even": maj_even / labelled_patches,
+                        f"{prefix}purity_by_segment": seg / labelled,
+                        f"{prefix}purity_by_segment_even": seg_even / labelled})
+        return out

@@ -1,0 +1,233 @@
+"""DRIP boundaries: evaluation rules at the training compression, the predictor variants, and
+the boundary-quality figures (purity against evenly spaced boundaries, probability spread)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtp_ds.data import synthetic as syn
+from dtp_ds.eval.boundary_quality import BoundaryQuality, segment_purity_sums
+from dtp_ds.models import DripVisionTransformer, capture_boundaries, drip_aux, expected_segments
+from dtp_ds.models.boundary import (
+    EVAL_RULES,
+    CosineBoundaryPredictor,
+    FixedBoundaryPredictor,
+    regular_boundaries,
+    topk_boundaries,
+)
+from dtp_ds.models.segments import segment_ids
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def trunk(**kw) -> DripVisionTransformer:
+    args = dict(img_size=32, patch_size=4, embed_dim=32, num_heads=2, pre=1, shorten=2, compression=4,
+                num_classes=16)
+    args.update(kw)
+    torch.manual_seed(0)
+    return DripVisionTransformer(**args)
+
+
+def compression(model: DripVisionTransformer, images: torch.Tensor, train: bool) -> float:
+    model.train(train)
+    with torch.no_grad():
+        model(images)
+    return float(drip_aux(model)["compression"])
+
+
+def spread(model: DripVisionTransformer, scale: float) -> None:
+    """Give the MLP predictor logits that vary with the token: std ``scale`` around the prior."""
+    pred = model.boundary_predictor
+    with torch.no_grad():
+        pred.fc1.weight.normal_(0.0, 1.0)
+        pred.fc2.weight.normal_(0.0, scale / pred.fc2.weight.shape[1] ** 0.5)
+
+
+@pytest.mark.parametrize("rule", EVAL_RULES)
+@pytest.mark.parametrize("scale", [0.0, 1.0, 30.0])  # at the prior, spread, confident
+def test_eval_rule_runs_at_training_compression(rule: str, scale: float) -> None:
+    """Each rule's eval compression against the Gumbel-Sigmoid training compression (15%):
+    ``expected`` and ``sample`` hold for any predictor; ``threshold`` only for a confident
+    one: at the prior it collapses every image to one segment (the failure it had)."""
+    model = trunk(eval_rule=rule)
+    spread(model, scale)
+    images = torch.randn(256, 3, 32, 32)
+    torch.manual_seed(1)
+    train = compression(model, images, True)
+    evald = compression(model, images, False)
+    if rule == "threshold" and scale == 0.0:
+        assert evald == pytest.approx(64.0)  # one segment per image: documented, not a rule to use
+        return
+    assert evald == pytest.approx(train, rel=0.15), (rule, scale, train, evald)
+
+
+def test_expected_rule_takes_the_k_most_probable() -> None:
+    probs = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2], [0.5, 0.5, 0.5, 0.1, 0.9]])
+    hard = topk_boundaries(probs, torch.tensor([2, 1]))
+    assert hard.tolist() == [[0, 1, 0, 1, 0], [0, 0, 0, 0, 1]]
+    model = trunk()
+    spread(model, 1.0)
+    model.eval()
+    with capture_boundaries(model) as cap, torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    bnd = cap.captured[0]
+    counts = (bnd.hard > 0.5).sum(-1)
+    assert counts.tolist() == bnd.probs.sum(-1).round().long().tolist()
+    # every chosen patch is at least as probable as every patch left out
+    for p, h in zip(bnd.probs, bnd.hard > 0.5):
+        if h.any() and (~h).any():
+            assert p[h].min() >= p[~h].max()
+
+
+def test_eval_rules_are_deterministic() -> None:
+    images = torch.randn(16, 3, 32, 32)
+    for rule in EVAL_RULES:
+        model = trunk(eval_rule=rule)
+        spread(model, 1.0)
+        model.eval()
+        with torch.no_grad():
+            a, b = model(images), model(images)
+        torch.testing.assert_close(a, b)
+
+
+def test_cosine_router_is_the_same_in_training_and_evaluation() -> None:
+    model = trunk(predictor="cosine")
+    images = torch.randn(16, 3, 32, 32)
+    caps = []
+    for train in (True, False):
+        model.train(train)
+        with capture_boundaries(model) as cap, torch.no_grad():
+            model(images)
+        caps.append(cap.captured[0])
+    torch.testing.assert_close(caps[0].hard, caps[1].hard)
+    assert (caps[0].hard[:, -1] == 1).all()  # the sequence end closes the last segment
+
+
+def test_cosine_router_cuts_where_content_changes_and_its_ratio_loss() -> None:
+    pred = CosineBoundaryPredictor(8, prior=0.25)
+    a, b = torch.randn(8), torch.randn(8)
+    b = b - (b @ a) / (a @ a) * a - 0.5 * a  # cos(a, b) < 0
+    x = torch.stack([a] * 5 + [b] * 3).unsqueeze(0)
+    bnd = pred(x)
+    assert (bnd.hard[0] > 0.5).tolist() == [False] * 4 + [True] + [False] * 2 + [True]
+    # ratio loss: smallest (1) where the selected fraction and the mean probability equal the prior
+    probs = torch.full((1, 9), 0.25, requires_grad=True)
+    hard = torch.tensor([[1.0, 0, 0, 0, 1, 0, 0, 0, 1]])
+    from dtp_ds.models.boundary import Boundaries
+
+    loss = pred.rate_loss(Boundaries(torch.logit(probs), probs, hard))
+    assert float(loss.detach()) == pytest.approx(1.0)
+    too_many = pred.rate_loss(Boundaries(probs, probs, torch.ones(1, 9)))
+    too_many.backward()
+    assert probs.grad[0, :-1].sum() > 0  # more boundaries than the prior: the loss lowers them
+
+
+def test_fixed_predictor_cuts_the_prior_segment_count() -> None:
+    for length, prior in ((49, 0.1), (64, 0.25), (196, 0.5)):
+        bnd = FixedBoundaryPredictor(prior)(torch.randn(3, length, 4))
+        ids = segment_ids(bnd.hard)
+        assert (ids[:, -1] + 1).tolist() == [round(expected_segments(length, prior))] * 3
+
+
+def test_purity_tells_collapse_random_and_content_apart() -> None:
+    grid = 8
+    labels = np.zeros(grid * grid, dtype=bool)
+    labels[2 * grid + 2:2 * grid + 6] = labels[3 * grid + 2:3 * grid + 6] = True  # a 2x4 shape
+    lab = torch.as_tensor(labels)
+    # content-following: a boundary wherever the label changes in raster order (and at the end)
+    follow = torch.zeros(grid * grid)
+    follow[:-1] = (lab[1:] != lab[:-1]).float()
+    follow[-1] = 1
+    pur, maj, n = segment_purity_sums(segment_ids(follow.unsqueeze(0))[0], lab)
+    assert pur / n == 1.0 and maj == 64
+    _, even, _ = segment_purity_sums(segment_ids(regular_boundaries(64, n).unsqueeze(0))[0], lab)
+    assert even / 64 < 0.95
+    q = BoundaryQuality()
+    one = torch.zeros(1, 64)
+    q.add(one, torch.full((1, 64), 0.25), [labels])  # the collapse: one segment
+    r = q.result()
+    assert r["compression"] == 64 and r["purity"] == r["purity_even"] and r["prob_spread"] < 0.01
+    q = BoundaryQuality()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(500):  # random pooling at rate 0.25: worse than evenly spaced
+        q.add((torch.rand(1, 64, generator=g) < 0.25).float(), torch.full((1, 64), 0.25), [labels])
+    r = q.result()
+    assert r["purity"] == pytest.approx(0.917, abs=0.001) and r["purity_even"] == pytest.approx(0.939, abs=0.001)
+    assert r["prob_spread"] < 0.01
+    # averaged over segments unweighted, random pooling's one-patch segments would win instead
+    assert r["purity_by_segment"] == pytest.approx(0.952, abs=0.001)
+    assert r["purity_by_segment"] > r["purity_by_segment_even"]
+    assert r["boundary_rate"] == pytest.approx(0.25, abs=0.05)
+
+
+def test_recorded_objects_rebuild_the_shape_mask() -> None:
+    for index in range(40):
+        jpg, _, meta = syn.make_train_sample(0, index, 64, distractor_prob=0.3, pair_prob=0.3)
+        from io import BytesIO
+
+        from PIL import Image
+
+        img = np.asarray(Image.open(BytesIO(jpg)).convert("RGB"), dtype=float)
+        mask = syn.object_mask(meta["objects"], 64)
+        names = [meta["color"]] if meta["kind"] == "single" else [meta["left_color"], meta["right_color"]]
+        near = np.zeros(mask.shape, dtype=bool)
+        for c in names:
+            near |= np.linalg.norm(img - np.asarray(syn.COLORS[c], float), axis=-1) < 60
+        if meta["kind"] == "single" and meta.get("distractor"):
+            near |= np.linalg.norm(img - np.asarray(syn.COLORS[meta["distractor"]["color"]], float), axis=-1) < 60
+        inter, union = (mask & near).sum(), (mask | near).sum()
+        assert inter / union > 0.8, (index, meta["kind"], inter / union)
+        labels = syn.patch_labels(meta["objects"], 64, 8)
+        assert labels.shape == (64,) and 0 < labels.sum() < 64
+
+
+def test_one_rule_for_zeroshot_pictures_flops_and_run_dirs(tmp_path) -> None:
+    """Zero-shot evaluation, tools/visualize_boundaries and tools/flops --boundary-rate RUN_DIR
+    see the same boundaries: the ones the eval rule places on these images."""
+    import json
+
+    import open_clip
+
+    from dtp_ds.autotune.tuner import boundary_rate_arg
+    from dtp_ds.eval.boundaries import extract_boundaries, val_transform
+    from dtp_ds.eval.flops import count_flops
+    from dtp_ds.eval.zeroshot import folder_split, zero_shot_eval
+
+    syn.write_synthetic_dataset(tmp_path / "d", num_train=2, samples_per_shard=2, val_per_class=1, image_size=64)
+    torch.manual_seed(0)
+    model = open_clip.create_model("DRIP-ViT-Tiny-8-4x", output_dict=True)
+    trunk_ = [m for m in model.modules() if isinstance(m, DripVisionTransformer)][0]
+    spread(trunk_, 1.0)
+    model.train()
+    split = folder_split(str(tmp_path / "d" / "zeroshot"))
+    preprocess = val_transform(model)
+    res = zero_shot_eval(model, open_clip.get_tokenizer("DRIP-ViT-Tiny-8-4x"), preprocess, split,
+                         torch.device("cpu"), batch_size=16)
+    assert model.training  # restored
+    assert {"zeroshot_compression", "zeroshot_purity", "zeroshot_purity_even", "zeroshot_prob_spread",
+            "zeroshot_boundary_rate"} <= set(res)
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    paths = [p for p, _ in ImageFolder(split.image_dir).samples]
+    images = torch.stack([preprocess(Image.open(p)) for p in paths])
+    drawn = extract_boundaries(model, images)
+    patches = sum(b.num_patches for b in drawn)
+    assert res["zeroshot_compression"] == pytest.approx(patches / sum(b.num_segments for b in drawn))
+    # a run directory: an evaluation row, then a line torn by a kill mid-write
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "boundary_rate": 0.25}) + "\n"
+                                       + json.dumps({"step": 5, **res}) + "\n" + '{"step": 6, "lo')
+    rate = boundary_rate_arg(str(run))
+    assert rate == res["zeroshot_boundary_rate"]
+    counted = count_flops(model, (64, 64), boundary_rate=rate)
+    assert counted["compression"] == pytest.approx(res["zeroshot_compression"], rel=1e-6)
+    assert model.training  # count_flops restores the mode too
