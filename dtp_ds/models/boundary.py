@@ -86,6 +86,7 @@ def regular_boundaries(length: int, segments: int, device: torch.device | None =
 PREDICTORS = ("mlp", "cosine", "fixed")
 EVAL_RULES = ("expected", "threshold", "sample")
 STRAIGHT_THROUGH = ("cumsum", "confidence")
+SELECTIONS = ("threshold", "topk")
 EVAL_SAMPLE_SEED = 0
 
 
@@ -224,12 +225,20 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
     every image is held near the target count, so an image unlike the training mix, one shape
     on a plain background, still runs near the training compression); the straight-through
     path is confidence-weighted.
+
+    ``selection="topk"``: instead of the threshold, every image gets exactly the prior's segment
+    count (:func:`expected_segments`, rounded), cut at its most dissimilar neighbouring pairs.
+    The content decides where, the budget how many: compression, FLOPs and memory are fixed
+    (equal lengths also skip attention padding), train and eval identical, and no rate loss.
     """
 
     straight_through = "confidence"
 
-    def __init__(self, dim: int, prior: float = 0.5) -> None:
+    def __init__(self, dim: int, prior: float = 0.5, selection: str = "threshold") -> None:
         super().__init__(prior)
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        self.selection = selection
         self.q = Fp32Linear(dim, dim, bias=False)
         self.k = Fp32Linear(dim, dim, bias=False)
         self.reset_parameters()
@@ -246,10 +255,18 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
         probs = (0.5 * (1.0 - cos)).clamp(PROB_EPS, 1.0 - PROB_EPS)
         probs = torch.cat([probs, probs.new_ones(probs.shape[0], 1)], dim=-1)  # the sequence end
         logits = torch.logit(probs)
-        hard = (probs > 0.5).to(probs.dtype)
+        if self.selection == "topk":
+            length = int(probs.shape[-1])  # a tensor under fvcore's tracing
+            k = min(length, max(1, round(expected_segments(length, self.prior)))) - 1
+            counts = torch.full((probs.shape[0],), k, device=probs.device)
+            hard = torch.cat([topk_boundaries(probs[:, :-1].detach(), counts), probs.new_ones(probs.shape[0], 1)], -1)
+        else:
+            hard = (probs > 0.5).to(probs.dtype)
         return self._finish(logits, probs, hard + probs - probs.detach())
 
     def rate_loss(self, bnd: Boundaries) -> torch.Tensor:
+        if self.selection == "topk":  # the count is fixed by construction: zero, still on the graph
+            return bnd.probs.sum() * 0.0
         n = 1.0 / self.prior
         selected = (bnd.hard[:, :-1].detach() > 0.5).float().mean(-1)
         mean_prob = bnd.probs[:, :-1].float().mean(-1)
@@ -266,7 +283,7 @@ class FixedBoundaryPredictor(BoundaryPredictorBase):
         super().__init__(prior)
 
     def forward(self, x: torch.Tensor) -> Boundaries:
-        length = x.shape[1]
+        length = int(x.shape[1])  # a tensor under fvcore's tracing
         segments = min(length, max(1, round(expected_segments(length, self.prior))))
         hard = regular_boundaries(length, segments, x.device).expand(x.shape[0], -1)
         probs = hard.clamp(PROB_EPS, 1.0 - PROB_EPS)
@@ -277,12 +294,13 @@ class FixedBoundaryPredictor(BoundaryPredictorBase):
 
 
 def make_boundary_predictor(kind: str, dim: int, hidden: int, prior: float, temperature: float = 0.5,
-                            eval_rule: str = "expected", straight_through: str = "cumsum") -> BoundaryPredictorBase:
+                            eval_rule: str = "expected", straight_through: str = "cumsum",
+                            selection: str = "threshold") -> BoundaryPredictorBase:
     """The predictor a model JSON's ``predictor`` names (see :data:`PREDICTORS`)."""
     if kind == "mlp":
         return MLPBoundaryPredictor(dim, hidden, temperature, prior, eval_rule, straight_through)
     if kind == "cosine":
-        return CosineBoundaryPredictor(dim, prior)
+        return CosineBoundaryPredictor(dim, prior, selection)
     if kind == "fixed":
         return FixedBoundaryPredictor(prior)
     raise ValueError(f"predictor must be one of {PREDICTORS}, got {kind!r}")

@@ -36,6 +36,10 @@ from .segments import (
 )
 
 POOL_TYPES = ("mean_with_cls", "mean_without_cls", "cls", "last")
+# What the boundary predictor reads: the tokens after the ``pre`` blocks (DTP's and H-Net's
+# place), or the patch embeddings before positions are added (content only: after the position
+# embedding, neighbouring tokens differ by position even on a uniform background).
+PREDICTOR_INPUTS = ("tokens", "embed")
 
 
 def drop_path(x: torch.Tensor, prob: float, training: bool, packing: Packing | None) -> torch.Tensor:
@@ -164,6 +168,8 @@ class DripVisionTransformer(nn.Module):
         predictor: str = "mlp",
         eval_rule: str = "expected",
         straight_through: str = "cumsum",
+        predictor_input: str = "tokens",
+        selection: str = "threshold",
     ) -> None:
         super().__init__()
         if stem not in ("patch", "conv"):
@@ -174,6 +180,8 @@ class DripVisionTransformer(nn.Module):
             raise ValueError("post blocks need upsample=True (without it they are shorten blocks)")
         if compression <= 1.0:
             raise ValueError(f"compression must be > 1, got {compression}")
+        if predictor_input not in PREDICTOR_INPUTS:
+            raise ValueError(f"predictor_input must be one of {PREDICTOR_INPUTS}, got {predictor_input!r}")
         self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
@@ -183,6 +191,7 @@ class DripVisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.upsample = upsample
         self.compression = compression
+        self.predictor_input = predictor_input
         self.layout = (pre, shorten, post)
         self.grad_checkpointing = False
         self.aux: dict[str, torch.Tensor] = {}
@@ -205,7 +214,7 @@ class DripVisionTransformer(nn.Module):
         self.pre_blocks = blocks(0, pre)
         self.boundary_predictor = make_boundary_predictor(
             predictor, embed_dim, predictor_hidden or embed_dim, 1.0 / compression, temperature, eval_rule,
-            straight_through,
+            straight_through, selection,
         )
         self.shorten_blocks = blocks(pre, shorten)
         self.post_blocks = blocks(pre + shorten, post)
@@ -287,12 +296,13 @@ class DripVisionTransformer(nn.Module):
                 f"got {length} patches, model built for {self.num_patches} "
                 f"({self.img_size} px); call set_input_size() for another resolution"
             )
+        embed = x
         cls = self.cls_token.to(x.dtype).expand(batch, -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
         x = self.norm_pre(x)
         x = self._run(self.pre_blocks, x, None)
 
-        bnd = self.boundary_predictor(x[:, 1:])
+        bnd = self.boundary_predictor(x[:, 1:] if self.predictor_input == "tokens" else embed)
         ids = segment_ids(bnd.hard)
         packing = make_packing(ids)  # the forward's one host synchronisation
         weights = self.boundary_predictor.pooling_weights(bnd)

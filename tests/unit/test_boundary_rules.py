@@ -156,14 +156,14 @@ def test_purity_tells_collapse_random_and_content_apart() -> None:
     assert r["compression"] == 64 and r["purity"] == r["purity_even"] and r["prob_spread"] < 0.01
     q = BoundaryQuality()
     g = torch.Generator().manual_seed(0)
-    for _ in range(500):  # random pooling at rate 0.25: worse than evenly spaced
+    for _ in range(500):  # random pooling at rate 0.25
         q.add((torch.rand(1, 64, generator=g) < 0.25).float(), torch.full((1, 64), 0.25), [labels])
     r = q.result()
-    assert r["purity"] == pytest.approx(0.917, abs=0.001) and r["purity_even"] == pytest.approx(0.939, abs=0.001)
-    assert r["prob_spread"] < 0.01
-    # averaged over segments unweighted, random pooling's one-patch segments would win instead
-    assert r["purity_by_segment"] == pytest.approx(0.952, abs=0.001)
-    assert r["purity_by_segment"] > r["purity_by_segment_even"]
+    assert r["prob_spread"] < 0.01  # fails the spread
+    # averaged over segments its one-patch segments win; weighted by patches it loses
+    assert r["purity"] == pytest.approx(0.952, abs=0.001) and r["purity_even"] == pytest.approx(0.941, abs=0.001)
+    assert r["purity_by_patch"] == pytest.approx(0.917, abs=0.001)
+    assert r["purity_by_patch_even"] == pytest.approx(0.939, abs=0.001)
     assert r["boundary_rate"] == pytest.approx(0.25, abs=0.05)
 
 
@@ -231,3 +231,29 @@ def test_one_rule_for_zeroshot_pictures_flops_and_run_dirs(tmp_path) -> None:
     counted = count_flops(model, (64, 64), boundary_rate=rate)
     assert counted["compression"] == pytest.approx(res["zeroshot_compression"], rel=1e-6)
     assert model.training  # count_flops restores the mode too
+
+
+def test_cumsum_straight_through_gives_a_boundary_no_task_gradient() -> None:
+    """The diagnosis behind the confidence-weighted path: through DTP's cumulative-sum
+    weights, every segment after a patch contributes zero to its gradient (its members'
+    deviations from their mean sum to zero), so a patch that is a boundary gets none at all."""
+    from dtp_ds.models.boundary import confidence_weights
+    from dtp_ds.models.segments import make_packing, pack_segments, straight_through_weights
+
+    torch.manual_seed(0)
+    length, dim = 16, 8
+    x = torch.randn(1, 1 + length, dim, dtype=torch.float64)
+    probs = torch.rand(1, length, dtype=torch.float64).requires_grad_()
+    hard01 = torch.zeros(1, length, dtype=torch.float64)
+    hard01[0, [2, 3, 7, 11, 15]] = 1
+    hard = hard01 + probs - probs.detach()
+    packing = make_packing(segment_ids(hard))
+    target = torch.randn(packing.num_rows, dim, dtype=torch.float64)
+    grads = {}
+    for name, weights in (("cumsum", straight_through_weights(hard)), ("confidence", confidence_weights(probs, hard))):
+        (grads[name],) = torch.autograd.grad((pack_segments(x, packing, weights) * target).sum(), probs)
+    at_boundary = hard01[0] > 0.5
+    assert grads["cumsum"][0, at_boundary].abs().max() < 1e-12
+    assert grads["cumsum"][0, ~at_boundary].abs().max() > 1e-3
+    # H-Net's weights reach every boundary whose segment has more than that one patch (3 is alone)
+    assert (grads["confidence"][0, [2, 7, 11, 15]].abs() > 1e-6).all()

@@ -43,6 +43,21 @@ def test_no_flags_no_overrides_but_the_derived_total():
     assert cfg["train_batch_size"] == 128
 
 
+def test_cpu_without_native_bf16_trains_fp32_unless_bf16_is_asked_for(caplog):
+    """On an AVX2-only CPU a bf16 matmul is ~46x slower than fp32: the demo ran 30 s a step.
+    The ds_config's bf16 becomes fp32 there (recorded as an override); --precision bf16 keeps
+    it and warns; a CPU with native bf16, or a GPU, keeps the ds_config's."""
+    raw = load_ds_config(TINY_DS_CONFIG)
+    cfg, overrides = resolve(raw, _args(), world_size=2, cpu_bf16=False)
+    assert cfg["bf16"]["enabled"] is False
+    assert any(o["key"] == "bf16.enabled" and "native bf16" in o["flag"] for o in overrides)
+    with caplog.at_level("WARNING"):
+        cfg, _ = resolve(raw, _args("--precision", "bf16"), world_size=2, cpu_bf16=False)
+    assert cfg["bf16"]["enabled"] is True and "tens of times slower" in caplog.text
+    for cpu_bf16 in (True, None):
+        assert resolve(raw, _args(), world_size=2, cpu_bf16=cpu_bf16)[0]["bf16"]["enabled"] is True
+
+
 def test_batch_arithmetic_is_checked_against_world_size():
     raw = {"train_batch_size": 100, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1}
     with pytest.raises(ConfigError, match="do not multiply out"):

@@ -134,9 +134,10 @@ def _confident_model(name: str = DRIP) -> torch.nn.Module:
     torch.manual_seed(0)
     model = open_clip.create_model(name, output_dict=True, nonscalar_logit_scale=True)
     pred = drip_trunks(model)[0].boundary_predictor
-    with torch.no_grad():
-        pred.fc2.weight.mul_(300.0)
-        pred.fc2.bias.zero_()
+    if hasattr(pred, "fc2"):  # DTP's MLP; the shipped top-k router places its boundaries from the start
+        with torch.no_grad():
+            pred.fc2.weight.mul_(300.0)
+            pred.fc2.bias.zero_()
     return model.eval()
 
 
