@@ -1,6 +1,7 @@
 """The demo run behind ``make demo``: a tiny CLIP trained by N ranks under the ``deepspeed``
-launcher (ZeRO-2, bf16) on the synthetic shards, zero-shot evaluated on their held-out
-split. Its last line is the zero-shot top-1 / top-5 against chance."""
+launcher (ZeRO-2; bf16 where the device has it natively, else fp32) on the synthetic shards,
+zero-shot evaluated on their held-out splits. Its last lines are DRIP's boundaries as evaluation
+placed them, the layout split, and the zero-shot top-1 / top-5 against chance."""
 from __future__ import annotations
 
 import argparse

@@ -31,17 +31,21 @@ from dtp_ds.train.metrics import read_metrics
 
 BASE_MODEL = "DRIP-ViT-Tiny-8-4x"
 PLAIN_MODEL = "ViT-Tiny-8"
-# arm -> drip_cfg overrides (None: the plain ViT)
+# arm -> drip_cfg overrides of the shipped tiny config (None: the plain ViT); "shipped" is as shipped
 ARMS: dict[str, dict[str, Any] | None] = {
-    "mlp-cumsum": {"predictor": "mlp", "straight_through": "cumsum"},
-    "mlp-confidence": {"predictor": "mlp", "straight_through": "confidence"},
-    "cosine": {"predictor": "cosine"},
+    # DTP as published: the MLP on the tokens after the pre blocks
+    "mlp-cumsum": {"predictor": "mlp", "predictor_input": "tokens", "straight_through": "cumsum"},
+    "mlp-confidence": {"predictor": "mlp", "predictor_input": "tokens", "straight_through": "confidence"},
+    "cosine": {"predictor": "cosine", "predictor_input": "tokens", "selection": "threshold", "tied": False},
+    "cosine-embed-topk": {"predictor": "cosine", "predictor_input": "embed", "selection": "topk", "tied": False},
+    "shipped": {},
     "fixed-even": {"predictor": "fixed"},
     "plain-vit": None,
 }
 COLUMNS = [("arm", "arm", "{}"), ("rule", "eval rule", "{}"), ("train_compression", "train compr", "{:.2f}"),
            ("zeroshot_compression", "eval compr", "{:.2f}"), ("gap", "gap", "{:+.1%}"),
            ("zeroshot_purity", "purity", "{:.3f}"), ("zeroshot_purity_even", "even purity", "{:.3f}"),
+           ("zeroshot_purity_by_patch", "by patch", "{:.3f}"), ("zeroshot_purity_by_patch_even", "even", "{:.3f}"),
            ("zeroshot_prob_spread", "p spread", "{:.3f}"), ("zeroshot_top1", "shapes top-1", "{:.1f}"),
            ("zeroshot_top5", "top-5", "{:.1f}"), ("layout_top1", "layout top-1", "{:.1f}"),
            ("layout_top5", "top-5", "{:.1f}")]

@@ -1,4 +1,9 @@
-"""Boundary predictor (Gumbel-Sigmoid, straight-through) and the boundary-rate loss.
+"""Boundary predictors, their rate losses and evaluation rules (see ``models/README.md``).
+
+- :class:`MLPBoundaryPredictor`: DTP's MLP, Gumbel-Sigmoid in training, a deterministic rule at
+  the training compression in evaluation, Binomial rate loss;
+- :class:`CosineBoundaryPredictor`: H-Net's router, the same in training and evaluation;
+- :class:`FixedBoundaryPredictor`: evenly spaced boundaries (the control arm).
 
 Everything here runs in fp32 whatever the parameter dtype or autocast state: the users
 saw the sigmoid overflow to NaN in fp16 at high learning rates, so logits are clamped to
@@ -234,23 +239,30 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
 
     straight_through = "confidence"
 
-    def __init__(self, dim: int, prior: float = 0.5, selection: str = "threshold") -> None:
+    def __init__(self, dim: int, prior: float = 0.5, selection: str = "threshold", tied: bool = False) -> None:
         super().__init__(prior)
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         self.selection = selection
         self.q = Fp32Linear(dim, dim, bias=False)
-        self.k = Fp32Linear(dim, dim, bias=False)
+        # tied: one projection for both sides, so identical neighbours always have p = 0 and a
+        # boundary needs a change in content (separate ones can learn to cut uniform regions)
+        self.k = None if tied else Fp32Linear(dim, dim, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.eye_(self.q.weight)
-        nn.init.eye_(self.k.weight)
+        if self.k is not None:
+            nn.init.eye_(self.k.weight)
 
     def forward(self, x: torch.Tensor) -> Boundaries:
-        q = F.normalize(self.q(x[:, 1:]), dim=-1)
-        k = F.normalize(self.k(x[:, :-1]), dim=-1)
+        if self.k is None:
+            z = F.normalize(self.q(x), dim=-1)
+            q, k = z[:, 1:], z[:, :-1]
+        else:
+            q = F.normalize(self.q(x[:, 1:]), dim=-1)
+            k = F.normalize(self.k(x[:, :-1]), dim=-1)
         cos = (q * k).sum(-1)
         probs = (0.5 * (1.0 - cos)).clamp(PROB_EPS, 1.0 - PROB_EPS)
         probs = torch.cat([probs, probs.new_ones(probs.shape[0], 1)], dim=-1)  # the sequence end
@@ -295,12 +307,12 @@ class FixedBoundaryPredictor(BoundaryPredictorBase):
 
 def make_boundary_predictor(kind: str, dim: int, hidden: int, prior: float, temperature: float = 0.5,
                             eval_rule: str = "expected", straight_through: str = "cumsum",
-                            selection: str = "threshold") -> BoundaryPredictorBase:
+                            selection: str = "threshold", tied: bool = False) -> BoundaryPredictorBase:
     """The predictor a model JSON's ``predictor`` names (see :data:`PREDICTORS`)."""
     if kind == "mlp":
         return MLPBoundaryPredictor(dim, hidden, temperature, prior, eval_rule, straight_through)
     if kind == "cosine":
-        return CosineBoundaryPredictor(dim, prior, selection)
+        return CosineBoundaryPredictor(dim, prior, selection, tied)
     if kind == "fixed":
         return FixedBoundaryPredictor(prior)
     raise ValueError(f"predictor must be one of {PREDICTORS}, got {kind!r}")

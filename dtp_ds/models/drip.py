@@ -170,6 +170,7 @@ class DripVisionTransformer(nn.Module):
         straight_through: str = "cumsum",
         predictor_input: str = "tokens",
         selection: str = "threshold",
+        tied: bool = False,
     ) -> None:
         super().__init__()
         if stem not in ("patch", "conv"):
@@ -214,7 +215,7 @@ class DripVisionTransformer(nn.Module):
         self.pre_blocks = blocks(0, pre)
         self.boundary_predictor = make_boundary_predictor(
             predictor, embed_dim, predictor_hidden or embed_dim, 1.0 / compression, temperature, eval_rule,
-            straight_through, selection,
+            straight_through, selection, tied,
         )
         self.shorten_blocks = blocks(pre, shorten)
         self.post_blocks = blocks(pre + shorten, post)

@@ -51,11 +51,11 @@ _TIMM_KWARGS: dict[str, dict[str, Any]] = {}
 
 DRIP_KEYS = {"pre", "shorten", "post", "upsample", "compression", "predictor_hidden", "temperature", "pool", "stem",
              "predictor", "eval_rule", "straight_through", "predictor_input",
-             "selection"}
+             "selection", "tied"}
 # drip_cfg keys a model JSON may leave out, and their values
 DRIP_DEFAULTS = {"post": 0, "upsample": False, "predictor_hidden": None, "temperature": 0.5, "pool": "mean_with_cls",
                  "stem": "patch", "predictor": "mlp", "eval_rule": "expected", "straight_through": "cumsum",
-                 "predictor_input": "tokens", "selection": "threshold"}
+                 "predictor_input": "tokens", "selection": "threshold", "tied": False}
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -110,6 +110,7 @@ def _trunk_kwargs(name: str, vision: dict[str, Any], drip: dict[str, Any]) -> di
         straight_through=d["straight_through"],
         predictor_input=d["predictor_input"],
         selection=d["selection"],
+        tied=d["tied"],
     )
 
 

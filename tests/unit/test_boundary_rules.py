@@ -202,9 +202,7 @@ def test_one_rule_for_zeroshot_pictures_flops_and_run_dirs(tmp_path) -> None:
 
     syn.write_synthetic_dataset(tmp_path / "d", num_train=2, samples_per_shard=2, val_per_class=1, image_size=64)
     torch.manual_seed(0)
-    model = open_clip.create_model("DRIP-ViT-Tiny-8-4x", output_dict=True)
-    trunk_ = [m for m in model.modules() if isinstance(m, DripVisionTransformer)][0]
-    spread(trunk_, 1.0)
+    model = open_clip.create_model("DRIP-ViT-Tiny-8-4x", output_dict=True)  # the shipped router
     model.train()
     split = folder_split(str(tmp_path / "d" / "zeroshot"))
     preprocess = val_transform(model)
@@ -257,3 +255,36 @@ def test_cumsum_straight_through_gives_a_boundary_no_task_gradient() -> None:
     assert grads["cumsum"][0, ~at_boundary].abs().max() > 1e-3
     # H-Net's weights reach every boundary whose segment has more than that one patch (3 is alone)
     assert (grads["confidence"][0, [2, 7, 11, 15]].abs() > 1e-6).all()
+
+
+def test_demo_prints_the_boundaries_as_evaluation_placed_them(tmp_path) -> None:
+    import json
+
+    from dtp_ds.demo import summary_lines
+
+    row = {"step": 237, "zeroshot_top1": 30.0, "zeroshot_top5": 90.0, "zeroshot_chance_top1": 100 / 48,
+           "zeroshot_classes": 48, "zeroshot_compression": 3.76, "train_compression": 3.76,
+           "zeroshot_purity": 0.95, "zeroshot_purity_even": 0.92, "zeroshot_prob_spread": 0.9,
+           "layout_top1": 5.0, "layout_chance_top1": 100 / 30, "layout_classes": 30}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    lines = summary_lines(str(tmp_path / "metrics.jsonl"))
+    assert "eval compression 3.76x vs training 3.76x (+0.0%)" in lines[0]
+    assert "purity 0.950 vs 0.920" in lines[0] and "spread (q95 - q05) 0.900" in lines[0]
+    assert lines[1].startswith("demo: layout split: top-1 5.0% = 1.5x chance")
+    assert lines[-1].startswith("demo: zero-shot top-1 30.0% = 14.4x chance")
+
+
+def test_tied_router_never_cuts_between_identical_neighbours() -> None:
+    """With one projection for both sides, p = 0 between identical tokens whatever was learned:
+    a uniform background stays one segment (separate projections learned to chop it up)."""
+    pred = CosineBoundaryPredictor(8, prior=0.25, selection="topk", tied=True)
+    with torch.no_grad():
+        pred.q.weight.normal_()  # any learned projection
+    a, b = torch.randn(8), torch.randn(8)
+    x = torch.stack([a] * 6 + [b] * 6 + [a] * 4).unsqueeze(0)
+    bnd = pred(x)
+    assert torch.allclose(bnd.probs[0, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14]],
+                          torch.full((13,), 1e-4), atol=1e-6)
+    cut = (bnd.hard[0] > 0.5).nonzero().flatten().tolist()
+    assert {5, 11, 15} <= set(cut)  # the two changes, and the sequence end
+    assert sum(p.numel() for p in pred.parameters()) == 64  # one 8 x 8 projection
