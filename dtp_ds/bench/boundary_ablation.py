@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -70,7 +71,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, extra: list[str]) -> di
     run_dir = os.path.join(logs, arm)
     if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) or not any(
             "zeroshot_top1" in r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))):
-        subprocess.run(["rm", "-rf", run_dir], check=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt of this arm
         print(f"ablation: {arm}: {' '.join(cmd)}", flush=True)
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
