@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     # model
-    a("--model", default="ViT-Tiny-8", help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x)")
+    a("--model", default="ViT-Tiny-8",
+      help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x), or a model JSON path/NAME.json")
     _bool_flag(p, "--grad-checkpointing", "activation checkpointing per transformer block "
                "(default: on iff the ds_config has an activation_checkpointing section)")
     a("--local-loss", action="store_true", help="contrastive loss over local x global features only")
