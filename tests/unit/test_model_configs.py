@@ -131,3 +131,18 @@ def test_bad_configs_are_refused() -> None:
         register_config("DRIP-bad-depth", bad_depth)
     with pytest.raises(ValueError, match="unknown model"):
         dtp_ds.create_model("DRIP-ViT-B-32-3x")
+
+
+def test_register_model_file_names_the_model_after_the_file(tmp_path) -> None:
+    from dtp_ds.models import register_model_file, registry
+
+    path = tmp_path / "DRIP-mine-4x.json"
+    path.write_text(json.dumps(raw("DRIP-ViT-Tiny-8-4x")))
+    try:
+        assert register_model_file(path) == "DRIP-mine-4x"
+        assert open_clip.create_model("DRIP-mine-4x").visual.trunk.compression == 4
+    finally:
+        registry._REGISTERED.pop("DRIP-mine-4x", None)
+        open_clip.factory._MODEL_CONFIGS.pop("DRIP-mine-4x", None)
+    with pytest.raises(ValueError, match="no such model config file .*missing.json"):
+        register_model_file(tmp_path / "missing.json")
