@@ -24,7 +24,7 @@ import torch
 
 from dtp_ds.demo import launch_command
 from dtp_ds.eval.boundaries import val_transform
-from dtp_ds.eval.zeroshot import folder_split, zero_shot_eval
+from dtp_ds.eval.zeroshot import folder_split, with_prefix, zero_shot_eval
 from dtp_ds.models import drip_trunks, get_model_config
 from dtp_ds.models.boundary import EVAL_RULES
 from dtp_ds.train.export import load_model_from_checkpoint
@@ -96,7 +96,7 @@ def rule_rows(arm: str, run_dir: str, a: argparse.Namespace, train_compression: 
             res = zero_shot_eval(model, tok, preprocess, folder_split(os.path.join(a.data, split)),
                                  torch.device("cpu"), batch_size=128)
             prefix = "zeroshot_" if i == 0 else "layout_"
-            row.update({prefix + k.removeprefix("zeroshot_"): v for k, v in res.items()})
+            row.update(with_prefix(res, prefix))
         rows.append(row)
     return rows
 

@@ -130,6 +130,11 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
     return result
 
 
+def with_prefix(result: dict[str, float], prefix: str) -> dict[str, float]:
+    """``result``'s keys with ``zeroshot_`` replaced by ``prefix`` (a second split's row keys)."""
+    return {prefix + k.removeprefix("zeroshot_"): v for k, v in result.items()}
+
+
 def _patch_labels(split: ZeroShotSplit, path: str, num_patches: int):
     """Patch labels (on a shape or not) of one image of a split that records its objects."""
     if split.objects is None:

@@ -42,7 +42,14 @@ from dtp_ds.data.shards import (
     plan_epoch,
     resolve_shards,
 )
-from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, imagenet_split, zero_shot_eval
+from dtp_ds.eval.zeroshot import (
+    ZeroShotSplit,
+    check_split,
+    folder_split,
+    imagenet_split,
+    with_prefix,
+    zero_shot_eval,
+)
 from dtp_ds.launch.discovery import DiscoveryError, discover
 from dtp_ds.launch.probe import git_revision
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
@@ -337,7 +344,7 @@ def train(args: TrainArgs) -> int:
             one = zero_shot_eval(engine.module.model, tokenizer, preprocess_val, split, device, input_dtype,
                                  batch_size=2 * s.micro, max_images=args.run.zeroshot_max_images)
             prefix = "zeroshot_" if i == 0 else f"{split.name}_"
-            res.update({prefix + k.removeprefix("zeroshot_"): v for k, v in one.items()})
+            res.update(with_prefix(one, prefix))
             if rank == 0:
                 bar.write(f"zero-shot {split.name} @ step {state.step}: top-1 {one['zeroshot_top1']:.2f}% "
                           f"top-5 {one['zeroshot_top5']:.2f}% (chance {one['zeroshot_chance_top1']:.2f}%)"
