@@ -1,33 +1,42 @@
-"""Single-device model code: DRIP vision transformers and the model-config registry."""
+"""Single-device model code: the shared ViT trunk, its token reducers and the model-config registry."""
 from .boundary import BoundaryPredictor, boundary_rate_loss, expected_segments
-from .drip import POOL_TYPES, DripVisionTransformer, capture_boundaries, drip_aux, drip_trunks, pinned_segments
+from .reducers import REDUCERS, TokenReducer, make_reducer, pinned_tokens, reducers_of, register_reducer
+from .reducers.drip import capture_boundaries
 from .registry import (
     CONFIG_DIR,
     create_model,
-    get_drip_cfg,
     get_model_config,
+    get_reducer_cfg,
     list_models,
     register_config,
     register_model_configs,
     register_model_file,
 )
+from .vit import POOL_TYPES, ForwardState, TowerOutput, VisionTransformer, record_forward, trunks
 
 __all__ = [
     "CONFIG_DIR",
     "POOL_TYPES",
+    "REDUCERS",
     "BoundaryPredictor",
-    "DripVisionTransformer",
+    "ForwardState",
+    "TokenReducer",
+    "TowerOutput",
+    "VisionTransformer",
     "boundary_rate_loss",
     "capture_boundaries",
     "create_model",
-    "drip_aux",
-    "drip_trunks",
     "expected_segments",
-    "get_drip_cfg",
     "get_model_config",
+    "get_reducer_cfg",
     "list_models",
-    "pinned_segments",
+    "make_reducer",
+    "pinned_tokens",
+    "record_forward",
+    "reducers_of",
     "register_config",
     "register_model_configs",
     "register_model_file",
+    "register_reducer",
+    "trunks",
 ]

@@ -1,13 +1,15 @@
 """Model-config registry: every JSON in ``configs/`` becomes an open_clip model name.
 
 open_clip only scans directories of plain open_clip JSONs (``add_model_config``) and its
-``CLIPVisionCfg`` rejects unknown keys. A DRIP config is an open_clip config whose
-``vision_cfg`` also holds a ``drip_cfg`` object (the layout). Registering such a config:
+``CLIPVisionCfg`` rejects unknown keys. A dtp_ds config is an open_clip config whose
+``vision_cfg`` also holds ``trunk_cfg`` (pooling, stem) and/or ``reducer_cfg``
+(``{"type": "drip", ...}``: the token reducer and its options; the first wave's ``drip_cfg``
+is read as both, :func:`upgrade_vision_cfg`). Registering such a config:
 
-1. pops ``drip_cfg`` and registers a timm model entrypoint ``dtp_<name>`` (lower case,
-   ``-`` -> ``_``) that builds :class:`DripVisionTransformer` with the widths, layers and
-   patch size of ``vision_cfg`` plus ``drip_cfg``;
-2. sets ``timm_model_name`` to it, ``timm_pool`` to the DRIP pooling and ``timm_proj`` to
+1. pops them and registers a timm model entrypoint ``dtp_<name>`` (lower case, ``-`` -> ``_``)
+   that builds :class:`~.vit.VisionTransformer` with the widths, layers and patch size of
+   ``vision_cfg`` and the reducer :func:`~.reducers.make_reducer` makes;
+2. sets ``timm_model_name`` to it, ``timm_pool`` to the trunk's pooling and ``timm_proj`` to
    ``""``, so open_clip's ``TimmModel`` builds the trunk with ``num_classes=embed_dim``:
    the trunk's bias-free head *is* the CLIP projection (as CLIP's own ``proj``), the whole
    image tower is one module, and ``TimmModel.head`` stays empty;
@@ -17,6 +19,7 @@ open_clip only scans directories of plain open_clip JSONs (``add_model_config``)
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import sys
 import warnings
@@ -26,15 +29,18 @@ from typing import Any
 
 import open_clip
 import timm
+import torch
 from open_clip import factory as _oc_factory
+from timm.layers import to_2tuple
 from timm.models import register_model
 
-from .drip import POOL_TYPES, DripVisionTransformer
+from .reducers import REDUCERS, make_reducer
+from .vit import POOL_TYPES, VisionTransformer
 
 __all__ = [
     "CONFIG_DIR",
     "create_model",
-    "get_drip_cfg",
+    "get_reducer_cfg",
     "get_model_config",
     "list_models",
     "load_config",
@@ -49,13 +55,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _REGISTERED: dict[str, dict[str, Any]] = {}
 _TIMM_KWARGS: dict[str, dict[str, Any]] = {}
 
-DRIP_KEYS = {"pre", "shorten", "post", "upsample", "compression", "predictor_hidden", "temperature", "pool", "stem",
-             "predictor", "eval_rule", "straight_through", "predictor_input",
-             "selection", "tied"}
-# drip_cfg keys a model JSON may leave out, and their values
-DRIP_DEFAULTS = {"post": 0, "upsample": False, "predictor_hidden": None, "temperature": 0.5, "pool": "mean_with_cls",
-                 "stem": "patch", "predictor": "mlp", "eval_rule": "expected", "straight_through": "cumsum",
-                 "predictor_input": "tokens", "selection": "threshold", "tied": False}
+# Keys of the legacy ``drip_cfg`` that configure the trunk rather than DRIP's reducer.
+LEGACY_TRUNK_KEYS = {"pool": "pool", "stem": "stem"}
+TRUNK_KEYS = {"pool", "stem", "drop_path_rate"}
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -69,60 +71,86 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def timm_name(name: str) -> str:
-    """timm entrypoint name for a DRIP config name (timm names cannot hold '.')."""
+    """timm entrypoint name for a dtp_ds trunk config name (timm names cannot hold '.')."""
     return "dtp_" + name.lower().replace("-", "_").replace(".", "_")
 
 
-def _trunk_kwargs(name: str, vision: dict[str, Any], drip: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(drip) - DRIP_KEYS
+def upgrade_vision_cfg(vision: dict[str, Any]) -> dict[str, Any]:
+    """A ``vision_cfg`` in today's form: a legacy ``drip_cfg`` (the first wave's JSONs and
+    checkpoints) becomes ``trunk_cfg`` (pool, stem) + ``reducer_cfg`` ``{"type": "drip", ...}``,
+    which builds the same parameters."""
+    vision = copy.deepcopy(vision)
+    drip = vision.pop("drip_cfg", None)
+    if drip is None:
+        return vision
+    if "reducer_cfg" in vision:
+        raise ValueError("vision_cfg has both drip_cfg and reducer_cfg: keep reducer_cfg only")
+    trunk = vision.setdefault("trunk_cfg", {})
+    for key in LEGACY_TRUNK_KEYS:
+        if key in drip:
+            trunk[key] = drip.pop(key)
+    vision["reducer_cfg"] = {"type": "drip", **drip}
+    return vision
+
+
+def is_trunk_cfg(vision: dict[str, Any]) -> bool:
+    """Whether a ``vision_cfg`` builds dtp_ds's trunk (else open_clip builds its own tower)."""
+    return any(k in vision for k in ("drip_cfg", "reducer_cfg", "trunk_cfg"))
+
+
+def _trunk_kwargs(name: str, vision: dict[str, Any]) -> dict[str, Any]:
+    trunk = vision.get("trunk_cfg", {})
+    unknown = set(trunk) - TRUNK_KEYS
     if unknown:
-        raise ValueError(f"{name}: unknown drip_cfg keys {sorted(unknown)}; known: {sorted(DRIP_KEYS)}")
-    d = {**DRIP_DEFAULTS, **drip}
-    for key in ("pre", "shorten", "compression"):
-        if key not in d:
-            raise ValueError(f"{name}: drip_cfg needs '{key}'")
-    layers = vision.get("layers", 12)
-    if d["pre"] + d["shorten"] + d["post"] != layers:
-        raise ValueError(
-            f"{name}: drip_cfg pre + shorten + post = {d['pre'] + d['shorten'] + d['post']} "
-            f"!= vision_cfg layers = {layers}"
-        )
-    if d["pool"] not in POOL_TYPES:
-        raise ValueError(f"{name}: drip_cfg pool must be one of {POOL_TYPES}, got {d['pool']!r}")
+        raise ValueError(f"{name}: unknown trunk_cfg keys {sorted(unknown)}; known: {sorted(TRUNK_KEYS)}")
+    pool = trunk.get("pool", "mean_with_cls")
+    if pool not in POOL_TYPES:
+        raise ValueError(f"{name}: trunk_cfg pool must be one of {POOL_TYPES}, got {pool!r}")
     width = vision.get("width", 768)
-    return dict(
+    kwargs = dict(
         img_size=vision.get("image_size", 224),
         patch_size=vision.get("patch_size", 16),
         embed_dim=width,
+        depth=vision.get("layers", 12),
         num_heads=width // vision.get("head_width", 64),
         mlp_ratio=vision.get("mlp_ratio", 4.0),
-        pre=d["pre"],
-        shorten=d["shorten"],
-        post=d["post"],
-        upsample=d["upsample"],
-        compression=d["compression"],
-        predictor_hidden=d["predictor_hidden"],
-        temperature=d["temperature"],
-        global_pool=d["pool"],
-        stem=d["stem"],
-        predictor=d["predictor"],
-        eval_rule=d["eval_rule"],
-        straight_through=d["straight_through"],
-        predictor_input=d["predictor_input"],
-        selection=d["selection"],
-        tied=d["tied"],
+        global_pool=pool,
+        stem=trunk.get("stem", "patch"),
+        drop_path_rate=trunk.get("drop_path_rate", 0.0),
     )
+    reducer_cfg = vision.get("reducer_cfg")
+    _check_reducer_cfg(name, reducer_cfg, kwargs)
+    return {"trunk": kwargs, "reducer_cfg": reducer_cfg}
 
 
-def _make_entrypoint(name: str, trunk_kwargs: dict[str, Any]) -> Callable[..., DripVisionTransformer]:
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> DripVisionTransformer:
+def _check_reducer_cfg(name: str, cfg: dict[str, Any] | None, trunk: dict[str, Any]) -> None:
+    """Build the reducer once on the meta device: a bad key or layout fails at registration,
+    naming the config, not at the first ``create_model``."""
+    grid = (trunk["img_size"] if isinstance(trunk["img_size"], int) else trunk["img_size"][0]) // trunk["patch_size"]
+    try:
+        with torch.device("meta"):
+            make_reducer(cfg, trunk["embed_dim"], trunk["depth"], grid * grid)
+    except TypeError as e:  # an unknown keyword
+        known = sorted(p for p in inspect.signature(REDUCERS[cfg["type"]]).parameters
+                       if p not in ("dim", "depth", "num_patches"))
+        raise ValueError(f"{name}: reducer_cfg {e}; the {cfg['type']!r} reducer takes {known}") from e
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
+
+
+def _make_entrypoint(name: str, trunk_kwargs: dict[str, Any]) -> Callable[..., VisionTransformer]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
         if pretrained:
-            raise ValueError(f"{name}: there are no pretrained DRIP trunk weights")
+            raise ValueError(f"{name}: there are no pretrained dtp_ds trunk weights")
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
             kwargs.pop(key, None)
         if kwargs.pop("patch_drop_rate", 0.0):
-            raise ValueError(f"{name}: patch dropout is not supported by DRIP trunks")
-        model = DripVisionTransformer(**{**trunk_kwargs, **kwargs})
+            raise ValueError(f"{name}: patch dropout is a reducer here: reducer_cfg, not patch_drop_rate")
+        t = {**trunk_kwargs["trunk"], **kwargs}
+        grid = to_2tuple(t["img_size"])
+        num_patches = (grid[0] // t["patch_size"]) * (grid[1] // t["patch_size"])
+        reducer = make_reducer(trunk_kwargs["reducer_cfg"], t["embed_dim"], t["depth"], num_patches)
+        model = VisionTransformer(**t, reducer=reducer)
         # timm utilities (resolve_data_config, ...) read these.
         model.pretrained_cfg = model.default_cfg = {
             "architecture": name,
@@ -135,7 +163,7 @@ def _make_entrypoint(name: str, trunk_kwargs: dict[str, Any]) -> Callable[..., D
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"DRIP trunk {name}: {trunk_kwargs}"
+    entrypoint.__doc__ = f"dtp_ds trunk {name}: {trunk_kwargs}"
     return entrypoint
 
 
@@ -152,17 +180,19 @@ def _register_timm(name: str, trunk_kwargs: dict[str, Any]) -> None:
 
 
 def to_open_clip_cfg(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The open_clip form of a config: DRIP configs get a registered timm trunk instead of
-    ``drip_cfg``; plain open_clip configs are returned unchanged (a copy)."""
+    """The open_clip form of a config: dtp_ds trunk configs get a registered timm trunk instead
+    of ``trunk_cfg`` / ``reducer_cfg``; plain open_clip configs are returned unchanged (a copy)."""
     cfg = copy.deepcopy(cfg)
-    vision = cfg["vision_cfg"]
-    drip = vision.pop("drip_cfg", None)
-    if drip is None:
+    if not is_trunk_cfg(cfg["vision_cfg"]):
         return cfg
-    kwargs = _trunk_kwargs(name, vision, drip)
+    vision = upgrade_vision_cfg(cfg["vision_cfg"])
+    kwargs = _trunk_kwargs(name, vision)
+    vision.pop("trunk_cfg", None)
+    vision.pop("reducer_cfg", None)
     tname = timm_name(name)
     _register_timm(tname, kwargs)
-    vision.update(timm_model_name=tname, timm_pool=kwargs["global_pool"], timm_proj="")
+    vision.update(timm_model_name=tname, timm_pool=kwargs["trunk"]["global_pool"], timm_proj="")
+    cfg["vision_cfg"] = vision
     return cfg
 
 
@@ -190,11 +220,12 @@ def register_model_file(path: str | Path) -> str:
     return path.stem
 
 
-def get_drip_cfg(name: str) -> dict[str, Any] | None:
-    """The ``drip_cfg`` of a registered dtp_ds model (``None`` for plain ViTs)."""
+def get_reducer_cfg(name: str) -> dict[str, Any] | None:
+    """The ``reducer_cfg`` of a registered dtp_ds model (a legacy ``drip_cfg`` upgraded);
+    ``None`` for models without a dtp_ds trunk."""
     if name not in _REGISTERED:
         raise ValueError(f"unknown dtp_ds model '{name}'; dtp_ds models: {', '.join(list_models())}")
-    return copy.deepcopy(_REGISTERED[name]["vision_cfg"].get("drip_cfg"))
+    return upgrade_vision_cfg(_REGISTERED[name]["vision_cfg"]).get("reducer_cfg")
 
 
 def get_model_config(name: str) -> dict[str, Any] | None:

@@ -1,0 +1,126 @@
+"""Token reducers: what shortens the trunk's token sequence (see ``models/README.md``).
+
+A reducer is an ``nn.Module`` with four hooks the trunk (:class:`~dtp_ds.models.vit.VisionTransformer`)
+calls in every forward; each defaults to doing nothing, so a reducer overrides only where it acts:
+
+- ``on_input(x, st)``: the tokens (B, 1 + N, D) after positions (patch dropout, token dropout);
+- ``at_boundary(i, x, st)``: before block ``i`` (``i = depth``: after the last block) (DRIP,
+  TokenLearner, grouping); may switch to packed rows by setting ``st.packing``;
+- ``mid_block(i, st)``: a function run between block ``i``'s attention and MLP, or ``None`` (ToMe);
+- ``pin(tokens)``: fix the number of tokens the reduction keeps (FLOP counts, memory checks at a
+  given compression), ``None`` to unpin.
+
+Everything a forward produces besides the tokens (auxiliary losses, detached statistics, the group
+each patch ended in) goes into the :class:`~dtp_ds.models.vit.ForwardState` ``st``, never onto the
+module. ``planned_tokens`` says, without a forward, how many tokens per sample enter each block
+(the memory model's and the tuner's input).
+
+A new reducer is one file: a subclass registered with :func:`register_reducer` and imported below.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..vit import ForwardState, MidBlockFn
+
+REDUCERS: dict[str, type[TokenReducer]] = {}
+
+
+def register_reducer(name: str):
+    """Class decorator: ``"reducer_cfg": {"type": name, ...}`` in a model JSON builds this class
+    with the trunk's ``dim``, ``depth``, ``num_patches`` and the config's other keys."""
+
+    def wrap(cls: type[TokenReducer]) -> type[TokenReducer]:
+        REDUCERS[name] = cls
+        cls.type_name = name
+        return cls
+
+    return wrap
+
+
+class TokenReducer(nn.Module):
+    """The protocol, with do-nothing defaults (see the module doc)."""
+
+    type_name = "none"
+
+    def check(self, trunk: nn.Module) -> None:
+        """Raise ``ValueError`` if this reducer cannot run in ``trunk`` (depth, grid, ...)."""
+
+    def on_input(self, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
+        return x
+
+    def at_boundary(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
+        return x
+
+    def mid_block(self, index: int, st: ForwardState) -> MidBlockFn | None:
+        return None
+
+    def pin(self, tokens: int | None) -> None:
+        """Keep exactly ``tokens`` patch tokens (groups) per sample; ``None``: as learned."""
+        raise ValueError(f"the {self.type_name!r} reducer keeps a fixed number of tokens: nothing to pin")
+
+    def upgrade_state_dict(self, state_dict: dict[str, Any], trunk_prefix: str) -> None:
+        """Rename, in place, keys an older layout of this reducer's trunk saved (checkpoints
+        of earlier versions keep loading)."""
+
+    def default_rate(self) -> float | None:
+        """The reducer's rate as configured (DRIP: its boundary rate); ``None``: it has none."""
+        return None
+
+    def planned_tokens(self, patches: int, depth: int, rate: float | None = None) -> list[float]:
+        """Expected tokens per sample (CLS included) entering each block at ``rate`` (default:
+        :meth:`default_rate`), and their largest value in a batch (padding) where it differs."""
+        return [float(patches + 1)] * depth
+
+
+@register_reducer("none")
+class NoReducer(TokenReducer):
+    """No reduction: the trunk is a plain ViT."""
+
+    def pin(self, tokens: int | None) -> None:  # nothing to pin: every patch is kept
+        return None
+
+
+def make_reducer(cfg: dict[str, Any] | None, dim: int, depth: int, num_patches: int) -> TokenReducer:
+    """The reducer a model JSON's ``reducer_cfg`` names (``None``: no reduction)."""
+    cfg = dict(cfg or {"type": "none"})
+    kind = cfg.pop("type", None)
+    if kind not in REDUCERS:
+        raise ValueError(f"reducer_cfg type must be one of {sorted(REDUCERS)}, got {kind!r}")
+    if kind == "none":
+        if cfg:
+            raise ValueError(f"reducer_cfg type 'none' takes no options, got {sorted(cfg)}")
+        return NoReducer()
+    return REDUCERS[kind](dim=dim, depth=depth, num_patches=num_patches, **cfg)
+
+
+class pinned_tokens:
+    """Context manager pinning every reducer inside ``model`` to ``tokens`` kept tokens per
+    sample (:meth:`TokenReducer.pin`): FLOP counts and memory checks at a given compression."""
+
+    def __init__(self, model: nn.Module, tokens: int) -> None:
+        self.reducers = [m for m in model.modules() if isinstance(m, TokenReducer)]
+        self.tokens = tokens
+
+    def __enter__(self) -> pinned_tokens:
+        for r in self.reducers:
+            r.pin(self.tokens)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for r in self.reducers:
+            r.pin(None)
+
+
+def reducers_of(model: nn.Module) -> list[TokenReducer]:
+    """Every reducer inside ``model`` (itself included), in module order."""
+    return [m for m in model.modules() if isinstance(m, TokenReducer)]
+
+
+from . import drip  # noqa: E402,F401  (registers "drip")
+
+__all__ = ["REDUCERS", "NoReducer", "TokenReducer", "make_reducer", "pinned_tokens", "reducers_of",
+           "register_reducer"]

@@ -1,0 +1,135 @@
+"""DRIP: dynamic token pooling at one block boundary (Nawrot et al. 2023's DTP, for images).
+
+Blocks ``[0, pre)`` see the full sequence; before block ``pre`` a boundary predictor cuts each
+image's patch sequence into segments, patch tokens are mean-pooled within segments (CLS kept)
+and blocks ``[pre, pre + shorten)`` run on the packed short sequences. With ``upsample`` the
+segments are broadcast back to their patches (plus the pre-pooling tokens) before the ``post``
+blocks. The boundary path runs in fp32 (see :mod:`..boundary`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..boundary import Boundaries, expected_segments, make_boundary_predictor
+from ..segments import make_packing, pack_segments, segment_ids, unpack_patches
+from ..vit import ForwardState
+from . import TokenReducer, register_reducer
+
+# What the boundary predictor reads: the tokens after the ``pre`` blocks (DTP's and H-Net's
+# place), or the patch embeddings before positions are added (content only: after the position
+# embedding, neighbouring tokens differ by position even on a uniform background).
+PREDICTOR_INPUTS = ("tokens", "embed")
+
+
+@register_reducer("drip")
+class DripReducer(TokenReducer):
+    """DRIP's pooling (see module doc). Reports ``boundary_loss`` (the predictor's rate loss),
+    ``boundary_rate`` and ``compression`` (patch tokens / segments), the segment of every patch
+    (``groups``) and the boundary probabilities (``scores``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_patches: int,
+        pre: int,
+        shorten: int,
+        post: int = 0,
+        upsample: bool = False,
+        compression: float = 10.0,
+        predictor_hidden: int | None = None,
+        temperature: float = 0.5,
+        predictor: str = "mlp",
+        eval_rule: str = "expected",
+        straight_through: str = "cumsum",
+        predictor_input: str = "tokens",
+        selection: str = "threshold",
+        tied: bool = False,
+    ) -> None:
+        super().__init__()
+        if post and not upsample:
+            raise ValueError("post blocks need upsample=True (without it they are shorten blocks)")
+        if compression <= 1.0:
+            raise ValueError(f"compression must be > 1, got {compression}")
+        if predictor_input not in PREDICTOR_INPUTS:
+            raise ValueError(f"predictor_input must be one of {PREDICTOR_INPUTS}, got {predictor_input!r}")
+        if pre + shorten + post != depth:
+            raise ValueError(f"DRIP pre + shorten + post = {pre + shorten + post} != the trunk's {depth} blocks")
+        self.layout = (pre, shorten, post)
+        self.upsample = upsample
+        self.compression = compression
+        self.predictor_input = predictor_input
+        self.boundary_predictor = make_boundary_predictor(
+            predictor, dim, predictor_hidden or dim, 1.0 / compression, temperature, eval_rule,
+            straight_through, selection, tied,
+        )
+
+    def upgrade_state_dict(self, state_dict: dict, trunk_prefix: str) -> None:
+        """The first wave's trunk kept ``pre_blocks`` / ``shorten_blocks`` / ``post_blocks`` and
+        its ``boundary_predictor`` on the trunk itself."""
+        starts = {"pre_blocks.": 0, "shorten_blocks.": self.layout[0], "post_blocks.": self.layout[0] + self.layout[1]}
+        for key in [k for k in state_dict if k.startswith(trunk_prefix)]:
+            rest = key[len(trunk_prefix):]
+            if rest.startswith("boundary_predictor."):
+                state_dict[trunk_prefix + "reducer." + rest] = state_dict.pop(key)
+            for old, start in starts.items():
+                if rest.startswith(old):
+                    index, tail = rest[len(old):].split(".", 1)
+                    state_dict[f"{trunk_prefix}blocks.{start + int(index)}.{tail}"] = state_dict.pop(key)
+
+    def pin(self, tokens: int | None) -> None:
+        self.boundary_predictor.forced_segments = tokens
+
+    def default_rate(self) -> float:
+        return self.boundary_predictor.prior
+
+    def planned_tokens(self, patches: int, depth: int, rate: float | None = None) -> list[float]:
+        pre, shorten, post = self.layout
+        short = expected_segments(patches, self.default_rate() if rate is None else rate) + 1.0
+        return [patches + 1.0] * pre + [short] * shorten + [patches + 1.0] * post
+
+    def at_boundary(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
+        pre, shorten, _ = self.layout
+        if index == pre:
+            return self._pool(x, st)
+        if index == pre + shorten and self.upsample:
+            short, packing = x, st.packing
+            cls_out = short.index_select(0, packing.starts).unsqueeze(1)
+            st.packing = None
+            return st.memo.pop("drip_residual") + torch.cat([cls_out, unpack_patches(short, packing)], dim=1)
+        return x
+
+    def _pool(self, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
+        bnd: Boundaries = self.boundary_predictor(x[:, 1:] if self.predictor_input == "tokens" else st.embed)
+        ids = segment_ids(bnd.hard)
+        packing = make_packing(ids)  # the forward's one host synchronisation
+        weights = self.boundary_predictor.pooling_weights(bnd)
+        st.aux_losses["boundary_loss"] = self.boundary_predictor.rate_loss(bnd)
+        st.stats["boundary_rate"] = (bnd.hard.detach() > 0.5).float().mean()
+        st.stats["compression"] = float(st.batch * st.patches) / packing.counts.sum()
+        st.groups, st.scores = ids, bnd.probs.detach()
+        st.extras["boundaries"] = bnd
+        if self.upsample:
+            st.memo["drip_residual"] = x
+        st.packing = packing
+        return pack_segments(x, packing, weights)
+
+
+class capture_boundaries:
+    """Context manager collecting the :class:`~dtp_ds.models.boundary.Boundaries` of every
+    forward of every DRIP reducer inside ``model`` (``.captured``, in call order): exactly the
+    boundaries those forwards pooled with."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.predictors = [m.boundary_predictor for m in model.modules() if isinstance(m, DripReducer)]
+        self.captured: list = []
+
+    def __enter__(self) -> capture_boundaries:
+        self.handles = [p.register_forward_hook(lambda _m, _i, out: self.captured.append(out))
+                        for p in self.predictors]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()

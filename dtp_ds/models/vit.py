@@ -1,0 +1,385 @@
+"""The shared ViT trunk every token reducer plugs into (see ``models/README.md``).
+
+patch embed + CLS + positions -> ``norm_pre`` -> blocks -> final LayerNorm -> pooling ->
+bias-free head (the CLIP projection, or a classifier). A :class:`~.reducers.TokenReducer`
+acts on the input tokens, at block boundaries or inside blocks (between attention and MLP);
+the trunk with the ``none`` reducer is a plain ViT.
+
+Tokens are dense (B, T, D) or packed rows (N, D) of variable-length sequences with their
+:class:`~.segments.Packing` (see :mod:`.segments`): token-wise layers run on the real tokens
+only and attention on a layout padded to the batch's longest sequence with a key mask.
+
+Plain single-device module. Parameters are only touched inside the ``forward`` of the module
+that owns them (ZeRO-3 gathers per module), inputs are cast to the patch embedding's dtype
+(DeepSpeed casts every parameter to bf16/fp16).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .segments import Packing, from_padded, to_padded
+
+POOL_TYPES = ("mean_with_cls", "mean_without_cls", "cls", "last")
+STEMS = ("patch", "conv")
+
+
+def drop_path(x: torch.Tensor, prob: float, training: bool, packing: Packing | None) -> torch.Tensor:
+    """Stochastic depth per *sample*, also when rows are packed tokens of several samples."""
+    if prob == 0.0 or not training:
+        return x
+    batch = x.shape[0] if packing is None else packing.batch
+    keep = x.new_empty(batch).bernoulli_(1.0 - prob).div_(1.0 - prob)
+    if packing is not None:
+        keep = keep[packing.sample]
+    return x * keep.view(-1, *([1] * (x.ndim - 1)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    Dense input (B, T, D), or packed rows (N, D) with their :class:`Packing`: the q/k/v and
+    output projections run on the packed rows, only SDPA sees the padded layout.
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        qkv = self.qkv(x)
+        mask = None
+        if packing is not None:
+            qkv = to_padded(qkv, packing)
+            mask = packing.attn_mask
+        batch, length, dim3 = qkv.shape
+        dim = dim3 // 3
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, length, dim)
+        if packing is not None:
+            out = from_padded(out, packing)
+        return self.proj(out)
+
+
+# A reducer's hook between a block's attention and its MLP: (tokens, packing) -> (tokens,
+# packing). It may run twice per forward under activation checkpointing, so it must be a pure
+# function of its inputs (and the RNG state, which checkpointing replays).
+MidBlockFn = Callable[[torch.Tensor, "Packing | None"], "tuple[torch.Tensor, Packing | None]"]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm ``Block`` layout and parameter names) that also runs
+    on packed sequences, with an optional reducer hook between attention and MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor, packing: Packing | None = None,
+                mid: MidBlockFn | None = None) -> tuple[torch.Tensor, Packing | None]:
+        x = x + drop_path(self.attn(self.norm1(x), packing), self.drop_path, self.training, packing)
+        if mid is not None:
+            x, packing = mid(x, packing)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, packing), packing
+
+
+class PatchEmbed(nn.Conv2d):
+    """Non-overlapping patch projection (no bias, as CLIP's ``conv1``) -> (B, N, D)."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Images arrive in whatever dtype the loader made; the weights may be bf16/fp16.
+        x = super().forward(x.to(self.weight.dtype))
+        return x.flatten(2).transpose(1, 2)
+
+
+class ConvStem(nn.Module):
+    """Patch embedding by stride-2 3x3 convolutions down to the patch grid, then a 1x1
+    projection -> (B, N, D). Early convolutions give a ViT its edge and corner detectors
+    at once (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): a tiny
+    model trained for minutes then learns shapes, not only colours."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        steps = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**steps != patch_size:
+            raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+        layers: list[nn.Module] = []
+        chans = in_chans
+        for i in range(steps):
+            out = max(16, dim // 2 ** (steps - i))
+            layers += [nn.Conv2d(chans, out, 3, stride=2, padding=1), nn.GELU()]
+            chans = out
+        layers.append(nn.Conv2d(chans, dim, 1))
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.convs(x.to(self.convs[0].weight.dtype))
+        return x.flatten(2).transpose(1, 2)
+
+
+@dataclass
+class ForwardState:
+    """One forward's scratch space, handed to the reducer's hooks; never kept on a module, so
+    two forwards in one step (GradCache, a teacher) each have their own and no graph outlives
+    its step."""
+
+    batch: int
+    patches: int
+    embed: torch.Tensor  # (B, N, D) patch embeddings before positions (content only)
+    packing: Packing | None = None  # set while the tokens are packed rows
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # with grad, weight 1 each
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
+    groups: torch.Tensor | None = None  # (B, N) long: the group each patch ended in
+    scores: torch.Tensor | None = None  # (B, N) the reducer's per-patch score (e.g. boundary probability)
+    extras: dict[str, Any] = field(default_factory=dict)  # reducer-specific (tests, pictures)
+    memo: dict[str, Any] = field(default_factory=dict)  # the reducer's own carry between hooks
+
+    def tokens_per_sample(self, x: torch.Tensor) -> torch.Tensor | float:
+        """Mean tokens per sample of ``x`` (CLS included), without a host synchronisation."""
+        if self.packing is None:
+            return float(x.shape[1])
+        return self.packing.lengths.float().mean()
+
+
+@dataclass
+class TowerOutput:
+    """What an image trunk's forward gives besides its embeddings (:func:`record_forward`)."""
+
+    features: torch.Tensor
+    aux_losses: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+    token_counts: torch.Tensor  # (depth,) mean tokens per sample entering each block, detached
+    groups: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+_RECORDS: contextvars.ContextVar[list[TowerOutput] | None] = contextvars.ContextVar("dtp_ds_tower_records",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def record_forward() -> Iterator[list[TowerOutput]]:
+    """Collect the :class:`TowerOutput` of every trunk forward run inside the block, in call
+    order. The caller owns the list (and the graphs in it): nothing stays on the modules, so
+    this works however the trunk is wrapped (open_clip's ``CLIP.forward`` under a DeepSpeed
+    engine, which must run whole for ZeRO-3 to gather its parameters)."""
+    records: list[TowerOutput] = []
+    token = _RECORDS.set(records)
+    try:
+        yield records
+    finally:
+        _RECORDS.reset(token)
+
+
+class VisionTransformer(nn.Module):
+    """The shared trunk (see module doc). ``num_classes`` is the width of the bias-free head
+    (the CLIP embedding width, or the classes), 0 for none; ``global_pool`` one of
+    :data:`POOL_TYPES`; ``reducer`` a :class:`~.reducers.TokenReducer` (``None``: plain ViT)."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 32,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 512,
+        global_pool: str = "mean_with_cls",
+        drop_path_rate: float = 0.0,
+        stem: str = "patch",
+        reducer: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        from .reducers import NoReducer  # reducers build on this module's blocks
+
+        if stem not in STEMS:
+            raise ValueError(f"stem must be 'patch' (a ViT's linear patch embedding) or 'conv', got {stem!r}")
+        if global_pool not in POOL_TYPES:
+            raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = patch_size
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.embed_dim = self.num_features = embed_dim
+        self.depth = depth
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
+
+        self.patch_embed = (ConvStem if stem == "conv" else PatchEmbed)(patch_size, in_chans, embed_dim)
+        scale = embed_dim**-0.5
+        self.cls_token = nn.Parameter(scale * torch.randn(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(scale * torch.randn(1, self.num_patches + 1, embed_dim))
+        self.norm_pre = nn.LayerNorm(embed_dim)
+        # Stochastic depth rising linearly over all blocks (python floats: works on meta too).
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, drop_path=dpr[i]) for i in range(depth))
+        self.reducer = reducer if reducer is not None else NoReducer()
+        self.reducer.check(self)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = self._make_head(num_classes)
+        self._init_weights()
+        self._register_load_state_dict_pre_hook(self._upgrade_keys)
+
+    def _upgrade_keys(self, state_dict: dict, prefix: str, *_: Any) -> None:
+        self.reducer.upgrade_state_dict(state_dict, prefix)
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        # Bias-free, as CLIP's ``proj``: with timm_proj="" open_clip uses this head as the
+        # CLIP projection, so the whole image tower is one module.
+        head = nn.Linear(self.embed_dim, num_classes, bias=False) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.normal_(head.weight, std=self.embed_dim**-0.5)
+        return head
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # --- timm model API (used by open_clip's TimmModel) ---------------------------------
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing (non-reentrant) on every block."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        # Positions and CLS are embeddings: decaying them pulls every position toward the
+        # same vector (open_clip decays them because they are 2-d; timm ViTs do not).
+        return {"pos_embed", "cls_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in POOL_TYPES:
+                raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+
+    @torch.no_grad()
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Change the input resolution, resampling the position embedding (bicubic)."""
+        self.img_size = to_2tuple(img_size)
+        new_grid = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+        if new_grid != self.grid_size:
+            pos = resample_abs_pos_embed(self.pos_embed, list(new_grid), list(self.grid_size))
+            self.pos_embed = nn.Parameter(pos)
+            self.grid_size = new_grid
+            self.num_patches = new_grid[0] * new_grid[1]
+
+    # --- forward --------------------------------------------------------------------------
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (tokens (B, 1 + N, D) after positions and ``norm_pre``, patch embeddings)."""
+        embed = self.patch_embed(x)
+        batch, length, _ = embed.shape
+        if length != self.num_patches:
+            raise ValueError(
+                f"got {length} patches, model built for {self.num_patches} "
+                f"({self.img_size} px); call set_input_size() for another resolution"
+            )
+        cls = self.cls_token.to(embed.dtype).expand(batch, -1, -1)
+        x = torch.cat([cls, embed], dim=1) + self.pos_embed.to(embed.dtype)
+        return self.norm_pre(x), embed
+
+    def _block(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
+        blk, mid = self.blocks[index], self.reducer.mid_block(index, st)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x, st.packing = checkpoint(blk, x, st.packing, mid, use_reentrant=False)
+        else:
+            x, st.packing = blk(x, st.packing, mid)
+        return x
+
+    def forward_with_aux(self, x: torch.Tensor) -> TowerOutput:
+        """Images (B, C, H, W) -> :class:`TowerOutput` (embeddings and the reducer's report)."""
+        x, embed = self._embed(x)
+        st = ForwardState(batch=x.shape[0], patches=embed.shape[1], embed=embed)
+        x = self.reducer.on_input(x, st)
+        counts: list[torch.Tensor | float] = []
+        for i in range(len(self.blocks)):
+            x = self.reducer.at_boundary(i, x, st)
+            counts.append(st.tokens_per_sample(x))
+            x = self._block(i, x, st)
+        x = self.norm(self.reducer.at_boundary(len(self.blocks), x, st))
+        device = x.device
+        token_counts = torch.stack([torch.as_tensor(c, dtype=torch.float32).to(device) for c in counts]) \
+            if counts else torch.zeros(0, device=device)
+        return TowerOutput(self.head(self._pool(x, st.packing)), st.aux_losses, st.stats, token_counts.detach(),
+                           st.groups, st.scores, st.extras)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (final tokens (B, T, D), valid (B, T) bool): packed sequences are padded
+        to the longest (zeros at padding)."""
+        x, embed = self._embed(x)
+        st = ForwardState(batch=x.shape[0], patches=embed.shape[1], embed=embed)
+        x = self.reducer.on_input(x, st)
+        for i in range(len(self.blocks)):
+            x = self._block(i, self.reducer.at_boundary(i, x, st), st)
+        x = self.norm(self.reducer.at_boundary(len(self.blocks), x, st))
+        if st.packing is None:
+            return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return to_padded(x, st.packing), st.packing.valid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> embeddings (B, num_classes); the rest of the forward's output
+        goes to the caller's :func:`record_forward`, if any."""
+        out = self.forward_with_aux(x)
+        records = _RECORDS.get()
+        if records is not None:
+            records.append(out)
+        return out.features
+
+    def _pool(self, x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+        """Pool each sample's final tokens (dense (B, T, D) or packed (N, D)) -> (B, D)."""
+        if packing is None:
+            if self.global_pool == "cls":
+                return x[:, 0]
+            if self.global_pool == "last":
+                return x[:, -1]
+            return x.mean(1) if self.global_pool == "mean_with_cls" else x[:, 1:].mean(1)
+        if self.global_pool == "cls":
+            return x.index_select(0, packing.starts)
+        if self.global_pool == "last":
+            return x.index_select(0, packing.starts + packing.lengths - 1)
+        if self.global_pool == "mean_with_cls":
+            keep, n = None, packing.lengths
+        else:
+            keep, n = (packing.pos > 0).to(x.dtype).unsqueeze(-1), packing.counts
+        src = x.float() if keep is None else x.float() * keep
+        sums = torch.zeros(packing.batch, x.shape[-1], device=x.device, dtype=torch.float32)
+        return (sums.index_add(0, packing.sample, src) / n.unsqueeze(-1)).to(x.dtype)
+
+
+def trunks(module: nn.Module) -> list[VisionTransformer]:
+    """Every :class:`VisionTransformer` inside ``module`` (itself included)."""
+    return [m for m in module.modules() if isinstance(m, VisionTransformer)]
