@@ -208,9 +208,10 @@ def _worker(spec: dict[str, Any]) -> ProbeResult:
     import open_clip
 
     import dtp_ds  # noqa: F401  (registers the DRIP configs)
+    from dtp_ds.tasks import param_groups
+    from dtp_ds.tasks.clip import CLIPModule
     from dtp_ds.train.ds_config import precision_of
     from dtp_ds.train.main import DTYPES, check_precision_supported
-    from dtp_ds.train.task import CLIPTask, param_groups
 
     cfg = dict(spec["ds_config"])
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
@@ -236,7 +237,7 @@ def _worker(spec: dict[str, Any]) -> ProbeResult:
                                        force_image_size=spec.get("image_size"))
         if "activation_checkpointing" in cfg:
             model.set_grad_checkpointing(True)
-        task = CLIPTask(model, input_dtype=DTYPES[precision])
+        task = CLIPModule(model, input_dtype=DTYPES[precision])
         wd = cfg.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
         if "optimizer" not in cfg:
             from dtp_ds.train.ds_config import DEFAULT_OPTIMIZER
@@ -251,7 +252,7 @@ def _worker(spec: dict[str, Any]) -> ProbeResult:
         for _ in range(int(spec.get("steps", 2))):
             images = torch.randn(micro, 3, size, size, device=device)
             texts = torch.randint(0, vocab, (micro, ctx), device=device)
-            out = engine(images, texts)
+            out = engine({"image": images, "text": texts})
             vm_max = max(vm_max, 0 if use_cuda else _status_bytes("VmSize"))  # activations at their largest
             engine.backward(out["loss"])
             engine.step()
@@ -287,8 +288,8 @@ def _serve() -> int:
     from deepspeed.accelerator import get_accelerator
 
     import dtp_ds  # noqa: F401
+    import dtp_ds.tasks  # noqa: F401
     import dtp_ds.train.main  # noqa: F401
-    import dtp_ds.train.task  # noqa: F401
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:

@@ -295,12 +295,14 @@ class _ReadShards(wds.PipelineStage):
             yield from _read_shard(item["url"])
 
 
-def _incomplete(sample: dict) -> str | None:
-    """Why a grouped sample cannot be a training pair without decoding it (None: complete)."""
+def _incomplete(sample: dict, keys: tuple[str, ...] = ("txt",)) -> str | None:
+    """Why a grouped sample cannot be a training sample without decoding it (None: complete):
+    ``no_image``, or ``no_KEY`` for the first of the task's ``keys`` it lacks."""
     if not any(e in sample for e in IMAGE_EXTS):
         return "no_image"
-    if "txt" not in sample:
-        return "no_caption"
+    for key in keys:
+        if key not in sample:
+            return "no_caption" if key == "txt" else f"no_{key}"
     return None
 
 
@@ -315,8 +317,8 @@ class _SkipTrained(wds.PipelineStage):
     before the resume point shifts the resumed stream by one sample.)
     """
 
-    def __init__(self, batches_done: int, batch_size: int):
-        self.batches_done, self.batch_size = batches_done, batch_size
+    def __init__(self, batches_done: int, batch_size: int, keys: tuple[str, ...] = ("txt",)):
+        self.batches_done, self.batch_size, self.keys = batches_done, batch_size, keys
         self.remaining: int | None = None
 
     def run(self, src: Iterator[dict | Bad]) -> Iterator[dict | Bad]:
@@ -326,7 +328,7 @@ class _SkipTrained(wds.PipelineStage):
             self.remaining = mine * self.batch_size
         for sample in src:
             if self.remaining > 0:
-                if not isinstance(sample, Bad) and _incomplete(sample) is None:
+                if not isinstance(sample, Bad) and _incomplete(sample, self.keys) is None:
                     self.remaining -= 1
                 continue
             yield sample
@@ -341,43 +343,43 @@ class _DecodeCounted(wds.PipelineStage):
     which is what makes a resumed run reproduce the straight one.
     """
 
-    def __init__(self, preprocess: Callable, tokenizer: Callable, seed: int, epoch: int):
-        self.preprocess, self.tokenizer = preprocess, tokenizer
+    def __init__(self, stage: Callable, seed: int, epoch: int):
+        self.stage = stage  # the task's data stage (dtp_ds.tasks.DataStage)
         self.seed_prefix = f"{seed}-{epoch}-"
 
-    def run(self, src: Iterator[dict | Bad]) -> Iterator[tuple[torch.Tensor, torch.Tensor] | Bad]:
+    def run(self, src: Iterator[dict | Bad]) -> Iterator[tuple[torch.Tensor, ...] | Bad]:
+        keys = tuple(getattr(self.stage, "keys", ("txt",)))
         for sample in src:
             if isinstance(sample, Bad):
                 yield sample
                 continue
             shard, key = sample.get("__url__", "?"), sample.get("__key__")
-            missing = _incomplete(sample)
+            missing = _incomplete(sample, keys)
             if missing is not None:
-                yield Bad(missing, shard, f"sample {key} has no {'image' if missing == 'no_image' else 'caption'}")
+                what = {"no_image": "image", "no_caption": "caption"}.get(missing, missing[3:])
+                yield Bad(missing if missing in BAD_KINDS else "decode_error", shard, f"sample {key} has no {what}")
                 continue
             ext = next(e for e in IMAGE_EXTS if e in sample)
             try:
                 with Image.open(io.BytesIO(sample[ext])) as im, torch.random.fork_rng(devices=[]):
                     torch.manual_seed(zlib.crc32((self.seed_prefix + str(key)).encode()))
-                    image = self.preprocess(im.convert("RGB"))
-                caption = sample["txt"].decode("utf-8")
-                text = self.tokenizer(caption)[0]
+                    item = self.stage(im.convert("RGB"), sample)
             except Exception as e:  # corrupt JPEG, bad utf-8, ...: the sample is lost, not the run
                 yield Bad("decode_error", shard, f"sample {key}: {type(e).__name__}: {e}")
                 continue
-            yield image, text
+            yield item
 
 
 class _BatchCounted(wds.PipelineStage):
-    """Collate decoded samples into (images, texts, BadCounts) where the counts are the
+    """Collate decoded samples into (*tensors, BadCounts) where the counts are the
     items skipped since this worker's previous batch. Gives up (DataError) after
     ``MAX_BAD_IN_A_ROW`` bad items without a good sample."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
 
-    def run(self, src: Iterator[tuple | Bad]) -> Iterator[tuple[torch.Tensor, torch.Tensor, BadCounts]]:
-        images, texts, bad, in_a_row = [], [], BadCounts(), 0
+    def run(self, src: Iterator[tuple | Bad]) -> Iterator[tuple[torch.Tensor | BadCounts, ...]]:
+        items, bad, in_a_row = [], BadCounts(), 0
         for item in src:
             if isinstance(item, Bad):
                 bad.add(item)
@@ -387,11 +389,10 @@ class _BatchCounted(wds.PipelineStage):
                                     f"{item.kind}: {item.reason}); the training data is unusable")
                 continue
             in_a_row = 0
-            images.append(item[0])
-            texts.append(item[1])
-            if len(images) == self.batch_size:
-                yield torch.stack(images), torch.stack(texts), bad
-                images, texts, bad = [], [], BadCounts()
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield (*(torch.stack(column) for column in zip(*items)), bad)
+                items, bad = [], BadCounts()
 
 
 def check_every_worker_has_a_shard(cfg: DataConfig, shards: list[str], world_size: int) -> None:
@@ -408,8 +409,7 @@ def make_train_loader(
     cfg: DataConfig,
     shards: list[str],
     plan: EpochPlan,
-    preprocess: Callable,
-    tokenizer: Callable,
+    stage: Callable,
     micro_batch: int,
     epoch: int,
     seed: int,
@@ -418,7 +418,7 @@ def make_train_loader(
     batches_done: int = 0,
 ) -> wds.WebLoader:
     """The loader for one epoch: yields ``plan.batches_per_rank - batches_done`` batches of
-    (images, tokens, :class:`BadCounts`) on this rank."""
+    (the tensors ``stage`` makes, stacked; :class:`BadCounts`) on this rank."""
     check_every_worker_has_a_shard(cfg, shards, world_size)
     shared_epoch = SharedEpoch(epoch=epoch)
     if cfg.dataset_resampled:
@@ -438,8 +438,8 @@ def make_train_loader(
     stages += [
         _ReadShards(),
         _SeededShuffle(seed, epoch, rank, batches_done),
-        _SkipTrained(batches_done, micro_batch),
-        _DecodeCounted(preprocess, tokenizer, seed, epoch),
+        _SkipTrained(batches_done, micro_batch, tuple(getattr(stage, "keys", ("txt",)))),
+        _DecodeCounted(stage, seed, epoch),
         _BatchCounted(micro_batch),
     ]
     # Each worker loops over its shards as needed (with_epoch bounds it); the loader stops

@@ -21,11 +21,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    task: str = "clip"  # dtp_ds.tasks.TASKS
     model: str = "ViT-Tiny-8"
     grad_checkpointing: bool | None = None  # None: on iff the ds_config has "activation_checkpointing"
     local_loss: bool = False
     gather_with_grad: bool = False
-    boundary_loss_weight: float = 1.0  # DRIP models only
+    boundary_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss)
 
 
 @dataclass
@@ -88,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     # model
+    a("--task", default="clip", help="what to train: clip (contrastive image-text; the default)")
     a("--model", default="ViT-Tiny-8",
       help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x), or a model JSON path/NAME.json")
     _bool_flag(p, "--grad-checkpointing", "activation checkpointing per transformer block "
                "(default: on iff the ds_config has an activation_checkpointing section)")
     a("--local-loss", action="store_true", help="contrastive loss over local x global features only")
     a("--gather-with-grad", action="store_true", help="gather features across ranks with gradients")
-    a("--boundary-loss-weight", type=float, default=1.0, help="weight of the DRIP boundary-rate loss")
+    a("--boundary-loss-weight", type=float, default=1.0,
+      help="weight of the token reducer's auxiliary losses (DRIP's boundary-rate loss)")
     # data
     a("--train-data", default=None,
       help="shards: brace ranges and '::'-joined sources, e.g. 'DIR/{00000..00099}.tar'")

@@ -12,11 +12,11 @@ depends on the ZeRO stage and the precision.
   optimizer wrapper keeps the fp32 masters under ``optimizer`` in the same file, per
   parameter group (``fp32_groups``, or one flat tensor per group ``fp32_groups_flat`` for the
   fused one) without parameter names. They are named by rebuilding the trainer's parameter
-  groups (:func:`dtp_ds.train.task.param_groups`) and used only if every master matches its
+  groups (:func:`dtp_ds.tasks.param_groups`) and used only if every master matches its
   16-bit copy in shape and, cast to 16 bits, in value; otherwise the 16-bit copies are
   upcast, with a warning.
 
-The trainer wraps the CLIP model in :class:`~dtp_ds.train.task.CLIPTask`, so state-dict keys
+The trainer wraps the CLIP model in :class:`~dtp_ds.tasks.clip.CLIPModule`, so state-dict keys
 carry a ``model.`` prefix, stripped here. The model name and its open_clip config come from
 the checkpoint's client state (``model_name``, ``model_cfg``).
 
@@ -152,7 +152,8 @@ def _stage0_masters(states: dict[str, Any], model: nn.Module, module: dict[str, 
                     ) -> dict[str, torch.Tensor] | None:
     """Named fp32 masters of DeepSpeed's (un)fused fp16 optimizer wrapper (stage 0 in
     bf16/fp16), or None (with a warning) when they cannot be matched to the 16-bit weights."""
-    from dtp_ds.train.task import CLIPTask, param_groups
+    from dtp_ds.tasks import param_groups
+    from dtp_ds.tasks.clip import CLIPModule
 
     opt = states.get("optimizer") or {}
     if "fp32_groups" in opt:
@@ -163,7 +164,7 @@ def _stage0_masters(states: dict[str, Any], model: nn.Module, module: dict[str, 
         log.warning("stage-0 16-bit checkpoint without fp32 masters in its model states (optimizer keys: %s)",
                     sorted(opt))
         return None
-    task = CLIPTask(model)  # the trainer's wrapper: the same parameter names and groups
+    task = CLIPModule(model)  # the trainer's wrapper: the same parameter names and groups
     names = {id(p): n for n, p in task.named_parameters()}
     named = [[names[id(p)] for p in g["params"]] for g in param_groups(task, 0.0)]
     if len(named) != len(groups):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import random
 import sys
@@ -42,21 +41,15 @@ from dtp_ds.data.shards import (
     plan_epoch,
     resolve_shards,
 )
-from dtp_ds.eval.zeroshot import (
-    ZeroShotSplit,
-    check_split,
-    folder_split,
-    imagenet_split,
-    with_prefix,
-    zero_shot_eval,
-)
+from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, imagenet_split
 from dtp_ds.launch.discovery import DiscoveryError, discover
 from dtp_ds.launch.probe import git_revision
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
 from dtp_ds.models import get_model_config, register_model_file
+from dtp_ds.tasks import TASKS, TaskSpec, build_task, param_groups
 from dtp_ds.train import checkpoint
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
-from dtp_ds.train.checkpoint import CheckpointError
+from dtp_ds.train.checkpoint import CheckpointError, TrainState
 from dtp_ds.train.ds_config import (
     cpu_has_native_bf16,
     default_ds_config,
@@ -66,19 +59,12 @@ from dtp_ds.train.ds_config import (
     resolve,
     resolve_batch,
 )
-from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError, all_reduce_step
-from dtp_ds.train.metrics import (
-    MetricsLogger,
-    loss_scale,
-    param_fingerprints,
-    peak_memory_gb,
-    plot_loss_curve,
-    write_json_atomic,
-)
+from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError
+from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
 from dtp_ds.train.redact import install_log_filter, redact
-from dtp_ds.train.schedule import WarmupCosineLR
+from dtp_ds.train.schedule import Schedules, check_resumed_lr, warmup_cosine_lr
 from dtp_ds.train.storage import check_storage, saves_planned
-from dtp_ds.train.task import CLIPTask, param_groups
+from dtp_ds.train.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("dtp_ds.train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -179,6 +165,8 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
             args.model.model = register_model_file(args.model.model)
         except (OSError, ValueError) as e:
             raise ConfigError(f"--model {args.model.model}: {e}") from e
+    if args.model.task not in TASKS:
+        raise ConfigError(f"--task {args.model.task}: unknown task; one of {', '.join(sorted(TASKS))}")
     if args.model.model not in open_clip.list_models():
         raise ConfigError(f"unknown model '{args.model.model}'. dtp_ds models: {', '.join(dtp_ds.list_models())}; "
                           f"or any open_clip name (e.g. ViT-B-32, see open_clip.list_models())")
@@ -230,10 +218,6 @@ def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
     })
 
 
-def current_lr(engine) -> float:
-    return float(engine.optimizer.param_groups[0]["lr"])
-
-
 def _rank_local(batches: Iterator[Any]) -> Iterator[Any]:
     """The loader's batches; a DataError raised in this rank's workers is marked as this
     rank's own (printed by it, not only by rank 0)."""
@@ -244,14 +228,94 @@ def _rank_local(batches: Iterator[Any]) -> Iterator[Any]:
         raise
 
 
-def _step(engine) -> None:
+def build_engine(s: Setup, rank: int, world: int) -> tuple[Any, Any]:
+    """The task (model, loss, data stage, evaluation) and the DeepSpeed engine over its module."""
+    args = s.args
+    seed_all(args.run.seed)  # identical initial weights on every rank
+    spec = TaskSpec(args.model.model, rank, world, DTYPES[precision_of(s.ds_config)], args.model.boundary_loss_weight,
+                    {"local_loss": args.model.local_loss, "gather_with_grad": args.model.gather_with_grad})
+    task = build_task(args.model.task, spec)
+    if grad_checkpointing_on(s.ds_config, args):
+        task.model.set_grad_checkpointing(True)
+    wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
+    engine, _, _, _ = deepspeed.initialize(
+        model=task.module, model_parameters=param_groups(task.module, wd), config=s.ds_config,
+        lr_scheduler=lambda opt: warmup_cosine_lr(opt, args.optim.warmup, s.total_steps))
+    return task, engine
+
+
+def resume(s: Setup, engine, schedules: Schedules, rank: int) -> tuple[TrainState, str | None, float, bool]:
+    """Load the checkpoint ``--resume`` names, if any: (state, where from, load seconds, whether
+    it is this run's own, whose state is current and not saved again)."""
+    args = s.args
+    found = checkpoint.resolve_resume(args.run.resume, s.run_dir) if args.run.resume else None
+    if args.run.resume and found is None:
+        log.warning("--resume %s: no checkpoint in %s yet; starting from scratch", args.run.resume, s.run_dir)
+    if found is None:
+        seed_all(args.run.seed + 1000 * rank)  # per-rank noise (DRIP boundary sampling, drop path)
+        return TrainState(), None, 0.0, False
+    t0 = time.time()
+    state, client = checkpoint.load(engine, *found)  # restores each rank's RNG as it was saved
     try:
-        engine.step()
-    except Exception as e:  # DeepSpeed's dynamic loss scaler gives up with a bare Exception
-        if "loss scale already at minimum" in str(e):
-            raise TrainingError("fp16: the dynamic loss scale reached its minimum and the gradients still "
-                                "overflow: lower --lr, set --grad-clip-norm, or train in bf16") from e
-        raise
+        check_resumed_lr(engine.lr_scheduler, args.optim.warmup, s.total_steps)
+        schedules.load_state_dict(client.get("schedules", {}))
+    except ValueError as e:
+        raise ConfigError(f"--resume {os.path.join(*found)}: {e}") from e
+    own = os.path.abspath(found[0]) == os.path.abspath(checkpoint.checkpoint_root(s.run_dir))
+    return state, os.path.join(*found), time.time() - t0, own
+
+
+def open_run_dir(s: Setup, world: int, rank: int, resumed_from: str | None) -> list[str]:
+    """Create the run directory, drop incomplete checkpoints of a resumed run, write config.json."""
+    discarded = []
+    if s.args.run.resume:
+        dist.barrier()  # every rank has read its checkpoint files: leftovers may go now
+    if rank == 0:
+        os.makedirs(s.run_dir, exist_ok=True)
+        if s.args.run.resume:
+            discarded = checkpoint.discard_incomplete(checkpoint.checkpoint_root(s.run_dir))
+        write_run_config(s, world, resumed_from)
+    dist.barrier()
+    return discarded
+
+
+def make_logger(s: Setup, rank: int, state: TrainState, resumed_from: str | None) -> MetricsLogger:
+    run = s.args.run
+    wandb_cfg = None
+    if run.report_to == "wandb":
+        wandb_cfg = {"project": run.wandb_project_name, "name": os.path.basename(s.run_dir),
+                     "dir": s.run_dir, "config": {"args": s.args.to_dict(), "ds_config": s.ds_config},
+                     "resume": "allow", "id": os.path.basename(s.run_dir).replace("/", "_")}
+    return MetricsLogger(s.run_dir, rank == 0, state.step if resumed_from else None, wandb_cfg)
+
+
+def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world: int) -> Trainer:
+    """Resume (or seed), open the run directory, and put the Trainer together."""
+    args = s.args
+    schedules = Schedules()
+    state, resumed_from, t_load, own = resume(s, engine, schedules, rank)
+    last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
+    n_params = sum(p.numel() for p in task.model.parameters())
+    check_storage(s.run_dir, s.ds_config, n_params, precision_of(s.ds_config), args.run.keep_checkpoints,
+                  saves_planned(state.step, last_step, args.run.save_every_n_steps, s.plan.batches_per_rank // s.accum))
+    discarded = open_run_dir(s, world, rank, resumed_from)
+    logger = make_logger(s, rank, state, resumed_from)
+    if resumed_from:
+        logger.log({"step": state.step, "event": "resume", "from": resumed_from, "load_s": t_load,
+                    "startup_s": time.time() - psutil.Process().create_time(), "discarded": discarded})
+    root = checkpoint.checkpoint_root(s.run_dir)
+    cfg = TrainerConfig(run_dir=s.run_dir, accum=s.accum, global_batch=s.micro * s.accum * world,
+                        last_step=last_step, batches_per_epoch=s.plan.batches_per_rank,
+                        log_every=args.run.log_every_n_steps, save_every=args.run.save_every_n_steps,
+                        keep_checkpoints=args.run.keep_checkpoints, eval_every_epochs=args.run.zeroshot_frequency,
+                        eval_batch_size=2 * s.micro, eval_max_images=args.run.zeroshot_max_images,
+                        missing_shards=len(s.missing_shards))
+    client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model),
+              "task": args.model.task}
+    return Trainer(cfg, task, engine, state, logger,
+                   NonFiniteGuard(engine, precision_of(s.ds_config), args.run.max_nonfinite_steps, rank, root),
+                   BadDataGuard(args.data.max_bad_fraction, s.plan.num_samples), s.splits, client, schedules,
+                   device, rank, saved_at=state.step if own else -1)
 
 
 def train(args: TrainArgs) -> int:
@@ -265,176 +329,26 @@ def train(args: TrainArgs) -> int:
     get_accelerator().set_device(local_rank)
     device = torch.device(get_accelerator().device_name(local_rank))
     s = prepare(args, world, rank)
-    precision = precision_of(s.ds_config)
     log.info("checks passed: %d shards, %d micro-batches per rank per epoch, %d steps", len(s.shards),
              s.plan.batches_per_rank, s.total_steps)
-    input_dtype = DTYPES[precision]
-
-    seed_all(args.run.seed)  # identical initial weights on every rank
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        args.model.model, output_dict=True, nonscalar_logit_scale=True)  # 0-dim params break DeepSpeed broadcasts
-    n_params = sum(p.numel() for p in model.parameters())
-    tokenizer = open_clip.get_tokenizer(args.model.model)
-    if grad_checkpointing_on(s.ds_config, args):
-        model.set_grad_checkpointing(True)
-    task = CLIPTask(model, rank, world, args.model.local_loss, args.model.gather_with_grad,
-                    args.model.boundary_loss_weight, input_dtype)
-    wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(
-        model=task, model_parameters=param_groups(task, wd), config=s.ds_config,
-        lr_scheduler=lambda opt: WarmupCosineLR(opt, max(1, args.optim.warmup), s.total_steps))
-
-    state, resumed_from = checkpoint.TrainState(), None
-    root = checkpoint.checkpoint_root(s.run_dir)
-    found = checkpoint.resolve_resume(args.run.resume, s.run_dir) if args.run.resume else None
-    if args.run.resume and found is None:
-        log.warning("--resume %s: no checkpoint in %s yet; starting from scratch", args.run.resume, s.run_dir)
-    t_load = time.time()
-    if found is None:
-        seed_all(args.run.seed + 1000 * rank)  # per-rank noise (DRIP boundary sampling)
-    else:
-        state, _ = checkpoint.load(engine, *found)  # restores each rank's RNG as it was saved
-        resumed_from = os.path.join(*found)
-    t_load = time.time() - t_load
-    last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
-    check_storage(s.run_dir, s.ds_config, n_params, precision, s.args.run.keep_checkpoints,
-                  saves_planned(state.step, last_step, args.run.save_every_n_steps, s.plan.batches_per_rank // s.accum))
-
-    discarded = []
-    if args.run.resume:
-        dist.barrier()  # every rank has read its checkpoint files: leftovers may go now
-    if rank == 0:
-        os.makedirs(s.run_dir, exist_ok=True)
-        if args.run.resume:
-            discarded = checkpoint.discard_incomplete(root)
-        write_run_config(s, world, resumed_from)
-    dist.barrier()
-    wandb_cfg = None
-    if args.run.report_to == "wandb":
-        wandb_cfg = {"project": args.run.wandb_project_name, "name": os.path.basename(s.run_dir),
-                     "dir": s.run_dir, "config": {"args": s.args.to_dict(), "ds_config": s.ds_config},
-                     "resume": "allow", "id": os.path.basename(s.run_dir).replace("/", "_")}
-    logger = MetricsLogger(s.run_dir, rank == 0, state.step if resumed_from else None, wandb_cfg)
-    if resumed_from:
-        logger.log({"step": state.step, "event": "resume", "from": resumed_from, "load_s": t_load,
-                    "startup_s": time.time() - psutil.Process().create_time(), "discarded": discarded})
-
-    client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model)}
-    global_batch = s.micro * s.accum * world
-    nonfinite = NonFiniteGuard(engine, precision, args.run.max_nonfinite_steps, rank, root)
-    bad_data = BadDataGuard(args.data.max_bad_fraction, s.plan.num_samples)
-    bar = tqdm(total=last_step, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    # a checkpoint of this run that it resumed from is its current state: not written again
-    resumed_own = found is not None and os.path.abspath(found[0]) == os.path.abspath(root)
-    saved_at, evaluated_at = (state.step if resumed_own else -1), -1
-
-    def save() -> None:
-        nonlocal saved_at
-        nonfinite.check_params(state.step)  # never commit broken weights
-        checkpoint.save(engine, s.run_dir, state, client, args.run.keep_checkpoints)
-        saved_at = state.step
-
-    def evaluate() -> None:
-        nonlocal evaluated_at
-        if not s.splits or args.run.zeroshot_frequency == 0:
-            return
-        t0 = time.time()
-        res: dict[str, Any] = {}
-        for i, split in enumerate(s.splits):
-            one = zero_shot_eval(engine.module.model, tokenizer, preprocess_val, split, device, input_dtype,
-                                 batch_size=2 * s.micro, max_images=args.run.zeroshot_max_images)
-            prefix = "zeroshot_" if i == 0 else f"{split.name}_"
-            res.update(with_prefix(one, prefix))
-            if rank == 0:
-                bar.write(f"zero-shot {split.name} @ step {state.step}: top-1 {one['zeroshot_top1']:.2f}% "
-                          f"top-5 {one['zeroshot_top5']:.2f}% (chance {one['zeroshot_chance_top1']:.2f}%)"
-                          + (f", eval compression {one['zeroshot_compression']:.2f} (training "
-                             f"{last_train['compression']:.2f}), purity {one.get('zeroshot_purity', 0):.3f} "
-                             f"(even {one.get('zeroshot_purity_even', 0):.3f}), p spread "
-                             f"{one['zeroshot_prob_spread']:.3f}"
-                             if "zeroshot_compression" in one and "compression" in last_train else ""))
-        if "compression" in last_train:  # the last logged training compression, next to evaluation's
-            res["train_compression"] = last_train["compression"]
-        res.update(step=state.step, epoch=state.epoch, eval_time=time.time() - t0, split=s.splits[0].name)
-        logger.log(res)
-        evaluated_at = state.step
-
-    sums: dict[str, torch.Tensor | float] = {}
-    last_train: dict[str, float] = {}  # the step means of the last step
-    t_step, t_data = time.time(), 0.0
-    done = state.step >= last_step
-    for epoch in range(state.epoch, args.optim.epochs):
-        if done:
+    task, engine = build_engine(s, rank, world)
+    trainer = make_trainer(s, task, engine, device, rank, world)
+    stage = task.data_stage()
+    for epoch in range(trainer.state.epoch, args.optim.epochs):
+        if trainer.done:
             break
-        loader = make_train_loader(args.data, s.shards, s.plan, preprocess_train, tokenizer, s.micro, epoch,
-                                   args.run.seed, rank, world, state.batches_in_epoch)
+        loader = make_train_loader(args.data, s.shards, s.plan, stage, s.micro, epoch, args.run.seed, rank, world,
+                                   trainer.state.batches_in_epoch)
         with torch.random.fork_rng(devices=[]):  # starting the workers draws from the RNG: not from the run's
             batches = _rank_local(iter(loader))
         t_fetch = time.time()
-        for images, texts, bad in batches:
-            t_data += time.time() - t_fetch
-            bad_data.add(bad)
-            out = engine(images.to(device, non_blocking=True), texts.to(device, non_blocking=True))
-            out["loss"] = nonfinite.loss(out["loss"], state.step + 1)
-            engine.backward(nonfinite.backward_loss(out["loss"]))
-            boundary = engine.is_gradient_accumulation_boundary()
-            lr = current_lr(engine)
-            _step(engine)
-            for k, v in out.items():  # summed on the device: no host synchronisation per micro-batch
-                sums[k] = sums.get(k, 0.0) + v.detach().double().reshape(())
-            state.batches_in_epoch += 1
-            if boundary:
-                state.step += 1
-                step_time = time.time() - t_step
-                # one small collective per step: rank-mean losses and the bad-data counts
-                means, bad_counts = all_reduce_step(sums, s.accum, bad_data.take(), device)
-                sums = {}
-                last_train.update({k: float(v) for k, v in means.items() if k == "compression"})
-                state.samples_seen += global_batch
-                bad_data.account(state, bad_counts)
-                state.nonfinite_steps += nonfinite.account(state.step, means["loss"])
-                if state.step % args.run.log_every_n_steps == 0 or state.step in (1, last_step) \
-                        or nonfinite.in_a_row:
-                    rec = {"step": state.step, "epoch": epoch, **means, "lr": lr,
-                           "grad_norm": nonfinite.grad_norm(), "skipped_steps": engine.skipped_steps,
-                           "nonfinite_steps": state.nonfinite_steps, "samples_per_s": global_batch / step_time,
-                           "step_time": step_time, "data_time": t_data, "peak_mem_gb": peak_memory_gb(),
-                           "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
-                           "bad_by_kind": dict(state.bad_by_kind), "missing_shards": len(s.missing_shards)}
-                    scale = loss_scale(engine)
-                    if scale is not None:
-                        rec["loss_scale"] = scale
-                    rec = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in rec.items()}
-                    logger.log(rec)
-                    bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
-                bad_data.check(state)
-                nonfinite.check(state.step)
-                bar.update(1)
-                if args.run.save_every_n_steps and state.step % args.run.save_every_n_steps == 0:
-                    save()
-                t_step, t_data = time.time(), 0.0
-                if state.step >= last_step:
-                    done = True
-                    break
+        for batch in batches:
+            trainer.waited_for_data(time.time() - t_fetch)
+            if trainer.step(batch):
+                break
             t_fetch = time.time()
-        if state.batches_in_epoch >= s.plan.batches_per_rank:  # the epoch ran to its end
-            state.epoch, state.batches_in_epoch = epoch + 1, 0
-            save()
-            if args.run.zeroshot_frequency and state.epoch % args.run.zeroshot_frequency == 0:
-                evaluate()
-    bar.close()
-    if saved_at != state.step:
-        save()
-    if evaluated_at != state.step:
-        evaluate()
-    prints = param_fingerprints(engine, device)
-    logger.log({"step": state.step, "final": True, "param_fingerprint_by_rank": prints,
-                "params_finite": all(math.isfinite(v) for row in prints for v in row),
-                "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
-                "bad_by_kind": dict(state.bad_by_kind), "nonfinite_steps": state.nonfinite_steps})
-    if rank == 0:
-        plot_loss_curve(logger.path, os.path.join(s.run_dir, "loss.png"))
-    logger.close()
+        trainer.end_epoch(epoch)
+    trainer.finish()
     dist.barrier()
     return 0
 

@@ -1,14 +1,23 @@
-"""Warmup + cosine learning-rate schedule, as open_clip's trainer computes it, with state.
+"""What changes over training, with state saved in every checkpoint.
 
-DeepSpeed steps it at every optimizer step (not on fp16-overflow steps) and saves its
-``state_dict`` in each checkpoint, so ``--resume`` continues the curve where it stopped.
-(DeepSpeed's own WarmupCosineLR spends its first two steps at lr 0.)
+The learning rate is open_clip's warmup + cosine (:func:`warmup_cosine`) as a torch
+``LambdaLR`` that DeepSpeed steps at every applied optimizer step (not on fp16-overflow
+steps) and saves with each checkpoint. Its factor is a :class:`WarmupCosine` object, so
+``LambdaLR.state_dict`` saves the curve's warmup and length with it: a resume continues the
+saved curve, and :func:`check_resumed_lr` refuses a resume whose ``--warmup`` / ``--epochs``
+would have drawn another one. (DeepSpeed's own WarmupCosineLR spends its first two steps at lr 0.)
+
+Anything else that changes over training is a :class:`Schedule`: an object with
+``step(state)``, ``state_dict()`` and ``load_state_dict()``, stepped by the Trainer after each
+optimizer step and saved in the checkpoint's client state (:class:`Schedules`).
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 
 def warmup_cosine(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -19,31 +28,59 @@ def warmup_cosine(step: int, base_lr: float, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * base_lr
 
 
-class WarmupCosineLR:
-    """Sets each param group's lr for the step about to be taken (``last_step`` steps done)."""
+class WarmupCosine:
+    """The LR factor of step ``step`` (a callable object: LambdaLR saves its fields)."""
 
-    def __init__(self, optimizer: Optimizer, warmup: int, total_steps: int):
-        self.optimizer = optimizer
+    def __init__(self, warmup: int, total_steps: int) -> None:
         self.warmup, self.total_steps = warmup, total_steps
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.last_step = 0
-        self._apply()
 
-    def _apply(self) -> None:
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = warmup_cosine(self.last_step, base, self.warmup, self.total_steps)
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, 1.0, self.warmup, self.total_steps)
 
-    def step(self, **_: object) -> None:
-        self.last_step += 1
-        self._apply()
 
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
+def warmup_cosine_lr(optimizer: Optimizer, warmup: int, total_steps: int) -> LambdaLR:
+    """The run's LR scheduler: ``base lr * warmup_cosine`` of the steps done."""
+    return LambdaLR(optimizer, WarmupCosine(max(1, warmup), total_steps))
 
-    def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "base_lrs": self.base_lrs, "warmup": self.warmup,
-                "total_steps": self.total_steps}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.last_step = state["last_step"]
-        self._apply()
+def check_resumed_lr(scheduler: LambdaLR, warmup: int, total_steps: int) -> None:
+    """After loading a checkpoint: the saved curve is the one this run's flags draw, or
+    ``ValueError`` naming the flag (a silent jump to another curve is never taken)."""
+    saved = scheduler.lr_lambdas[0]
+    if saved.warmup != max(1, warmup):
+        raise ValueError(f"--warmup {warmup} differs from the checkpoint's {saved.warmup}: resume with "
+                         f"--warmup {saved.warmup} (the LR curve it was trained on), or start a new run")
+    if saved.total_steps != total_steps:
+        raise ValueError(f"--epochs (with this data and batch) makes {total_steps} steps but the checkpoint's LR "
+                         f"curve spans {saved.total_steps}: resume with the --epochs it was started with "
+                         f"(use --max-steps to stop earlier), or start a new run")
+
+
+class Schedule(Protocol):
+    def step(self, state: Any) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Schedules:
+    """Named :class:`Schedule` objects: stepped together, saved together."""
+
+    def __init__(self, schedules: dict[str, Schedule] | None = None) -> None:
+        self.items = dict(schedules or {})
+
+    def step(self, state: Any) -> None:
+        for s in self.items.values():
+            s.step(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: s.state_dict() for name, s in self.items.items()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        missing = sorted(set(self.items) - set(saved))
+        if missing:
+            raise ValueError(f"the checkpoint has no state for the schedules {missing}: it was trained without "
+                             f"them; start a new run to use them")
+        for name, s in self.items.items():
+            s.load_state_dict(saved[name])

@@ -31,7 +31,8 @@ import logging, os, sys
 import deepspeed, open_clip, torch
 import dtp_ds
 from dtp_ds.train import checkpoint
-from dtp_ds.train.task import CLIPTask, param_groups
+from dtp_ds.tasks import param_groups
+from dtp_ds.tasks.clip import CLIPModule
 
 deepspeed.utils.logger.setLevel(logging.ERROR)
 deepspeed.init_distributed(dist_backend="gloo")
@@ -41,7 +42,7 @@ for spec in sys.argv[2:]:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     torch.manual_seed(0)
     model = open_clip.create_model(name, output_dict=True, nonscalar_logit_scale=True)
-    task = CLIPTask(model, input_dtype=dtype)
+    task = CLIPModule(model, input_dtype=dtype)
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
            "zero_optimization": {"stage": int(stage)}, "bf16": {"enabled": precision == "bf16"},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}}}
@@ -49,7 +50,7 @@ for spec in sys.argv[2:]:
     g = torch.Generator().manual_seed(1)
     images, texts = torch.rand(4, 3, 64, 64, generator=g), torch.randint(1, 1000, (4, 32), generator=g)
     for _ in range(2):
-        engine.backward(engine(images, texts)["loss"])
+        engine.backward(engine({"image": images, "text": texts})["loss"])
         engine.step()
     engine.module.eval()
     with torch.no_grad():

@@ -12,6 +12,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from dtp_ds.models.drip import DripBlock
 from open_clip.transformer import ResidualAttentionBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -33,11 +34,10 @@ from dtp_ds.autotune.partitions import JobShapeError, check_job_shape, registry_
 from dtp_ds.autotune.tuner import main as tuner_main
 from dtp_ds.autotune.tuner import tune
 from dtp_ds.models import pinned_segments
-from dtp_ds.models.drip import DripBlock
 from dtp_ds.models.segments import make_packing, pack_segments, segment_ids
+from dtp_ds.tasks.clip import CLIPModule
 from dtp_ds.train.args import parse_args
 from dtp_ds.train.ds_config import load_ds_config, resolve
-from dtp_ds.train.task import CLIPTask
 
 REPO = Path(__file__).resolve().parents[2]
 V100_16, V100_32, A100_80 = 15.78 * GiB, 31.75 * GiB, 79.15 * GiB
@@ -131,7 +131,7 @@ def test_packed_drip_block_term_equals_autograd_saved_tensors():
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "amp"])
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_whole_clip_activations_match_autograd(name, mode, ckpt):
-    """The whole model and the loss, as CLIPTask runs them: within 7% (the small terms outside
+    """The whole model and the loss, as CLIPModule runs them: within 7% (the small terms outside
     the blocks are modelled coarsely; the blocks exactly). DRIP boundaries are pinned at the
     prior rate so the segment count is known."""
     batch = 8
@@ -140,14 +140,14 @@ def test_whole_clip_activations_match_autograd(name, mode, ckpt):
     model.set_grad_checkpointing(ckpt)
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     model = model.to(dtype)
-    task = CLIPTask(model, input_dtype=dtype)
+    task = CLIPModule(model, input_dtype=dtype)
     shape = model_shape(name)
     images = torch.randn(batch, 3, shape.image_size, shape.image_size)
     texts = torch.randint(0, 49408, (batch, shape.text.tokens))
 
     def run():
         with pinned_segments(model, 16), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "amp"):
-            task(images, texts)
+            task({"image": images, "text": texts})
 
     measured = saved_bytes(run, task)
     if shape.drip is not None:  # pinned: 16 equal segments per sample, no padding

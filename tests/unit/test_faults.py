@@ -43,7 +43,12 @@ def damaged(tmp_path_factory):
 
 def _decode_all(shard_list: list[str]) -> tuple[int, sh.BadCounts]:
     """One pass over the shards through the real read and decode stages."""
-    decode = sh._DecodeCounted(lambda im: torch.zeros(1), lambda t: torch.zeros(1, 1), 0, 0)
+    def stage(image, sample):
+        image.load()
+        return torch.zeros(1), torch.zeros(1, 1) + len(sample["txt"].decode("utf-8"))
+
+    stage.keys = ("txt",)
+    decode = sh._DecodeCounted(stage, 0, 0)
     good, bad = 0, sh.BadCounts()
     for item in decode.run(sh._ReadShards().run(iter({"url": u} for u in shard_list))):
         if isinstance(item, sh.Bad):

@@ -11,9 +11,10 @@ from open_clip_train.scheduler import cosine_lr
 
 import dtp_ds  # noqa: F401  (registers the model configs)
 from dtp_ds.data.shards import DataConfig, DataError, make_train_loader, plan_epoch, resolve_shards
+from dtp_ds.tasks.clip import CaptionStage
 from dtp_ds.train.args import ConfigError, parse_args
 from dtp_ds.train.ds_config import load_ds_config, resolve, resolve_batch
-from dtp_ds.train.schedule import WarmupCosineLR
+from dtp_ds.train.schedule import check_resumed_lr, warmup_cosine_lr
 from tests.conftest import REPO, TINY_DS_CONFIG, train_data
 
 
@@ -85,7 +86,7 @@ def test_every_shipped_ds_config_loads_and_resolves():
 def test_schedule_matches_open_clip_and_survives_state_dict():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}], lr=1e-3)
-    sched = WarmupCosineLR(opt, warmup=10, total_steps=50)
+    sched = warmup_cosine_lr(opt, warmup=10, total_steps=50)
     reference = cosine_lr(torch.optim.SGD(model.parameters(), lr=1e-3), 1e-3, 10, 50)
     for step in range(50):
         assert opt.param_groups[0]["lr"] == pytest.approx(reference(step), abs=1e-12)
@@ -93,9 +94,23 @@ def test_schedule_matches_open_clip_and_survives_state_dict():
         sched.step()
     state = json.loads(json.dumps(sched.state_dict()))
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched2 = WarmupCosineLR(opt2, warmup=10, total_steps=50)
+    sched2 = warmup_cosine_lr(opt2, warmup=10, total_steps=50)
     sched2.load_state_dict(state)
-    assert opt2.param_groups[0]["lr"] == pytest.approx(reference(50), abs=1e-12)
+    sched2.step()  # the first step after a resume: the saved curve, where it stopped
+    assert opt2.param_groups[0]["lr"] == pytest.approx(reference(51), abs=1e-12)
+    check_resumed_lr(sched2, 10, 50)
+
+
+def test_a_resume_that_would_change_the_lr_curve_names_the_flag():
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    sched = warmup_cosine_lr(opt, warmup=10, total_steps=50)
+    resumed = warmup_cosine_lr(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3), 20, 80)
+    resumed.load_state_dict(sched.state_dict())  # the checkpoint's curve replaces the flags'
+    assert (resumed.lr_lambdas[0].warmup, resumed.lr_lambdas[0].total_steps) == (10, 50)
+    with pytest.raises(ValueError, match="--warmup 20 differs from the checkpoint's 10"):
+        check_resumed_lr(resumed, 20, 50)
+    with pytest.raises(ValueError, match="--epochs .* 80 steps .* spans 50"):
+        check_resumed_lr(resumed, 10, 80)
 
 
 @pytest.mark.parametrize("n,micro,world,workers,accum", [(1000, 16, 2, 2, 1), (1000, 16, 2, 3, 4), (10, 64, 8, 4, 2)])
@@ -121,8 +136,8 @@ def _loader_texts(synth, batches_done: int, workers: int = 2, resampled: bool = 
     plan = plan_epoch(2400, 16, 1, workers, 1)
     tok = open_clip.get_tokenizer("ViT-Tiny-8")
     _, _, preprocess = open_clip.create_model_and_transforms("ViT-Tiny-8")
-    loader = make_train_loader(cfg, shards, plan, preprocess, tok, micro_batch=16, epoch=1, seed=0, rank=0,
-                               world_size=1, batches_done=batches_done)
+    loader = make_train_loader(cfg, shards, plan, CaptionStage(preprocess, tok), micro_batch=16, epoch=1, seed=0,
+                               rank=0, world_size=1, batches_done=batches_done)
     return [texts for _, texts, _ in loader], plan
 
 
@@ -167,9 +182,10 @@ def test_bf16_on_a_device_without_it_is_refused_naming_the_fp16_variant(monkeypa
 def test_param_groups_leave_gains_biases_embeddings_and_logit_scale_undecayed():
     import open_clip
 
-    from dtp_ds.train.task import CLIPTask, param_groups
+    from dtp_ds.tasks import param_groups
+    from dtp_ds.tasks.clip import CLIPModule
 
-    task = CLIPTask(open_clip.create_model("DRIP-ViT-Tiny-8-4x", output_dict=True))
+    task = CLIPModule(open_clip.create_model("DRIP-ViT-Tiny-8-4x", output_dict=True))
     no_decay, decay = param_groups(task, 0.1)
     assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.1)
     names = {id(p): n for n, p in task.named_parameters()}
@@ -179,6 +195,6 @@ def test_param_groups_leave_gains_biases_embeddings_and_logit_scale_undecayed():
                  "model.visual.trunk.norm.bias"):
         assert name in undecayed, name
     decayed = {names[id(p)] for p in decay["params"]}
-    assert "model.text_projection" in decayed and "model.visual.trunk.pre_blocks.0.attn.qkv.weight" in decayed
+    assert "model.text_projection" in decayed and "model.visual.trunk.blocks.0.attn.qkv.weight" in decayed
     assert all(p.ndim >= 2 for p in decay["params"])
     assert len(undecayed) + len(decayed) == sum(1 for _ in task.parameters())

@@ -52,7 +52,8 @@ import dtp_ds
 from deepspeed.utils import safe_get_full_fp32_param
 from dtp_ds.train import checkpoint
 from dtp_ds.models import registry
-from dtp_ds.train.task import CLIPTask, param_groups
+from dtp_ds.tasks import param_groups
+from dtp_ds.tasks.clip import CLIPModule
 
 deepspeed.utils.logger.setLevel(logging.ERROR)
 deepspeed.init_distributed(dist_backend="gloo")
@@ -65,7 +66,7 @@ for spec in sys.argv[2:]:
         registry.register_config(name, registry.load_config(registry.CONFIG_DIR / f"{base}.json"))
     torch.manual_seed(stage)
     model = open_clip.create_model(name, output_dict=True, nonscalar_logit_scale=True)
-    task = CLIPTask(model, input_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    task = CLIPModule(model, input_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": stage}, "bf16": {"enabled": precision == "bf16"},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}}}
@@ -73,7 +74,7 @@ for spec in sys.argv[2:]:
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     images = torch.rand(4, 3, size, size)
     texts = torch.randint(1, 1000, (4, model.context_length))
-    loss = engine(images, texts)["loss"]
+    loss = engine({"image": images, "text": texts})["loss"]
     engine.backward(loss)
     engine.step()
     named = dict(engine.module.named_parameters())

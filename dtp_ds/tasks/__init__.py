@@ -1,0 +1,102 @@
+"""Tasks: what is trained. A task builds its model, its loss, its data stage (what a sample
+becomes) and its evaluation; its :attr:`Task.module` takes a dict batch and returns a dict with
+``"loss"`` (the engine wraps that module). ``--task NAME`` picks one from :data:`TASKS`.
+
+Tasks sit between models/data/eval and train: they import no ``dtp_ds.train`` module, so
+everything they need from the run comes in a :class:`TaskSpec`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+TASKS: dict[str, Callable[[TaskSpec], Task]] = {}
+
+
+@dataclass
+class TaskSpec:
+    """What a task is built from (the run's settings that concern it)."""
+
+    model: str
+    rank: int = 0
+    world: int = 1
+    input_dtype: torch.dtype = torch.float32
+    aux_loss_weight: float = 1.0  # each reducer auxiliary loss (DRIP's boundary loss) enters with this weight
+    options: dict[str, Any] = field(default_factory=dict)  # task-specific (CLIP: local_loss, gather_with_grad)
+
+
+class DataStage(Protocol):
+    """What one sample of the shards becomes: ``keys`` are the sample's fields besides the image
+    (a sample without one is counted as bad data), ``__call__`` turns the decoded RGB image and
+    the raw sample into the tensors of :attr:`Task.batch_keys`, in that order."""
+
+    keys: tuple[str, ...]
+
+    def __call__(self, image: Any, sample: dict[str, bytes]) -> tuple[torch.Tensor, ...]: ...
+
+
+class Task(Protocol):
+    name: str
+    model: nn.Module  # the trained model itself (exported, evaluated)
+    module: nn.Module  # model + loss: dict batch -> dict with "loss"
+    batch_keys: tuple[str, ...]  # the names of a batch's tensors, in the data stage's order
+
+    def data_stage(self) -> DataStage: ...
+
+    def evaluate(self, splits: Iterable[Any], device: torch.device, batch_size: int,
+                 max_images: int | None) -> tuple[dict[str, float], list[str]]:
+        """Metrics of every split (row keys) and one summary line per split."""
+        ...
+
+
+def register_task(name: str):
+    """Decorator for a task factory ``(TaskSpec) -> Task``."""
+
+    def wrap(factory):
+        TASKS[name] = factory
+        return factory
+
+    return wrap
+
+
+def build_task(name: str, spec: TaskSpec) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: one of {sorted(TASKS)}")
+    return TASKS[name](spec)
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of parameters that take no weight decay besides timm's 1-d rule (gains,
+    biases, the logit scale): each submodule's ``no_weight_decay()`` (positions, CLS), and
+    token embeddings, whose rare rows would shrink at every step without ever being used."""
+    names = set()
+    for prefix, module in model.named_modules():
+        dot = prefix + "." if prefix else ""
+        if callable(getattr(module, "no_weight_decay", None)):
+            names |= {dot + n for n in module.no_weight_decay()}
+        if isinstance(module, nn.Embedding):
+            names.add(dot + "weight")
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups through timm's ``param_groups_weight_decay`` (no decay on gains, biases,
+    embeddings, the logit scale), always as [no decay, decay] so DeepSpeed's groups line up."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+    if len(groups) == 2:
+        return groups
+    decayed = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    rest = [p for g in groups if not g["weight_decay"] for p in g["params"]]
+    return [{"params": rest, "weight_decay": 0.0}, {"params": decayed, "weight_decay": weight_decay}]
+
+
+from . import clip  # noqa: E402,F401  (registers "clip")
+
+__all__ = ["TASKS", "DataStage", "Task", "TaskSpec", "build_task", "no_weight_decay_names", "param_groups",
+           "register_task"]

@@ -1,0 +1,121 @@
+"""CLIP: an open_clip model (any image trunk) + the contrastive loss + the reducer's auxiliary
+losses; captioned image shards; zero-shot evaluation.
+
+Cross-rank work (gathering features for the contrastive loss) lives in open_clip's
+``ClipLoss``; the model stays single-device code.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+from torch import nn
+
+from dtp_ds.eval.zeroshot import ZeroShotSplit, with_prefix, zero_shot_eval
+from dtp_ds.models import TowerOutput, record_forward
+
+from . import TaskSpec, register_task
+
+# open_clip clamps the learned temperature at 100 after every step (clamp_ on the
+# parameter); clamping the value in the forward does the same without touching a
+# parameter that ZeRO-3 may have partitioned away.
+MAX_LOGIT_SCALE = 100.0
+
+
+def reducer_terms(records: list[TowerOutput], weight: float) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The weighted sum of the image trunk's auxiliary losses (``None`` without any), and the
+    row entries: each auxiliary loss and statistic (detached), averaged over the trunk forwards
+    the records hold."""
+    if not records:
+        return None, {}
+    keys = {**records[0].aux_losses, **records[0].stats}
+    row = {k: torch.stack([(r.aux_losses.get(k, r.stats.get(k))).float().reshape(()) for r in records]).mean()
+           for k in keys}
+    aux = [row[k] for k in records[0].aux_losses]
+    total = weight * torch.stack(aux).sum() if aux else None
+    return total, {k: v.detach() for k, v in row.items()}
+
+
+class CLIPModule(nn.Module):
+    """CLIP model + contrastive loss (+ the image trunk's auxiliary losses, each weighted by
+    ``aux_loss_weight``): ``{"image": ..., "text": ...}`` -> ``{"loss": ..., ...}``."""
+
+    def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1, local_loss: bool = False,
+                 gather_with_grad: bool = False, aux_loss_weight: float = 1.0,
+                 input_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model
+        self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True,
+                             rank=rank, world_size=world_size)
+        self.aux_loss_weight = aux_loss_weight
+        self.input_dtype = input_dtype  # DeepSpeed's bf16/fp16 modes cast the weights, not the inputs
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # model.forward runs whole (ZeRO-3 gathers the parameters CLIP holds itself around it);
+        # the trunk's report comes back through the recorder, not as module state.
+        with record_forward() as records:
+            out = self.model(batch["image"].to(self.input_dtype), batch["text"])
+        # the loss in fp32: a 16-bit softmax over global-batch logits loses the small terms
+        scale = out["logit_scale"].float().clamp(max=MAX_LOGIT_SCALE)
+        contrastive = self.loss(out["image_features"].float(), out["text_features"].float(), scale)
+        result = {"contrastive_loss": contrastive, "logit_scale": scale.detach()}
+        aux, row = reducer_terms(records, self.aux_loss_weight)
+        result.update(row)
+        result["loss"] = contrastive if aux is None else contrastive + aux
+        return result
+
+
+class CaptionStage:
+    """A captioned sample -> (preprocessed image, caption tokens)."""
+
+    keys = ("txt",)
+
+    def __init__(self, preprocess, tokenizer) -> None:
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+
+    def __call__(self, image: Any, sample: dict[str, bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.preprocess(image), self.tokenizer(sample["txt"].decode("utf-8"))[0]
+
+
+class CLIPTask:
+    """``--task clip``: contrastive image-text pretraining, evaluated zero-shot."""
+
+    name = "clip"
+    batch_keys = ("image", "text")
+
+    def __init__(self, spec: TaskSpec) -> None:
+        # 0-dim params break DeepSpeed broadcasts: nonscalar_logit_scale
+        self.model, self.preprocess_train, self.preprocess_val = open_clip.create_model_and_transforms(
+            spec.model, output_dict=True, nonscalar_logit_scale=True)
+        self.tokenizer = open_clip.get_tokenizer(spec.model)
+        self.input_dtype = spec.input_dtype
+        self.module = CLIPModule(self.model, spec.rank, spec.world, spec.options.get("local_loss", False),
+                                 spec.options.get("gather_with_grad", False), spec.aux_loss_weight, spec.input_dtype)
+
+    def data_stage(self) -> CaptionStage:
+        return CaptionStage(self.preprocess_train, self.tokenizer)
+
+    def evaluate(self, splits: Iterable[ZeroShotSplit], device: torch.device, batch_size: int,
+                 max_images: int | None, workers: int = 0) -> tuple[dict[str, float], list[str]]:
+        """Zero-shot top-1/top-5 per split: the first split's keys ``zeroshot_*``, the others'
+        ``NAME_*``."""
+        res: dict[str, float] = {}
+        lines = []
+        for i, split in enumerate(splits):
+            one = zero_shot_eval(self.model, self.tokenizer, self.preprocess_val, split, device, self.input_dtype,
+                                 batch_size=batch_size, max_images=max_images)
+            res.update(with_prefix(one, "zeroshot_" if i == 0 else f"{split.name}_"))
+            line = (f"zero-shot {split.name}: top-1 {one['zeroshot_top1']:.2f}% top-5 {one['zeroshot_top5']:.2f}% "
+                    f"(chance {one['zeroshot_chance_top1']:.2f}%)")
+            if "zeroshot_compression" in one:
+                line += (f", eval compression {one['zeroshot_compression']:.2f}, purity "
+                         f"{one.get('zeroshot_purity', 0):.3f} (even {one.get('zeroshot_purity_even', 0):.3f}), "
+                         f"p spread {one['zeroshot_prob_spread']:.3f}")
+            lines.append(line)
+        return res, lines
+
+
+register_task("clip")(CLIPTask)
