@@ -34,7 +34,7 @@ from open_clip import factory as _oc_factory
 from timm.layers import to_2tuple
 from timm.models import register_model
 
-from .reducers import REDUCERS, make_reducer
+from .reducers import make_reducer, reducer_class
 from .vit import POOL_TYPES, VisionTransformer
 
 __all__ = [
@@ -131,7 +131,7 @@ def _check_reducer_cfg(name: str, cfg: dict[str, Any] | None, trunk: dict[str, A
         with torch.device("meta"):
             make_reducer(cfg, trunk["embed_dim"], trunk["depth"], grid * grid)
     except TypeError as e:  # an unknown keyword
-        known = sorted(p for p in inspect.signature(REDUCERS[cfg["type"]]).parameters
+        known = sorted(p for p in inspect.signature(reducer_class(cfg["type"])).parameters
                        if p not in ("dim", "depth", "num_patches"))
         raise ValueError(f"{name}: reducer_cfg {e}; the {cfg['type']!r} reducer takes {known}") from e
     except ValueError as e:

@@ -27,13 +27,15 @@ MAX_LOGIT_SCALE = 100.0
 
 def reducer_terms(records: list[TowerOutput], weight: float) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """The weighted sum of the image trunk's auxiliary losses (``None`` without any), and the
-    row entries: each auxiliary loss and statistic (detached), averaged over the trunk forwards
-    the records hold."""
+    row entries: each auxiliary loss and statistic (detached) and ``image_tokens``, averaged over
+    the trunk forwards the records hold."""
     if not records:
         return None, {}
     keys = {**records[0].aux_losses, **records[0].stats}
     row = {k: torch.stack([(r.aux_losses.get(k, r.stats.get(k))).float().reshape(()) for r in records]).mean()
            for k in keys}
+    # mean tokens per sample over the blocks: what the trunk's compute scales with
+    row["image_tokens"] = torch.stack([r.token_counts.float().mean() for r in records]).mean()
     aux = [row[k] for k in records[0].aux_losses]
     total = weight * torch.stack(aux).sum() if aux else None
     return total, {k: v.detach() for k, v in row.items()}

@@ -15,10 +15,12 @@ each patch ended in) goes into the :class:`~dtp_ds.models.vit.ForwardState` ``st
 module. ``planned_tokens`` says, without a forward, how many tokens per sample enter each block
 (the memory model's and the tuner's input).
 
-A new reducer is one file: a subclass registered with :func:`register_reducer` and imported below.
+A new reducer is one file: a subclass registered with :func:`register_reducer` and imported below,
+or, without touching dtp_ds, named in the model JSON as ``"type": "package.module:Class"``.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -84,17 +86,32 @@ class NoReducer(TokenReducer):
         return None
 
 
+def reducer_class(kind: Any) -> type[TokenReducer]:
+    """A registered name, or ``"package.module:Class"`` (a reducer of one's own, in its own file:
+    importing it is all it takes)."""
+    if isinstance(kind, str) and ":" in kind and kind not in REDUCERS:
+        module, _, name = kind.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reducer_cfg type {kind!r}: {e}") from e
+        if not (isinstance(cls, type) and issubclass(cls, TokenReducer)):
+            raise ValueError(f"reducer_cfg type {kind!r} is not a TokenReducer subclass")
+        return cls
+    if kind not in REDUCERS:
+        raise ValueError(f"reducer_cfg type must be one of {sorted(REDUCERS)} or 'package.module:Class', got {kind!r}")
+    return REDUCERS[kind]
+
+
 def make_reducer(cfg: dict[str, Any] | None, dim: int, depth: int, num_patches: int) -> TokenReducer:
     """The reducer a model JSON's ``reducer_cfg`` names (``None``: no reduction)."""
     cfg = dict(cfg or {"type": "none"})
-    kind = cfg.pop("type", None)
-    if kind not in REDUCERS:
-        raise ValueError(f"reducer_cfg type must be one of {sorted(REDUCERS)}, got {kind!r}")
-    if kind == "none":
+    cls = reducer_class(cfg.pop("type", None))
+    if cls is NoReducer:
         if cfg:
             raise ValueError(f"reducer_cfg type 'none' takes no options, got {sorted(cfg)}")
         return NoReducer()
-    return REDUCERS[kind](dim=dim, depth=depth, num_patches=num_patches, **cfg)
+    return cls(dim=dim, depth=depth, num_patches=num_patches, **cfg)
 
 
 class pinned_tokens:
