@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="demo")
     p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2, help="ranks (GPUs, or CPU processes)")
     p.add_argument("--model", default=DEMO_MODEL)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--samples-per-epoch", type=int, default=15360,
+                   help="samples per epoch (of the 20,000 made): 60 steps of 2 x 128 per epoch")
     p.add_argument("--batch-size", type=int, default=128,
                    help="micro-batch per rank: contrastive negatives come from the whole global batch")
     a, extra = p.parse_known_args(argv)
@@ -84,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         # one intra-op thread per rank per core: oversubscribed cores run slower, not faster
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
     cmd = launch_command(a.data, a.logs, a.name, a.nproc, a.model,
-                         ["--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", "2e-3",
-                          "--warmup", "50", "--log-every-n-steps", "10", "--zeroshot-frequency", "1", *extra])
+                         ["--epochs", str(a.epochs), "--train-num-samples", str(a.samples_per_epoch),
+                          "--batch-size", str(a.batch_size), "--lr", "2e-3", "--warmup", "30",
+                          "--log-every-n-steps", "10", "--zeroshot-frequency", "1", *extra])
     print("demo:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     if rc != 0:

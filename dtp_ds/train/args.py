@@ -77,6 +77,9 @@ class TrainArgs:
         return dataclasses.asdict(self)
 
 
+SECTIONS = (ModelConfig, OptimConfig, DataConfig, RunConfig)
+
+
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
 
@@ -89,65 +92,68 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     # model
-    a("--task", default="clip", help="what to train: clip (contrastive image-text; the default)")
-    a("--model", default="ViT-Tiny-8",
+    a("--task", help="what to train: clip (contrastive image-text; the default)")
+    a("--model",
       help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x), or a model JSON path/NAME.json")
     _bool_flag(p, "--grad-checkpointing", "activation checkpointing per transformer block "
                "(default: on iff the ds_config has an activation_checkpointing section)")
     a("--local-loss", action="store_true", help="contrastive loss over local x global features only")
     a("--gather-with-grad", action="store_true", help="gather features across ranks with gradients")
-    a("--boundary-loss-weight", type=float, default=1.0,
+    a("--boundary-loss-weight", type=float,
       help="weight of the token reducer's auxiliary losses (DRIP's boundary-rate loss)")
     # data
-    a("--train-data", default=None,
+    a("--train-data",
       help="shards: brace ranges and '::'-joined sources, e.g. 'DIR/{00000..00099}.tar'")
-    a("--train-num-samples", type=int, default=None, help="samples per epoch (default: from *_stats.json)")
+    a("--train-num-samples", type=int, help="samples per epoch (default: from *_stats.json)")
     a("--dataset-resampled", action="store_true", help="sample shards with replacement")
-    a("--workers", type=int, default=2, help="dataloader workers per rank")
-    a("--max-bad-fraction", type=float, default=0.05,
+    a("--workers", type=int, help="dataloader workers per rank")
+    a("--max-bad-fraction", type=float,
       help="stop when more than this fraction of the data cannot be used "
       "(undecodable or incomplete samples, samples lost with broken shards)")
     # optimisation
-    a("--epochs", type=int, default=1)
-    a("--max-steps", type=int, default=None,
+    a("--epochs", type=int)
+    a("--max-steps", type=int,
       help="stop after this many optimizer steps (the LR schedule still spans --epochs)")
-    a("--lr", type=float, default=None, help="peak learning rate (default: the ds_config's)")
-    a("--wd", type=float, default=None, help="weight decay (default: the ds_config's)")
-    a("--warmup", type=int, default=100, help="linear warmup steps")
-    a("--grad-clip-norm", type=float, default=None, help="gradient clipping norm (default: the ds_config's)")
-    a("--accum-freq", type=int, default=None, help="gradient accumulation steps (default: the ds_config's)")
+    a("--lr", type=float, help="peak learning rate (default: the ds_config's)")
+    a("--wd", type=float, help="weight decay (default: the ds_config's)")
+    a("--warmup", type=int, help="linear warmup steps")
+    a("--grad-clip-norm", type=float, help="gradient clipping norm (default: the ds_config's)")
+    a("--accum-freq", type=int, help="gradient accumulation steps (default: the ds_config's)")
     # DeepSpeed overrides
-    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="",
+    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
       help="DeepSpeed JSON (default: ds_configs/ for the model's size, e.g. vit_b_32.json for DRIP-ViT-B-32-10x)")
-    a("--batch-size", type=int, default=None, help="micro-batch per rank (default: the ds_config's)")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: the ds_config's")
-    a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: the ds_config's")
+    a("--batch-size", type=int, help="micro-batch per rank (default: the ds_config's)")
+    a("--precision", choices=["fp32", "bf16", "fp16"], help="default: the ds_config's")
+    a("--zero-stage", type=int, choices=[0, 1, 2, 3], help="default: the ds_config's")
     # run
-    a("--name", default=None, help="run name (default: date-model-...)")
-    a("--logs", default="./logs", help="where runs are written: LOGS/NAME/")
-    a("--seed", type=int, default=0)
-    a("--resume", default=None,
+    a("--name", help="run name (default: date-model-...)")
+    a("--logs", help="where runs are written: LOGS/NAME/")
+    a("--seed", type=int)
+    a("--resume",
       help="'latest' (this run's newest complete checkpoint) or a checkpoint directory")
-    a("--save-every-n-steps", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
-    a("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
-    a("--log-every-n-steps", type=int, default=10)
-    a("--report-to", default="", choices=["", "wandb"],
+    a("--save-every-n-steps", type=int, help="also checkpoint every N steps (0: epoch ends only)")
+    a("--keep-checkpoints", type=int, help="keep the newest K checkpoints")
+    a("--log-every-n-steps", type=int)
+    a("--report-to", choices=["", "wandb"],
       help="also log to wandb (WANDB_MODE=offline works without network)")
-    a("--wandb-project-name", default="dtp_ds")
-    a("--zeroshot-frequency", type=int, default=1, help="zero-shot eval every N epochs and at the end (0: never)")
-    a("--zeroshot-data", default=None, help="class-folder split with classnames.json and templates.json")
-    a("--zeroshot-extra", nargs="+", default=None, metavar="DIR",
+    a("--wandb-project-name")
+    a("--zeroshot-frequency", type=int, help="zero-shot eval every N epochs and at the end (0: never)")
+    a("--zeroshot-data", help="class-folder split with classnames.json and templates.json")
+    a("--zeroshot-extra", nargs="+", metavar="DIR",
       help="more class-folder splits evaluated alongside (e.g. data/synth/layout), logged as NAME_top1, ...")
-    a("--imagenet-val", default=None,
+    a("--imagenet-val",
       help="ImageNet-1k val in class-folder layout (open_clip's class names and templates)")
-    a("--zeroshot-max-images", type=int, default=None, help="evaluate on at most this many images")
-    a("--dist-timeout-minutes", type=float, default=5.0,
+    a("--zeroshot-max-images", type=int, help="evaluate on at most this many images")
+    a("--dist-timeout-minutes", type=float,
       help="collective timeout: a dead rank stops the others this fast")
-    a("--peer-timeout-seconds", type=float, default=120.0,
+    a("--peer-timeout-seconds", type=float,
       help="a rank silent this long (dead or hung) is named and the job stops (0: no watchdog)")
-    a("--max-nonfinite-steps", type=int, default=5,
+    a("--max-nonfinite-steps", type=int,
       help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
-    a("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    a("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    # defaults are written once, in the dataclasses
+    p.set_defaults(**{f.name: f.default for cls in SECTIONS for f in dataclasses.fields(cls)
+                      if f.default is not dataclasses.MISSING})
     return p
 
 
@@ -158,7 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
     def take(cls):
         return cls(**{f.name: v[f.name] for f in dataclasses.fields(cls)})
 
-    args = TrainArgs(model=take(ModelConfig), optim=take(OptimConfig), data=take(DataConfig), run=take(RunConfig))
+    args = TrainArgs(*(take(cls) for cls in SECTIONS))
     check_args(args)
     return args
 

@@ -198,3 +198,14 @@ def test_param_groups_leave_gains_biases_embeddings_and_logit_scale_undecayed():
     assert "model.text_projection" in decayed and "model.visual.trunk.blocks.0.attn.qkv.weight" in decayed
     assert all(p.ndim >= 2 for p in decay["params"])
     assert len(undecayed) + len(decayed) == sum(1 for _ in task.parameters())
+
+
+def test_cli_defaults_are_the_dataclass_defaults():
+    import dataclasses
+
+    from dtp_ds.train.args import TrainArgs, build_parser
+
+    parsed = vars(build_parser().parse_args([]))
+    for section in dataclasses.asdict(TrainArgs()).values():
+        for name, default in section.items():
+            assert parsed[name] == default, name
