@@ -93,7 +93,7 @@ def test_schedule_matches_open_clip_and_survives_state_dict():
         assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
         sched.step()
     state = json.loads(json.dumps(sched.state_dict()))
-    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt2 = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}], lr=1e-3)
     sched2 = warmup_cosine_lr(opt2, warmup=10, total_steps=50)
     sched2.load_state_dict(state)
     sched2.step()  # the first step after a resume: the saved curve, where it stopped
