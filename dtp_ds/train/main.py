@@ -279,6 +279,10 @@ def train(args: TrainArgs) -> int:
         model.set_grad_checkpointing(True)
     task = CLIPTask(model, rank, world, args.model.local_loss, args.model.gather_with_grad,
                     args.model.boundary_loss_weight, input_dtype)
+    found = checkpoint.resolve_resume(args.run.resume, s.run_dir) if args.run.resume else None
+    plan = checkpoint.plan_resume(found, world, s.ds_config) if found else None  # another world size: universal
+    if plan:
+        s.ds_config = plan.apply(s.ds_config)
     wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=task, model_parameters=param_groups(task, wd), config=s.ds_config,
@@ -286,27 +290,29 @@ def train(args: TrainArgs) -> int:
 
     state, resumed_from = checkpoint.TrainState(), None
     root = checkpoint.checkpoint_root(s.run_dir)
-    found = checkpoint.resolve_resume(args.run.resume, s.run_dir) if args.run.resume else None
     if args.run.resume and found is None:
         log.warning("--resume %s: no checkpoint in %s yet; starting from scratch", args.run.resume, s.run_dir)
     t_load = time.time()
     if found is None:
         seed_all(args.run.seed + 1000 * rank)  # per-rank noise (DRIP boundary sampling)
     else:
-        state, _ = checkpoint.load(engine, *found)  # restores each rank's RNG as it was saved
+        # restores each rank's RNG as it was saved; a rank it has none for gets a stream of its own
+        state, _ = checkpoint.load(engine, *found, seed=args.run.seed, engine_tag=plan.engine_tag)
         resumed_from = os.path.join(*found)
     t_load = time.time() - t_load
     last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
     check_storage(s.run_dir, s.ds_config, n_params, precision, s.args.run.keep_checkpoints,
                   saves_planned(state.step, last_step, args.run.save_every_n_steps, s.plan.batches_per_rank // s.accum))
 
-    discarded = []
+    discarded, abandoned = [], []
     if args.run.resume:
         dist.barrier()  # every rank has read its checkpoint files: leftovers may go now
     if rank == 0:
         os.makedirs(s.run_dir, exist_ok=True)
         if args.run.resume:
             discarded = checkpoint.discard_incomplete(root)
+            if found and os.path.abspath(found[0]) == os.path.abspath(root):  # pruned first from now on
+                abandoned = checkpoint.abandon_newer(root, found[1])
         write_run_config(s, world, resumed_from)
     dist.barrier()
     wandb_cfg = None
@@ -317,7 +323,8 @@ def train(args: TrainArgs) -> int:
     logger = MetricsLogger(s.run_dir, rank == 0, state.step if resumed_from else None, wandb_cfg)
     if resumed_from:
         logger.log({"step": state.step, "event": "resume", "from": resumed_from, "load_s": t_load,
-                    "startup_s": time.time() - psutil.Process().create_time(), "discarded": discarded})
+                    "startup_s": time.time() - psutil.Process().create_time(), "discarded": discarded,
+                    "abandoned": abandoned})
 
     client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model)}
     global_batch = s.micro * s.accum * world

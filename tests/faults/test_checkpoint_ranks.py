@@ -65,3 +65,32 @@ def test_a_rank_without_saved_rng_state_gets_a_stream_of_its_own(ranks):
     assert r0["draw_after_load"] != r0["shared_draw"]  # rank 0's saved state restored
     assert r1["draw_after_load"] != r1["shared_draw"]  # not the stream every rank shares before the load
     assert r1["draw_after_load"] != r0["draw_after_load"]
+
+
+def test_a_zero2_run_of_two_ranks_resumes_on_one_through_the_universal_checkpoint(synth, tmp_path):
+    from dtp_ds.train import checkpoint
+    from tests.faults.conftest import base, records, run_ok, steps
+
+    logs, name = tmp_path / "logs", "zero2"
+    args = base(synth, logs, name, "--zero-stage", "2", "--precision", "bf16")  # ds_configs/tiny.json's
+    run_ok(args + ["--max-steps", "3"], nproc=2)
+    root = logs / name / "checkpoints"
+    saved = root / "step_00000003"
+    before = {p.name: p.stat().st_mtime_ns for p in saved.iterdir()}
+    assert len(list(saved.glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+
+    run_ok(args + ["--max-steps", "5", "--resume", "latest"], nproc=1)
+    resume = [r for r in records(logs / name) if r.get("event") == "resume"][-1]
+    assert resume["step"] == 3 and resume["from"].endswith("step_00000003")
+    rows = steps(logs / name)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e3 for r in rows)  # finite
+    assert {p.name: p.stat().st_mtime_ns for p in saved.iterdir()} == before  # the original, untouched
+    assert (root / "step_00000003.universal" / "zero").is_dir()
+    assert not [p for p in root.iterdir() if p.name.endswith(checkpoint.PARTIAL)]
+    # the optimizer state came through: Adam's step count continues from 3 (a fresh one would say 2)
+    (optim,) = (root / "step_00000005").glob("*zero_pp_rank_0_*optim_states.pt")
+    import torch
+
+    state = torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    assert {int(s["step"]) for s in state["state"].values()} == {5}
