@@ -4,23 +4,29 @@ A checkpoint ``RUN/checkpoints/step_00000100/`` holds the engine's files (weight
 optimizer, LR scheduler, loss scale) with dtp_ds's training state (step, epoch, data
 position, samples seen, model config) in its client state, and one RNG file per rank.
 
-Saving is a two-phase commit, so that a job killed at any moment (``kill -9``, preemption,
-a full disk) never leaves a half-written checkpoint that looks complete:
+Saving is a commit in phases, so that a job killed at any moment (``kill -9``, preemption,
+a full disk) never leaves a half-written checkpoint that looks complete, and a failure on one
+rank ends the save on every rank with the same error (naming the rank and the phase):
+``prepare`` (rank 0 makes ``step_N.partial/``), ``deepspeed`` (DeepSpeed's save, with its
+files kept in memory so that nothing in it can fail half-way through its collectives),
+``write`` and ``verify`` (each rank writes its files and RNG state, and reads them back), and
+``commit`` (rank 0 renames ``step_N.partial`` to ``step_N`` and rewrites ``latest``
+atomically). Each phase ends with an agreement of dtp_ds's own that every rank reaches whether
+its part failed or not. ``latest`` is the commit point: ``--resume latest``, the export tool
+and the pruning only ever see committed checkpoints. A failed save removes its ``.partial``
+directory and leaves ``latest`` and the previous checkpoints as they were. Leftovers of a
+killed save are removed when the run resumes.
 
-1. every rank writes into ``step_N.partial/``; the ranks then agree (one small collective)
-   that all of them succeeded;
-2. rank 0 renames ``step_N.partial`` to ``step_N`` and rewrites ``latest`` atomically
-   (write, fsync, rename). ``latest`` is the commit point: ``--resume latest``, the export
-   tool and the pruning of old checkpoints only ever see committed checkpoints.
+Pruning keeps the ``keep`` newest *commits* (the ``commits`` index, oldest first), not the
+highest steps: at a resume from an older checkpoint, the ones committed after it (the abandoned
+continuation) stay on disk but are pruned first (:func:`abandon_newer`).
 
-A save that fails on any rank (disk full, quota, I/O error) removes its ``.partial``
-directory, leaves ``latest`` and the previous checkpoints untouched and raises
-:class:`CheckpointError` on every rank. Leftovers of a killed save are removed when the run
-resumes.
-
-Loading verifies every file of the checkpoint with ``torch.load(weights_only=True)``
-(DeepSpeed's own classes allowlisted, tensors memory-mapped, so it is cheap) before
-DeepSpeed's loader, which unpickles with ``weights_only=False``, reads it.
+Loading verifies the checkpoint's files with ``torch.load(weights_only=True)`` (DeepSpeed's
+own classes allowlisted, tensors memory-mapped), each file on one rank, before DeepSpeed's
+loader, which unpickles with ``weights_only=False``, reads them. A checkpoint whose ZeRO-1/2
+optimizer state is partitioned over another number of ranks is converted once to DeepSpeed's
+universal checkpoint (:func:`plan_resume`); a rank with no saved RNG state gets a stream of its
+own.
 """
 from __future__ import annotations
 
