@@ -133,6 +133,8 @@ class Setup:
     run_dir: str
     splits: list[ZeroShotSplit]
     missing_shards: list[str]
+    resume_from: tuple[str, str] | None = None  # (checkpoint root, tag) that --resume names
+    resume_plan: checkpoint.ResumePlan | None = None  # how to load it (universal at another world size)
 
 
 EMULATED_FP16_ENV = "DTP_DS_ALLOW_EMULATED_FP16"
@@ -237,6 +239,10 @@ def build_engine(s: Setup, rank: int, world: int) -> tuple[Any, Any]:
     task = build_task(args.model.task, spec)
     if grad_checkpointing_on(s.ds_config, args):
         task.model.set_grad_checkpointing(True)
+    s.resume_from = checkpoint.resolve_resume(args.run.resume, s.run_dir) if args.run.resume else None
+    if s.resume_from:  # at another world size: DeepSpeed's universal checkpoint (ZeRO 1/2)
+        s.resume_plan = checkpoint.plan_resume(s.resume_from, world, s.ds_config)
+        s.ds_config = s.resume_plan.apply(s.ds_config)
     wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=task.module, model_parameters=param_groups(task.module, wd), config=s.ds_config,
@@ -248,14 +254,15 @@ def resume(s: Setup, engine, schedules: Schedules, rank: int) -> tuple[TrainStat
     """Load the checkpoint ``--resume`` names, if any: (state, where from, load seconds, whether
     it is this run's own, whose state is current and not saved again)."""
     args = s.args
-    found = checkpoint.resolve_resume(args.run.resume, s.run_dir) if args.run.resume else None
+    found = s.resume_from
     if args.run.resume and found is None:
         log.warning("--resume %s: no checkpoint in %s yet; starting from scratch", args.run.resume, s.run_dir)
     if found is None:
         seed_all(args.run.seed + 1000 * rank)  # per-rank noise (DRIP boundary sampling, drop path)
         return TrainState(), None, 0.0, False
     t0 = time.time()
-    state, client = checkpoint.load(engine, *found)  # restores each rank's RNG as it was saved
+    # restores each rank's RNG as it was saved; a rank it has none for gets a stream of its own
+    state, client = checkpoint.load(engine, *found, seed=args.run.seed, engine_tag=s.resume_plan.engine_tag)
     try:
         check_resumed_lr(engine.lr_scheduler, args.optim.warmup, s.total_steps)
         schedules.load_state_dict(client.get("schedules", {}))
@@ -265,18 +272,22 @@ def resume(s: Setup, engine, schedules: Schedules, rank: int) -> tuple[TrainStat
     return state, os.path.join(*found), time.time() - t0, own
 
 
-def open_run_dir(s: Setup, world: int, rank: int, resumed_from: str | None) -> list[str]:
-    """Create the run directory, drop incomplete checkpoints of a resumed run, write config.json."""
-    discarded = []
+def open_run_dir(s: Setup, world: int, rank: int, resumed_from: str | None) -> dict[str, list[str]]:
+    """Create the run directory, drop incomplete checkpoints of a resumed run (and put the ones
+    newer than where it resumed first in line for pruning), write config.json."""
+    dropped: dict[str, list[str]] = {"discarded": [], "abandoned": []}
+    root = checkpoint.checkpoint_root(s.run_dir)
     if s.args.run.resume:
         dist.barrier()  # every rank has read its checkpoint files: leftovers may go now
     if rank == 0:
         os.makedirs(s.run_dir, exist_ok=True)
         if s.args.run.resume:
-            discarded = checkpoint.discard_incomplete(checkpoint.checkpoint_root(s.run_dir))
+            dropped["discarded"] = checkpoint.discard_incomplete(root)
+            if s.resume_from and os.path.abspath(s.resume_from[0]) == os.path.abspath(root):
+                dropped["abandoned"] = checkpoint.abandon_newer(root, s.resume_from[1])
         write_run_config(s, world, resumed_from)
     dist.barrier()
-    return discarded
+    return dropped
 
 
 def make_logger(s: Setup, rank: int, state: TrainState, resumed_from: str | None) -> MetricsLogger:
@@ -298,11 +309,11 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
     n_params = sum(p.numel() for p in task.model.parameters())
     check_storage(s.run_dir, s.ds_config, n_params, precision_of(s.ds_config), args.run.keep_checkpoints,
                   saves_planned(state.step, last_step, args.run.save_every_n_steps, s.plan.batches_per_rank // s.accum))
-    discarded = open_run_dir(s, world, rank, resumed_from)
+    dropped = open_run_dir(s, world, rank, resumed_from)
     logger = make_logger(s, rank, state, resumed_from)
     if resumed_from:
         logger.log({"step": state.step, "event": "resume", "from": resumed_from, "load_s": t_load,
-                    "startup_s": time.time() - psutil.Process().create_time(), "discarded": discarded})
+                    "startup_s": time.time() - psutil.Process().create_time(), **dropped})
     root = checkpoint.checkpoint_root(s.run_dir)
     cfg = TrainerConfig(run_dir=s.run_dir, accum=s.accum, global_batch=s.micro * s.accum * world,
                         last_step=last_step, batches_per_epoch=s.plan.batches_per_rank,

@@ -147,6 +147,13 @@ def test_guard_flags_and_fault_hooks(monkeypatch, capsys):
         faults.nonfinite_injection()
     monkeypatch.setenv(faults.SAVE_HOLD_ENV, "4:commit")
     faults.hold_save(3, "commit", "/nowhere")  # another step: no hold
+    monkeypatch.setenv(faults.SAVE_FAIL_ENV, "4:write@1,5:commit")
+    faults.fail_save(4, "write")  # rank 0 here: rank 1's failure
+    with pytest.raises(OSError, match="injected fault"):
+        faults.fail_save(5, "commit")
+    monkeypatch.setenv(faults.SAVE_FAIL_ENV, "4:flush")
+    with pytest.raises(ValueError, match="STEP:PHASE"):
+        faults.fail_save(4, "write")
 
 
 def test_storage_estimates_and_checks(tmp_path):
@@ -192,6 +199,33 @@ def test_checkpoint_leftovers_are_never_taken_and_are_cleaned(tmp_path):
     assert checkpoint.discard_incomplete(str(root)) == ["step_00000004.partial"]
     assert sorted(os.listdir(root)) == ["latest", "step_00000002", "step_00000004"]
     assert checkpoint.resolve_resume("latest", str(tmp_path)) == (str(root), "step_00000004")
+
+
+def test_pruning_follows_commit_order_after_a_resume_from_an_older_step(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+
+    def commit(step: int) -> list[int]:
+        work = root / f"step_{step:08d}{checkpoint.PARTIAL}"
+        work.mkdir()
+        (work / "mp_rank_00_model_states.pt").write_bytes(b"")
+        checkpoint._commit(str(root), work.name, f"step_{step:08d}", keep=2)
+        return [s for s, _ in checkpoint.list_checkpoints(str(root))]
+
+    for step in (2, 4, 6):
+        commit(step)
+    assert commit(8) == [6, 8]
+    (root / "commits").unlink()  # a run from before the index: its checkpoints count as committed in step order
+    assert checkpoint.commit_order(str(root)) == ["step_00000006", "step_00000008"]
+    # resumed from step 6: step 8 is the abandoned continuation, pruned first
+    assert checkpoint.abandon_newer(str(root), "step_00000006") == ["step_00000008"]
+    assert checkpoint.abandon_newer(str(root), "step_00000006") == []  # nothing newer than it any more
+    (root / "step_00000006.universal").mkdir()  # a universal copy goes with its checkpoint
+    assert commit(7) == [6, 7]
+    assert commit(8) == [7, 8]  # the resumed run's own step 8 replaces the abandoned one's
+    assert not (root / "step_00000006.universal").exists()
+    assert (root / "commits").read_text().split() == ["step_00000007", "step_00000008"]
+    assert checkpoint.latest_tag(str(root)) == "step_00000008"
 
 
 class _Exploit:
