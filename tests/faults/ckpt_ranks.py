@@ -19,7 +19,8 @@ import torch.distributed as dist
 import dtp_ds  # noqa: F401  (registers the dtp_ds models with open_clip)
 from dtp_ds.train import checkpoint, faults
 from dtp_ds.train.checkpoint import CheckpointError, TrainState
-from dtp_ds.train.task import CLIPTask, param_groups
+from dtp_ds.tasks import param_groups
+from dtp_ds.tasks.clip import CLIPModule
 
 # (step, phase, failing rank): the commit is rank 0's alone
 FAILURES = [(2, "prepare", 1), (3, "deepspeed", 1), (4, "write", 1), (5, "verify", 0), (6, "commit", 0)]
@@ -31,14 +32,15 @@ def main(out: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    task = CLIPTask(open_clip.create_model("ViT-Tiny-8", output_dict=True, nonscalar_logit_scale=True),
+    task = CLIPModule(open_clip.create_model("ViT-Tiny-8", output_dict=True, nonscalar_logit_scale=True),
                     rank, 2, input_dtype=torch.bfloat16)
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
            "zero_optimization": {"stage": 2},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, 0.1), config=cfg)
     g = torch.Generator().manual_seed(rank)
-    engine.backward(engine(torch.rand(2, 3, 64, 64, generator=g), torch.randint(1, 1000, (2, 32), generator=g))["loss"])
+    batch = {"image": torch.rand(2, 3, 64, 64, generator=g), "text": torch.randint(1, 1000, (2, 32), generator=g)}
+    engine.backward(engine(batch)["loss"])
     engine.step()
     run_dir = os.path.join(out, "run")
     root = checkpoint.checkpoint_root(run_dir)
