@@ -179,6 +179,6 @@ def test_param_groups_leave_gains_biases_embeddings_and_logit_scale_undecayed():
                  "model.visual.trunk.norm.bias"):
         assert name in undecayed, name
     decayed = {names[id(p)] for p in decay["params"]}
-    assert "model.text_projection" in decayed and "model.visual.trunk.pre_blocks.0.attn.qkv.weight" in decayed
+    assert "model.text_projection" in decayed and "model.visual.trunk.blocks.0.attn.qkv.weight" in decayed
     assert all(p.ndim >= 2 for p in decay["params"])
     assert len(undecayed) + len(decayed) == sum(1 for _ in task.parameters())
