@@ -24,8 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dtp_ds.autotune.memory import search_max
 from dtp_ds.launch.discovery import free_port
+from dtp_ds.train.memory import search_max
 
 GiB = 2**30
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")

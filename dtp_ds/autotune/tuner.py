@@ -20,7 +20,17 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .memory import Estimate, GiB, ModelShape, TrainSetup, estimate, max_micro_batch, model_shape
+from dtp_ds.train.memory import (
+    Estimate,
+    GiB,
+    ModelShape,
+    TrainSetup,
+    estimate,
+    max_micro_batch,
+    model_shape,
+    setup_from_ds_config,
+)
+
 from .partitions import GpuType, JobShapeError, NodeType, Partition, check_job_shape, resolve_target
 
 SAFETY_MARGIN = 0.10
@@ -101,13 +111,11 @@ def forward_flops(shape: ModelShape) -> float:
     v, t = shape.image, shape.text
     patches, full = shape.patches, shape.patches + 1
     total = 2 * patches * 3 * shape.patch_size**2 * v.width
-    if shape.drip is None:
+    if shape.trunk is None:
         total += blocks(v.width, v.mlp, full, full, v.layers)
-    else:
-        d = shape.drip
-        rows, padded = 1 + d.segments(patches), 1 + d.padded_segments(patches)
-        total += blocks(v.width, v.mlp, full, full, d.pre + d.post) + blocks(v.width, v.mlp, rows, padded, d.shorten)
-        total += 2 * patches * (v.width * d.predictor_hidden + d.predictor_hidden)
+    else:  # per block: token-wise layers on the real tokens, attention on the padded layout
+        plan = shape.trunk.plan
+        total += sum(blocks(v.width, v.mlp, rows, pad or rows, 1) for rows, pad in zip(plan.tokens, plan.padded))
     return total + blocks(t.width, t.mlp, t.tokens, t.tokens, t.layers)
 
 
@@ -306,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--global-batch", type=int, help="samples per optimizer step over all ranks (default: the largest that fits)")
     a("--image-size", type=int, help="image side in pixels (default: the model's)")
     a("--context-length", type=int, help="text tokens (default: the model's)")
-    a("--boundary-rate", help="DRIP: plan for this boundary rate (default 1/compression), or a run directory / "
+    a("--boundary-rate", help="token reducers with a rate (DRIP: its boundary rate): plan for this rate (default "
+      "the configured one, DRIP: 1/compression), or a run directory / "
                               "metrics.jsonl whose logged boundary_rate to use (what a checkpoint learned)")
     a("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 where the GPU has it, else fp16")
     a("--local-loss", choices=["auto", "on", "off"], default="auto",
@@ -500,9 +509,7 @@ def run_probe(args: argparse.Namespace, shape: ModelShape, rep: Report) -> None:
     cfg = rep.data["ds_config"]
     if cfg is None:
         raise ValueError("--probe needs the deepspeed setting (the engine is what it runs)")
-    su = TrainSetup(precision=precision_name(cfg), stage=cfg["zero_optimization"]["stage"],
-                    offload=_offload_of(cfg), ckpt="activation_checkpointing" in cfg, world=1,
-                    reduce_bucket_size=cfg["zero_optimization"].get("reduce_bucket_size", TUNED_BUCKET))
+    su = setup_from_ds_config(cfg, world=1)
     budget = args.memory_budget or rep.data["target"]["gpu_mem_gb"]
     # A CPU process has no CUDA context; everything else is predicted alike.
     predicted = max_micro_batch(shape, su, budget * GiB, **({"context_bytes": 0} if device == "cpu" else {}))
@@ -522,19 +529,6 @@ def run_probe(args: argparse.Namespace, shape: ModelShape, rep: Report) -> None:
                      + ", ".join(f"{p.micro}:{'ok' if p.fits else 'OOM'}" for p in res.probes) + ")")
 
 
-def precision_name(cfg: dict[str, Any]) -> str:
-    from dtp_ds.train.ds_config import precision_of
-
-    return precision_of(cfg)
-
-
-def _offload_of(cfg: dict[str, Any]) -> str:
-    z = cfg.get("zero_optimization", {})
-    if "offload_param" in z:
-        return "optimizer+param"
-    return "optimizer" if "offload_optimizer" in z else "none"
-
-
 def tune(argv: list[str] | None = None) -> Report:
     """Everything but printing: parse, check the job shape, predict (and probe)."""
     args = build_parser().parse_args(argv)
@@ -551,24 +545,25 @@ def tune(argv: list[str] | None = None) -> Report:
                               for m in args.micro_batch]
         rep.lines += [f"  at micro-batch {c['micro_batch']}: predicted peak {c['peak_memory_gb']} GiB"
                       for c in rep.data["checks"]]
-    drip = None
-    if shape.drip is not None:
-        d = shape.drip
-        drip = {"boundary_rate": round(d.boundary_rate, 4), "compression": d.compression,
-                "short_tokens": round(1 + d.segments(shape.patches), 1),
-                "layout": [d.pre, d.shorten, d.post], "upsample": d.upsample}
+    reducer = None
+    if shape.trunk is not None and shape.trunk.reducer != "none":
+        tokens = shape.trunk.plan.tokens
+        reducer = {"type": shape.trunk.reducer,
+                   "rate": None if shape.trunk.rate is None else round(shape.trunk.rate, 4),
+                   "min_tokens": round(min(tokens), 1), "tokens_per_block": [round(n, 1) for n in tokens]}
     rep.data = {"model": shape.name,
                 "target": {"partition": part.label, "gpu": job.gpu.name, "gpu_mem_gb": job.gpu.mem_gib,
                            "gpu_types": [g.name for g in job.gpu_types], "nodes": job.nodes,
                            "gpus_per_node": job.gpus_per_node, "world_size": job.world,
                            "cores_per_gpu": job.cores_per_gpu, "ram_per_node_gb": job.ram_per_node_gib},
                 "data": {"image_size": shape.image_size, "patch_size": shape.patch_size,
-                         "image_tokens": shape.image.tokens, "context_length": shape.text.tokens, "drip": drip},
+                         "image_tokens": shape.image.tokens, "context_length": shape.text.tokens, "reducer": reducer},
                 "params": shape.params, "margin": args.margin, **rep.data}
     head = [f"{shape.name} ({shape.params / 1e6:.0f}M params) on {part.label}: {job.nodes} node(s) x "
             f"{job.gpus_per_node} {job.gpu.name} ({job.gpu.mem_gib:.2f} GiB), world size {job.world}; "
             f"image {shape.image_size}px ({shape.image.tokens} tokens), context {shape.text.tokens}"
-            + (f", DRIP rate {drip['boundary_rate']} ({drip['short_tokens']} short tokens)" if drip else ""), ""]
+            + (f", {reducer['type']} reducer" + (f" at rate {reducer['rate']}" if reducer["rate"] is not None else "")
+               + f" ({reducer['min_tokens']} tokens at the fewest)" if reducer else ""), ""]
     rep.lines = head + rep.lines
     if args.probe:
         run_probe(args, shape, rep)

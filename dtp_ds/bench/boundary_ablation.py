@@ -1,7 +1,7 @@
 """Boundary-predictor ablation on the synthetic data (``tools/boundary_ablation``).
 
 Each arm is one real ``dtp_ds.train`` run (the ``deepspeed`` launcher, same data, seed, ds_config,
-steps, global batch); arms differ only in the DRIP trunk's ``predictor`` options, plus evenly
+steps, global batch); arms differ only in the DRIP reducer's ``predictor`` options, plus evenly
 spaced boundaries at the same compression (``predictor: fixed``) and the plain ViT. Each trained
 MLP predictor is then also evaluated under every evaluation rule. Printed: eval compression
 and its gap to the training compression, segment purity against evenly spaced boundaries at
@@ -25,14 +25,15 @@ import torch
 from dtp_ds.demo import launch_command
 from dtp_ds.eval.boundaries import val_transform
 from dtp_ds.eval.zeroshot import folder_split, with_prefix, zero_shot_eval
-from dtp_ds.models import drip_trunks, get_model_config
+from dtp_ds.models import get_model_config, reducers_of
 from dtp_ds.models.boundary import EVAL_RULES
+from dtp_ds.models.registry import upgrade_vision_cfg
 from dtp_ds.train.export import load_model_from_checkpoint
 from dtp_ds.train.metrics import read_metrics
 
 BASE_MODEL = "DRIP-ViT-Tiny-8-4x"
 PLAIN_MODEL = "ViT-Tiny-8"
-# arm -> drip_cfg overrides of the shipped tiny config (None: the plain ViT); "shipped" is as shipped
+# arm -> reducer_cfg overrides of the shipped tiny config (None: the plain ViT); "shipped" is as shipped
 ARMS: dict[str, dict[str, Any] | None] = {
     # DTP as published: the MLP on the tokens after the pre blocks
     "mlp-cumsum": {"predictor": "mlp", "predictor_input": "tokens", "straight_through": "cumsum"},
@@ -54,7 +55,8 @@ COLUMNS = [("arm", "arm", "{}"), ("rule", "eval rule", "{}"), ("train_compressio
 
 def write_arm_config(arm: str, overrides: dict[str, Any], base: str, out_dir: str) -> str:
     cfg = copy.deepcopy(get_model_config(base))
-    cfg["vision_cfg"]["drip_cfg"].update(overrides)
+    cfg["vision_cfg"] = upgrade_vision_cfg(cfg["vision_cfg"])  # a shipped drip_cfg -> reducer_cfg
+    cfg["vision_cfg"]["reducer_cfg"].update(overrides)
     path = os.path.join(out_dir, "configs", f"{base}-abl-{arm}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -89,8 +91,8 @@ def rule_rows(arm: str, run_dir: str, a: argparse.Namespace, train_compression: 
     preprocess = val_transform(model)
     rows = []
     for rule in EVAL_RULES:
-        for t in drip_trunks(model):
-            t.boundary_predictor.eval_rule = rule
+        for r in reducers_of(model):  # the arms are DRIP reducers: their predictor's rule
+            r.boundary_predictor.eval_rule = rule
         row: dict[str, Any] = {"arm": arm, "rule": rule, "train_compression": train_compression}
         for i, split in enumerate(("zeroshot", "layout")):
             res = zero_shot_eval(model, tok, preprocess, folder_split(os.path.join(a.data, split)),

@@ -1,4 +1,4 @@
-"""Draw the segment boundaries a trained DRIP encoder places on images.
+"""Draw the groups (DRIP: segments) a trained encoder's token reducer makes on images.
 
     tools/visualize_boundaries --checkpoint LOGS/NAME --image-dir DIR [--max-images N] --out DIR
     tools/visualize_boundaries --checkpoint LOGS/NAME/checkpoints/step_N --images A.jpg B.jpg --out DIR
@@ -7,13 +7,13 @@ The model comes out of a DeepSpeed checkpoint of any ZeRO stage (:mod:`dtp_ds.tr
 and runs in eval mode, where boundaries follow the predictor's deterministic evaluation rule
 (the one zero-shot evaluation and FLOP counts use: for the MLP predictor by default the
 ``round(sum of probabilities)`` most probable patches), on each image after the model's own
-val transform. The boundaries are read with :class:`~dtp_ds.models.capture_boundaries` during
-the image tower's normal forward, so they are the ones that forward pooled with, and segments
-are numbered by the same :func:`segment_ids`.
+val transform. The groups are read with :func:`~dtp_ds.models.record_forward` during the image
+tower's normal forward (``TowerOutput.groups``, ``.scores``), so they are the ones that forward
+pooled with; any reducer that reports groups can be drawn.
 
 A boundary at patch ``l`` (raster order: rows left to right, top to bottom) ends the segment
-that contains ``l``; the patches after the last boundary form one more segment. So segments
-are runs of patches in raster order: strips that may wrap from one row to the next.
+that contains ``l``: the next patch is in another group. DRIP's segments are runs of patches in
+raster order: strips that may wrap from one row to the next.
 
 Each PNG shows the model's input image (un-normalised, upscaled to about
 :data:`TARGET_PX` pixels) with the patch grid (thin lines), each segment tinted in one
@@ -37,8 +37,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from dtp_ds.models import DripVisionTransformer, capture_boundaries, drip_trunks
-from dtp_ds.models.segments import segment_ids
+from dtp_ds.models import VisionTransformer, record_forward, trunks
 from dtp_ds.train.export import load_model_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -54,11 +53,11 @@ PALETTE = [  # matplotlib's tab10
 
 @dataclass
 class ImageBoundaries:
-    """One image's deterministic boundaries over its patch grid (raster order)."""
+    """One image's deterministic groups over its patch grid (raster order)."""
 
-    hard: np.ndarray  # (L,) bool: the patch ends its segment
-    probs: np.ndarray  # (L,) float: boundary probability
-    segments: np.ndarray  # (L,) int: segment id of each patch
+    hard: np.ndarray  # (L,) bool: the next patch (raster order) is in another group
+    probs: np.ndarray  # (L,) float: the reducer's per-patch score (DRIP: boundary probability); 0 if none
+    segments: np.ndarray  # (L,) int: group id of each patch, numbered 0.. in order of first patch
     grid: tuple[int, int]  # (rows, cols), rows * cols = L
     patch_size: int
 
@@ -68,47 +67,67 @@ class ImageBoundaries:
 
     @property
     def num_segments(self) -> int:
-        return int(self.segments[-1]) + 1
+        return int(self.segments.max()) + 1
 
     @property
     def compression(self) -> float:
         return self.num_patches / self.num_segments
 
 
-def drip_trunk(model: nn.Module, name: str | None = None) -> DripVisionTransformer:
-    """The model's one DRIP trunk; ValueError for models without one."""
-    trunks = drip_trunks(model)
+def grouping_trunk(model: nn.Module, name: str | None = None) -> VisionTransformer:
+    """The model's one trunk with a token reducer; ValueError for models without one."""
+    found = [t for t in trunks(model) if t.reducer.type_name != "none"]
     label = f"model '{name}'" if name else "this model"
-    if not trunks:
-        drip = [m for m in open_clip.list_models() if m.startswith("DRIP-")]
-        raise ValueError(f"{label} is not a DRIP model (no DripVisionTransformer in it): it has no segment "
-                         f"boundaries to draw. DRIP models: {', '.join(drip[:4])}, ...")
-    if len(trunks) > 1:
-        raise ValueError(f"{label} has {len(trunks)} DRIP trunks; expected one")
-    return trunks[0]
+    if not found:
+        grouping = [m for m in open_clip.list_models() if m.startswith("DRIP-")]
+        raise ValueError(f"{label} has no token reducer that groups patches (a plain ViT): it has no groups "
+                         f"to draw. Models that group patches: {', '.join(grouping[:4])}, ...")
+    if len(found) > 1:
+        raise ValueError(f"{label} has {len(found)} trunks with a token reducer; expected one")
+    return found[0]
+
+
+def target_compression(trunk: VisionTransformer) -> str:
+    """The reducer's configured compression, for titles ("" when it has no rate)."""
+    rate = trunk.reducer.default_rate()
+    return f" (target {1.0 / rate:g}x)" if rate else ""
+
+
+def _renumber(groups: torch.Tensor) -> torch.Tensor:
+    """(B, L) group ids -> 0, 1, ... per image in order of each group's first patch."""
+    out = torch.empty_like(groups)
+    for b, row in enumerate(groups):
+        _, inverse = torch.unique(row, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), row.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(row.numel()), reduce="amin")
+        out[b] = torch.argsort(torch.argsort(first))[inverse]
+    return out
 
 
 @torch.no_grad()
 def extract_boundaries(model: nn.Module, images: torch.Tensor) -> list[ImageBoundaries]:
     """Run the image tower on ``images`` (B, 3, H, W, already transformed) in eval mode and
-    return each image's boundaries, as that forward used them."""
-    trunk = drip_trunk(model)
+    return each image's groups, as that forward used them."""
+    trunk = grouping_trunk(model)
     tower = getattr(model, "visual", model)
     was_training = model.training
     model.eval()
     try:
-        with capture_boundaries(model) as cap:
+        with record_forward() as rec:
             tower(images)
     finally:
         model.train(was_training)
-    if len(cap.captured) != 1:
-        raise RuntimeError(f"boundary predictor ran {len(cap.captured)} times in one forward; expected once")
-    bnd = cap.captured[0]
-    ids = segment_ids(bnd.hard)  # what the forward pooled with
-    hard = (bnd.hard > 0.5).cpu().numpy()
-    probs, ids = bnd.probs.float().cpu().numpy(), ids.cpu().numpy()
-    return [ImageBoundaries(hard[i], probs[i], ids[i], tuple(trunk.grid_size), trunk.patch_size)
-            for i in range(len(hard))]
+    if len(rec) != 1:
+        raise RuntimeError(f"the trunk ran {len(rec)} times in one forward; expected once")
+    if rec[0].groups is None:
+        raise ValueError(f"the {trunk.reducer.type_name!r} reducer reports no groups: nothing to draw")
+    ids = _renumber(rec[0].groups.long().cpu())
+    hard = torch.zeros_like(ids, dtype=torch.bool)
+    hard[:, :-1] = ids[:, 1:] != ids[:, :-1]
+    probs = torch.zeros(ids.shape) if rec[0].scores is None else rec[0].scores.float().cpu()
+    hard_np, probs_np, ids_np = hard.numpy(), probs.numpy(), ids.numpy()
+    return [ImageBoundaries(hard_np[i], probs_np[i], ids_np[i], tuple(trunk.grid_size), trunk.patch_size)
+            for i in range(len(ids_np))]
 
 
 def val_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
@@ -219,7 +238,7 @@ def visualize(model: nn.Module, name: str, paths: Sequence[str], out_dir: str, i
               batch_size: int = 32, device: str | torch.device = "cpu") -> list[Written]:
     """Draw the boundaries of ``model`` on each image of ``paths`` into ``out_dir`` (one PNG
     each, named after the image; relative to ``image_root`` when given)."""
-    trunk = drip_trunk(model, name)
+    trunk = grouping_trunk(model, name)
     transform = val_transform(model)
     pngs = _png_names(paths, image_root)
     written: list[Written] = []
@@ -235,7 +254,7 @@ def visualize(model: nn.Module, name: str, paths: Sequence[str], out_dir: str, i
         batch = torch.stack(tensors).to(device)
         for i, tensor, bnd in zip(chunk, tensors, extract_boundaries(model, batch)):
             title = f"{_segments(bnd)} / {bnd.num_patches} patches: compression {bnd.compression:.2f}x"
-            subtitle = (f"{name} (target {trunk.compression:g}x) | {os.path.basename(paths[i])} | "
+            subtitle = (f"{name}{target_compression(trunk)} | {os.path.basename(paths[i])} | "
                         f"boundary p max {bnd.probs.max():.2f} | dots: boundary patches")
             png = os.path.join(out_dir, pngs[i])
             os.makedirs(out_dir, exist_ok=True)
@@ -258,8 +277,9 @@ def list_images(image_dir: str, max_images: int | None) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="visualize_boundaries",
-        description="Draw a DRIP checkpoint's learned segment boundaries on images, as evaluation places them "
-                    "(the predictor's eval rule, the one zero-shot evaluation and tools/flops use).")
+        description="Draw the groups (DRIP: segment boundaries) a checkpoint's token reducer makes on images, as "
+                    "evaluation makes them (DRIP: the predictor's eval rule, the one zero-shot evaluation and "
+                    "tools/flops use).")
     parser.add_argument("--checkpoint", required=True,
                         help="run directory LOGS/NAME (newest complete checkpoint), its checkpoints/ directory, "
                              "or one checkpoint directory checkpoints/step_N; any ZeRO stage")
@@ -302,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             paths, root = list_images(args.image_dir, args.max_images or 16), args.image_dir
         model, name = load_model_from_checkpoint(args.checkpoint, args.device)
-        drip_trunk(model, name)  # refuse non-DRIP models before any output
+        grouping_trunk(model, name)  # refuse models without a reducer before any output
         written = visualize(model, name, paths, args.out, root, args.batch_size, args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"visualize_boundaries: error: {e}", file=sys.stderr)
@@ -312,8 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{w.png}: {_segments(b)} / {b.num_patches} patches, compression {b.compression:.2f}x")
     per_image = [w.boundaries.compression for w in written]
     overall = sum(w.boundaries.num_patches for w in written) / sum(w.boundaries.num_segments for w in written)
-    target = drip_trunk(model).compression
-    print(f"{len(written)} images, model {name} (target {target:g}x): mean compression {np.mean(per_image):.2f}x "
+    target = target_compression(grouping_trunk(model))
+    print(f"{len(written)} images, model {name}{target}: mean compression {np.mean(per_image):.2f}x "
           f"(min {min(per_image):.2f}, max {max(per_image):.2f}; all patches / all segments "
           f"{overall:.2f}x)")
     return 0

@@ -1,4 +1,6 @@
-"""How well boundaries follow content, on images whose shapes are known (the synthetic splits).
+"""How well a reducer's groups follow content, on images whose shapes are known (the synthetic
+splits). Any reducer that reports the group each patch ended in (``TowerOutput.groups``, e.g.
+DRIP's segments) is measured; the probability spread needs its per-patch ``scores`` too.
 
 - **segment purity** (``purity``): the share of a segment's patches on its majority side (shape
   or background), averaged over all segments of all images. Evenly spaced boundaries at the same
@@ -37,9 +39,9 @@ _FIELDS = 9
 def segment_purity_sums(ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int]:
     """(sum over segments of their purity, patches on their segment's majority side, number of
     segments) for one image: ``ids`` (L,) segment ids, ``labels`` (L,) bool (patch mostly on a
-    shape)."""
-    ids = ids.long().cpu()
-    n = int(ids[-1]) + 1
+    shape). Ids need not be contiguous or ordered (any grouping reducer's)."""
+    ids = torch.unique(ids.long().cpu(), return_inverse=True)[1]
+    n = int(ids.max()) + 1
     size = torch.bincount(ids, minlength=n).double()
     on_shape = torch.bincount(ids, weights=labels.double().cpu(), minlength=n)
     majority = torch.maximum(on_shape, size - on_shape)
@@ -53,24 +55,27 @@ class BoundaryQuality:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.sums = torch.zeros(_FIELDS + HIST_BINS, dtype=torch.float64, device=device)
 
-    def add(self, hard: torch.Tensor, probs: torch.Tensor, labels: Sequence[np.ndarray | None]) -> None:
-        """One batch: ``hard``/``probs`` (B, L) as the forward used them, ``labels[b]`` the
-        patch labels of image ``b`` (``None``: no objects known, counted in compression only)."""
-        ids = segment_ids(hard).cpu()
-        length = ids.shape[-1]
+    def add(self, groups: torch.Tensor, scores: torch.Tensor | None, labels: Sequence[np.ndarray | None]) -> None:
+        """One batch: ``groups`` (B, L) the group of every patch as the forward used them,
+        ``scores`` (B, L) the reducer's per-patch probabilities (``None``: none, no spread),
+        ``labels[b]`` the patch labels of image ``b`` (``None``: no objects known, counted in
+        compression only)."""
+        groups = groups.long().cpu()
+        length = groups.shape[-1]
         acc = torch.zeros(_FIELDS, dtype=torch.float64)
         for b, lab in enumerate(labels):
-            n = int(ids[b, -1]) + 1
+            n = int(torch.unique(groups[b]).numel())
             acc[6:9] += torch.tensor([length, n, 1], dtype=torch.float64)
             if lab is None:
                 continue
             lab_t = torch.as_tensor(lab, dtype=torch.bool)
-            seg, maj, _ = segment_purity_sums(ids[b], lab_t)
+            seg, maj, _ = segment_purity_sums(groups[b], lab_t)
             seg_even, maj_even, _ = segment_purity_sums(
                 segment_ids(regular_boundaries(length, n).unsqueeze(0))[0], lab_t)
             acc[0:6] += torch.tensor([seg, seg_even, n, maj, maj_even, length], dtype=torch.float64)
-        hist = torch.histc(probs.detach().float().cpu().clamp(0, 1), bins=HIST_BINS, min=0.0, max=1.0)
-        self.sums += torch.cat([acc, hist.double()]).to(self.sums.device)
+        hist = torch.zeros(HIST_BINS, dtype=torch.float64) if scores is None else \
+            torch.histc(scores.detach().float().cpu().clamp(0, 1), bins=HIST_BINS, min=0.0, max=1.0).double()
+        self.sums += torch.cat([acc, hist]).to(self.sums.device)
 
     def result(self, prefix: str = "") -> dict[str, float]:
         s = self.sums.cpu()
@@ -84,9 +89,9 @@ class BoundaryQuality:
         length = patches / images
         # the rate whose expected segment count (dtp_ds.models.expected_segments) is the one seen
         rate = (segments / images - 1.0) / max(length - 1.0, 1.0)
-        out = {f"{prefix}compression": patches / segments, f"{prefix}boundary_rate": rate,
-               f"{prefix}prob_spread": q[1] - q[0],
-               f"{prefix}prob_q05": q[0], f"{prefix}prob_q95": q[1]}
+        out = {f"{prefix}compression": patches / segments, f"{prefix}boundary_rate": rate}
+        if hist.sum() > 0:  # the reducer reported per-patch scores
+            out.update({f"{prefix}prob_spread": q[1] - q[0], f"{prefix}prob_q05": q[0], f"{prefix}prob_q95": q[1]})
         if labelled:
             out.update({f"{prefix}purity": seg / labelled, f"{prefix}purity_even": seg_even / labelled,
                         f"{prefix}purity_by_patch": maj / labelled_patches,

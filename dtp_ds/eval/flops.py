@@ -1,25 +1,27 @@
-"""FLOP counts of CLIP image towers (and whole CLIP models), DRIP at a pinned boundary rate.
+"""FLOP counts of CLIP image towers (and whole CLIP models), token reducers at a pinned rate.
 
-Two counters, both in the "1 multiply-add = 1 FLOP" convention of fvcore (the users' table):
+Two counters, both in the "1 multiply-add = 1 FLOP" convention:
 
-* ``gflops``: fvcore's count. It does not count attention itself (``scaled_dot_product_attention``
-  is an op fvcore has no handle for), only the projections around it;
-* ``gflops_attn``: ``torch.utils.flop_counter.FlopCounterMode`` halved to the same convention;
-  it does count the attention matmuls.
+* ``gflops`` (primary): ``torch.utils.flop_counter.FlopCounterMode`` halved to that convention;
+  it counts the attention matmuls too;
+* ``gflops_fvcore``: fvcore's count (the users' table). It does not count attention itself
+  (``scaled_dot_product_attention`` is an op fvcore has no handle for), only the projections
+  around it.
 
-A DRIP model's cost depends on how many segments its boundary predictor makes. Counting
-pins the hard boundaries (:class:`dtp_ds.models.pinned_segments`) to evenly spaced segments:
-as many as a predictor running at the trunk's prior rate 1 / compression makes on average
-(:func:`dtp_ds.models.expected_segments`: ``rate * (L - 1) + 1``, the last segment ends with the
-sequence), or at ``boundary_rate`` (e.g. the rate a run's evaluation ran at, from its
-``metrics.jsonl``: ``zeroshot_boundary_rate``), or exactly ``segments`` (what a run measured: patches / compression). A
-fractional count is the linear interpolation of the two whole counts around it.
+A reducer's cost depends on how many tokens it keeps. Counting pins every reducer
+(:class:`dtp_ds.models.pinned_tokens`) to as many tokens as the reducer plans for at its
+configured rate (:meth:`TokenReducer.default_rate`, DRIP: 1 / compression) or at
+``boundary_rate`` (e.g. the rate a run's evaluation ran at, from its ``metrics.jsonl``:
+``zeroshot_boundary_rate``): the fewest tokens any block sees in
+:meth:`TokenReducer.planned_tokens`, CLS aside. ``segments`` gives that count directly (what a
+run measured: patches / compression). A fractional count is the linear interpolation of the
+two whole counts around it. Reducers without a rate are counted as they run.
 
 Counting runs with autograd on. Under ``torch.no_grad()`` open_clip's plain ViTs take
 ``nn.MultiheadAttention``'s fused inference path, which neither counter sees into: the
-q/k/v and output projections vanish from the count (ViT-B-32: 2.95 instead of 4.37
-GFLOPs), which is where the users' 2.96 for ViT-B-32 comes from while their DRIP count
-(timm-style attention built from ``nn.Linear``) kept them. ``--no-grad`` reproduces it.
+q/k/v and output projections vanish from the count (see ``models/README.md``), which is where
+the users' plain ViT-B-32 figure comes from while their DRIP count (timm-style attention built
+from ``nn.Linear``) kept them. ``--no-grad`` reproduces it.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dtp_ds
 from dtp_ds.autotune.tuner import boundary_rate_arg
-from dtp_ds.models import drip_trunks, expected_segments, pinned_segments
+from dtp_ds.models import VisionTransformer, pinned_tokens, trunks
 
 with warnings.catch_warnings():
     # fvcore scripts a helper at import; torch 2.x flags torch.jit.script as deprecated.
@@ -63,11 +65,11 @@ def _torch_count(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
 
 def _count(model: nn.Module, image: torch.Tensor, text: torch.Tensor | None, no_grad: bool) -> dict[str, float]:
     with torch.no_grad() if no_grad else contextlib.nullcontext():
-        result = {"gflops": _fvcore(model.visual, (image,)) / 1e9,
-                  "gflops_attn": _torch_count(model.visual, (image,)) / 1e9}
+        result = {"gflops": _torch_count(model.visual, (image,)) / 1e9,
+                  "gflops_fvcore": _fvcore(model.visual, (image,)) / 1e9}
         if text is not None:
-            result["clip_gflops"] = _fvcore(model, (image, text)) / 1e9
-            result["clip_gflops_attn"] = _torch_count(model, (image, text)) / 1e9
+            result["clip_gflops"] = _torch_count(model, (image, text)) / 1e9
+            result["clip_gflops_fvcore"] = _fvcore(model, (image, text)) / 1e9
     return result
 
 
@@ -80,8 +82,8 @@ def count_flops(
     segments: float | None = None,
 ) -> dict[str, Any]:
     """FLOPs of one sample through ``model.visual`` (and through the whole CLIP model when
-    ``context_length`` is given); DRIP trunks at ``segments`` per sample, else at the
-    segments a predictor at ``boundary_rate`` (None: the trunk's prior) makes on average.
+    ``context_length`` is given); reducers pinned to ``segments`` kept patch tokens per sample,
+    else to what they plan for at ``boundary_rate`` (None: their configured rate).
     The model's train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
@@ -91,30 +93,37 @@ def count_flops(
         model.train(was_training)
 
 
+def _rated_trunk(model: nn.Module) -> VisionTransformer | None:
+    """The trunk whose reducer has a rate to pin (FLOPs then depend on it); None if none."""
+    rated = [t for t in trunks(model) if t.reducer.default_rate() is not None]
+    if len(rated) > 1:
+        raise ValueError(f"{len(rated)} trunks with a rated token reducer; FLOP counting pins one")
+    return rated[0] if rated else None
+
+
 def _count_flops(model: nn.Module, image_size: tuple[int, int], context_length: int | None,
                  boundary_rate: float | None, no_grad: bool, segments: float | None) -> dict[str, Any]:
     device = next(model.parameters()).device
     image = torch.randn(1, 3, *image_size, device=device)
     text = None if context_length is None else torch.randint(0, 49408, (1, context_length), device=device)
-    trunks = drip_trunks(model)
-    if not trunks:
-        grid = [s // p for s, p in zip(image_size, _patch_size(model))]
-        return {**_count(model, image, text, no_grad), "boundary_rate": None, "compression": 1.0,
-                "tokens": 1 + math.prod(grid)}
-    trunk = trunks[0]
-    patches = trunk.num_patches
+    trunk = _rated_trunk(model)
+    patches = math.prod(s // p for s, p in zip(image_size, _patch_size(model)))
+    if trunk is None:  # nothing to pin: a rate given for the table's reducer rows does not apply
+        planned = [t.reducer.planned_tokens(t.num_patches, t.depth) for t in trunks(model)]
+        tokens = min((min(p) for p in planned if p), default=1.0 + patches)
+        return {**_count(model, image, text, no_grad), "boundary_rate": None,
+                "compression": patches / (tokens - 1.0), "tokens": tokens}
+    patches, rate = trunk.num_patches, None
     if segments is None:
-        rate = boundary_rate if boundary_rate is not None else trunk.boundary_predictor.prior
-        segments = expected_segments(patches, rate)
-    else:
-        rate = (segments - 1.0) / max(patches - 1, 1)
+        rate = boundary_rate if boundary_rate is not None else trunk.reducer.default_rate()
+        segments = min(trunk.reducer.planned_tokens(patches, trunk.depth, rate)) - 1.0
     if not 1.0 <= segments <= patches:
-        raise ValueError(f"{segments} segments per sample: a {patches}-patch DRIP model has 1 to {patches}")
+        raise ValueError(f"{segments} kept tokens per sample: a {patches}-patch model keeps 1 to {patches}")
     low, frac = math.floor(segments), segments - math.floor(segments)
-    with pinned_segments(model, low):
+    with pinned_tokens(model, low):
         result = _count(model, image, text, no_grad)
     if frac > 1e-9:
-        with pinned_segments(model, low + 1):
+        with pinned_tokens(model, low + 1):
             high = _count(model, image, text, no_grad)
         result = {k: (1.0 - frac) * v + frac * high[k] for k, v in result.items()}
     return {**result, "boundary_rate": rate, "compression": patches / segments, "tokens": 1 + segments}
@@ -122,9 +131,9 @@ def _count_flops(model: nn.Module, image_size: tuple[int, int], context_length: 
 
 def _patch_size(model: nn.Module) -> tuple[int, int]:
     visual = model.visual
-    trunks = drip_trunks(visual)
-    if trunks:
-        return (trunks[0].patch_size,) * 2
+    found = trunks(visual)
+    if found:
+        return (found[0].patch_size,) * 2
     patch = getattr(visual, "patch_size", None)
     if patch is None:
         raise ValueError("cannot tell the patch size of this image tower")
@@ -149,9 +158,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols = [
         ("model", "model", "{}"),
         ("gflops", "GFLOPs", "{:.2f}"),
-        ("gflops_attn", "GFLOPs+attn", "{:.2f}"),
+        ("gflops_fvcore", "fvcore", "{:.2f}"),
         ("clip_gflops", "CLIP GFLOPs", "{:.2f}"),
-        ("clip_gflops_attn", "CLIP+attn", "{:.2f}"),
+        ("clip_gflops_fvcore", "CLIP fvcore", "{:.2f}"),
         ("resolution", "resolution", "{}"),
         ("patch_size", "patch", "{}"),
         ("boundary_rate", "rate", "{:.3f}"),
@@ -171,15 +180,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI behind ``tools/flops``."""
     parser = argparse.ArgumentParser(
-        description="fvcore GFLOPs (1 multiply-add = 1 FLOP) of CLIP image towers and whole models; "
-        "DRIP models at the segments their prior rate 1/compression makes (or --boundary-rate's).",
+        description="GFLOPs (1 multiply-add = 1 FLOP; torch's FlopCounterMode, attention included, and fvcore's "
+        "count) of CLIP image towers and whole models; token reducers at the tokens they plan for at their "
+        "configured rate (DRIP: 1/compression) or --boundary-rate's.",
     )
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="model names (default: %(default)s)")
     parser.add_argument("--boundary-rate", default=None, metavar="RATE|RUN_DIR",
-                        help="count DRIP models at the segments a predictor at this boundary rate makes, "
-                        "instead of each model's prior 1/compression: a number, or a run directory (or its "
-                        "metrics.jsonl): the rate its last evaluation ran at (the deterministic eval rule on "
-                        "real images), else its last logged training rate")
+                        help="count reducer models at the tokens they keep at this rate (DRIP: boundary rate), "
+                        "instead of each model's configured one (DRIP: 1/compression): a number, or a run "
+                        "directory (or its metrics.jsonl): the rate its last evaluation ran at (the "
+                        "deterministic eval rule on real images), else its last logged training rate")
     parser.add_argument("--image-only", action="store_true", help="skip the whole-CLIP counts (faster)")
     parser.add_argument("--no-grad", action="store_true",
                         help="count under torch.no_grad(): reproduces the count that misses "
@@ -198,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows))
-        print("GFLOPs: fvcore, image tower, 1 multiply-add = 1 FLOP, attention matmuls not counted; "
-              "+attn: torch FlopCounterMode / 2 (counts attention). DRIP rows at the segments (tokens - 1) a "
-              "predictor at that rate makes on average: rate x (patches - 1) + 1.")
+        print("GFLOPs: torch FlopCounterMode / 2 (1 multiply-add = 1 FLOP, attention counted), image tower; "
+              "fvcore: the same convention, attention matmuls not counted. Reducer rows at the tokens the "
+              "reducer plans for at that rate (DRIP: rate x (patches - 1) + 1 segments, + CLS).")
     return 0
 
 

@@ -27,7 +27,7 @@ from torchvision.datasets import ImageFolder
 
 from dtp_ds.data.synthetic import patch_labels, read_objects
 from dtp_ds.eval.boundary_quality import BoundaryQuality
-from dtp_ds.models import capture_boundaries
+from dtp_ds.models import record_forward
 
 
 @dataclass
@@ -72,7 +72,8 @@ def zero_shot_eval(
     max_images: int | None = None,
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy (in %) of a CLIP model on ``split``; call on every rank. For
-    DRIP models also the boundaries' quality as evaluation ran them
+    models whose reducer groups patches (DRIP's segments) also the groups' quality as
+    evaluation ran them
     (:mod:`dtp_ds.eval.boundary_quality`: ``zeroshot_compression``, ``..._purity`` where the
     split records its objects, ``..._prob_spread``)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -108,7 +109,7 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
             idx = order[:1]
         images = torch.stack([dataset[i][0] for i in idx]).to(device=device, dtype=input_dtype)
         labels = torch.tensor([dataset[i][1] for i in idx], device=device)
-        with capture_boundaries(model) as cap:
+        with record_forward() as rec:
             feats = model.encode_image(images, normalize=True).float()
         logits = feats @ classifier.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -116,9 +117,10 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
         if real:
             stats += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), real],
                                   dtype=torch.float64, device=device)
-            for bnd in cap.captured:  # the boundaries this forward pooled with
-                quality.add(bnd.hard, bnd.probs,
-                            [_patch_labels(split, dataset.samples[i][0], bnd.hard.shape[-1]) for i in idx])
+            for out in rec:  # the groups this forward's reducer made, if it groups patches
+                if out.groups is not None:
+                    quality.add(out.groups, out.scores,
+                                [_patch_labels(split, dataset.samples[i][0], out.groups.shape[-1]) for i in idx])
     if dist.is_initialized():
         dist.all_reduce(stats)
         dist.all_reduce(quality.sums)

@@ -175,8 +175,8 @@ class TowerOutput:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-_RECORDS: contextvars.ContextVar[list[TowerOutput] | None] = contextvars.ContextVar("dtp_ds_tower_records",
-                                                                                     default=None)
+_RECORDS: contextvars.ContextVar[tuple[list[TowerOutput], ...]] = contextvars.ContextVar("dtp_ds_tower_records",
+                                                                                        default=())
 
 
 @contextlib.contextmanager
@@ -184,9 +184,10 @@ def record_forward() -> Iterator[list[TowerOutput]]:
     """Collect the :class:`TowerOutput` of every trunk forward run inside the block, in call
     order. The caller owns the list (and the graphs in it): nothing stays on the modules, so
     this works however the trunk is wrapped (open_clip's ``CLIP.forward`` under a DeepSpeed
-    engine, which must run whole for ZeRO-3 to gather its parameters)."""
+    engine, which must run whole for ZeRO-3 to gather its parameters). Nested recorders each
+    see every forward run inside them."""
     records: list[TowerOutput] = []
-    token = _RECORDS.set(records)
+    token = _RECORDS.set((*_RECORDS.get(), records))
     try:
         yield records
     finally:
@@ -354,8 +355,7 @@ class VisionTransformer(nn.Module):
         """Images (B, C, H, W) -> embeddings (B, num_classes); the rest of the forward's output
         goes to the caller's :func:`record_forward`, if any."""
         out = self.forward_with_aux(x)
-        records = _RECORDS.get()
-        if records is not None:
+        for records in _RECORDS.get():
             records.append(out)
         return out.features
 

@@ -60,6 +60,7 @@ from dtp_ds.train.ds_config import (
     resolve_batch,
 )
 from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError
+from dtp_ds.train.memory import PredictedOOM, check_start_memory
 from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
 from dtp_ds.train.redact import install_log_filter, redact
 from dtp_ds.train.schedule import Schedules, check_resumed_lr, warmup_cosine_lr
@@ -160,6 +161,29 @@ def check_precision_supported(precision: str) -> None:
                       f"{EMULATED_FP16_ENV}=1 to run it emulated (slow)")
 
 
+def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list[dict[str, Any]], micro: int,
+                     world: int) -> None:
+    """On a GPU, the memory model's predicted peak at this world size must fit: where only the
+    full contrastive loss's (micro x world)^2 logits do not, --local-loss --gather-with-grad (the
+    same gradients) is turned on and recorded; otherwise the run is refused with the fixes."""
+    if not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        changes, why = check_start_memory(args.model.model, ds_config, micro, world, total, args.model.local_loss,
+                                          args.model.gather_with_grad, grad_checkpointing_on(ds_config, args))
+    except PredictedOOM as e:
+        raise ConfigError(str(e)) from e
+    except Exception as e:  # a model the memory model has no shape for: nothing to predict
+        log.info("start-up memory check skipped for %s: %s", args.model.model, e)
+        return
+    for key, value in changes.items():
+        setattr(args.model, key, value)
+        overrides.append({"key": key, "flag": "start-up memory check", "value": value, "why": why})
+    if why:
+        log.warning("%s", why)
+
+
 def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     """Every check that needs no engine: model, data, batch arithmetic, run directory."""
     if args.model.model.endswith(".json"):  # a model JSON of one's own: registered under its file name
@@ -190,6 +214,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     on_cpu = get_accelerator().device_name() == "cpu"
     ds_config, overrides = resolve(raw, args, world, cpu_has_native_bf16() if on_cpu else None)
     check_precision_supported(precision_of(ds_config))
+    check_gpu_memory(args, ds_config, overrides, micro, world)
     splits = zeroshot_splits(args)
     name = args.run.name or broadcast(default_name(args, micro) if rank == 0 else None)
     run_dir = os.path.join(args.run.logs, name)

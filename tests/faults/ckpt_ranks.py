@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 import dtp_ds  # noqa: F401  (registers the dtp_ds models with open_clip)
-from dtp_ds.train import checkpoint, faults
-from dtp_ds.train.checkpoint import CheckpointError, TrainState
 from dtp_ds.tasks import param_groups
 from dtp_ds.tasks.clip import CLIPModule
+from dtp_ds.train import checkpoint, faults
+from dtp_ds.train.checkpoint import CheckpointError, TrainState
 
 # (step, phase, failing rank): the commit is rank 0's alone
 FAILURES = [(2, "prepare", 1), (3, "deepspeed", 1), (4, "write", 1), (5, "verify", 0), (6, "commit", 0)]

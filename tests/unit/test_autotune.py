@@ -12,32 +12,34 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from dtp_ds.models.drip import DripBlock
 from open_clip.transformer import ResidualAttentionBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dtp_ds  # noqa: F401
-from dtp_ds.autotune.memory import (
+from dtp_ds.autotune.partitions import JobShapeError, check_job_shape, registry_partition, resolve_target
+from dtp_ds.autotune.tuner import main as tuner_main
+from dtp_ds.autotune.tuner import tune
+from dtp_ds.models import pinned_tokens
+from dtp_ds.models.segments import make_packing, pack_segments, segment_ids
+from dtp_ds.models.vit import Block
+from dtp_ds.tasks.clip import CLIPModule
+from dtp_ds.train.args import parse_args
+from dtp_ds.train.ds_config import load_ds_config, resolve
+from dtp_ds.train.memory import (
     BlockDtypes,
     GiB,
     TrainSetup,
     activations_per_sample,
     block_bytes_per_token,
+    check_start_memory,
     estimate,
     logits_bytes,
     max_micro_batch,
     model_shape,
     model_states,
     packed_block_bytes,
+    predict_peak_gib,
 )
-from dtp_ds.autotune.partitions import JobShapeError, check_job_shape, registry_partition, resolve_target
-from dtp_ds.autotune.tuner import main as tuner_main
-from dtp_ds.autotune.tuner import tune
-from dtp_ds.models import pinned_segments
-from dtp_ds.models.segments import make_packing, pack_segments, segment_ids
-from dtp_ds.tasks.clip import CLIPModule
-from dtp_ds.train.args import parse_args
-from dtp_ds.train.ds_config import load_ds_config, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 V100_16, V100_32, A100_80 = 15.78 * GiB, 31.75 * GiB, 79.15 * GiB
@@ -78,7 +80,7 @@ def model_of(stem: str) -> str:
 
 
 # --- activations: one block, against autograd ------------------------------------------------
-BLOCKS = {"open_clip": lambda h, n: ResidualAttentionBlock(h, n), "drip": lambda h, n: DripBlock(h, n)}
+BLOCKS = {"open_clip": lambda h, n: ResidualAttentionBlock(h, n), "trunk": lambda h, n: Block(h, n)}
 
 
 @pytest.mark.parametrize("block", sorted(BLOCKS))
@@ -114,14 +116,14 @@ def test_math_attention_term_equals_autograd_saved_tensors():
     assert measured == batch * tokens * expected
 
 
-def test_packed_drip_block_term_equals_autograd_saved_tensors():
+def test_packed_block_term_equals_autograd_saved_tensors():
     h, heads, batch, patches = 64, 4, 3, 24
     torch.manual_seed(1)
     hard = (torch.rand(batch, patches) < 0.3).float()
     packing = make_packing(segment_ids(hard))
     assert packing.padded  # unequal lengths: the padded attention layout is exercised
     x = pack_segments(torch.randn(batch, 1 + patches, h), packing).detach().requires_grad_()
-    blk = DripBlock(h, heads)
+    blk = Block(h, heads)
     measured = saved_bytes(lambda: blk(x, packing), blk)
     expected = packed_block_bytes(packing.num_rows / batch, packing.max_len, h, 4 * h, heads, BlockDtypes(4, 4))
     assert measured == pytest.approx(batch * expected, rel=1e-9)
@@ -132,8 +134,8 @@ def test_packed_drip_block_term_equals_autograd_saved_tensors():
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_whole_clip_activations_match_autograd(name, mode, ckpt):
     """The whole model and the loss, as CLIPModule runs them: within 7% (the small terms outside
-    the blocks are modelled coarsely; the blocks exactly). DRIP boundaries are pinned at the
-    prior rate so the segment count is known."""
+    the blocks are modelled coarsely; the blocks exactly). Reducers are pinned to 16 tokens so
+    the count is known."""
     batch = 8
     torch.manual_seed(0)
     model = open_clip.create_model(name, output_dict=True, nonscalar_logit_scale=True)
@@ -146,12 +148,12 @@ def test_whole_clip_activations_match_autograd(name, mode, ckpt):
     texts = torch.randint(0, 49408, (batch, shape.text.tokens))
 
     def run():
-        with pinned_segments(model, 16), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "amp"):
+        with pinned_tokens(model, 16), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "amp"):
             task({"image": images, "text": texts})
 
     measured = saved_bytes(run, task)
-    if shape.drip is not None:  # pinned: 16 equal segments per sample, no padding
-        shape = replace(shape, drip=replace(shape.drip, boundary_rate=15 / 63, padding_sigmas=0.0))
+    if shape.trunk is not None:  # pinned: 16 equal segments per sample (rate 15 / 63), no padding
+        shape = model_shape(name, boundary_rate=15 / 63, padding_sigmas=0.0)
     setup = TrainSetup(setting="amp-ddp" if mode == "amp" else "deepspeed",
                        precision="fp32" if mode == "fp32" else "bf16", ckpt=ckpt, autocast_device="cpu")
     act = activations_per_sample(shape, setup, ln_stat_bytes=2 if mode == "bf16" else 4)
@@ -168,6 +170,21 @@ def test_drip_compression_and_local_loss_shrink_the_prediction():
         activations_per_sample(drip, su).saved
     big = replace(su, world=64)
     assert logits_bytes(vit, replace(big, local_loss=True), 512) * 20 < logits_bytes(vit, big, 512)
+
+
+@pytest.mark.parametrize("config,model", [("vit_b_32", "ViT-B-32"), ("vit_l_14", "ViT-L-14")])
+def test_start_up_check_turns_on_the_local_loss_at_64_gpus(config, model):
+    """The shipped configs' full contrastive loss needs about 100 GiB per GPU at 64 ranks: the
+    start-up check turns on --local-loss --gather-with-grad (same gradients) and says so."""
+    cfg = load_ds_config(str(REPO / "ds_configs" / f"{config}.json"))
+    assert predict_peak_gib(model, cfg, None, 64) > 90
+    changes, message = check_start_memory(model, cfg, None, 64, A100_80)
+    assert changes == {"local_loss": True, "gather_with_grad": True}
+    assert "--local-loss --gather-with-grad" in message and "same gradients" in message
+    assert check_start_memory(model, cfg, None, 64, A100_80, local_loss=True, gather_with_grad=True) == ({}, None)
+    assert check_start_memory(model, cfg, None, 8, A100_80) == ({}, None)  # fits at 8 ranks as it is
+    with pytest.raises(ValueError, match="micro-batch of at most .*tools/autotune_batch"):
+        check_start_memory(model, cfg, None, 64, V100_16)  # too small even with the local loss
 
 
 # --- model states: against DeepSpeed's own estimators ----------------------------------------
@@ -366,7 +383,7 @@ def test_cli_json_schema_and_written_config(tmp_path):
                       ("gradient_accumulation_steps", int), ("launch", str), ("candidates", list), ("target", dict)]:
         assert isinstance(data[key], kind), key
     assert data["target"]["world_size"] == 8 and data["target"]["gpu"] == "V100-32GB"
-    assert data["data"]["drip"]["boundary_rate"] == 0.1
+    assert data["data"]["reducer"]["type"] == "drip" and data["data"]["reducer"]["rate"] == 0.1
     assert data["micro_batch"] * data["gradient_accumulation_steps"] * 8 == 4096
     assert data["peak_memory_gb"] <= 0.9 * data["target"]["gpu_mem_gb"]
     assert json.loads(out.read_text()) == data["ds_config"]
@@ -398,4 +415,4 @@ def test_cli_amp_ddp_table_and_json(capsys):
 def test_boundary_rate_from_a_run_directory(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i, "boundary_rate": 0.2}) for i in range(5)))
     data = tune(["--model", "DRIP-ViT-L-14-10x", "--gpu-mem", "80", "--boundary-rate", str(tmp_path), "--json"]).data
-    assert data["data"]["drip"]["boundary_rate"] == 0.2
+    assert data["data"]["reducer"]["rate"] == 0.2

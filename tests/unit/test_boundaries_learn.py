@@ -16,7 +16,7 @@ from PIL import Image
 
 from dtp_ds.data.synthetic import write_synthetic_dataset
 from dtp_ds.eval.zeroshot import folder_split, zero_shot_eval
-from dtp_ds.models import drip_aux, drip_trunks, register_config, registry
+from dtp_ds.models import record_forward, register_config, registry, trunks
 
 NAME = "DRIP-test-learns"
 # the shipped tiny model's predictor (DRIP-ViT-Tiny-8-4x.json), at 32 px and a third of the depth
@@ -74,8 +74,9 @@ def test_short_training_learns_content_boundaries(shapes) -> None:
     train_compression = []
     for _ in range(150):
         idx = torch.randint(0, len(images), (64,), generator=gen)
-        o = model(images[idx], texts[idx])
-        aux = drip_aux(model)
+        with record_forward() as rec:
+            o = model(images[idx], texts[idx])
+        aux = {**rec[0].aux_losses, **rec[0].stats}
         loss = loss_fn(o["image_features"], o["text_features"], o["logit_scale"]) + aux["boundary_loss"]
         opt.zero_grad()
         loss.backward()
@@ -99,7 +100,7 @@ def test_a_predictor_at_its_prior_everywhere_fails_those_checks(shapes) -> None:
     register_config(NAME, config({"predictor": "mlp", "eval_rule": "threshold"}))
     torch.manual_seed(0)
     model = open_clip.create_model(NAME, output_dict=True)
-    pred = drip_trunks(model)[0].boundary_predictor
+    pred = trunks(model)[0].reducer.boundary_predictor
     with torch.no_grad():
         pred.fc2.weight.zero_()  # logit(prior) everywhere
     flat = evaluate(model, out)

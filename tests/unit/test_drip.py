@@ -15,16 +15,17 @@ from torch import nn
 import dtp_ds
 from dtp_ds.models import (
     POOL_TYPES,
-    DripVisionTransformer,
+    VisionTransformer,
     boundary_rate_loss,
-    drip_aux,
-    drip_trunks,
     expected_segments,
-    pinned_segments,
+    pinned_tokens,
+    record_forward,
     register_config,
     registry,
+    trunks,
 )
 from dtp_ds.models.boundary import sample_boundaries
+from dtp_ds.models.reducers.drip import DripReducer
 from dtp_ds.models.segments import (
     from_padded,
     make_packing,
@@ -44,7 +45,7 @@ TINY_MLP = "DRIP-test-Tiny-8-4x-mlp"
 @pytest.fixture(scope="module", autouse=True)
 def tiny_mlp():
     cfg = registry.get_model_config("DRIP-ViT-Tiny-8-4x")
-    drip = cfg["vision_cfg"]["drip_cfg"]
+    drip = cfg["vision_cfg"]["reducer_cfg"]
     for key in ("predictor_input", "selection"):
         drip.pop(key)
     drip.update(predictor="mlp", predictor_hidden=192, temperature=0.5)
@@ -64,23 +65,36 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def small_trunk(upsample: bool = False, pool: str = "mean_with_cls", **kw) -> DripVisionTransformer:
-    """A 32 px, patch-4 (64 patches), width-32 trunk: fast enough for exhaustive checks."""
-    args = dict(
-        img_size=32, patch_size=4, embed_dim=32, num_heads=2, pre=1, shorten=2, post=1 if upsample else 0,
-        upsample=upsample, compression=4, num_classes=16, global_pool=pool,
-    )
-    args.update(kw)
-    return DripVisionTransformer(**args)
+def small_trunk(upsample: bool = False, pool: str = "mean_with_cls", **kw) -> VisionTransformer:
+    """A 32 px, patch-4 (64 patches), width-32 trunk with DRIP blocks 1 (pre) + 2 (shorten)
+    [+ 1 (post)]: fast enough for exhaustive checks."""
+    post = 1 if upsample else 0
+    reducer = DripReducer(dim=32, depth=3 + post, num_patches=64, pre=1, shorten=2, post=post, upsample=upsample,
+                          compression=4)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=3 + post, num_heads=2, num_classes=16,
+                             global_pool=pool, reducer=reducer, **kw)
 
 
-def spread_predictor(trunk: DripVisionTransformer) -> None:
+def predictor_of(model: nn.Module) -> nn.Module:
+    """The boundary predictor of the (one) DRIP reducer inside ``model``."""
+    return trunks(model)[0].reducer.boundary_predictor
+
+
+def forward_aux(module: nn.Module, *inputs: torch.Tensor) -> tuple[object, dict[str, torch.Tensor]]:
+    """``module(*inputs)`` and its trunk's auxiliary losses and statistics, as training reads them."""
+    with record_forward() as rec:
+        out = module(*inputs)
+    (tower,) = rec
+    return out, {**tower.aux_losses, **tower.stats}
+
+
+def spread_predictor(trunk: VisionTransformer) -> None:
     """Make deterministic boundaries vary by token and sample (an untrained predictor sits at
     logit(prior) < 0 everywhere, which at eval means no boundary at all)."""
     with torch.no_grad():
-        for fc in (trunk.boundary_predictor.fc1, trunk.boundary_predictor.fc2):
+        for fc in (predictor_of(trunk).fc1, predictor_of(trunk).fc2):
             fc.weight.normal_(0.0, 1.0)
-        trunk.boundary_predictor.fc2.bias.zero_()
+        predictor_of(trunk).fc2.bias.zero_()
 
 
 def clip_loss(model: nn.Module, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -197,15 +211,14 @@ def test_trunk_in_low_precision_extreme_logits_no_nan(dtype: torch.dtype, bias: 
     torch.manual_seed(0)
     trunk = small_trunk(upsample=True)
     with torch.no_grad():
-        trunk.boundary_predictor.fc2.weight.zero_()
-        trunk.boundary_predictor.fc2.bias.fill_(bias)
+        predictor_of(trunk).fc2.weight.zero_()
+        predictor_of(trunk).fc2.bias.fill_(bias)
     trunk.to(dtype)  # as DeepSpeed does: every parameter in the low-precision dtype
     images = torch.randn(3, 3, 32, 32)  # fp32 images: the trunk casts them
     for train in (True, False):
         trunk.train(train)
         trunk.zero_grad()
-        out = trunk(images)
-        aux = drip_aux(trunk)
+        out, aux = forward_aux(trunk, images)
         (out.float().square().mean() + aux["boundary_loss"]).backward()
         assert out.dtype == dtype and torch.isfinite(out).all()
         assert aux["boundary_rate"].item() == (1.0 if bias > 0 else 0.0)
@@ -216,7 +229,7 @@ def test_trunk_in_low_precision_extreme_logits_no_nan(dtype: torch.dtype, bias: 
 def test_predictor_runs_fp32_under_autocast() -> None:
     trunk = small_trunk()
     logits = {}
-    trunk.boundary_predictor.register_forward_hook(lambda m, i, o: logits.update(out=o))
+    predictor_of(trunk).register_forward_hook(lambda m, i, o: logits.update(out=o))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = trunk(torch.randn(2, 3, 32, 32))
     assert out.dtype == torch.bfloat16  # the blocks did run in bf16
@@ -238,7 +251,8 @@ def test_short_sequences_packed_attention_padded_to_batch_max() -> None:
     assert torch.all(tokens[~valid] == 0)
     # Token-wise layers of the shorten blocks see only real tokens: no compute on padding.
     rows = []
-    hook = trunk.shorten_blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    first_short = trunk.blocks[1]
+    hook = first_short.mlp.fc1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
     trunk(images)
     hook.remove()
     assert rows == [int(lengths.sum())]
@@ -261,15 +275,15 @@ def test_eval_batch_invariance_and_determinism(upsample: bool, pool: str) -> Non
     assert torch.equal(batched, again)
 
 
-def test_pinned_segments_cut_exactly_that_many() -> None:
+def test_pinned_tokens_cut_exactly_that_many_segments() -> None:
     trunk = small_trunk().eval()  # 64 patches
     spread_predictor(trunk)
     for segments in (1, 7, 16, 63, 64):
-        with pinned_segments(trunk, segments):
-            trunk(torch.randn(3, 3, 32, 32))
-            assert drip_aux(trunk)["compression"].item() == pytest.approx(64 / segments)
-    assert trunk.boundary_predictor.forced_segments is None
-    with pytest.raises(ValueError, match="segments must be in"), pinned_segments(trunk, 65):
+        with pinned_tokens(trunk, segments):
+            _, aux = forward_aux(trunk, torch.randn(3, 3, 32, 32))
+            assert aux["compression"].item() == pytest.approx(64 / segments)
+    assert predictor_of(trunk).forced_segments is None
+    with pytest.raises(ValueError, match="segments must be in"), pinned_tokens(trunk, 65):
         trunk(torch.randn(1, 3, 32, 32))
 
 
@@ -281,17 +295,28 @@ def test_expected_segments_is_what_a_predictor_at_that_rate_makes() -> None:
         assert counts.mean().item() == pytest.approx(expected_segments(length, rate), rel=0.01)
 
 
-def test_drip_aux_contents() -> None:
-    plain = open_clip.create_model("ViT-Tiny-8")
-    assert drip_aux(plain) == {}
+def test_record_forward_contents() -> None:
+    plain = open_clip.create_model("ViT-Tiny-8", output_dict=True)
+    with record_forward() as rec:
+        plain(*tiny_batch(plain))
+    assert rec == []  # open_clip's own tower: nothing to report
     model = open_clip.create_model("DRIP-ViT-Tiny-8-4x", output_dict=True)
-    assert drip_aux(model) == {}  # before the first forward
-    model(*tiny_batch(model))
-    aux = drip_aux(nn.ModuleDict({"wrapped": model}))  # found inside wrappers too
+    with record_forward() as rec:
+        nn.ModuleDict({"wrapped": model})["wrapped"](*tiny_batch(model))  # reached inside wrappers too
+        model.encode_image(tiny_batch(model)[0])
+    assert len(rec) == 2  # one record per forward, in call order
+    (tower, _), aux = rec, {**rec[0].aux_losses, **rec[0].stats}
     assert set(aux) == {"boundary_loss", "boundary_rate", "compression"}
     assert aux["boundary_loss"].requires_grad and aux["boundary_loss"].ndim == 0
     assert not aux["boundary_rate"].requires_grad and not aux["compression"].requires_grad
     assert 0.0 <= aux["boundary_rate"].item() <= 1.0 and aux["compression"].item() >= 1.0
+    # per-block tokens: 2 full blocks, then the segments + CLS (compression = patches / segments)
+    assert tower.token_counts.shape == (6,) and not tower.token_counts.requires_grad
+    assert tower.token_counts[:2].tolist() == [65.0, 65.0]
+    assert tower.token_counts[2].item() == pytest.approx(1 + 64 / aux["compression"].item())
+    assert tower.groups.shape == (4, 64) and tower.scores.shape == (4, 64)
+    model(*tiny_batch(model))  # outside record_forward: nothing is kept anywhere
+    assert len(rec) == 2
 
 
 # --- gradients ---------------------------------------------------------------------------
@@ -300,14 +325,14 @@ def test_drip_aux_contents() -> None:
 def _predictor_grad(model: nn.Module, use_clip: bool, use_boundary: bool) -> float:
     model.zero_grad()
     torch.manual_seed(1)
-    out = model(*tiny_batch(model))
+    out, aux = forward_aux(model, *tiny_batch(model))
     loss = torch.zeros(())
     if use_clip:
         loss = loss + clip_loss(model, out)
     if use_boundary:
-        loss = loss + drip_aux(model)["boundary_loss"]
+        loss = loss + aux["boundary_loss"]
     loss.backward()
-    pred = drip_trunks(model)[0].boundary_predictor
+    pred = predictor_of(model)
     return sum(p.grad.abs().sum().item() for p in pred.parameters() if p.grad is not None)
 
 
@@ -328,22 +353,21 @@ def test_b32_family_forward_backward(name: str) -> None:
     torch.manual_seed(0)
     model = dtp_ds.create_model(name, output_dict=True)
     images, text = torch.randn(2, 3, 224, 224), torch.randint(1, 49407, (2, 77))
-    out = model(images, text)
+    out, aux = forward_aux(model, images, text)
     assert out["image_features"].shape == (2, 512)
-    loss = clip_loss(model, out) + drip_aux(model)["boundary_loss"]
+    loss = clip_loss(model, out) + aux["boundary_loss"]
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
-    pred = drip_trunks(model)[0].boundary_predictor
-    assert all(p.grad.abs().sum() > 0 for p in pred.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in predictor_of(model).parameters())
 
 
 def test_deepspeed_style_bf16_params_fp32_images() -> None:
     torch.manual_seed(0)
     model = open_clip.create_model("DRIP-ViT-Tiny-8-4x-up", output_dict=True).to(torch.bfloat16)
     images, text = tiny_batch(model)
-    out = model(images, text)  # images stay fp32: the patch embedding casts them
-    loss = clip_loss(model, out).float() + drip_aux(model)["boundary_loss"]
+    out, aux = forward_aux(model, images, text)  # images stay fp32: the patch embedding casts them
+    loss = clip_loss(model, out).float() + aux["boundary_loss"]
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -352,15 +376,15 @@ def test_deepspeed_style_bf16_params_fp32_images() -> None:
 # --- activation checkpointing ------------------------------------------------------------
 
 
-def _run_seeded(trunk: DripVisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _run_seeded(trunk: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     trunk.zero_grad()
     torch.manual_seed(123)  # same Gumbel noise both times
-    out = trunk(images)
-    (out.square().mean() + drip_aux(trunk)["boundary_loss"]).backward()
+    out, aux = forward_aux(trunk, images)
+    (out.square().mean() + aux["boundary_loss"]).backward()
     return out.detach(), {n: p.grad.clone() for n, p in trunk.named_parameters()}
 
 
-def _saved_tensor_count(trunk: DripVisionTransformer, images: torch.Tensor) -> int:
+def _saved_tensor_count(trunk: VisionTransformer, images: torch.Tensor) -> int:
     count = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -387,13 +411,13 @@ def test_checkpointing_same_outputs_and_grads(upsample: bool) -> None:
     for name, g in grads_ref.items():
         torch.testing.assert_close(grads_ckpt[name], g, msg=name)
     # Every block checkpointed: each saves only its input instead of its internals.
-    assert _saved_tensor_count(trunk, images) < saved_ref - 5 * len(list(trunk.all_blocks()))
+    assert _saved_tensor_count(trunk, images) < saved_ref - 5 * len(trunk.blocks)
 
 
 def test_clip_set_grad_checkpointing_reaches_trunk() -> None:
     model = open_clip.create_model("DRIP-ViT-Tiny-8-4x")
     model.set_grad_checkpointing(True)
-    assert drip_trunks(model)[0].grad_checkpointing
+    assert trunks(model)[0].grad_checkpointing
 
 
 # --- other open_clip paths ---------------------------------------------------------------
@@ -401,7 +425,7 @@ def test_clip_set_grad_checkpointing_reaches_trunk() -> None:
 
 def test_force_image_size_resamples_positions() -> None:
     model = open_clip.create_model("DRIP-ViT-Tiny-8-4x", force_image_size=96)
-    assert drip_trunks(model)[0].num_patches == 144
+    assert trunks(model)[0].num_patches == 144
     assert model.encode_image(torch.randn(2, 3, 96, 96)).shape == (2, 128)
 
 
@@ -431,7 +455,7 @@ def test_brief_training_reaches_prior_rate(micro_model_name: str) -> None:
     """From a predictor at rate 0.5, contrastive + boundary loss pull the rate to the prior 1/4."""
     torch.manual_seed(0)
     model = open_clip.create_model(micro_model_name, output_dict=True)
-    pred = drip_trunks(model)[0].boundary_predictor
+    pred = predictor_of(model)
     with torch.no_grad():
         pred.fc2.bias.zero_()
     images, text = torch.randn(64, 3, 32, 32), torch.randint(1, 1000, (64, 8))
@@ -439,8 +463,7 @@ def test_brief_training_reaches_prior_rate(micro_model_name: str) -> None:
     rates = []
     for _ in range(150):
         idx = torch.randint(0, 64, (16,))
-        out = model(images[idx], text[idx])
-        aux = drip_aux(model)
+        out, aux = forward_aux(model, images[idx], text[idx])
         loss = clip_loss(model, out) + aux["boundary_loss"]
         opt.zero_grad()
         loss.backward()
@@ -463,7 +486,7 @@ def test_flops_counts_drip_at_its_prior(capsys: pytest.CaptureFixture[str]) -> N
     assert plain["tokens"] == 65 and drip["tokens"] == pytest.approx(17.75)
     assert drip["compression"] == pytest.approx(64 / 16.75)
     assert 0.3 < drip["gflops"] / plain["gflops"] < 0.7
-    assert drip["gflops_attn"] >= drip["gflops"]
+    assert drip["gflops"] >= drip["gflops_fvcore"]  # FlopCounterMode counts attention, fvcore does not
     # a fractional count lies between the whole counts around it (linear in the segments)
     model = dtp_ds.create_model("DRIP-ViT-Tiny-8-4x")
     size = (model.visual.image_size,) * 2 if isinstance(model.visual.image_size, int) else model.visual.image_size
@@ -489,7 +512,7 @@ def test_bench_tool_runs() -> None:
 
 
 def test_conv_stem_gives_the_patch_grid_and_refuses_odd_patches():
-    from dtp_ds.models.drip import ConvStem
+    from dtp_ds.models.vit import ConvStem
 
     stem = ConvStem(8, 3, 192)
     assert stem(torch.randn(2, 3, 64, 64)).shape == (2, 64, 192)  # 8 x 8 grid of 192-d tokens

@@ -12,8 +12,8 @@ import torch
 from open_clip.model import CLIP
 
 import dtp_ds
-from dtp_ds.models import CONFIG_DIR, DripVisionTransformer, drip_trunks, get_drip_cfg, register_config
-from dtp_ds.models.registry import timm_name
+from dtp_ds.models import CONFIG_DIR, VisionTransformer, get_reducer_cfg, register_config, registry, trunks
+from dtp_ds.models.registry import timm_name, upgrade_vision_cfg
 
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 SIZES = ["B-32", "B-16", "L-14", "H-14"]
@@ -58,42 +58,64 @@ def test_config_builds_with_open_clip(name: str) -> None:
     model = meta_model(name)
     assert type(model) is CLIP
     assert model.context_length == cfg["text_cfg"]["context_length"]
-    drip = cfg["vision_cfg"].get("drip_cfg")
-    trunks = drip_trunks(model)
+    vision = upgrade_vision_cfg(cfg["vision_cfg"])  # a legacy drip_cfg reads as reducer_cfg too
+    drip = vision.get("reducer_cfg")
+    found = trunks(model)
     if drip is None:
-        assert not trunks
+        assert not found
         return
-    (trunk,) = trunks
-    vision = cfg["vision_cfg"]
-    assert trunk.layout == (drip["pre"], drip["shorten"], drip["post"])
-    assert sum(trunk.layout) == vision["layers"] == len(list(trunk.all_blocks()))
-    assert trunk.upsample == drip["upsample"] and trunk.compression == drip["compression"]
+    (trunk,) = found
+    reducer = trunk.reducer
+    assert reducer.type_name == drip["type"] == "drip"
+    assert reducer.layout == (drip["pre"], drip["shorten"], drip["post"])
+    assert sum(reducer.layout) == vision["layers"] == len(trunk.blocks)
+    assert reducer.upsample == drip["upsample"] and reducer.compression == drip["compression"]
     assert trunk.img_size == (vision["image_size"],) * 2 and trunk.patch_size == vision["patch_size"]
     assert trunk.embed_dim == vision["width"]
-    assert trunk.pre_blocks[0].attn.num_heads == vision["width"] // vision.get("head_width", 64)
+    assert trunk.blocks[0].attn.num_heads == vision["width"] // vision.get("head_width", 64)
     assert trunk.head.out_features == cfg["embed_dim"]
-    assert trunk.global_pool == drip["pool"]
+    assert trunk.global_pool == vision.get("trunk_cfg", {}).get("pool", "mean_with_cls")
     assert len(model.visual.head) == 0  # the trunk's head is the CLIP projection
-    # Same tower as the plain ViT it derives from, plus only the boundary predictor (and, for
-    # a conv stem, that stem in place of the linear patch embedding).
+    # Same tower as the plain ViT it derives from, plus only the reducer (the boundary
+    # predictor) and, for a conv stem, that stem in place of the linear patch embedding.
     plain = meta_model(base_name(name))
     stem_extra = n_params(trunk.patch_embed) - n_params(plain.visual.conv1)
-    assert (stem_extra == 0) == (drip.get("stem", "patch") == "patch")
-    assert n_params(model.visual) - n_params(trunk.boundary_predictor) - stem_extra == n_params(plain.visual)
+    assert (stem_extra == 0) == (vision.get("trunk_cfg", {}).get("stem", "patch") == "patch")
+    assert n_params(model.visual) - n_params(reducer) - stem_extra == n_params(plain.visual)
     assert n_params(model) - n_params(model.visual) == n_params(plain) - n_params(plain.visual)
+
+
+@pytest.mark.parametrize("name", ["DRIP-ViT-Tiny-8-4x", "DRIP-ViT-B-32-10x-up"])
+def test_legacy_drip_cfg_builds_the_same_parameters(name: str) -> None:
+    """The first wave's ``drip_cfg`` (pool and stem inside it) registers and builds the same
+    parameter names and shapes as today's trunk_cfg + reducer_cfg."""
+    cfg = raw(name)
+    vision = cfg["vision_cfg"]
+    legacy = {k: v for k, v in vision.pop("reducer_cfg").items() if k != "type"}
+    legacy.update(vision.pop("trunk_cfg", {}))
+    vision["drip_cfg"] = legacy
+    register_config(name + "-legacy", cfg)
+    try:
+        shapes = {k: v.shape for k, v in meta_model(name + "-legacy").state_dict().items()}
+        assert shapes == {k: v.shape for k, v in meta_model(name).state_dict().items()}
+        assert get_reducer_cfg(name + "-legacy") == raw(name)["vision_cfg"]["reducer_cfg"]
+    finally:
+        registry._REGISTERED.pop(name + "-legacy", None)
+        open_clip.factory._MODEL_CONFIGS.pop(name + "-legacy", None)
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n.startswith("DRIP-")])
 def test_drip_config_matches_its_base_and_layout_rules(name: str) -> None:
     cfg = raw(name)
-    drip = cfg["vision_cfg"].pop("drip_cfg")
+    cfg["vision_cfg"].pop("trunk_cfg", None)
+    drip = cfg["vision_cfg"].pop("reducer_cfg")
     # Widths, layers, patch, image size, embed_dim and text tower copied from the base JSON.
     assert cfg == base_cfg(name)
     assert drip["upsample"] == name.endswith("-up")
     assert drip["compression"] == int(re.search(r"-(\d+)x", name).group(1))
     assert (drip["post"] > 0) == drip["upsample"]
     if not drip["upsample"]:
-        up = raw(name + "-up")["vision_cfg"]["drip_cfg"]
+        up = raw(name + "-up")["vision_cfg"]["reducer_cfg"]
         assert up["pre"] == drip["pre"] and up["post"] == drip["pre"]  # symmetric full-length ends
     layers = cfg["vision_cfg"]["layers"]
     if layers == 12:
@@ -111,36 +133,36 @@ def test_tokenizer_and_transforms() -> None:
     assert image.shape == (3, 64, 64)
 
 
-def test_timm_entrypoint_and_drip_cfg() -> None:
+def test_timm_entrypoint_and_reducer_cfg() -> None:
     trunk = timm.create_model(timm_name("DRIP-ViT-Tiny-8-4x"), num_classes=0, global_pool="cls")
-    assert isinstance(trunk, DripVisionTransformer) and trunk.global_pool == "cls"
+    assert isinstance(trunk, VisionTransformer) and trunk.global_pool == "cls"
     assert trunk(torch.randn(1, 3, 64, 64)).shape == (1, 192)
-    assert get_drip_cfg("DRIP-ViT-B-32-10x")["compression"] == 10
-    assert get_drip_cfg("ViT-Tiny-8") is None
+    assert get_reducer_cfg("DRIP-ViT-B-32-10x")["compression"] == 10
+    assert get_reducer_cfg("ViT-Tiny-8") is None
 
 
 def test_bad_configs_are_refused() -> None:
     good = raw("DRIP-ViT-Tiny-8-4x")
     bad_key = json.loads(json.dumps(good))
-    bad_key["vision_cfg"]["drip_cfg"]["shorten_layers"] = 3
-    with pytest.raises(ValueError, match="unknown drip_cfg keys"):
+    bad_key["vision_cfg"]["reducer_cfg"]["shorten_layers"] = 3
+    with pytest.raises(ValueError, match="DRIP-bad-key: reducer_cfg .*shorten_layers.*the 'drip' reducer takes"):
         register_config("DRIP-bad-key", bad_key)
     bad_depth = json.loads(json.dumps(good))
-    bad_depth["vision_cfg"]["drip_cfg"]["shorten"] = 5
-    with pytest.raises(ValueError, match="layers"):
+    bad_depth["vision_cfg"]["reducer_cfg"]["shorten"] = 5
+    with pytest.raises(ValueError, match="DRIP-bad-depth: .*!= the trunk's 6 blocks"):
         register_config("DRIP-bad-depth", bad_depth)
     with pytest.raises(ValueError, match="unknown model"):
         dtp_ds.create_model("DRIP-ViT-B-32-3x")
 
 
 def test_register_model_file_names_the_model_after_the_file(tmp_path) -> None:
-    from dtp_ds.models import register_model_file, registry
+    from dtp_ds.models import register_model_file
 
     path = tmp_path / "DRIP-mine-4x.json"
     path.write_text(json.dumps(raw("DRIP-ViT-Tiny-8-4x")))
     try:
         assert register_model_file(path) == "DRIP-mine-4x"
-        assert open_clip.create_model("DRIP-mine-4x").visual.trunk.compression == 4
+        assert open_clip.create_model("DRIP-mine-4x").visual.trunk.reducer.compression == 4
     finally:
         registry._REGISTERED.pop("DRIP-mine-4x", None)
         open_clip.factory._MODEL_CONFIGS.pop("DRIP-mine-4x", None)

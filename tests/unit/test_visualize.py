@@ -25,7 +25,7 @@ from dtp_ds.eval.boundaries import (
     visualize,
 )
 from dtp_ds.launch.discovery import free_port
-from dtp_ds.models import CONFIG_DIR, drip_aux, drip_trunks, register_config, registry
+from dtp_ds.models import CONFIG_DIR, record_forward, register_config, registry, trunks
 from dtp_ds.models.registry import load_config
 from dtp_ds.train.export import load_model_from_checkpoint, resolve_checkpoint_dir
 
@@ -134,7 +134,7 @@ def _confident_model(name: str = DRIP) -> torch.nn.Module:
     starts at the prior, probability 1 / compression < 0.5, so it would place none)."""
     torch.manual_seed(0)
     model = open_clip.create_model(name, output_dict=True, nonscalar_logit_scale=True)
-    pred = drip_trunks(model)[0].boundary_predictor
+    pred = trunks(model)[0].reducer.boundary_predictor
     if hasattr(pred, "fc2"):  # DTP's MLP; the shipped top-k router places its boundaries from the start
         with torch.no_grad():
             pred.fc2.weight.mul_(300.0)
@@ -179,14 +179,17 @@ def test_export_accepts_each_path_form_and_refuses_others(runs, tmp_path):
 def test_boundaries_are_the_ones_the_forward_pools_with(images, name):
     model = _confident_model(name)
     batch = torch.stack([val_transform(model)(Image.open(p)) for p in images])
-    trunk = drip_trunks(model)[0]
+    trunk = trunks(model)[0]
     used = []  # the packing the first short block runs on: the segments the forward really made
-    handle = trunk.shorten_blocks[0].register_forward_pre_hook(lambda _m, args: used.append(args[1].counts.clone()))
+    first_short = trunk.blocks[trunk.reducer.layout[0]]
+    handle = first_short.register_forward_pre_hook(lambda _m, args: used.append(args[1].counts.clone()))
     try:
         found = extract_boundaries(model, batch)
         counts = torch.tensor([b.num_segments for b in found])
         assert torch.equal(used[-1], counts)
-        assert drip_aux(model)["compression"].item() == pytest.approx(counts.numel() * 64 / counts.sum().item())
+        with record_forward() as rec, torch.no_grad():  # the model is in eval mode: the same segments
+            model.visual(batch)
+        assert rec[0].stats["compression"].item() == pytest.approx(counts.numel() * 64 / counts.sum().item())
         again = extract_boundaries(model, batch)  # eval boundaries are deterministic
     finally:
         handle.remove()
@@ -194,8 +197,9 @@ def test_boundaries_are_the_ones_the_forward_pools_with(images, name):
         assert np.array_equal(a.hard, b.hard)
     for b in found:
         assert b.grid == (8, 8) and b.num_patches == 64
-        # the eval rule cuts at the most probable patches (threshold, expected count or top-k budget)
-        chosen, rest = b.probs[b.hard], b.probs[~b.hard]
+        # the eval rule cuts at the most probable patches (threshold, expected count or top-k
+        # budget); a boundary on the last patch cuts nothing, so the groups do not show it
+        chosen, rest = b.probs[:-1][b.hard[:-1]], b.probs[:-1][~b.hard[:-1]]
         assert chosen.size and (not rest.size or chosen.min() >= rest.max())
         # a boundary ends its segment: the next patch starts a new one
         starts = np.flatnonzero(np.diff(b.segments)) + 1
@@ -251,9 +255,9 @@ def test_names_unknown_here_come_from_the_checkpoint(runs):
 
 def test_non_drip_models_are_refused(runs, images, tmp_path, capsys):
     plain = open_clip.create_model("ViT-Tiny-8", output_dict=True)
-    with pytest.raises(ValueError, match="not a DRIP model"):
+    with pytest.raises(ValueError, match="no token reducer that groups patches"):
         extract_boundaries(plain, torch.zeros(1, 3, 64, 64))
     rc = main(["--checkpoint", str(runs / "custom_plain"), "--images", images[0], "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 2 and "model 'ViT-Tiny-8-custom' is not a DRIP model" in err
+    assert rc == 2 and "model 'ViT-Tiny-8-custom' has no token reducer that groups patches" in err
     assert not (tmp_path / "out").exists()

@@ -13,7 +13,9 @@ calls in every forward; each defaults to doing nothing, so a reducer overrides o
 Everything a forward produces besides the tokens (auxiliary losses, detached statistics, the group
 each patch ended in) goes into the :class:`~dtp_ds.models.vit.ForwardState` ``st``, never onto the
 module. ``planned_tokens`` says, without a forward, how many tokens per sample enter each block
-(the memory model's and the tuner's input).
+(FLOP counts pin to its fewest); ``plan`` adds what the memory model and the tuner need besides
+(:class:`TokenPlan`: the padded attention length where tokens are packed rows of unequal length,
+the tokens the final norm sees, the bytes the reducer's own layers save for backward).
 
 A new reducer is one file: a subclass registered with :func:`register_reducer` and imported below,
 or, without touching dtp_ds, named in the model JSON as ``"type": "package.module:Class"``.
@@ -21,6 +23,7 @@ or, without touching dtp_ds, named in the model JSON as ``"type": "package.modul
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,6 +44,23 @@ def register_reducer(name: str):
         return cls
 
     return wrap
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """A reducer's expected token layout per sample, without a forward (memory model, tuner)."""
+
+    tokens: tuple[float, ...]  # mean tokens (CLS included) entering each block
+    # per block: attention's padded length when the tokens are packed rows of unequal length
+    # (the batch's longest sequence), None when every sample has the same length (dense)
+    padded: tuple[float | None, ...]
+    final: float  # tokens into the final norm and pooling
+    final_packed: bool  # pooled from packed rows (the trunk's pooling keeps an fp32 copy)
+    reducer_bytes: float = 0.0  # bytes per sample the reducer's own layers save for backward
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.padded):
+            raise ValueError(f"a plan of {len(self.tokens)} blocks has {len(self.padded)} padded lengths")
 
 
 class TokenReducer(nn.Module):
@@ -76,6 +96,14 @@ class TokenReducer(nn.Module):
         """Expected tokens per sample (CLS included) entering each block at ``rate`` (default:
         :meth:`default_rate`), and their largest value in a batch (padding) where it differs."""
         return [float(patches + 1)] * depth
+
+    def plan(self, patches: int, depth: int, width: int, rate: float | None = None,
+             padding_sigmas: float = 3.0) -> TokenPlan:
+        """:meth:`planned_tokens` and the rest of the layout (:class:`TokenPlan`) at ``rate``;
+        ``padding_sigmas``: how far over the mean the batch's longest sequence lies (0: every
+        sample alike, as when pinned). The default: dense blocks, nothing saved of its own."""
+        tokens = tuple(self.planned_tokens(patches, depth, rate))
+        return TokenPlan(tokens, (None,) * len(tokens), tokens[-1] if tokens else patches + 1.0, False)
 
 
 @register_reducer("none")
@@ -139,5 +167,5 @@ def reducers_of(model: nn.Module) -> list[TokenReducer]:
 
 from . import drip  # noqa: E402,F401  (registers "drip")
 
-__all__ = ["REDUCERS", "NoReducer", "TokenReducer", "make_reducer", "pinned_tokens", "reducers_of",
+__all__ = ["REDUCERS", "NoReducer", "TokenPlan", "TokenReducer", "make_reducer", "pinned_tokens", "reducers_of",
            "register_reducer"]

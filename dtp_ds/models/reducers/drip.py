@@ -8,13 +8,15 @@ blocks. The boundary path runs in fp32 (see :mod:`..boundary`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..boundary import Boundaries, expected_segments, make_boundary_predictor
 from ..segments import make_packing, pack_segments, segment_ids, unpack_patches
 from ..vit import ForwardState
-from . import TokenReducer, register_reducer
+from . import TokenPlan, TokenReducer, register_reducer
 
 # What the boundary predictor reads: the tokens after the ``pre`` blocks (DTP's and H-Net's
 # place), or the patch embeddings before positions are added (content only: after the position
@@ -60,6 +62,7 @@ class DripReducer(TokenReducer):
         self.upsample = upsample
         self.compression = compression
         self.predictor_input = predictor_input
+        self.predictor_hidden = predictor_hidden or dim
         self.boundary_predictor = make_boundary_predictor(
             predictor, dim, predictor_hidden or dim, 1.0 / compression, temperature, eval_rule,
             straight_through, selection, tied,
@@ -88,6 +91,24 @@ class DripReducer(TokenReducer):
         pre, shorten, post = self.layout
         short = expected_segments(patches, self.default_rate() if rate is None else rate) + 1.0
         return [patches + 1.0] * pre + [short] * shorten + [patches + 1.0] * post
+
+    def plan(self, patches: int, depth: int, width: int, rate: float | None = None,
+             padding_sigmas: float = 3.0) -> TokenPlan:
+        """Short blocks run packed: the batch's longest sequence is ``padding_sigmas`` standard
+        deviations of the binomial boundary count over the mean. The fp32 boundary path saves
+        the predictor MLP's input and hidden layers, and pooling fp32 patch copies and sums."""
+        pre, shorten, post = self.layout
+        tokens = tuple(self.planned_tokens(patches, depth, rate))
+        short = tokens[pre] if shorten else patches + 1.0
+        p = self.default_rate() if rate is None else rate
+        padded = None
+        if padding_sigmas > 0:
+            padded = 1.0 + min(float(patches), short - 1.0 + padding_sigmas * math.sqrt(patches * p * (1 - p)))
+        predictor = patches * (width + 2 * self.predictor_hidden) * 4 + patches * 24
+        pooling = 2 * patches * width * 4 + short * width * 4
+        final = patches + 1.0 if self.upsample else short
+        return TokenPlan(tokens, (None,) * pre + (padded,) * shorten + (None,) * post, final,
+                         not self.upsample, predictor + pooling)
 
     def at_boundary(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         pre, shorten, _ = self.layout

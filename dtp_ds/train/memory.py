@@ -16,11 +16,13 @@ Bytes are computed exactly; GiB (2^30) only when printed.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # no torch import at module load: the launcher and the tuner's CLI read this module
+    from dtp_ds.models.reducers import TokenPlan
 
 GiB = 2**30
 
@@ -53,29 +55,15 @@ class TowerShape:
 
 
 @dataclass(frozen=True)
-class DripShape:
-    pre: int
-    shorten: int
-    post: int
-    upsample: bool
-    compression: float
-    predictor_hidden: int
-    boundary_rate: float  # the rate to plan for: 1 / compression, or what a checkpoint learned
+class ImagePlan:
+    """A dtp_ds trunk's image side: its reducer, the rate planned for, the reducer's
+    :class:`~dtp_ds.models.reducers.TokenPlan` (per-block tokens, padding, its own saved
+    bytes) and the trunk's stem."""
+
+    reducer: str  # the reducer's type name ("none": a plain ViT)
+    rate: float | None  # the rate planned for (None: the reducer has none)
+    plan: TokenPlan
     stem: str = "patch"  # "patch" (a ViT's linear patch embedding) or "conv" (stride-2 convolutions)
-    # The batch's longest short sequence, in standard deviations over the mean; 0: all samples
-    # alike (boundaries pinned, as pinned_segments does), no padding at all.
-    padding_sigmas: float = 3.0
-
-    def segments(self, patches: int) -> float:
-        """Expected segments per sample: boundaries, plus the run after the last one
-        (:func:`dtp_ds.models.expected_segments`, written out: no torch import here)."""
-        return self.boundary_rate * patches + (1.0 - self.boundary_rate)
-
-    def padded_segments(self, patches: int) -> float:
-        """Segments in the padded attention layout: the batch maximum, about 3 standard
-        deviations over the mean of the binomial boundary count."""
-        p = self.boundary_rate
-        return min(float(patches), self.segments(patches) + self.padding_sigmas * math.sqrt(patches * p * (1 - p)))
 
 
 @dataclass(frozen=True)
@@ -88,7 +76,7 @@ class ModelShape:
     image: TowerShape
     text: TowerShape
     embed_dim: int
-    drip: DripShape | None
+    trunk: ImagePlan | None  # None: open_clip's own ViT tower
     params: int  # both towers
     params_matmul: int  # weights of matmuls and convolutions (what autocast casts to 16 bits)
     largest_layer: int  # params of the largest module (ZeRO-3 gathers per module)
@@ -190,7 +178,7 @@ def block_bytes_per_token(width: int, mlp: int, heads: int, dt: BlockDtypes, att
 
 def packed_block_bytes(rows: float, padded: float | None, width: int, mlp: int, heads: int, dt: BlockDtypes,
                        ln_stat_bytes: int = LN_STAT_BYTES) -> float:
-    """Bytes a DRIP block saves on packed short sequences, per sample: token-wise layers on
+    """Bytes a block saves on packed sequences of unequal length, per sample: token-wise layers on
     ``rows`` real tokens (the packed q/k/v too, which the scatter into the padded layout
     keeps), SDPA's q/k/v and output on the ``padded`` layout. ``padded=None``: every sample
     has the same length, the packed rows are the padded layout (views), a dense block."""
@@ -207,7 +195,7 @@ class Activations:
 
     image_blocks: float
     text_blocks: float
-    other: float  # embeddings, LayerNorms outside blocks, DRIP predictor and pooling, projections
+    other: float  # embeddings, LayerNorms outside blocks, the reducer's own layers, projections
     largest_block: float  # the one block whose backward (or recomputation) is in flight
 
     @property
@@ -216,8 +204,8 @@ class Activations:
 
 
 def conv_stem_bytes(image_size: int, patch: int, width: int, c: int) -> float:
-    """Per-sample bytes a DRIP conv stem saves: each stride-2 3x3 conv's input and its GELU's
-    input, then the 1x1 projection's input (mirrors ``dtp_ds.models.drip.ConvStem``)."""
+    """Per-sample bytes a conv stem saves: each stride-2 3x3 conv's input and its GELU's
+    input, then the 1x1 projection's input (mirrors ``dtp_ds.models.vit.ConvStem``)."""
     steps = patch.bit_length() - 1
     total, side = 3 * image_size**2, image_size
     for i in range(steps):
@@ -246,29 +234,22 @@ def activations_per_sample(shape: ModelShape, setup: TrainSetup, ln_stat_bytes: 
     text_other = t.tokens * 8 + ln(t.tokens, t.width, dtt.r) + t.width * dt.c
 
     # Image tower: patch embedding input, norm_pre/ln_pre input, blocks, final norm, pooling.
-    patches, full = shape.patches, shape.patches + 1
-    if shape.drip is None:
+    full = shape.patches + 1
+    if shape.trunk is None:
         image_blocks = [(v.layers, dense(v, full, di), full, di.r)]
         # ln_pre and ln_post inputs, and ln_post's output (in the stream's dtype): the pooled
         # CLS row is a view of it, which the projection matmul saves, so all of it stays alive.
         image_other = 3 * shape.image_size**2 * dt.c + 2 * ln(full, v.width, di.r) + full * v.width * dt.c
     else:
-        d = shape.drip
-        rows = 1 + d.segments(patches)
-        padded = 1 + d.padded_segments(patches) if d.padding_sigmas > 0 else None
-        short = packed_block_bytes(rows, padded, v.width, v.mlp, v.heads, di, s)
-        image_blocks = [(d.pre, dense(v, full, di), full, di.r), (d.shorten, short, rows, di.r),
-                        (d.post, dense(v, full, di), full, di.r)]
-        stem = (conv_stem_bytes(shape.image_size, shape.patch_size, v.width, dt.c) if d.stem == "conv"
+        tp = shape.trunk.plan
+        image_blocks = [(1, dense(v, rows, di) if pad is None else packed_block_bytes(rows, pad, v.width, v.mlp,
+                                                                                       v.heads, di, s), rows, di.r)
+                        for rows, pad in zip(tp.tokens, tp.padded)]
+        stem = (conv_stem_bytes(shape.image_size, shape.patch_size, v.width, dt.c) if shape.trunk.stem == "conv"
                 else 3 * shape.image_size**2 * dt.c)
-        # Boundary predictor: an fp32 MLP on the patch tokens (input, hidden before and after
-        # GELU); pooling: fp32 patch copies (cast, weighted) and fp32 segment sums.
-        predictor = patches * (v.width + 2 * d.predictor_hidden) * 4 + patches * 24
-        pooling = 2 * patches * v.width * 4 + rows * v.width * 4
-        final = full if d.upsample else rows
-        # final norm input; without upsampling the mean over packed rows keeps an fp32 copy
-        head = ln(final, v.width, di.r) + (0 if d.upsample else rows * v.width * 4) + v.width * dt.c
-        image_other = stem + ln(full, v.width, di.r) + predictor + pooling + head
+        # final norm input; the mean over packed rows keeps an fp32 copy; the head's input
+        head = ln(tp.final, v.width, di.r) + (tp.final * v.width * 4 if tp.final_packed else 0) + v.width * dt.c
+        image_other = stem + ln(full, v.width, di.r) + tp.reducer_bytes + head
 
     def total(groups: list[tuple[int, float, float, int]]) -> float:
         return sum(n * b for n, b, _, _ in groups if n)
@@ -458,17 +439,22 @@ def max_micro_batch(shape: ModelShape, setup: TrainSetup, budget_bytes: float, u
 
 
 # --- model shapes -----------------------------------------------------------------------------
-@lru_cache(maxsize=64)
-def _param_counts(name: str) -> tuple[int, int, int, int]:
-    """(params, matmul params, largest module's params, largest parameter) of the real model,
-    built on the meta device (no memory, about 50 ms)."""
+@lru_cache(maxsize=16)
+def _meta_model(name: str) -> Any:
+    """The real model built on the meta device (no memory, about 50 ms)."""
     import open_clip
     import torch
 
-    import dtp_ds  # noqa: F401  (registers the DRIP configs)
+    import dtp_ds  # noqa: F401  (registers dtp_ds's configs)
 
     with torch.device("meta"):  # build on meta from the start: no fp32 initialisation on the CPU
-        model = open_clip.create_model(name, device="meta")
+        return open_clip.create_model(name, device="meta")
+
+
+@lru_cache(maxsize=64)
+def _param_counts(name: str) -> tuple[int, int, int, int]:
+    """(params, matmul params, largest module's params, largest parameter) of the real model."""
+    model = _meta_model(name)
     total = matmul = largest_param = 0
     for pname, p in model.named_parameters():
         total += p.numel()
@@ -480,12 +466,35 @@ def _param_counts(name: str) -> tuple[int, int, int, int]:
     return total, matmul, largest_layer, largest_param
 
 
+def image_plan(name: str, patches: int, width: int, rate: float | None = None,
+               padding_sigmas: float = 3.0) -> ImagePlan | None:
+    """The image trunk's plan from its token reducer (:meth:`TokenReducer.plan`), at ``rate``
+    (None: the reducer's own); None for open_clip's own towers."""
+    from dtp_ds.models import trunks
+    from dtp_ds.models.vit import ConvStem
+
+    found = trunks(_meta_model(name).visual)
+    if not found:
+        if rate is not None:
+            raise ValueError(f"{name} has no token reducer: --boundary-rate does not apply")
+        return None
+    trunk, reducer = found[0], found[0].reducer
+    if rate is not None:
+        if reducer.default_rate() is None:
+            raise ValueError(f"{name}'s {reducer.type_name!r} reducer has no rate: --boundary-rate does not apply")
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"boundary rate must be in (0, 1], got {rate}")
+    return ImagePlan(reducer.type_name, rate if rate is not None else reducer.default_rate(),
+                     reducer.plan(patches, trunk.depth, width, rate, padding_sigmas),
+                     "conv" if isinstance(trunk.patch_embed, ConvStem) else "patch")
+
+
 def model_shape(name: str, image_size: int | None = None, context_length: int | None = None,
-                boundary_rate: float | None = None) -> ModelShape:
+                boundary_rate: float | None = None, padding_sigmas: float = 3.0) -> ModelShape:
     """The shape of a registered model (open_clip or dtp_ds), optionally at another image size,
-    context length, or DRIP boundary rate (e.g. what a checkpoint learned)."""
+    context length, or reducer rate (e.g. the boundary rate a checkpoint learned);
+    ``padding_sigmas=0``: every sample keeps the same number of tokens (pinned)."""
     from dtp_ds.models import get_model_config
-    from dtp_ds.models.registry import DRIP_DEFAULTS
 
     cfg = get_model_config(name)
     if cfg is None:
@@ -494,24 +503,85 @@ def model_shape(name: str, image_size: int | None = None, context_length: int | 
     if "layers" not in vc or not isinstance(vc["layers"], int):
         raise ValueError(f"{name}: only ViT image towers are modelled")
     vw = vc.get("width", 768)
-    image = TowerShape(vw, vw // vc.get("head_width", 64), int(vw * vc.get("mlp_ratio", 4.0)), vc["layers"], 0)
     size = image_size or vc.get("image_size", 224)
     size = size if isinstance(size, int) else size[0]
     patch = vc.get("patch_size", 16)
-    image = replace(image, tokens=1 + (size // patch) ** 2)
+    image = TowerShape(vw, vw // vc.get("head_width", 64), int(vw * vc.get("mlp_ratio", 4.0)), vc["layers"],
+                       1 + (size // patch) ** 2)
     tw = tc.get("width", 512)
     ctx = context_length or tc.get("context_length", 77)
     text = TowerShape(tw, tc.get("heads", 8), int(tw * tc.get("mlp_ratio", 4.0)), tc.get("layers", 12), ctx)
-    drip = None
-    if "drip_cfg" in vc:
-        d = {**DRIP_DEFAULTS, **vc["drip_cfg"]}
-        rate = boundary_rate if boundary_rate is not None else 1.0 / d["compression"]
-        if not 0.0 < rate <= 1.0:
-            raise ValueError(f"boundary rate must be in (0, 1], got {rate}")
-        drip = DripShape(d["pre"], d["shorten"], d["post"], d["upsample"], d["compression"],
-                         d["predictor_hidden"] or vw, rate, d["stem"])
-    elif boundary_rate is not None:
-        raise ValueError(f"{name} is not a DRIP model: --boundary-rate does not apply")
+    trunk = image_plan(name, (size // patch) ** 2, vw, boundary_rate, padding_sigmas)
     params, matmul, largest_layer, largest_param = _param_counts(name)
-    return ModelShape(name, size, patch, image, text, cfg["embed_dim"], drip, params, matmul, largest_layer,
+    return ModelShape(name, size, patch, image, text, cfg["embed_dim"], trunk, params, matmul, largest_layer,
                       largest_param)
+
+
+# --- the trainer's start-up check -----------------------------------------------------------
+def offload_of(cfg: dict[str, Any]) -> str:
+    """The :data:`OFFLOADS` name of a ds_config's ZeRO offload."""
+    z = cfg.get("zero_optimization", {})
+    if "offload_param" in z:
+        return "optimizer+param"
+    return "optimizer" if "offload_optimizer" in z else "none"
+
+
+def setup_from_ds_config(cfg: dict[str, Any], world: int, local_loss: bool = False,
+                         ckpt: bool | None = None) -> TrainSetup:
+    """The :class:`TrainSetup` a (resolved) ds_config trains with at ``world`` ranks;
+    ``ckpt=None``: activation checkpointing iff the config has that section (as the trainer)."""
+    from dtp_ds.train.ds_config import precision_of
+
+    z = cfg.get("zero_optimization", {})
+    return TrainSetup(precision=precision_of(cfg), stage=z.get("stage", 0), offload=offload_of(cfg),
+                      ckpt=("activation_checkpointing" in cfg) if ckpt is None else ckpt, world=world,
+                      accum=cfg.get("gradient_accumulation_steps", 1), local_loss=local_loss,
+                      reduce_bucket_size=z.get("reduce_bucket_size", DS_REDUCE_BUCKET),
+                      prefetch_bucket_size=z.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET),
+                      overlap_comm=z.get("overlap_comm"))
+
+
+def predict_peak_gib(model_name: str, ds_config: dict[str, Any], micro: int | None, world: int,
+                     local_loss: bool = False, ckpt: bool | None = None, image_size: int | None = None) -> float:
+    """Predicted peak GiB per GPU of training ``model_name`` with ``ds_config`` at ``micro``
+    samples per GPU (None: the config's ``train_micro_batch_size_per_gpu``) on ``world`` ranks.
+    ``--gather-with-grad`` changes the gradients, not the memory: it is no argument here."""
+    micro = micro or ds_config["train_micro_batch_size_per_gpu"]
+    shape = model_shape(model_name, image_size)
+    return estimate(shape, setup_from_ds_config(ds_config, world, local_loss, ckpt), micro).peak_gib
+
+
+class PredictedOOM(ValueError):
+    """The run is predicted not to fit in GPU memory; the message names the fixes."""
+
+
+def check_start_memory(model_name: str, ds_config: dict[str, Any], micro: int | None, world: int,
+                       gpu_bytes: float, local_loss: bool = False, gather_with_grad: bool = False,
+                       ckpt: bool | None = None, image_size: int | None = None) -> tuple[dict[str, bool], str | None]:
+    """The start-up memory check at the real world size, on a GPU of ``gpu_bytes``.
+
+    Returns ``(changes, message)``: ``({}, None)`` when the predicted peak fits; when only the
+    full contrastive loss's (micro x world)^2 logits make it not fit, ``{"local_loss": True,
+    "gather_with_grad": True}`` (the same gradients, logits micro x global batch) and a message
+    saying so. Raises :class:`PredictedOOM` naming the fixes when even that does not fit."""
+    micro = micro or ds_config["train_micro_batch_size_per_gpu"]
+    args = (model_name, ds_config, micro, world)
+    peak = predict_peak_gib(*args, local_loss, ckpt, image_size)
+    budget = gpu_bytes / GiB
+    if peak <= budget:
+        return {}, None
+    where = (f"{model_name} at micro-batch {micro} x {world} ranks is predicted to need {peak:.1f} GiB per GPU "
+             f"(the GPU has {budget:.1f} GiB)")
+    if not (local_loss and gather_with_grad):
+        local = predict_peak_gib(*args, True, ckpt, image_size)
+        if local <= budget:
+            return ({"local_loss": True, "gather_with_grad": True},
+                    f"{where} with the full contrastive loss, whose logits are (micro-batch x world)^2: turned on "
+                    f"--local-loss --gather-with-grad (the same gradients; logits micro-batch x global batch), "
+                    f"predicted {local:.1f} GiB")
+    setup = setup_from_ds_config(ds_config, world, True, ckpt)
+    fits = max_micro_batch(model_shape(model_name, image_size), setup, gpu_bytes, upper=micro)
+    raise PredictedOOM(f"{where}; it does not fit even with --local-loss --gather-with-grad. Fixes: a micro-batch of "
+                     f"at most {fits} (train_micro_batch_size_per_gpu, with gradient_accumulation_steps to keep "
+                     f"the global batch), --grad-checkpointing, a higher ZeRO stage; tools/autotune_batch --model "
+                     f"{model_name} --nodes ... --gpus-per-node ... writes a ds_config that fits")
