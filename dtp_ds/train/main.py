@@ -62,7 +62,7 @@ from dtp_ds.train.ds_config import (
 from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError
 from dtp_ds.train.memory import PredictedOOM, check_start_memory
 from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
-from dtp_ds.train.redact import install_log_filter, redact
+from dtp_ds.train.redact import install_log_filter, one_line, redact
 from dtp_ds.train.schedule import Schedules, check_resumed_lr, warmup_cosine_lr
 from dtp_ds.train.storage import check_storage, saves_planned
 from dtp_ds.train.trainer import Trainer, TrainerConfig
@@ -389,16 +389,6 @@ def train(args: TrainArgs) -> int:
     return 0
 
 
-def _one_line(e: BaseException) -> str:
-    """The message of ``e``; for an error re-raised from a dataloader worker (whose message
-    is a traceback), the original exception's own message."""
-    text = str(e)
-    if "Original Traceback" in text:
-        last = [line for line in text.strip().splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_filter()
@@ -410,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 or getattr(e, "rank_local", False):
             where = f"rank {rank}: " if rank != 0 else ""
             # tqdm.write: on a line of its own even while the progress bar is drawn
-            tqdm.write(redact(f"dtp_ds.train: error: {where}{_one_line(e)}"), file=sys.stderr)
+            tqdm.write(redact(f"dtp_ds.train: error: {where}{one_line(e)}"), file=sys.stderr)
         return 2
     except Exception as e:
         if report_failure(e):  # a collective failed because a peer died: named (printed) instead of a traceback

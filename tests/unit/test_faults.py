@@ -277,7 +277,7 @@ def test_secrets_are_redacted(monkeypatch):
 
 
 def test_one_line_error_from_a_dataloader_worker():
-    from dtp_ds.train.main import _one_line
+    from dtp_ds.train.redact import one_line as _one_line
 
     e = sh.DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                      '  File "x.py", line 1, in run\ndtp_ds.data.shards.DataError: 2000 bad items in a row')

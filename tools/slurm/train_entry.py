@@ -7,13 +7,12 @@
 (``dtp_ds.launch.discovery``), so plain ``srun`` / ``mpirun`` can run this file or
 ``python -m dtp_ds.train`` alike.
 """
+import runpy
 import sys
 from pathlib import Path
 
 # the repository root, not this folder, leads the import path
 sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-from dtp_ds.train.main import main  # noqa: E402
-
 if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("dtp_ds.train", run_name="__main__", alter_sys=True)
