@@ -280,7 +280,7 @@ def _serve() -> int:
     import deepspeed  # noqa: F401
 
     # What DeepSpeed loads lazily on every engine start, loaded once here and inherited by
-    # each fork: its optimizer check imports Muon (and with it torch._inductor, about 2.5 s),
+    # each fork: its optimizer check imports Muon (and with it torch._inductor, seconds of imports),
     # and init_distributed loads the CPU shared-memory collective.
     import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
     import open_clip  # noqa: F401
