@@ -20,8 +20,10 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dtp_ds.cluster.partitions import GpuType, JobShapeError, NodeType, Partition, check_job_shape, resolve_target
+from dtp_ds.eval.run_metrics import boundary_rate_arg
+
 from .memory import Estimate, GiB, ModelShape, TrainSetup, estimate, max_micro_batch, model_shape
-from .partitions import GpuType, JobShapeError, NodeType, Partition, check_job_shape, resolve_target
 
 SAFETY_MARGIN = 0.10
 TUNED_BUCKET = int(5e7)  # reduce/allgather buckets in written configs: 100 MB in 16 bits, not DeepSpeed's 1 GB
@@ -324,34 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", help="write the ds_config here")
     a("--json", action="store_true", help="print one JSON object instead of the table")
     return p
-
-
-def boundary_rate_arg(arg: str | None) -> float | None:
-    """``--boundary-rate``: a number, or a run directory / ``metrics.jsonl``: the boundary rate
-    its last evaluation ran at (``zeroshot_boundary_rate``, the rate the deterministic eval rule
-    gives), else (runs without an evaluation) the mean of the last logged training rates. A torn
-    last line (a run killed mid-write) is skipped."""
-    if arg is None:
-        return None
-    try:
-        return float(arg)
-    except ValueError:
-        pass
-    path = os.path.join(arg, "metrics.jsonl") if os.path.isdir(arg) else arg
-    rows = []
-    with open(path) as f:
-        for line in filter(str.strip, f):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    evals = [r["zeroshot_boundary_rate"] for r in rows if "zeroshot_boundary_rate" in r]
-    if evals:
-        return evals[-1]
-    rates = [r["boundary_rate"] for r in rows if "boundary_rate" in r]
-    if not rates:
-        raise ValueError(f"--boundary-rate {arg}: no boundary_rate logged in {path}")
-    return sum(rates[-10:]) / len(rates[-10:])
 
 
 def canonical_command(args: argparse.Namespace) -> str:

@@ -75,13 +75,13 @@ from dtp_ds.train.metrics import (
     plot_loss_curve,
     write_json_atomic,
 )
+from dtp_ds.train.precision import DTYPES, check_precision_supported
 from dtp_ds.train.redact import install_log_filter, redact
 from dtp_ds.train.schedule import WarmupCosineLR
 from dtp_ds.train.storage import check_storage, saves_planned
 from dtp_ds.train.task import CLIPTask, param_groups
 
 log = logging.getLogger("dtp_ds.train")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 __all__ = ["TrainingError", "main", "train"]
 
 
@@ -147,29 +147,6 @@ class Setup:
     run_dir: str
     splits: list[ZeroShotSplit]
     missing_shards: list[str]
-
-
-EMULATED_FP16_ENV = "DTP_DS_ALLOW_EMULATED_FP16"
-
-
-def check_precision_supported(precision: str) -> None:
-    """DeepSpeed refuses fp16 on CPUs without native fp16 (AVX512-FP16 / AMX-FP16) with a
-    bare message; say what to do instead. The env switch lifts only that capability gate:
-    the real fp16 engine and its dynamic loss scaler then run with emulated fp16 kernels
-    (slow; how the CPU test suite covers fp16)."""
-    acc = get_accelerator()
-    if precision == "bf16" and not acc.is_bf16_supported():
-        raise ConfigError(f"bf16 (from --precision or the ds_config) is not supported on this {acc.device_name()} "
-                          f"device (a V100 has none): use the config's fp16 variant (ds_configs/*_fp16.json) "
-                          f"or --precision fp16")
-    if precision != "fp16" or acc.is_fp16_supported():
-        return
-    if os.environ.get(EMULATED_FP16_ENV) == "1":
-        acc.is_fp16_supported = lambda: True
-        return
-    raise ConfigError(f"fp16 (from --precision or the ds_config) is not supported on this {acc.device_name()} "
-                      f"device: use bf16 or fp32 here and fp16 on GPUs without bf16 (V100), or set "
-                      f"{EMULATED_FP16_ENV}=1 to run it emulated (slow)")
 
 
 def prepare(args: TrainArgs, world: int, rank: int) -> Setup:

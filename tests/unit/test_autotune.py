@@ -29,9 +29,9 @@ from dtp_ds.autotune.memory import (
     model_states,
     packed_block_bytes,
 )
-from dtp_ds.autotune.partitions import JobShapeError, check_job_shape, registry_partition, resolve_target
 from dtp_ds.autotune.tuner import main as tuner_main
 from dtp_ds.autotune.tuner import tune
+from dtp_ds.cluster.partitions import JobShapeError, check_job_shape, registry_partition, resolve_target
 from dtp_ds.models import pinned_segments
 from dtp_ds.models.drip import DripBlock
 from dtp_ds.models.segments import make_packing, pack_segments, segment_ids
@@ -335,7 +335,7 @@ def test_accepted_job_shapes_match_context(nodes, gpus):
 
 
 def test_registry_resolves_and_says_where_its_values_come_from():
-    reg = json.loads((REPO / "dtp_ds" / "autotune" / "partitions.json").read_text())
+    reg = json.loads((REPO / "dtp_ds" / "cluster" / "partitions.json").read_text())
     for cname, cluster in reg["clusters"].items():
         assert "_source" in cluster
         for pname, part in cluster.get("partitions", {}).items():
@@ -399,3 +399,4 @@ def test_boundary_rate_from_a_run_directory(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i, "boundary_rate": 0.2}) for i in range(5)))
     data = tune(["--model", "DRIP-ViT-L-14-10x", "--gpu-mem", "80", "--boundary-rate", str(tmp_path), "--json"]).data
     assert data["data"]["drip"]["boundary_rate"] == 0.2
+

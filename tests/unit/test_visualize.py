@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import dtp_ds  # noqa: F401  (registers the DRIP configs)
+from dtp_ds.cluster.ports import free_port
 from dtp_ds.data.synthetic import render, sample_spec
 from dtp_ds.eval.boundaries import (
     TITLE_PX,
@@ -24,7 +25,6 @@ from dtp_ds.eval.boundaries import (
     val_transform,
     visualize,
 )
-from dtp_ds.launch.discovery import free_port
 from dtp_ds.models import CONFIG_DIR, drip_aux, drip_trunks, register_config, registry
 from dtp_ds.models.registry import load_config
 from dtp_ds.train.export import load_model_from_checkpoint, resolve_checkpoint_dir
