@@ -425,8 +425,10 @@ def run_search(args: argparse.Namespace, shape: ModelShape, job: Job) -> Report:
             json.dump(cfg, f, indent=2)
             f.write("\n")
     launch = launch_line(shape.name, job, out, best, workers)
-    if shape.image_size != (args.image_size or shape.image_size):
-        notes.append("dtp_ds.train trains at the model's own image size: this prediction is for --image-size")
+    own = model_shape(shape.name).image_size  # shape itself is already at --image-size
+    if args.image_size and args.image_size != own:
+        notes.append(f"dtp_ds.train trains at the model's own image size ({own} px): this prediction is for "
+                     f"--image-size {args.image_size}")
     rows = []
     for c in ranked:
         rows.append({"candidate": c.label(), "precision": c.setup.precision, "zero_stage": c.setup.stage,

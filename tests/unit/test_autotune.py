@@ -400,3 +400,10 @@ def test_boundary_rate_from_a_run_directory(tmp_path):
     data = tune(["--model", "DRIP-ViT-L-14-10x", "--gpu-mem", "80", "--boundary-rate", str(tmp_path), "--json"]).data
     assert data["data"]["drip"]["boundary_rate"] == 0.2
 
+
+def test_image_size_other_than_the_models_is_flagged():
+    base = ["--model", "DRIP-ViT-B-32-10x", "--gpu-mem", "80", "--json"]
+    notes = tune([*base, "--image-size", "336"]).data["notes"]
+    assert any("model's own image size (224 px)" in n and "--image-size 336" in n for n in notes), notes
+    for same in ([], ["--image-size", "224"]):
+        assert not any("image size" in n for n in tune([*base, *same]).data["notes"])
