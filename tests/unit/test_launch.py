@@ -236,7 +236,7 @@ def test_one_secret_rule_keeps_nccl_ib_pkey_and_drops_real_secrets():
 
     secrets = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD",
                "GITHUB_AUTH", "OPENAI_KEY")
-    env = {"NCCL_IB_PKEY": "0x8001", **{n: f"value-{n.lower()}" for n in secrets}}
+    env = {"NCCL_IB_PKEY": "0x8001", "__key__": "sample-000001", **{n: f"value-{n.lower()}" for n in secrets}}
     # the launch: NCCL's InfiniBand partition key reaches the nodes, secrets do not
     variables = envfile.collect(env=env, pass_through=(*envfile.PASS_THROUGH, *secrets))
     assert variables["NCCL_IB_PKEY"] == "0x8001" and not set(secrets) & set(variables)
@@ -246,7 +246,8 @@ def test_one_secret_rule_keeps_nccl_ib_pkey_and_drops_real_secrets():
             envfile.check_var(name, "x")
     # the run's files: the same names are masked
     assert sorted(secret_values(env)) == sorted(f"value-{n.lower()}" for n in secrets)
-    assert redact_obj(env, secrets=[]) == {"NCCL_IB_PKEY": "0x8001", **dict.fromkeys(secrets, MASK)}
+    assert redact_obj(env, secrets=[]) == {"NCCL_IB_PKEY": "0x8001", "__key__": "sample-000001",
+                                           **dict.fromkeys(secrets, MASK)}
 
 
 def test_discovery_sources(monkeypatch):
