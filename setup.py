@@ -10,7 +10,9 @@ setup(
     description="CLIP pretraining with DRIP (dynamic-token-pooling) vision encoders under DeepSpeed",
     long_description=Path(__file__).with_name("README.md").read_text() if Path("README.md").exists() else "",
     packages=find_packages(include=["dtp_ds", "dtp_ds.*"]),
-    package_data={"dtp_ds": ["models/configs/*.json"]},
+    # read through importlib.resources; the checkout's ds_configs/ is a link to dtp_ds/ds_configs/
+    package_data={"dtp_ds": ["models/configs/*.json", "ds_configs/*.json", "ds_configs/README.md",
+                             "cluster/partitions.json"]},
     python_requires=">=3.10",
     scripts=[str(p) for p in sorted(Path("tools").glob("*")) if p.is_file() and not p.suffix],
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dtp_ds.launch.discovery import free_port
+from dtp_ds.cluster.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DS_CONFIG = str(REPO / "ds_configs" / "tiny.json")

@@ -1,2 +1,2 @@
-"""Batch-size tuning: a memory model of CLIP training, a partitions registry, an OOM probe, and
+"""Batch-size tuning: a memory model of CLIP training, an OOM probe, and
 the tuner behind ``tools/autotune_batch``."""

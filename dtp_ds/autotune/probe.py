@@ -24,7 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dtp_ds.launch.discovery import free_port
+from dtp_ds import IMPORT_ROOT
+from dtp_ds.cluster.ports import free_port
 from dtp_ds.train.memory import search_max
 
 GiB = 2**30
@@ -54,14 +55,13 @@ class SearchResult:
 
 
 def _probe_env() -> dict[str, str]:
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
             "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
             # few malloc arenas: each reserves 64 MB of address space, which RLIMIT_AS counts
             "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             # DeepSpeed's real fp16 engine on emulated kernels where the CPU lacks fp16 (see train.main)
             "DTP_DS_ALLOW_EMULATED_FP16": os.environ.get("DTP_DS_ALLOW_EMULATED_FP16", "1"),
-            "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            "PYTHONPATH": IMPORT_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def _parse_result(lines: list[str]) -> ProbeResult | None:
@@ -211,7 +211,7 @@ def _worker(spec: dict[str, Any]) -> ProbeResult:
     from dtp_ds.tasks import param_groups
     from dtp_ds.tasks.clip import CLIPModule
     from dtp_ds.train.ds_config import precision_of
-    from dtp_ds.train.main import DTYPES, check_precision_supported
+    from dtp_ds.train.precision import DTYPES, check_precision_supported
 
     cfg = dict(spec["ds_config"])
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
@@ -289,7 +289,7 @@ def _serve() -> int:
 
     import dtp_ds  # noqa: F401
     import dtp_ds.tasks  # noqa: F401
-    import dtp_ds.train.main  # noqa: F401
+    import dtp_ds.train.precision  # noqa: F401
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:

@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dtp_ds.cluster.partitions import GpuType, JobShapeError, NodeType, Partition, check_job_shape, resolve_target
+from dtp_ds.eval.run_metrics import boundary_rate_arg
 from dtp_ds.train.memory import (
     Estimate,
     GiB,
@@ -30,8 +32,6 @@ from dtp_ds.train.memory import (
     model_shape,
     setup_from_ds_config,
 )
-
-from .partitions import GpuType, JobShapeError, NodeType, Partition, check_job_shape, resolve_target
 
 SAFETY_MARGIN = 0.10
 TUNED_BUCKET = int(5e7)  # reduce/allgather buckets in written configs: 100 MB in 16 bits, not DeepSpeed's 1 GB
@@ -335,34 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def boundary_rate_arg(arg: str | None) -> float | None:
-    """``--boundary-rate``: a number, or a run directory / ``metrics.jsonl``: the boundary rate
-    its last evaluation ran at (``zeroshot_boundary_rate``, the rate the deterministic eval rule
-    gives), else (runs without an evaluation) the mean of the last logged training rates. A torn
-    last line (a run killed mid-write) is skipped."""
-    if arg is None:
-        return None
-    try:
-        return float(arg)
-    except ValueError:
-        pass
-    path = os.path.join(arg, "metrics.jsonl") if os.path.isdir(arg) else arg
-    rows = []
-    with open(path) as f:
-        for line in filter(str.strip, f):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    evals = [r["zeroshot_boundary_rate"] for r in rows if "zeroshot_boundary_rate" in r]
-    if evals:
-        return evals[-1]
-    rates = [r["boundary_rate"] for r in rows if "boundary_rate" in r]
-    if not rates:
-        raise ValueError(f"--boundary-rate {arg}: no boundary_rate logged in {path}")
-    return sum(rates[-10:]) / len(rates[-10:])
-
-
 def canonical_command(args: argparse.Namespace) -> str:
     parts = ["tools/autotune_batch", "--model", args.model]
     parts += ["--partition", args.partition] if args.partition else ["--gpu-mem", f"{args.gpu_mem:g}"]
@@ -460,8 +432,10 @@ def run_search(args: argparse.Namespace, shape: ModelShape, job: Job) -> Report:
             json.dump(cfg, f, indent=2)
             f.write("\n")
     launch = launch_line(shape.name, job, out, best, workers)
-    if shape.image_size != (args.image_size or shape.image_size):
-        notes.append("dtp_ds.train trains at the model's own image size: this prediction is for --image-size")
+    own = model_shape(shape.name).image_size  # shape itself is already at --image-size
+    if args.image_size and args.image_size != own:
+        notes.append(f"dtp_ds.train trains at the model's own image size ({own} px): this prediction is for "
+                     f"--image-size {args.image_size}")
     rows = []
     for c in ranked:
         rows.append({"candidate": c.label(), "precision": c.setup.precision, "zero_stage": c.setup.stage,

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dtp_ds
-from dtp_ds.autotune.tuner import boundary_rate_arg
+from dtp_ds.eval.run_metrics import boundary_rate_arg
 from dtp_ds.models import VisionTransformer, pinned_tokens, trunks
 
 with warnings.catch_warnings():

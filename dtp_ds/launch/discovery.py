@@ -20,6 +20,8 @@ import os
 import socket
 from collections.abc import MutableMapping
 
+from dtp_ds.cluster.ports import free_port
+
 REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_PORT = 29500
 _MPI_VARS = (  # (rank, size, local rank) per MPI flavour
@@ -32,13 +34,6 @@ _MPI_VARS = (  # (rank, size, local rank) per MPI flavour
 
 class DiscoveryError(RuntimeError):
     """The environment names no rank, or names it incompletely; the message says what to set."""
-
-
-def free_port() -> int:
-    """A port nothing listens on now (a lone process must not collide with other jobs on 29500)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mpi_env(env: MutableMapping[str, str]) -> tuple[str, str, str] | None:

@@ -19,9 +19,10 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 
+from dtp_ds.secrets import is_secret_name
+
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VALUE = re.compile(r"[\w@%+=:,./-]*", re.ASCII)
-_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.I)
 # what a node's non-interactive ssh shell lacks (modules are not loaded there) and what NCCL needs
 PASS_THROUGH = ("PATH", "LD_LIBRARY_PATH", "CUDA_HOME", "PYTHONPATH", "OMP_NUM_THREADS", "WANDB_MODE",
                 "WANDB_DIR", "HF_HOME", "TORCH_HOME", "TRITON_CACHE_DIR", "GLOO_SOCKET_IFNAME")
@@ -43,7 +44,7 @@ def check_var(name: str, value: str) -> None:
     """Raise EnvFileError unless ``name=value`` may go into ``.deepspeed_env``."""
     if not _NAME.fullmatch(name):
         raise EnvFileError(f"variable name '{name}' is not a shell identifier")
-    if _SECRET.search(name):
+    if is_secret_name(name):
         raise EnvFileError(f"{name} looks like a secret: .deepspeed_env exports travel on the pdsh command line "
                            f"and show in 'ps' on every node (log in once instead, e.g. 'wandb login')")
     if not _VALUE.fullmatch(value):
@@ -60,7 +61,7 @@ def collect(env: Mapping[str, str] | None = None, repo: str | None = None,
     out = dict(DEFAULTS)
     for k, v in env.items():
         if k in pass_through or k.startswith(PASS_PREFIXES):
-            if _SECRET.search(k):
+            if is_secret_name(k):
                 continue
             out[k] = v
     if repo:

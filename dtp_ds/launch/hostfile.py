@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 
+from dtp_ds import IMPORT_ROOT
 from dtp_ds.launch.envfile import EnvFileError, collect, parse_assignments, write_env
 from dtp_ds.launch.hostnames import HostnameError, validate_hostname
 from dtp_ds.launch.nodelist import (
@@ -27,7 +28,6 @@ from dtp_ds.launch.nodelist import (
 )
 
 Entries = list[tuple[str, int]]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LINE = re.compile(r"(\S+)\s+slots=(\S+)")
 
 
@@ -37,12 +37,12 @@ class HostfileError(ValueError):
 
 def check_partition(entries: Sequence[tuple[str, int]], spec: str, registry_file: str | None = None) -> str:
     """Raise HostfileError when partition ``spec`` (CLUSTER:PARTITION of the autotuner's
-    registry, ``dtp_ds/autotune/partitions.json``, or of ``registry_file``) refuses the job
+    registry, ``dtp_ds/cluster/partitions.json``, or of ``registry_file``) refuses the job
     shape: nodes per job, GPUs per node (the largest slots), GPUs per job, node types. Returns
     the partition's label."""
     from pathlib import Path
 
-    from dtp_ds.autotune import partitions as reg
+    from dtp_ds.cluster import partitions as reg
 
     try:
         if registry_file:
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, help="slots per host (default: from SLURM_GPUS_ON_NODE & co.)")
     p.add_argument("--pbs-nodefile", help="PBS node file (default: PBS_NODEFILE)")
     p.add_argument("--partition", help="CLUSTER:PARTITION whose limits the job shape must respect")
-    p.add_argument("--partitions-file", help="partitions registry (default: dtp_ds/autotune/partitions.json)")
+    p.add_argument("--partitions-file", help="partitions registry (default: dtp_ds/cluster/partitions.json)")
     p.add_argument("--out", help="hostfile to write (default: stdout)")
     p.add_argument("--deepspeed-env", metavar="FILE",
                    help="also write the env file every node gets (use it with DS_ENV_FILE=FILE): PYTHONPATH, "
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.partition:
             how += f", shape accepted by {check_partition(entries, args.partition, args.partitions_file)}"
         text = format_hostfile(entries)
-        variables = collect(repo=REPO, extra=parse_assignments(args.env)) if args.deepspeed_env else None
+        variables = collect(repo=IMPORT_ROOT, extra=parse_assignments(args.env)) if args.deepspeed_env else None
     except (HostfileError, HostnameError, NodeListError, EnvFileError, OSError) as e:
         print(f"make_hostfile: error: {e}", file=sys.stderr)
         return 2

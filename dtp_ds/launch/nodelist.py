@@ -1,16 +1,16 @@
 """Scheduler allocations as (host, slots) lists: Slurm's compressed node lists and GPU
 variables, and PBS node files.
 
-Slurm node lists: ``p0201``, ``p[0201-0203,0305]``, ``p[01-02],q07``, several bracket
-groups in one name (``r[1-2]n[01-02]``: the Cartesian product, leftmost slowest), zero padding
-(the width of a range's lower bound: ``[08-11]`` -> 08 09 10 11, ``[8-11]`` -> 8 9 10 11), and
-text after a group (``p[01-02]-ib``). Every expanded name must pass ``validate_hostname``.
+Slurm node lists (``p0201``, ``p[0201-0203,0305]``, ``r[1-2]n[01-02]``, ``p[01-02]-ib``) are
+expanded by Slurm itself (``scontrol show hostnames``) where it is installed, else by
+python-hostlist; every expanded name must pass ``validate_hostname``.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Mapping
 
 from dtp_ds.launch.hostnames import validate_hostname
@@ -25,75 +25,55 @@ class NodeListError(ValueError):
     """A node list or scheduler variable could not be read; the message says which rule."""
 
 
-def _split_top(text: str) -> list[str]:
-    """Split on commas outside brackets; refuse unbalanced or nested brackets."""
-    items, depth, cur = [], 0, []
-    for c in text:
-        if c == "[":
-            if depth:
-                raise NodeListError(f"node list '{text}': nested '[' (Slurm bracket groups do not nest)")
-            depth = 1
-        elif c == "]":
-            if not depth:
-                raise NodeListError(f"node list '{text}': ']' without a matching '['")
-            depth = 0
-        if c == "," and not depth:
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-    if depth:
-        raise NodeListError(f"node list '{text}': '[' without a matching ']'")
-    items.append("".join(cur))
-    return items
+# python-hostlist's reasons for refusing a list, as this module's rules
+_HOSTLIST_RULES = {
+    "unbalanced brackets": "a '[' without a matching ']' or a ']' without a matching '['",
+    "nested brackets": "nested '[' (Slurm bracket groups do not nest)",
+    "start > stop": "a range runs backwards",
+    "bad range": "a bracket entry is not N or N-M (digits only)",
+    "range too large": f"it names more than {MAX_HOSTS} hosts",
+    "results too large": f"it names more than {MAX_HOSTS} hosts",
+}
+# what is handed to scontrol: no option-like or shell-special text (the rest is refused below)
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\[\],-]*")
 
 
-def _expand_group(body: str, where: str) -> list[str]:
-    """``0201-0203,0305`` -> ['0201', '0202', '0203', '0305']."""
-    out: list[str] = []
-    for part in body.split(","):
-        m = _RANGE.fullmatch(part)
-        if m is None:
-            raise NodeListError(f"node list '{where}': bracket entry '{part}' is not N or N-M (digits only)")
-        lo, hi = m.group(1), m.group(2)
-        if hi is None:
-            out.append(lo)
-            continue
-        a, b = int(lo), int(hi)
-        if b < a:
-            raise NodeListError(f"node list '{where}': range '{part}' runs backwards")
-        if b - a + 1 > MAX_HOSTS:
-            raise NodeListError(f"node list '{where}': range '{part}' names more than {MAX_HOSTS} hosts")
-        width = len(lo)
-        out.extend(str(i).zfill(width) for i in range(a, b + 1))
-    return out
+def _scontrol_hostnames(text: str) -> list[str] | None:
+    """Slurm's own expansion (``scontrol show hostnames``), or None where it is not available."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None or not _PLAIN.fullmatch(text):
+        return None
+    try:
+        p = subprocess.run([scontrol, "show", "hostnames", text], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # a refusal is explained by python-hostlist below, which names the rule
+    return p.stdout.split() if p.returncode == 0 else None
 
 
-def _expand_item(item: str, where: str) -> list[str]:
-    if item == "":
-        raise NodeListError(f"node list '{where}': empty entry (doubled, leading or trailing ',')")
-    pieces = re.split(r"(\[[^\]]*\])", item)
-    choices: list[list[str]] = []
-    for piece in pieces:
-        if piece.startswith("["):
-            choices.append(_expand_group(piece[1:-1], where))
-        elif piece:
-            choices.append([piece])
-    count = 1
-    for c in choices:
-        count *= len(c)
-    if count > MAX_HOSTS:
-        raise NodeListError(f"node list '{where}': '{item}' names more than {MAX_HOSTS} hosts")
-    return ["".join(p) for p in itertools.product(*choices)]
+def _hostlist_hostnames(text: str) -> list[str]:
+    # imported here: on a Slurm login node scontrol alone is enough, with any python3
+    import hostlist
+
+    try:
+        return hostlist.expand_hostlist(text, allow_duplicates=True)
+    except hostlist.BadHostlist as e:
+        rule = _HOSTLIST_RULES.get(str(e), str(e))
+        raise NodeListError(f"node list '{text}': {rule}") from None
 
 
 def expand_nodelist(text: str) -> list[str]:
-    """Every host of a Slurm node list, in order, validated; duplicates are refused."""
+    """Every host of a Slurm node list, in order, validated; duplicates are refused. Expanded by
+    ``scontrol show hostnames`` where it exists, else by python-hostlist (the same syntax)."""
     if text is None or text.strip() == "":
         raise NodeListError("node list is empty")
-    hosts: list[str] = []
-    for item in _split_top(text):
-        hosts.extend(_expand_item(item, text))
+    if re.search(r"^,|,,|,$", text):  # both expanders skip empty entries silently
+        raise NodeListError(f"node list '{text}': empty entry (doubled, leading or trailing ',')")
+    hosts = _scontrol_hostnames(text)
+    if hosts is None:
+        hosts = _hostlist_hostnames(text)
+    if len(hosts) > MAX_HOSTS:
+        raise NodeListError(f"node list '{text}': it names more than {MAX_HOSTS} hosts")
     for h in hosts:
         validate_hostname(h)
     dup = sorted({h for h in hosts if hosts.count(h) > 1}) if len(hosts) < 5000 else []

@@ -22,6 +22,8 @@ import traceback
 from typing import Any
 
 MARKER = "DTP_DS_PROBE "
+# The directory dtp_ds is imported from (a checkout, or site-packages of an install; the same
+# as dtp_ds.IMPORT_ROOT, computed here because this file runs before dtp_ds can be imported).
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULES = ("torch", "deepspeed", "open_clip", "dtp_ds")
 
@@ -35,11 +37,11 @@ def _fix_path() -> None:
 
 
 def source_hash(repo: str = REPO) -> str:
-    """sha256 (16 hex) over dtp_ds's sources and configs and ds_configs/: equal on two hosts
-    means the same code runs there, committed or not."""
+    """sha256 (16 hex) over dtp_ds's sources and configs (model JSONs, ds_configs, partitions):
+    equal on two hosts means the same code runs there, committed or not."""
     h = hashlib.sha256()
     files = []
-    for top in ("dtp_ds", "ds_configs"):
+    for top in ("dtp_ds",):  # ds_configs/ of a checkout links into it
         for root, dirs, names in os.walk(os.path.join(repo, top)):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
             files += [os.path.join(root, n) for n in names if n.endswith((".py", ".json"))]

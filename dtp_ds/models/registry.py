@@ -249,3 +249,8 @@ def create_model(name: str, **kwargs: Any):
             f"open_clip models: open_clip.list_models() (e.g. ViT-B-32)"
         )
     return open_clip.create_model(name, **kwargs)
+
+
+# Importing the registry registers the shipped configs: ``import dtp_ds`` relies on it (directly,
+# or from its hook once open_clip is imported), so the names exist whichever comes first.
+register_model_configs()

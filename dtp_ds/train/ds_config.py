@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from importlib import resources
 from typing import Any
 
 from dtp_ds.train.args import ConfigError, TrainArgs
@@ -23,8 +24,15 @@ DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": 5e-4, "betas": [0.9, 0.98
                                                    "weight_decay": 0.2, "torch_adam": True, "fused": True}}
 
 
-DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                             "ds_configs")
+# Package data (dtp_ds/ds_configs/; the checkout's ds_configs/ is a link to it), found through
+# importlib.resources so an installed copy resolves its own. pip installs unpacked, so the
+# resource is a real file whose path DeepSpeed can open.
+DS_CONFIG_RESOURCE = "ds_configs"
+
+
+def shipped_ds_config(name: str) -> str:
+    """Path of the shipped DeepSpeed config ``name`` (``tiny.json``)."""
+    return str(resources.files("dtp_ds").joinpath(DS_CONFIG_RESOURCE).joinpath(name))
 
 
 def default_ds_config(model: str, bf16: bool = True) -> str:
@@ -36,7 +44,7 @@ def default_ds_config(model: str, bf16: bool = True) -> str:
         raise ConfigError(f"no default DeepSpeed config for model '{model}': pass --deepspeed_config")
     size, patch = m.group(1).lower(), m.group(2)
     name = "tiny" if size == "tiny" else f"vit_{size}_{patch}" + ("" if bf16 else "_fp16")
-    path = os.path.join(DS_CONFIG_DIR, f"{name}.json")
+    path = shipped_ds_config(f"{name}.json")
     if not os.path.isfile(path):
         raise ConfigError(f"no DeepSpeed config for model '{model}' ({path} does not exist): "
                           f"pass --deepspeed_config")

@@ -62,13 +62,13 @@ from dtp_ds.train.ds_config import (
 from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError
 from dtp_ds.train.memory import PredictedOOM, check_start_memory
 from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
+from dtp_ds.train.precision import DTYPES, check_precision_supported
 from dtp_ds.train.redact import install_log_filter, one_line, redact
 from dtp_ds.train.schedule import Schedules, check_resumed_lr, warmup_cosine_lr
 from dtp_ds.train.storage import check_storage, saves_planned
 from dtp_ds.train.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("dtp_ds.train")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 __all__ = ["TrainingError", "main", "train"]
 
 
@@ -136,29 +136,6 @@ class Setup:
     missing_shards: list[str]
     resume_from: tuple[str, str] | None = None  # (checkpoint root, tag) that --resume names
     resume_plan: checkpoint.ResumePlan | None = None  # how to load it (universal at another world size)
-
-
-EMULATED_FP16_ENV = "DTP_DS_ALLOW_EMULATED_FP16"
-
-
-def check_precision_supported(precision: str) -> None:
-    """DeepSpeed refuses fp16 on CPUs without native fp16 (AVX512-FP16 / AMX-FP16) with a
-    bare message; say what to do instead. The env switch lifts only that capability gate:
-    the real fp16 engine and its dynamic loss scaler then run with emulated fp16 kernels
-    (slow; how the CPU test suite covers fp16)."""
-    acc = get_accelerator()
-    if precision == "bf16" and not acc.is_bf16_supported():
-        raise ConfigError(f"bf16 (from --precision or the ds_config) is not supported on this {acc.device_name()} "
-                          f"device (a V100 has none): use the config's fp16 variant (ds_configs/*_fp16.json) "
-                          f"or --precision fp16")
-    if precision != "fp16" or acc.is_fp16_supported():
-        return
-    if os.environ.get(EMULATED_FP16_ENV) == "1":
-        acc.is_fp16_supported = lambda: True
-        return
-    raise ConfigError(f"fp16 (from --precision or the ds_config) is not supported on this {acc.device_name()} "
-                      f"device: use bf16 or fp32 here and fp16 on GPUs without bf16 (V100), or set "
-                      f"{EMULATED_FP16_ENV}=1 to run it emulated (slow)")
 
 
 def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list[dict[str, Any]], micro: int,

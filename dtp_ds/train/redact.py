@@ -15,25 +15,22 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from dtp_ds.secrets import SECRET_NAME, SECRET_WORDS, WORDS
+
 MASK = "***"
-# Whole words inside names (HF_TOKEN, access_token, db-password), not "tokenizer" or "author".
-_WORDS = (r"api[_-]?keys?|tokens?|secrets?|passw(?:or)?ds?|passphrases?|credentials?|private[_-]?keys?"
-          r"|access[_-]?keys?|auth")
-_SECRET_WORDS = r"(?<![a-z])(?:" + _WORDS + r")(?![a-z])"
-SECRET_NAME = re.compile(_SECRET_WORDS, re.I)
 _MIN_SECRET_LEN = 6  # shorter env values ("1", "true") are not searched for
 
 _PATTERNS = [
     # scheme://user:password@host
     (re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*):([^/\s@'\"]+)@"), r"\1:" + MASK + "@"),
     # ?token=..., &X-Amz-Signature=...
-    (re.compile(r"([?&;][^=&\s'\"]*(?<![a-z])(?:" + _WORDS + r"|signature|sig)(?![a-z])[^=&\s'\"]*=)([^&\s'\"]+)",
+    (re.compile(r"([?&;][^=&\s'\"]*(?<![a-z])(?:" + WORDS + r"|signature|sig)(?![a-z])[^=&\s'\"]*=)([^&\s'\"]+)",
                 re.I),
      r"\1" + MASK),
     # NAME=value (NAME secret-looking), as in `pipe:env HF_TOKEN=... curl ...`
-    (re.compile(r"\b([A-Za-z0-9_]*" + _SECRET_WORDS + r"[A-Za-z0-9_]*=)([^\s'\"&]+)", re.I), r"\1" + MASK),
+    (re.compile(r"\b([A-Za-z0-9_]*" + SECRET_WORDS + r"[A-Za-z0-9_]*=)([^\s'\"&]+)", re.I), r"\1" + MASK),
     # --password X / --api-key=X
-    (re.compile(r"(--?[A-Za-z0-9-]*" + _SECRET_WORDS + r"[A-Za-z0-9-]*(?:=|\s+))([^\s'\"-][^\s'\"]*)", re.I),
+    (re.compile(r"(--?[A-Za-z0-9-]*" + SECRET_WORDS + r"[A-Za-z0-9-]*(?:=|\s+))([^\s'\"-][^\s'\"]*)", re.I),
      r"\1" + MASK),
     # Authorization: Basic X, Bearer X
     (re.compile(r"(Authorization:\s*(?:Basic|Bearer|Token)\s+|\bBearer\s+)[A-Za-z0-9._~+/=-]{6,}", re.I),

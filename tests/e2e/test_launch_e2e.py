@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dtp_ds.launch.discovery import free_port
+from dtp_ds.cluster.ports import free_port
 from tests.conftest import REPO, TINY_DS_CONFIG, metrics, train_data
 from tests.e2e.conftest import (
     Job,

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 import dtp_ds  # noqa: F401  (registers the dtp_ds models with open_clip)
-from dtp_ds.launch.discovery import free_port
+from dtp_ds.cluster.ports import free_port
 from dtp_ds.train.export import export_safetensors, exported_metadata, load_exported
 from dtp_ds.train.storage import checkpoint_bytes
 from tests.conftest import REPO

@@ -16,9 +16,9 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dtp_ds  # noqa: F401
-from dtp_ds.autotune.partitions import JobShapeError, check_job_shape, registry_partition, resolve_target
 from dtp_ds.autotune.tuner import main as tuner_main
 from dtp_ds.autotune.tuner import tune
+from dtp_ds.cluster.partitions import JobShapeError, check_job_shape, registry_partition, resolve_target
 from dtp_ds.models import pinned_tokens
 from dtp_ds.models.segments import make_packing, pack_segments, segment_ids
 from dtp_ds.models.vit import Block
@@ -352,7 +352,7 @@ def test_accepted_job_shapes_match_context(nodes, gpus):
 
 
 def test_registry_resolves_and_says_where_its_values_come_from():
-    reg = json.loads((REPO / "dtp_ds" / "autotune" / "partitions.json").read_text())
+    reg = json.loads((REPO / "dtp_ds" / "cluster" / "partitions.json").read_text())
     for cname, cluster in reg["clusters"].items():
         assert "_source" in cluster
         for pname, part in cluster.get("partitions", {}).items():
@@ -416,3 +416,11 @@ def test_boundary_rate_from_a_run_directory(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i, "boundary_rate": 0.2}) for i in range(5)))
     data = tune(["--model", "DRIP-ViT-L-14-10x", "--gpu-mem", "80", "--boundary-rate", str(tmp_path), "--json"]).data
     assert data["data"]["reducer"]["rate"] == 0.2
+
+
+def test_image_size_other_than_the_models_is_flagged():
+    base = ["--model", "DRIP-ViT-B-32-10x", "--gpu-mem", "80", "--json"]
+    notes = tune([*base, "--image-size", "336"]).data["notes"]
+    assert any("model's own image size (224 px)" in n and "--image-size 336" in n for n in notes), notes
+    for same in ([], ["--image-size", "224"]):
+        assert not any("image size" in n for n in tune([*base, *same]).data["notes"])

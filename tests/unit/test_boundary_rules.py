@@ -215,9 +215,9 @@ def test_one_rule_for_zeroshot_pictures_flops_and_run_dirs(tmp_path) -> None:
 
     import open_clip
 
-    from dtp_ds.autotune.tuner import boundary_rate_arg
     from dtp_ds.eval.boundaries import extract_boundaries, val_transform
     from dtp_ds.eval.flops import count_flops
+    from dtp_ds.eval.run_metrics import boundary_rate_arg
     from dtp_ds.eval.zeroshot import folder_split, zero_shot_eval
 
     syn.write_synthetic_dataset(tmp_path / "d", num_train=2, samples_per_shard=2, val_per_class=1, image_size=64)

@@ -231,6 +231,25 @@ def test_env_file_rules(tmp_path):
             envfile.check_var(name, value)
 
 
+def test_one_secret_rule_keeps_nccl_ib_pkey_and_drops_real_secrets():
+    from dtp_ds.train.redact import MASK, redact_obj, secret_values
+
+    secrets = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD",
+               "GITHUB_AUTH", "OPENAI_KEY")
+    env = {"NCCL_IB_PKEY": "0x8001", "__key__": "sample-000001", **{n: f"value-{n.lower()}" for n in secrets}}
+    # the launch: NCCL's InfiniBand partition key reaches the nodes, secrets do not
+    variables = envfile.collect(env=env, pass_through=(*envfile.PASS_THROUGH, *secrets))
+    assert variables["NCCL_IB_PKEY"] == "0x8001" and not set(secrets) & set(variables)
+    envfile.check_var("NCCL_IB_PKEY", "0x8001")
+    for name in secrets:
+        with pytest.raises(envfile.EnvFileError, match="looks like a secret"):
+            envfile.check_var(name, "x")
+    # the run's files: the same names are masked
+    assert sorted(secret_values(env)) == sorted(f"value-{n.lower()}" for n in secrets)
+    assert redact_obj(env, secrets=[]) == {"NCCL_IB_PKEY": "0x8001", "__key__": "sample-000001",
+                                           **dict.fromkeys(secrets, MASK)}
+
+
 def test_discovery_sources(monkeypatch):
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     assert discovery.discover(dict(env)).startswith("launcher")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dtp_ds.launch.discovery import free_port
+from dtp_ds.cluster.ports import free_port
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, PeerWatchdog
 from tests.conftest import REPO
 

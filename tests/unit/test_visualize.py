@@ -14,20 +14,20 @@ import torch
 from PIL import Image
 
 import dtp_ds  # noqa: F401  (registers the DRIP configs)
+from dtp_ds.cluster.ports import free_port
 from dtp_ds.data.synthetic import render, sample_spec
 from dtp_ds.eval.boundaries import (
     TITLE_PX,
     extract_boundaries,
     list_images,
-    main,
     png_size,
     val_transform,
     visualize,
 )
-from dtp_ds.launch.discovery import free_port
 from dtp_ds.models import CONFIG_DIR, record_forward, register_config, registry, trunks
 from dtp_ds.models.registry import load_config
 from dtp_ds.train.export import load_model_from_checkpoint, resolve_checkpoint_dir
+from dtp_ds.train.visualize import main
 
 REPO = Path(__file__).resolve().parents[2]
 DRIP = "DRIP-ViT-Tiny-8-4x"

@@ -11,10 +11,12 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-REGISTRY_PATH = Path(__file__).with_name("partitions.json")
+# Package data (read through importlib.resources, so an installed copy reads its own).
+REGISTRY_RESOURCE = "partitions.json"
 GiB = 2**30
 
 
@@ -64,7 +66,10 @@ class Partition:
         return [n for n in self.node_types if n.gpus >= gpus_per_node]
 
 
-def load_registry(path: Path = REGISTRY_PATH) -> dict[str, Any]:
+def load_registry(path: Path | None = None) -> dict[str, Any]:
+    """The partitions registry: ``path``, else the shipped ``dtp_ds/cluster/partitions.json``."""
+    if path is None:
+        return json.loads(resources.files(__package__).joinpath(REGISTRY_RESOURCE).read_text())
     with open(path) as f:
         return json.load(f)
 

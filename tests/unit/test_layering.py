@@ -1,0 +1,111 @@
+"""Imports run one way (models <- data/eval <- tasks <- train <- autotune/bench/tools), and the
+launch side starts without torch: read from the sources with ``ast`` and from real imports."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PKG = REPO / "dtp_ds"
+# (importing package, imported module prefix, why it is refused)
+RULES = [
+    ("models", "torch.distributed", "model code is single-device; cross-rank work lives in the loss"),
+    ("models", "deepspeed", "model code is single-device"),
+    ("models", "dtp_ds.", "models is the bottom layer (only dtp_ds.models itself)"),
+    ("cluster", "dtp_ds.", "shared facts read by launch and autotune depend on nothing of dtp_ds"),
+    ("data", "dtp_ds.autotune", "data sits below autotune"),
+    ("data", "dtp_ds.train", "data sits below train"),
+    ("eval", "dtp_ds.autotune", "eval sits below autotune"),
+    ("eval", "dtp_ds.tasks", "eval sits below tasks"),
+    ("train", "dtp_ds.autotune", "train sits below autotune"),
+    ("train", "dtp_ds.bench", "train sits below bench"),
+    ("launch", "dtp_ds.autotune", "launch and autotune share dtp_ds.cluster instead"),
+    ("autotune", "dtp_ds.launch", "launch and autotune share dtp_ds.cluster instead"),
+]
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (anywhere in it, relative ones resolved)."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    package = parts[:-1]  # the package a relative import starts from (also for __init__.py)
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            out.add(module)
+            # ``from pkg import sub`` may import a submodule
+            out |= {f"{module}.{a.name}" for a in node.names}
+    return out
+
+
+def _package_sources() -> dict[str, list[Path]]:
+    by_pkg: dict[str, list[Path]] = {}
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).parts
+        by_pkg.setdefault(rel[0] if len(rel) > 1 else "", []).append(path)
+    return by_pkg
+
+
+def test_imports_follow_the_layers():
+    sources = _package_sources()
+    assert {"models", "launch", "autotune", "eval", "train", "cluster"} <= set(sources)
+    broken = []
+    for pkg, refused, why in RULES:
+        own = f"dtp_ds.{pkg}"
+        for path in sources.get(pkg, []):
+            bad = sorted(m for m in _imports(path)
+                         if (m == refused.rstrip(".") or m.startswith(refused)) and not m.startswith(own))
+            broken += [f"{path.relative_to(REPO)} imports {m}: {why}" for m in bad]
+    assert not broken, "\n".join(broken)
+
+
+def test_only_train_imports_the_training_entry_point():
+    offenders = [str(p.relative_to(REPO)) for pkg, paths in _package_sources().items() if pkg != "train"
+                 for p in paths if any(m.startswith("dtp_ds.train.main") for m in _imports(p))]
+    assert not offenders, f"import dtp_ds.train.main only from dtp_ds/train (shared pieces live beside it): {offenders}"
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+
+
+def test_import_dtp_ds_launch_does_not_import_torch():
+    p = _run("import dtp_ds.launch", "-X", "importtime")
+    assert p.returncode == 0, p.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")]
+    assert "dtp_ds.launch" in imported
+    heavy = [m for m in imported if m.split(".")[0] in ("torch", "open_clip", "timm", "deepspeed", "numpy")]
+    assert not heavy, f"import dtp_ds.launch imports {heavy[:5]}"
+
+
+def test_make_hostfile_runs_without_torch_and_with_the_real_package(tmp_path):
+    out = tmp_path / "hostfile"
+    code = ("import json, runpy, sys\n"
+            f"sys.argv = ['make_hostfile', '--nodelist', 'p[0201-0202]', '--gpus-per-node', '2', "
+            f"'--partition', 'pitzer:gpuparallel-48core', '--out', {str(out)!r}]\n"
+            "try:\n"
+            f"    runpy.run_path({str(REPO / 'tools' / 'make_hostfile')!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    code = e.code\n"
+            "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules, "
+            "'dtp_ds': getattr(sys.modules['dtp_ds'], '__file__', None)}))")
+    p = _run(code)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res == {"code": 0, "torch": False, "dtp_ds": str(PKG / "__init__.py")}, (res, p.stderr)
+    assert out.read_text() == "p0201 slots=2\np0202 slots=2\n"
+
+
+def test_import_dtp_ds_registers_the_models_once_open_clip_is_imported():
+    # dtp_ds before open_clip (the hook); open_clip first is what most tests do in-process
+    p = _run("import dtp_ds, sys; assert 'torch' not in sys.modules; import open_clip\n"
+             "assert 'DRIP-ViT-Tiny-8-4x' in open_clip.list_models(); open_clip.create_model('DRIP-ViT-Tiny-8-4x')")
+    assert p.returncode == 0, p.stderr[-2000:]

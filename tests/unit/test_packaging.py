@@ -1,0 +1,63 @@
+"""A non-editable install works from any directory: partitions, the shipped ds_configs and the
+model JSONs are package data, read from the installed copy rather than from a source tree."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def _install(tmp_path: Path) -> Path:
+    """``pip install .`` (not editable) of a copy of the sources into a fresh target directory.
+    The copy keeps pip's build folder out of the checkout."""
+    src, target = tmp_path / "src", tmp_path / "site"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("dtp_ds", "tools"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(src)], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    shutil.rmtree(src)  # nothing may be read from the copied sources either
+    return target
+
+
+def test_installed_package_reads_its_own_data_from_any_directory(tmp_path):
+    site = _install(tmp_path)
+    # A partition only the installed copy has: the tuner can only find it in the installed data.
+    registry = site / "dtp_ds" / "cluster" / "partitions.json"
+    reg = json.loads(registry.read_text())
+    pitzer = reg["clusters"]["pitzer"]
+    pitzer["partitions"]["installed-only"] = pitzer["partitions"]["gpuparallel-48core"]
+    registry.write_text(json.dumps(reg))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(site),
+           "OMP_NUM_THREADS": "1"}
+
+    def run(*argv: str) -> str:
+        p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=elsewhere,
+                           env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    out = json.loads(run(str(site / "bin" / "autotune_batch"), "--model", "DRIP-ViT-B-32-10x", "--partition",
+                         "pitzer:installed-only", "--nodes", "2", "--gpus-per-node", "4", "--json"))
+    assert out["target"]["partition"] == "pitzer:installed-only" and out["target"]["world_size"] == 8
+    where = json.loads(run("-c", "import json, dtp_ds, open_clip\n"
+                                 "from dtp_ds.train.ds_config import default_ds_config, load_ds_config\n"
+                                 "path = default_ds_config('DRIP-ViT-B-32-10x')\n"
+                                 "print(json.dumps({'pkg': dtp_ds.__file__, 'ds_config': path,\n"
+                                 "  'micro': load_ds_config(path)['train_micro_batch_size_per_gpu'],\n"
+                                 "  'model': 'DRIP-ViT-B-32-10x' in open_clip.list_models()}))"))
+    shipped = json.loads((REPO / "ds_configs" / "vit_b_32.json").read_text())
+    assert where == {"pkg": str(site / "dtp_ds" / "__init__.py"),
+                     "ds_config": str(site / "dtp_ds" / "ds_configs" / "vit_b_32.json"),
+                     "micro": shipped["train_micro_batch_size_per_gpu"], "model": True}
