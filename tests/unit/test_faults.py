@@ -339,3 +339,24 @@ def test_the_nonfinite_guard_never_synchronises_per_micro_batch():
         assert all(finite["finite"]) and finite["same_as_plain"], (precision, finite)
         assert all(inf["nan"]), (precision, inf)
     assert out["fp32"][0]["scale"] == 1.0 and out["fp16"][0]["scale"] == 16.0  # the fp16 path scaled
+
+
+def test_bad_items_of_a_pass_that_ends_mid_batch_are_counted(tmp_path):
+    """One shard of 3 good samples and 1 without a caption, batches of 2: every pass of the
+    pipeline yields one batch and ends with a good sample left over, and wherever the shuffle
+    puts the bad one, it is counted (in that batch, or carried into the next pass's)."""
+    write_synthetic_dataset(tmp_path, num_train=4, samples_per_shard=4, val_per_class=0, image_size=32, seed=0)
+    (shard,) = sorted((tmp_path / "train").glob("*.tar"))
+    corrupt.drop_captions(shard, 1)
+    passes = 20
+    plan = sh.plan_epoch(2 * passes, micro_batch=2, world_size=1, workers=0, accum=1)
+    totals = []
+    for seed in range(8):  # each seed shuffles a pass differently (every pass the same way)
+        loader = sh.make_train_loader(sh.DataConfig(workers=0), [str(shard)], plan, lambda im: torch.zeros(3, 4, 4),
+                                      lambda t: torch.zeros(1, 4, dtype=torch.long), 2, epoch=0, seed=seed, rank=0,
+                                      world_size=1)
+        counts = [bad.counts.get("no_caption", 0) for _, _, bad in loader]
+        assert len(counts) == passes
+        totals.append(sum(counts))
+    # the last pass's bad sample is not counted when it comes after that pass's (last) batch
+    assert all(t in (passes - 1, passes) for t in totals), totals
