@@ -342,7 +342,8 @@ def train(args: TrainArgs) -> int:
         res: dict[str, Any] = {}
         for i, split in enumerate(s.splits):
             one = zero_shot_eval(engine.module.model, tokenizer, preprocess_val, split, device, input_dtype,
-                                 batch_size=2 * s.micro, max_images=args.run.zeroshot_max_images)
+                                 batch_size=2 * s.micro, max_images=args.run.zeroshot_max_images,
+                                 workers=args.data.workers)
             prefix = "zeroshot_" if i == 0 else f"{split.name}_"
             res.update(with_prefix(one, prefix))
             if rank == 0:
