@@ -373,26 +373,32 @@ class _DecodeCounted(wds.PipelineStage):
 class _BatchCounted(wds.PipelineStage):
     """Collate decoded samples into (*tensors, BadCounts) where the counts are the
     items skipped since this worker's previous batch. Gives up (DataError) after
-    ``MAX_BAD_IN_A_ROW`` bad items without a good sample."""
+    ``MAX_BAD_IN_A_ROW`` bad items without a good sample.
+
+    ``with_epoch`` runs the pipeline pass after pass through this one stage object: the bad
+    items of a pass that ends mid-batch (and the run of bad ones) carry over to the next
+    pass's first batch, so they are counted (and an all-bad pass cannot loop for ever)."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
+        self.bad, self.in_a_row = BadCounts(), 0
 
     def run(self, src: Iterator[tuple | Bad]) -> Iterator[tuple[torch.Tensor | BadCounts, ...]]:
-        items, bad, in_a_row = [], BadCounts(), 0
+        items = []
         for item in src:
             if isinstance(item, Bad):
-                bad.add(item)
-                in_a_row += 1
-                if in_a_row >= MAX_BAD_IN_A_ROW:
-                    raise DataError(f"{in_a_row} bad items in a row and not one usable sample (last: {item.shard}: "
-                                    f"{item.kind}: {item.reason}); the training data is unusable")
+                self.bad.add(item)
+                self.in_a_row += 1
+                if self.in_a_row >= MAX_BAD_IN_A_ROW:
+                    raise DataError(f"{self.in_a_row} bad items in a row and not one usable sample (last: "
+                                    f"{item.shard}: {item.kind}: {item.reason}); the training data is unusable")
                 continue
-            in_a_row = 0
+            self.in_a_row = 0
             items.append(item)
             if len(items) == self.batch_size:
+                bad, self.bad = self.bad, BadCounts()
                 yield (*(torch.stack(column) for column in zip(*items)), bad)
-                items, bad = [], BadCounts()
+                items = []
 
 
 def check_every_worker_has_a_shard(cfg: DataConfig, shards: list[str], world_size: int) -> None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from open_clip import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from dtp_ds.data.synthetic import patch_labels, read_objects
@@ -70,12 +71,14 @@ def zero_shot_eval(
     input_dtype: torch.dtype = torch.float32,
     batch_size: int = 64,
     max_images: int | None = None,
+    workers: int = 2,
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy (in %) of a CLIP model on ``split``; call on every rank. For
     models whose reducer groups patches (DRIP's segments) also the groups' quality as
     evaluation ran them
     (:mod:`dtp_ds.eval.boundary_quality`: ``zeroshot_compression``, ``..._purity`` where the
-    split records its objects, ``..._prob_spread``)."""
+    split records its objects, ``..._prob_spread``). Images are decoded by ``workers`` loader
+    processes (0: in this one), in order: the result does not depend on ``workers``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     was_training = model.training
@@ -83,14 +86,14 @@ def zero_shot_eval(
     # a no-op for parameters ZeRO-3 does not manage (every other stage)
     with deepspeed.zero.GatheredParameters(list(model.parameters(recurse=False))):
         result = _evaluate(model, tokenizer, preprocess, split, device, input_dtype, batch_size, max_images,
-                           rank, world)
+                           rank, world, workers)
     model.train(was_training)
     return result
 
 
 def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split: ZeroShotSplit,
               device: torch.device, input_dtype: torch.dtype, batch_size: int, max_images: int | None,
-              rank: int, world: int) -> dict[str, float]:
+              rank: int, world: int, workers: int) -> dict[str, float]:
     classifier = build_zero_shot_classifier(model, tokenizer, split.classnames, split.templates,
                                             num_classes_per_batch=10, device=device, use_tqdm=False)
     dataset = ImageFolder(split.image_dir, transform=preprocess)
@@ -100,15 +103,15 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
     per_rank = math.ceil(n / world)
     mine = order[rank * per_rank:(rank + 1) * per_rank]
     n_batches = math.ceil(per_rank / batch_size)
+    batches = [mine[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
+    loader = _image_loader(dataset, [idx or order[:1] for idx in batches], workers)
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, images
     quality = BoundaryQuality(device)
-    for b in range(n_batches):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
+    for idx, (images, labels) in zip(batches, loader):
         real = len(idx)
-        if real == 0:  # this rank ran out: a dummy batch keeps the collectives in step
+        if real == 0:  # this rank ran out: a dummy batch (order[:1]) keeps the collectives in step
             idx = order[:1]
-        images = torch.stack([dataset[i][0] for i in idx]).to(device=device, dtype=input_dtype)
-        labels = torch.tensor([dataset[i][1] for i in idx], device=device)
+        images, labels = images.to(device=device, dtype=input_dtype), labels.to(device)
         with record_forward() as rec:
             feats = model.encode_image(images, normalize=True).float()
         logits = feats @ classifier.float()
@@ -130,6 +133,13 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
               "zeroshot_chance_top1": 100 / len(split.classnames)}
     result.update(quality.result("zeroshot_"))
     return result
+
+
+def _image_loader(dataset: ImageFolder, batches: list[list[int]], workers: int) -> DataLoader:
+    """``dataset``'s ``batches`` decoded by ``workers`` processes, in order. Its own generator:
+    starting a loader draws a seed, which must not come from the training run's RNG."""
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=torch.Generator(),
+                      persistent_workers=False)
 
 
 def with_prefix(result: dict[str, float], prefix: str) -> dict[str, float]:

@@ -48,8 +48,9 @@ class Task(Protocol):
     def data_stage(self) -> DataStage: ...
 
     def evaluate(self, splits: Iterable[Any], device: torch.device, batch_size: int,
-                 max_images: int | None) -> tuple[dict[str, float], list[str]]:
-        """Metrics of every split (row keys) and one summary line per split."""
+                 max_images: int | None, workers: int) -> tuple[dict[str, float], list[str]]:
+        """Metrics of every split (row keys) and one summary line per split; images decoded by
+        ``workers`` loader processes."""
         ...
 
 

@@ -101,14 +101,14 @@ class CLIPTask:
         return CaptionStage(self.preprocess_train, self.tokenizer)
 
     def evaluate(self, splits: Iterable[ZeroShotSplit], device: torch.device, batch_size: int,
-                 max_images: int | None, workers: int = 0) -> tuple[dict[str, float], list[str]]:
+                 max_images: int | None, workers: int = 2) -> tuple[dict[str, float], list[str]]:
         """Zero-shot top-1/top-5 per split: the first split's keys ``zeroshot_*``, the others'
         ``NAME_*``."""
         res: dict[str, float] = {}
         lines = []
         for i, split in enumerate(splits):
             one = zero_shot_eval(self.model, self.tokenizer, self.preprocess_val, split, device, self.input_dtype,
-                                 batch_size=batch_size, max_images=max_images)
+                                 batch_size=batch_size, max_images=max_images, workers=workers)
             res.update(with_prefix(one, "zeroshot_" if i == 0 else f"{split.name}_"))
             line = (f"zero-shot {split.name}: top-1 {one['zeroshot_top1']:.2f}% top-5 {one['zeroshot_top5']:.2f}% "
                     f"(chance {one['zeroshot_chance_top1']:.2f}%)")

@@ -77,7 +77,7 @@ class _FiniteStep:
         norm = torch.zeros((), device=device)
         if grads:
             norms = torch.stack(torch._foreach_norm(grads)).float()
-            bad[0] = float(not bool(torch.isfinite(norms).all()))
+            bad[0] = (~torch.isfinite(norms).all()).float()
             norm = torch.linalg.vector_norm(norms)
         if self.clipped_norm is not None:
             norm, self.clipped_norm = self.clipped_norm, None
@@ -122,13 +122,13 @@ class NonFiniteGuard:
 
     def backward_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """What to back-propagate: ``loss`` (times the fp16 loss scale where the engine does
-        not apply it), or ``loss * NaN`` when it is not finite."""
-        if not bool(torch.isfinite(loss.detach()).all()):
-            return loss * float("nan")
+        not apply it), or ``loss * NaN`` when it is not finite. Chosen on the device: no host
+        synchronisation per micro-batch (the step's one is in :func:`all_reduce_step`)."""
+        keep = torch.where(torch.isfinite(loss.detach()).all(), 1.0, float("nan")).to(loss.dtype)
         if self.scale_loss:
-            self._scale = float(self.engine.optimizer.loss_scale_config.cur_scale)
-            return loss.float() * self._scale
-        return loss
+            self._scale = float(self.engine.optimizer.loss_scale_config.cur_scale)  # a Python float
+            loss = loss.float() * self._scale
+        return loss * keep
 
     def grad_norm(self) -> float | None:
         """The engine's gradient norm of the last step, unscaled (DeepSpeed's ZeRO-0 fp16

@@ -322,6 +322,7 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
                         log_every=args.run.log_every_n_steps, save_every=args.run.save_every_n_steps,
                         keep_checkpoints=args.run.keep_checkpoints, eval_every_epochs=args.run.zeroshot_frequency,
                         eval_batch_size=2 * s.micro, eval_max_images=args.run.zeroshot_max_images,
+                        eval_workers=args.data.workers,
                         missing_shards=len(s.missing_shards))
     client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model),
               "task": args.model.task}

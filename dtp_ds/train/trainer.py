@@ -50,6 +50,7 @@ class TrainerConfig:
     eval_every_epochs: int  # 0: never
     eval_batch_size: int
     eval_max_images: int | None
+    eval_workers: int  # image-decoding processes of the evaluation
     missing_shards: int
 
 
@@ -164,7 +165,8 @@ class Trainer:
         if not self.splits or self.cfg.eval_every_epochs == 0:
             return
         t0 = time.time()
-        res, lines = self.task.evaluate(self.splits, self.device, self.cfg.eval_batch_size, self.cfg.eval_max_images)
+        res, lines = self.task.evaluate(self.splits, self.device, self.cfg.eval_batch_size, self.cfg.eval_max_images,
+                                        self.cfg.eval_workers)
         if self.rank == 0:
             for line in lines:
                 self.bar.write(f"{line} @ step {self.state.step}" + (

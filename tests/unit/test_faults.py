@@ -307,3 +307,95 @@ def test_no_shell_command_lines_are_built_from_paths_or_configs():
               if p.is_file() and p.read_text().startswith("#!/usr/bin/env python")]
     assert len(files) > 20
     assert [u for f in files for u in _shell_uses(f)] == []
+
+
+# One process, world size 1: the guard around a real engine (ZeRO-0 fp32: the plain torch
+# optimizer dtp_ds guards itself; ZeRO-0 fp16: the loss scale the guard applies). Its
+# per-micro-batch calls run under a dispatch mode that fails on ``_local_scalar_dense``, the
+# op every ``.item()`` / ``bool()`` / ``float()`` of a tensor goes through.
+GUARD_MICRO_BATCH = r"""
+import json, logging, os
+import deepspeed, torch
+from deepspeed.accelerator import get_accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
+from dtp_ds.train.guard import NonFiniteGuard
+
+class NoHostSync(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("a host synchronisation in the per-micro-batch path")
+        return func(*args, **(kwargs or {}))
+
+def _grads(engine, loss):
+    engine.backward(loss)
+    grads = [p.grad.clone() for p in engine.module.parameters()]
+    engine.zero_grad()
+    return grads
+
+deepspeed.utils.logger.setLevel(logging.ERROR)
+deepspeed.init_distributed(dist_backend="gloo")
+get_accelerator().is_fp16_supported = lambda: True  # emulated fp16, as DTP_DS_ALLOW_EMULATED_FP16=1 does
+out = {}
+for precision in ("fp32", "fp16"):
+    torch.manual_seed(0)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 0},
+           "fp16": {"enabled": precision == "fp16", "initial_scale_power": 4},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=torch.nn.Linear(4, 1), model_parameters=None, config=cfg)
+    guard = NonFiniteGuard(engine, precision, 5, 0, "unused")
+    x = torch.rand(4, 4, dtype=next(engine.module.parameters()).dtype)
+    rows = []
+    for step in (1, 2):  # DTP_DS_FAULT_NONFINITE=2: +inf in step 2's loss
+        with NoHostSync():
+            loss = guard.loss(engine(x).float().pow(2).mean(), step)
+            back = guard.backward_loss(loss)
+        grads = _grads(engine, back)
+        plain = _grads(engine, engine(x).float().pow(2).mean() * guard._scale)
+        rows.append({"finite": [bool(torch.isfinite(g).all()) for g in grads],
+                     "nan": [bool(torch.isnan(g).all()) for g in grads],
+                     "same_as_plain": all(torch.equal(g, p) for g, p in zip(grads, plain)), "scale": guard._scale})
+    out[precision] = rows
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_the_nonfinite_guard_never_synchronises_per_micro_batch():
+    """The guard's per-micro-batch calls (fault hook, what to back-propagate) read no tensor
+    on the host, and still turn a non-finite loss into NaN gradients (which DeepSpeed's
+    collective check then skips on every rank) and leave a finite one's gradients as they are."""
+    import subprocess
+    import sys
+
+    from dtp_ds.launch.discovery import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", faults.NONFINITE_ENV: "2"}
+    proc = subprocess.run([sys.executable, "-c", GUARD_MICRO_BATCH], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    for precision, (finite, inf) in out.items():
+        assert all(finite["finite"]) and finite["same_as_plain"], (precision, finite)
+        assert all(inf["nan"]), (precision, inf)
+    assert out["fp32"][0]["scale"] == 1.0 and out["fp16"][0]["scale"] == 16.0  # the fp16 path scaled
+
+
+def test_bad_items_of_a_pass_that_ends_mid_batch_are_counted(tmp_path):
+    """One shard of 3 good samples and 1 without a caption, batches of 2: every pass of the
+    pipeline yields one batch and ends with a good sample left over, and wherever the shuffle
+    puts the bad one, it is counted (in that batch, or carried into the next pass's)."""
+    write_synthetic_dataset(tmp_path, num_train=4, samples_per_shard=4, val_per_class=0, image_size=32, seed=0)
+    (shard,) = sorted((tmp_path / "train").glob("*.tar"))
+    corrupt.drop_captions(shard, 1)
+    passes = 20
+    plan = sh.plan_epoch(2 * passes, micro_batch=2, world_size=1, workers=0, accum=1)
+    totals = []
+    for seed in range(8):  # each seed shuffles a pass differently (every pass the same way)
+        loader = sh.make_train_loader(sh.DataConfig(workers=0), [str(shard)], plan, lambda im: torch.zeros(3, 4, 4),
+                                      lambda t: torch.zeros(1, 4, dtype=torch.long), 2, epoch=0, seed=seed, rank=0,
+                                      world_size=1)
+        counts = [bad.counts.get("no_caption", 0) for _, _, bad in loader]
+        assert len(counts) == passes
+        totals.append(sum(counts))
+    # the last pass's bad sample is not counted when it comes after that pass's (last) batch
+    assert all(t in (passes - 1, passes) for t in totals), totals
