@@ -124,6 +124,11 @@ class BoundaryPredictorBase(nn.Module):
 
     straight_through = "cumsum"
 
+    @property
+    def same_count_per_image(self) -> bool:
+        """Whether every image gets the same number of segments (packed rows need no padding)."""
+        return self.forced_segments is not None
+
     def __init__(self, prior: float) -> None:
         super().__init__()
         if not 0.0 < prior < 1.0:
@@ -239,6 +244,10 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
 
     straight_through = "confidence"
 
+    @property
+    def same_count_per_image(self) -> bool:
+        return self.selection == "topk" or self.forced_segments is not None
+
     def __init__(self, dim: int, prior: float = 0.5, selection: str = "threshold", tied: bool = False) -> None:
         super().__init__(prior)
         if selection not in SELECTIONS:
@@ -287,6 +296,8 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
 
 
 class FixedBoundaryPredictor(BoundaryPredictorBase):
+    same_count_per_image = True
+
     """Control arm: evenly spaced boundaries at the prior's segment count
     (:func:`expected_segments`, rounded), the same for every image, in training and evaluation.
     Isolates what content-adaptive boundaries add over pooling at the same compression."""

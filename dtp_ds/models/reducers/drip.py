@@ -89,20 +89,26 @@ class DripReducer(TokenReducer):
 
     def planned_tokens(self, patches: int, depth: int, rate: float | None = None) -> list[float]:
         pre, shorten, post = self.layout
-        short = expected_segments(patches, self.default_rate() if rate is None else rate) + 1.0
-        return [patches + 1.0] * pre + [short] * shorten + [patches + 1.0] * post
+        pred = self.boundary_predictor
+        segments = expected_segments(patches, self.default_rate() if rate is None else rate)
+        if pred.forced_segments is not None:
+            segments = float(pred.forced_segments)
+        elif pred.same_count_per_image:  # top-k / evenly spaced: the rounded count, for every image
+            segments = float(min(patches, max(1, round(segments))))
+        return [patches + 1.0] * pre + [segments + 1.0] * shorten + [patches + 1.0] * post
 
     def plan(self, patches: int, depth: int, width: int, rate: float | None = None,
              padding_sigmas: float = 3.0) -> TokenPlan:
         """Short blocks run packed: the batch's longest sequence is ``padding_sigmas`` standard
-        deviations of the binomial boundary count over the mean. The fp32 boundary path saves
+        deviations of the binomial boundary count over the mean (no padding where every image
+        gets the same count: top-k selection, evenly spaced or pinned boundaries). The fp32 boundary path saves
         the predictor MLP's input and hidden layers, and pooling fp32 patch copies and sums."""
         pre, shorten, post = self.layout
         tokens = tuple(self.planned_tokens(patches, depth, rate))
         short = tokens[pre] if shorten else patches + 1.0
         p = self.default_rate() if rate is None else rate
         padded = None
-        if padding_sigmas > 0:
+        if padding_sigmas > 0 and not self.boundary_predictor.same_count_per_image:
             padded = 1.0 + min(float(patches), short - 1.0 + padding_sigmas * math.sqrt(patches * p * (1 - p)))
         predictor = patches * (width + 2 * self.predictor_hidden) * 4 + patches * 24
         pooling = 2 * patches * width * 4 + short * width * 4
