@@ -86,15 +86,15 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups through timm's ``param_groups_weight_decay`` (no decay on gains, biases,
-    embeddings, the logit scale), always as [no decay, decay] so DeepSpeed's groups line up."""
+    embeddings, the logit scale), always [no decay, decay] with the same split whatever
+    ``weight_decay`` is (the export rebuilds the groups to name a checkpoint's fp32 masters)."""
     from timm.optim import param_groups_weight_decay
 
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
-    if len(groups) == 2:
-        return groups
-    decayed = [p for g in groups if g["weight_decay"] for p in g["params"]]
-    rest = [p for g in groups if not g["weight_decay"] for p in g["params"]]
-    return [{"params": rest, "weight_decay": 0.0}, {"params": decayed, "weight_decay": weight_decay}]
+    # timm puts everything in one group at weight decay 0: ask with 1.0, set the value after
+    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=no_weight_decay_names(model))
+    no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]
+    decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
 from . import clip  # noqa: E402,F401  (registers "clip")

@@ -248,7 +248,7 @@ def build_engine(s: Setup, rank: int, world: int) -> tuple[Any, Any]:
     wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=task.module, model_parameters=param_groups(task.module, wd), config=s.ds_config,
-        lr_scheduler=lambda opt: warmup_cosine_lr(opt, args.optim.warmup, s.total_steps))
+        lr_scheduler=lambda opt: warmup_cosine_lr(opt, args.optim.warmup, s.total_steps, args.optim.epochs))
     return task, engine
 
 
@@ -266,10 +266,12 @@ def resume(s: Setup, engine, schedules: Schedules, rank: int) -> tuple[TrainStat
     # restores each rank's RNG as it was saved; a rank it has none for gets a stream of its own
     state, client = checkpoint.load(engine, *found, seed=args.run.seed, engine_tag=s.resume_plan.engine_tag)
     try:
-        check_resumed_lr(engine.lr_scheduler, args.optim.warmup, s.total_steps)
+        note = check_resumed_lr(engine.lr_scheduler, args.optim.warmup, args.optim.epochs, s.total_steps)
         schedules.load_state_dict(client.get("schedules", {}))
     except ValueError as e:
         raise ConfigError(f"--resume {os.path.join(*found)}: {e}") from e
+    if note and rank == 0:
+        log.warning("--resume: %s", note)
     own = os.path.abspath(found[0]) == os.path.abspath(checkpoint.checkpoint_root(s.run_dir))
     return state, os.path.join(*found), time.time() - t0, own
 

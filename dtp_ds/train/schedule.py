@@ -29,31 +29,39 @@ def warmup_cosine(step: int, base_lr: float, warmup: int, total: int) -> float:
 
 
 class WarmupCosine:
-    """The LR factor of step ``step`` (a callable object: LambdaLR saves its fields)."""
+    """The LR factor of step ``step`` (a callable object: LambdaLR saves its fields, the flags
+    that drew the curve among them)."""
 
-    def __init__(self, warmup: int, total_steps: int) -> None:
-        self.warmup, self.total_steps = warmup, total_steps
+    def __init__(self, warmup: int, total_steps: int, epochs: int | None = None) -> None:
+        self.warmup, self.total_steps, self.epochs = warmup, total_steps, epochs
 
     def __call__(self, step: int) -> float:
         return warmup_cosine(step, 1.0, self.warmup, self.total_steps)
 
 
-def warmup_cosine_lr(optimizer: Optimizer, warmup: int, total_steps: int) -> LambdaLR:
+def warmup_cosine_lr(optimizer: Optimizer, warmup: int, total_steps: int, epochs: int | None = None) -> LambdaLR:
     """The run's LR scheduler: ``base lr * warmup_cosine`` of the steps done."""
-    return LambdaLR(optimizer, WarmupCosine(max(1, warmup), total_steps))
+    return LambdaLR(optimizer, WarmupCosine(max(1, warmup), total_steps, epochs))
 
 
-def check_resumed_lr(scheduler: LambdaLR, warmup: int, total_steps: int) -> None:
-    """After loading a checkpoint: the saved curve is the one this run's flags draw, or
-    ``ValueError`` naming the flag (a silent jump to another curve is never taken)."""
+def check_resumed_lr(scheduler: LambdaLR, warmup: int, epochs: int, total_steps: int) -> str | None:
+    """After loading a checkpoint (whose curve LambdaLR restored): ``ValueError`` naming the flag
+    when ``--warmup`` or ``--epochs`` would draw another curve (a silent jump is never taken);
+    when only the steps of an epoch changed (another world size or batch), the saved curve goes on
+    and the returned message says so."""
     saved = scheduler.lr_lambdas[0]
     if saved.warmup != max(1, warmup):
         raise ValueError(f"--warmup {warmup} differs from the checkpoint's {saved.warmup}: resume with "
                          f"--warmup {saved.warmup} (the LR curve it was trained on), or start a new run")
+    if saved.epochs is not None and saved.epochs != epochs:
+        raise ValueError(f"--epochs {epochs} differs from the checkpoint's {saved.epochs}: resume with "
+                         f"--epochs {saved.epochs} (the LR curve it was trained on; --max-steps stops earlier), "
+                         f"or start a new run")
     if saved.total_steps != total_steps:
-        raise ValueError(f"--epochs (with this data and batch) makes {total_steps} steps but the checkpoint's LR "
-                         f"curve spans {saved.total_steps}: resume with the --epochs it was started with "
-                         f"(use --max-steps to stop earlier), or start a new run")
+        return (f"the epochs now take {total_steps} steps in all, the checkpoint's LR curve {saved.total_steps} "
+                f"(another world size or batch): the saved curve goes on (warmup {saved.warmup}, cosine to 0 at "
+                f"step {saved.total_steps})")
+    return None
 
 
 class Schedule(Protocol):

@@ -380,6 +380,13 @@ def test_the_nonfinite_guard_never_synchronises_per_micro_batch():
     assert out["fp32"][0]["scale"] == 1.0 and out["fp16"][0]["scale"] == 16.0  # the fp16 path scaled
 
 
+def _caption_stage(image, sample):
+    return torch.zeros(3, 4, 4), torch.zeros(4, dtype=torch.long) + len(sample["txt"])
+
+
+_caption_stage.keys = ("txt",)
+
+
 def test_bad_items_of_a_pass_that_ends_mid_batch_are_counted(tmp_path):
     """One shard of 3 good samples and 1 without a caption, batches of 2: every pass of the
     pipeline yields one batch and ends with a good sample left over, and wherever the shuffle
@@ -391,9 +398,8 @@ def test_bad_items_of_a_pass_that_ends_mid_batch_are_counted(tmp_path):
     plan = sh.plan_epoch(2 * passes, micro_batch=2, world_size=1, workers=0, accum=1)
     totals = []
     for seed in range(8):  # each seed shuffles a pass differently (every pass the same way)
-        loader = sh.make_train_loader(sh.DataConfig(workers=0), [str(shard)], plan, lambda im: torch.zeros(3, 4, 4),
-                                      lambda t: torch.zeros(1, 4, dtype=torch.long), 2, epoch=0, seed=seed, rank=0,
-                                      world_size=1)
+        loader = sh.make_train_loader(sh.DataConfig(workers=0), [str(shard)], plan, _caption_stage, 2, epoch=0,
+                                      seed=seed, rank=0, world_size=1)
         counts = [bad.counts.get("no_caption", 0) for _, _, bad in loader]
         assert len(counts) == passes
         totals.append(sum(counts))

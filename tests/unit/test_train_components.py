@@ -100,19 +100,21 @@ def test_schedule_matches_open_clip_and_survives_state_dict():
     sched2.load_state_dict(state)
     sched2.step()  # the first step after a resume: the saved curve, where it stopped
     assert opt2.param_groups[0]["lr"] == pytest.approx(reference(31), abs=1e-12)
-    check_resumed_lr(sched2, 10, 50)
+    assert check_resumed_lr(sched2, 10, 1, 50) is None
 
 
 def test_a_resume_that_would_change_the_lr_curve_names_the_flag():
     opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
-    sched = warmup_cosine_lr(opt, warmup=10, total_steps=50)
-    resumed = warmup_cosine_lr(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3), 20, 80)
+    sched = warmup_cosine_lr(opt, warmup=10, total_steps=50, epochs=2)
+    resumed = warmup_cosine_lr(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3), 20, 80, 3)
     resumed.load_state_dict(sched.state_dict())  # the checkpoint's curve replaces the flags'
     assert (resumed.lr_lambdas[0].warmup, resumed.lr_lambdas[0].total_steps) == (10, 50)
     with pytest.raises(ValueError, match="--warmup 20 differs from the checkpoint's 10"):
-        check_resumed_lr(resumed, 20, 50)
-    with pytest.raises(ValueError, match="--epochs .* 80 steps .* spans 50"):
-        check_resumed_lr(resumed, 10, 80)
+        check_resumed_lr(resumed, 20, 2, 50)
+    with pytest.raises(ValueError, match="--epochs 3 differs from the checkpoint's 2"):
+        check_resumed_lr(resumed, 10, 3, 80)
+    # the same flags at another world size: the saved curve goes on, and says so
+    assert "the saved curve goes on" in check_resumed_lr(resumed, 10, 2, 100)
 
 
 @pytest.mark.parametrize("n,micro,world,workers,accum", [(1000, 16, 2, 2, 1), (1000, 16, 2, 3, 4), (10, 64, 8, 4, 2)])
