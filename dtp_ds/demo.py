@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2, help="ranks (GPUs, or CPU processes)")
     p.add_argument("--model", default=DEMO_MODEL)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--samples-per-epoch", type=int, default=15360,
-                   help="samples per epoch (of the 20,000 made): 60 steps of 2 x 128 per epoch")
+    p.add_argument("--samples-per-epoch", type=int, default=19200,
+                   help="samples per epoch (of the 20,000 made): 75 steps of 2 x 128 per epoch")
     p.add_argument("--batch-size", type=int, default=128,
                    help="micro-batch per rank: contrastive negatives come from the whole global batch")
     a, extra = p.parse_known_args(argv)
