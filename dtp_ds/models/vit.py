@@ -59,7 +59,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packing: Packing | None = None, key_bias: torch.Tensor | None = None,
+                want_keys: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``key_bias`` (B, T): added to every query's logit for each key (dense input only; ToMe's
+        proportional attention passes log token sizes). ``want_keys``: also return the keys
+        averaged over heads (B, T, head width), ToMe's similarity metric."""
         qkv = self.qkv(x)
         mask = None
         if packing is not None:
@@ -68,17 +72,22 @@ class Attention(nn.Module):
         batch, length, dim3 = qkv.shape
         dim = dim3 // 3
         q, k, v = qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        if key_bias is not None:
+            mask = key_bias[:, None, None, :].to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(batch, length, dim)
         if packing is not None:
             out = from_padded(out, packing)
-        return self.proj(out)
+        out = self.proj(out)
+        return (out, k.mean(dim=1)) if want_keys else out
 
 
-# A reducer's hook between a block's attention and its MLP: (tokens, packing) -> (tokens,
-# packing). It may run twice per forward under activation checkpointing, so it must be a pure
-# function of its inputs (and the RNG state, which checkpointing replays).
-MidBlockFn = Callable[[torch.Tensor, "Packing | None"], "tuple[torch.Tensor, Packing | None]"]
+# A reducer's hook between a block's attention and its MLP: (tokens, packing, token sizes or
+# None, attention keys averaged over heads) -> (tokens, packing, sizes). It may run twice per
+# forward under activation checkpointing, so it must be a pure function of its inputs (and the RNG
+# state, which checkpointing replays); what changes from block to block travels in its arguments.
+MidBlockFn = Callable[[torch.Tensor, "Packing | None", "torch.Tensor | None", torch.Tensor],
+                      "tuple[torch.Tensor, Packing | None, torch.Tensor | None]"]
 
 
 class Block(nn.Module):
@@ -93,12 +102,17 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, packing: Packing | None = None,
-                mid: MidBlockFn | None = None) -> tuple[torch.Tensor, Packing | None]:
-        x = x + drop_path(self.attn(self.norm1(x), packing), self.drop_path, self.training, packing)
+    def forward(self, x: torch.Tensor, packing: Packing | None = None, mid: MidBlockFn | None = None,
+                sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, Packing | None, torch.Tensor | None]:
+        """``sizes`` (B, T): how many patches each token stands for (merged tokens), or None."""
+        bias = None if sizes is None else sizes.log()
+        h = self.attn(self.norm1(x), packing, bias, want_keys=mid is not None)
         if mid is not None:
-            x, packing = mid(x, packing)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, packing), packing
+            h, keys = h
+        x = x + drop_path(h, self.drop_path, self.training, packing)
+        if mid is not None:
+            x, packing, sizes = mid(x, packing, sizes, keys)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, packing), packing, sizes
 
 
 class PatchEmbed(nn.Conv2d):
@@ -148,6 +162,7 @@ class ForwardState:
     patches: int
     embed: torch.Tensor  # (B, N, D) patch embeddings before positions (content only)
     packing: Packing | None = None  # set while the tokens are packed rows
+    sizes: torch.Tensor | None = None  # (B, T) patches per token once tokens were merged (ToMe)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # with grad, weight 1 each
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
     groups: torch.Tensor | None = None  # (B, N) long: the group each patch ended in
@@ -316,9 +331,9 @@ class VisionTransformer(nn.Module):
     def _block(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         blk, mid = self.blocks[index], self.reducer.mid_block(index, st)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            x, st.packing = checkpoint(blk, x, st.packing, mid, use_reentrant=False)
+            x, st.packing, st.sizes = checkpoint(blk, x, st.packing, mid, st.sizes, use_reentrant=False)
         else:
-            x, st.packing = blk(x, st.packing, mid)
+            x, st.packing, st.sizes = blk(x, st.packing, mid, st.sizes)
         return x
 
     def forward_with_aux(self, x: torch.Tensor) -> TowerOutput:
@@ -335,8 +350,8 @@ class VisionTransformer(nn.Module):
         device = x.device
         token_counts = torch.stack([torch.as_tensor(c, dtype=torch.float32).to(device) for c in counts]) \
             if counts else torch.zeros(0, device=device)
-        return TowerOutput(self.head(self._pool(x, st.packing)), st.aux_losses, st.stats, token_counts.detach(),
-                           st.groups, st.scores, st.extras)
+        features = self.head(self._pool(x, st.packing, st.sizes))
+        return TowerOutput(features, st.aux_losses, st.stats, token_counts.detach(), st.groups, st.scores, st.extras)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (final tokens (B, T, D), valid (B, T) bool): packed sequences are padded
@@ -359,14 +374,19 @@ class VisionTransformer(nn.Module):
             records.append(out)
         return out.features
 
-    def _pool(self, x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
-        """Pool each sample's final tokens (dense (B, T, D) or packed (N, D)) -> (B, D)."""
+    def _pool(self, x: torch.Tensor, packing: Packing | None, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Pool each sample's final tokens (dense (B, T, D) or packed (N, D)) -> (B, D); merged
+        tokens (``sizes``) weigh as many patches as they stand for."""
         if packing is None:
             if self.global_pool == "cls":
                 return x[:, 0]
             if self.global_pool == "last":
                 return x[:, -1]
-            return x.mean(1) if self.global_pool == "mean_with_cls" else x[:, 1:].mean(1)
+            start = 0 if self.global_pool == "mean_with_cls" else 1
+            if sizes is None:
+                return x[:, start:].mean(1)
+            w = sizes[:, start:].unsqueeze(-1)
+            return ((x[:, start:].float() * w).sum(1) / w.sum(1)).to(x.dtype)
         if self.global_pool == "cls":
             return x.index_select(0, packing.starts)
         if self.global_pool == "last":

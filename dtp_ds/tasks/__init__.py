@@ -47,6 +47,11 @@ class Task(Protocol):
 
     def data_stage(self) -> DataStage: ...
 
+    def schedules(self, total_steps: int) -> dict[str, Any]:
+        """What changes over the run besides the LR (``dtp_ds.train.schedule.Schedule`` objects,
+        by name), e.g. a reducer's: stepped by the Trainer, saved with every checkpoint."""
+        ...
+
     def evaluate(self, splits: Iterable[Any], device: torch.device, batch_size: int,
                  max_images: int | None, workers: int) -> tuple[dict[str, float], list[str]]:
         """Metrics of every split (row keys) and one summary line per split; images decoded by

@@ -15,7 +15,7 @@ from open_clip.loss import ClipLoss
 from torch import nn
 
 from dtp_ds.eval.zeroshot import ZeroShotSplit, with_prefix, zero_shot_eval
-from dtp_ds.models import TowerOutput, record_forward
+from dtp_ds.models import TowerOutput, record_forward, reducers_of
 
 from . import TaskSpec, register_task
 
@@ -39,6 +39,12 @@ def reducer_terms(records: list[TowerOutput], weight: float) -> tuple[torch.Tens
     aux = [row[k] for k in records[0].aux_losses]
     total = weight * torch.stack(aux).sum() if aux else None
     return total, {k: v.detach() for k, v in row.items()}
+
+
+def reducer_schedules(model: nn.Module, total_steps: int) -> dict[str, Any]:
+    """The schedules the model's token reducers need over the run, named by reducer."""
+    found = ((f"reducer{i}_{r.type_name}", r.schedule(total_steps)) for i, r in enumerate(reducers_of(model)))
+    return {name: s for name, s in found if s is not None}
 
 
 class CLIPModule(nn.Module):
@@ -99,6 +105,9 @@ class CLIPTask:
 
     def data_stage(self) -> CaptionStage:
         return CaptionStage(self.preprocess_train, self.tokenizer)
+
+    def schedules(self, total_steps: int) -> dict[str, Any]:
+        return reducer_schedules(self.model, total_steps)
 
     def evaluate(self, splits: Iterable[ZeroShotSplit], device: torch.device, batch_size: int,
                  max_images: int | None, workers: int = 2) -> tuple[dict[str, float], list[str]]:

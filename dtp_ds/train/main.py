@@ -307,7 +307,7 @@ def make_logger(s: Setup, rank: int, state: TrainState, resumed_from: str | None
 def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world: int) -> Trainer:
     """Resume (or seed), open the run directory, and put the Trainer together."""
     args = s.args
-    schedules = Schedules()
+    schedules = Schedules(task.schedules(s.total_steps))
     state, resumed_from, t_load, own = resume(s, engine, schedules, rank)
     last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
     n_params = sum(p.numel() for p in task.model.parameters())

@@ -31,3 +31,28 @@ def test_a_reducer_of_ones_own_trains_under_zero2(synth, tmp_path):
     assert rows[-1]["gate_loss"] < rows[0]["gate_loss"]  # the reducer's own parameter learned
     saved = json.loads((tmp_path / "toy" / "config.json").read_text())
     assert saved["model_cfg"]["vision_cfg"]["reducer_cfg"]["type"] == "tests.dist.toy_reducer:StrideReducer"
+
+
+@pytest.mark.parametrize("model,compression", [("ToMe-ViT-Tiny-8", 64 / 18), ("PatchDrop-ViT-Tiny-8", 2.0)])
+def test_reducers_train_under_zero3_and_save_their_schedules(synth, tmp_path, model, compression):
+    """ToMe and patch dropout train on 2 ranks under ZeRO-3 (loss falls, ranks agree); patch
+    dropout's unmasked-final-segment schedule is saved with the checkpoint."""
+    import torch
+
+    args = base_args(synth, tmp_path, "run", "--zero-stage", "3", "--precision", "fp32", "--max-steps", "10",
+                     "--lr", "2e-3")
+    args[args.index("--model") + 1] = model
+    run_train(args)
+    rows = step_records(tmp_path / "run")
+    losses = [r["loss"] for r in rows]
+    assert len(rows) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert rows[-1]["compression"] == pytest.approx(compression, rel=1e-5)
+    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["params_finite"] and final["param_fingerprint_by_rank"][0] == final["param_fingerprint_by_rank"][1]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
+    states = torch.load(next(ckpt.glob("*model_states.pt")), map_location="cpu", weights_only=False)
+    schedules = states["schedules"]
+    if model.startswith("PatchDrop"):
+        assert schedules == {"reducer0_patch_dropout": {"step_done": 10, "switch_at": 68, "total_steps": 75}}
+    else:
+        assert schedules == {}

@@ -6,9 +6,12 @@ calls in every forward; each defaults to doing nothing, so a reducer overrides o
 - ``on_input(x, st)``: the tokens (B, 1 + N, D) after positions (patch dropout, token dropout);
 - ``at_boundary(i, x, st)``: before block ``i`` (``i = depth``: after the last block) (DRIP,
   TokenLearner, grouping); may switch to packed rows by setting ``st.packing``;
-- ``mid_block(i, st)``: a function run between block ``i``'s attention and MLP, or ``None`` (ToMe);
+- ``mid_block(i, st)``: a function run between block ``i``'s attention and MLP, or ``None`` (ToMe:
+  it gets the attention keys and carries token sizes, which attention and pooling then weigh);
 - ``pin(tokens)``: fix the number of tokens the reduction keeps (FLOP counts, memory checks at a
-  given compression), ``None`` to unpin.
+  given compression), ``None`` to unpin;
+- ``schedule(total_steps)``: a schedule the Trainer steps and checkpoints (patch dropout's unmasked
+  final segment), or ``None``.
 
 Everything a forward produces besides the tokens (auxiliary losses, detached statistics, the group
 each patch ended in) goes into the :class:`~dtp_ds.models.vit.ForwardState` ``st``, never onto the
@@ -81,8 +84,13 @@ class TokenReducer(nn.Module):
         return None
 
     def pin(self, tokens: int | None) -> None:
-        """Keep exactly ``tokens`` patch tokens (groups) per sample; ``None``: as learned."""
-        raise ValueError(f"the {self.type_name!r} reducer keeps a fixed number of tokens: nothing to pin")
+        """Keep exactly ``tokens`` patch tokens (groups) per sample; ``None``: as learned. A reducer
+        whose count does not depend on the content has nothing to pin (the default)."""
+
+    def schedule(self, total_steps: int) -> Any:
+        """A :class:`~dtp_ds.train.schedule.Schedule` this reducer needs over a run of
+        ``total_steps`` (FLIP's unmasked final segment), or ``None``."""
+        return None
 
     def upgrade_state_dict(self, state_dict: dict[str, Any], trunk_prefix: str) -> None:
         """Rename, in place, keys an older layout of this reducer's trunk saved (checkpoints
@@ -109,9 +117,6 @@ class TokenReducer(nn.Module):
 @register_reducer("none")
 class NoReducer(TokenReducer):
     """No reduction: the trunk is a plain ViT."""
-
-    def pin(self, tokens: int | None) -> None:  # nothing to pin: every patch is kept
-        return None
 
 
 def reducer_class(kind: Any) -> type[TokenReducer]:
@@ -165,7 +170,7 @@ def reducers_of(model: nn.Module) -> list[TokenReducer]:
     return [m for m in model.modules() if isinstance(m, TokenReducer)]
 
 
-from . import drip  # noqa: E402,F401  (registers "drip")
+from . import drip, dropout, tome  # noqa: E402,F401  (register "drip", "patch_dropout", "tome")
 
 __all__ = ["REDUCERS", "NoReducer", "TokenPlan", "TokenReducer", "make_reducer", "pinned_tokens", "reducers_of",
            "register_reducer"]
