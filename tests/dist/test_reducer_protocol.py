@@ -33,11 +33,15 @@ def test_a_reducer_of_ones_own_trains_under_zero2(synth, tmp_path):
     assert saved["model_cfg"]["vision_cfg"]["reducer_cfg"]["type"] == "tests.dist.toy_reducer:StrideReducer"
 
 
-@pytest.mark.parametrize("model,compression", [("ToMe-ViT-Tiny-8", 64 / 18), ("PatchDrop-ViT-Tiny-8", 2.0)])
+@pytest.mark.parametrize("model,compression", [("ToMe-ViT-Tiny-8", 64 / 18), ("PatchDrop-ViT-Tiny-8", 2.0),
+                                               ("TokenLearner-ViT-Tiny-8", 4.0)])
 def test_reducers_train_under_zero3_and_save_their_schedules(synth, tmp_path, model, compression):
-    """ToMe and patch dropout train on 2 ranks under ZeRO-3 (loss falls, ranks agree); patch
-    dropout's unmasked-final-segment schedule is saved with the checkpoint."""
+    """ToMe, patch dropout and TokenLearner train on 2 ranks under ZeRO-3 (loss falls, ranks
+    agree); patch dropout's unmasked-final-segment schedule is saved with the checkpoint; the
+    export reloads to the checkpoint's embeddings."""
     import torch
+
+    from dtp_ds.train.export import export_safetensors, load_exported, load_model_from_checkpoint
 
     args = base_args(synth, tmp_path, "run", "--zero-stage", "3", "--precision", "fp32", "--max-steps", "10",
                      "--lr", "2e-3")
@@ -56,3 +60,8 @@ def test_reducers_train_under_zero3_and_save_their_schedules(synth, tmp_path, mo
         assert schedules == {"reducer0_patch_dropout": {"step_done": 10, "switch_at": 68, "total_steps": 75}}
     else:
         assert schedules == {}
+    export_safetensors(str(tmp_path / "run"), str(tmp_path / "model.safetensors"))
+    exported, (loaded, _) = load_exported(str(tmp_path / "model.safetensors")), load_model_from_checkpoint(str(ckpt))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(exported.eval().encode_image(images), loaded.eval().encode_image(images), atol=1e-6)

@@ -92,7 +92,29 @@ def test_patch_dropout_ends_with_an_unmasked_segment_that_survives_a_resume():
         {"type": "patch_dropout", "prob": 0.5}, 64, 6, 64).schedule(100) is None
 
 
-@pytest.mark.parametrize("name", ["ToMe-ViT-Tiny-8", "PatchDrop-ViT-Tiny-8"])
+def test_tokenlearner_learns_its_tokens_before_its_block():
+    model = trunk({"type": "tokenlearner", "at": 2, "tokens": 8}).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model.forward_with_aux(images)
+    assert out.token_counts.tolist() == [65.0, 65.0, 9.0, 9.0, 9.0, 9.0] == model.reducer.planned_tokens(64, 6)
+    assert out.stats["compression"].item() == 8.0
+    with pytest.raises(ValueError, match="block boundary inside the trunk"):
+        trunk({"type": "tokenlearner", "at": 6})
+
+
+def test_reducers_run_in_bf16_without_nan():
+    images = torch.randn(2, 3, 64, 64)
+    for cfg in ({"type": "tome", "r": [16, 12, 8, 4, 2, 0]}, {"type": "patch_dropout", "prob": 0.5},
+                {"type": "tokenlearner", "at": 2, "tokens": 8}):
+        model = trunk(cfg).to(torch.bfloat16)
+        out = model(images.to(torch.bfloat16))
+        out.float().square().sum().backward()
+        assert torch.isfinite(out.float()).all(), cfg
+        assert all(torch.isfinite(p.grad.float()).all() for p in model.parameters() if p.grad is not None), cfg
+
+
+@pytest.mark.parametrize("name", ["ToMe-ViT-Tiny-8", "PatchDrop-ViT-Tiny-8", "TokenLearner-ViT-Tiny-8"])
 def test_the_tiny_configs_build_and_report(name):
     model = open_clip.create_model(name, output_dict=True)
     (t,) = trunks(model)
