@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.dtp_ds-installed
 DATA   ?= data/synth
 NPROC  ?= 2
 
-.PHONY: venv demo test lint bench clean-demo
+.PHONY: venv demo test lint bench clean-demo compare
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ $(DATA)/zeroshot/classnames.json: | $(STAMP)
 # zero-shot evaluated on the held-out synthetic split.
 demo: $(STAMP) $(DATA)/zeroshot/classnames.json
 	$(PY) -m dtp_ds.demo --data $(DATA) --nproc $(NPROC)
+
+# Token reducers compared on one trunk: every arm trained on the synthetic shards with the tiny
+# configs (same samples, seed, batch), then measured; table and compare.{json,csv,png} in logs/.
+compare: $(STAMP) $(DATA)/zeroshot/classnames.json
+	$(PY) tools/compare_reducers --data $(DATA) --nproc $(NPROC)
 
 # tools/ci_setup_ssh installs and starts sshd (127.0.0.1 only) + pdsh for tests/e2e; where it
 # cannot (no apt, not root) it says why and the e2e tests skip with that reason.

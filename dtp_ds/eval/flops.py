@@ -49,14 +49,14 @@ with warnings.catch_warnings():
 DEFAULT_MODELS = ["ViT-B-32", "DRIP-ViT-B-32-2x", "DRIP-ViT-B-32-4x", "DRIP-ViT-B-32-10x"]
 
 
-def _fvcore(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+def fvcore_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
     analysis = FlopCountAnalysis(module, inputs)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     return int(analysis.total())
 
 
-def _torch_count(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+def torch_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
         module(*inputs)
@@ -65,11 +65,11 @@ def _torch_count(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
 
 def _count(model: nn.Module, image: torch.Tensor, text: torch.Tensor | None, no_grad: bool) -> dict[str, float]:
     with torch.no_grad() if no_grad else contextlib.nullcontext():
-        result = {"gflops": _torch_count(model.visual, (image,)) / 1e9,
-                  "gflops_fvcore": _fvcore(model.visual, (image,)) / 1e9}
+        result = {"gflops": torch_macs(model.visual, (image,)) / 1e9,
+                  "gflops_fvcore": fvcore_macs(model.visual, (image,)) / 1e9}
         if text is not None:
-            result["clip_gflops"] = _torch_count(model, (image, text)) / 1e9
-            result["clip_gflops_fvcore"] = _fvcore(model, (image, text)) / 1e9
+            result["clip_gflops"] = torch_macs(model, (image, text)) / 1e9
+            result["clip_gflops_fvcore"] = fvcore_macs(model, (image, text)) / 1e9
     return result
 
 

@@ -1,0 +1,168 @@
+"""``tools/compare_reducers``: token reducers compared as CLIP image towers on one trunk.
+
+Each arm is one real ``dtp_ds.train`` run under the ``deepspeed`` launcher on the same shards,
+samples, seed, ds_config and global batch; arms differ only in the trunk's ``reducer_cfg`` (and
+the low-resolution control in its image size). After training, each arm's checkpoint is measured
+in one process on real images of the zero-shot split: inference image-tower GFLOPs in eval mode
+(FlopCounterMode, and fvcore for the users' convention), training GFLOPs per sample (a training-
+mode forward and backward of the image tower: dropped, merged or padded tokens as they really
+run). From the run's metrics: median step time without data wait, samples/s, peak memory,
+zero-shot top-1 / top-5, training compression and mean tokens per block. An arm whose run already
+finished is not trained again. Writes ``compare.json``, ``compare.csv`` and ``compare.png``
+(zero-shot top-1 against inference GFLOPs and against step time).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import statistics
+import sys
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from dtp_ds.bench.boundary_ablation import run_arm
+from dtp_ds.eval.boundaries import list_images, val_transform
+from dtp_ds.eval.flops import fvcore_macs, torch_macs
+from dtp_ds.models import get_model_config, get_reducer_cfg
+from dtp_ds.train.export import load_model_from_checkpoint
+from dtp_ds.train.metrics import read_metrics
+
+BASE = "ViT-Tiny-8"  # widths, depth, patch, text tower of every arm
+TRUNK_CFG = {"pool": "mean_with_cls", "stem": "conv"}
+# arm -> (reducer_cfg, image size or None for the base's); the reducer configs are the shipped tiny ones
+ARMS: dict[str, tuple[dict[str, Any], int | None]] = {
+    "plain": ({"type": "none"}, None),
+    "drip": (get_reducer_cfg("DRIP-ViT-Tiny-8-4x"), None),
+    "drip-uniform": ({**get_reducer_cfg("DRIP-ViT-Tiny-8-4x"), "predictor": "fixed"}, None),
+    "tome": (get_reducer_cfg("ToMe-ViT-Tiny-8"), None),
+    "tokenlearner": (get_reducer_cfg("TokenLearner-ViT-Tiny-8"), None),
+    "patch-dropout": (get_reducer_cfg("PatchDrop-ViT-Tiny-8"), None),
+    "low-res": ({"type": "none"}, 32),  # CLIPA's static strategy: the plain trunk at half the side
+}
+COLUMNS = [("arm", "arm", "{}"), ("params_m", "params (M)", "{:.2f}"), ("gflops", "GFLOPs", "{:.3f}"),
+           ("gflops_fvcore", "fvcore", "{:.3f}"), ("train_gflops", "train GFLOPs/sample", "{:.3f}"),
+           ("step_time", "step s", "{:.2f}"), ("samples_per_s", "samples/s", "{:.1f}"),
+           ("peak_mem_gb", "peak GB", "{:.2f}"), ("zeroshot_top1", "top-1", "{:.1f}"),
+           ("zeroshot_top5", "top-5", "{:.1f}"), ("compression", "train compr", "{:.2f}"),
+           ("image_tokens", "tokens/block", "{:.1f}")]
+
+
+def write_arm_config(arm: str, out_dir: str) -> str:
+    reducer, image_size = ARMS[arm]
+    cfg = copy.deepcopy(get_model_config(BASE))
+    cfg["vision_cfg"].update(trunk_cfg=dict(TRUNK_CFG), reducer_cfg=copy.deepcopy(reducer))
+    if image_size:
+        cfg["vision_cfg"]["image_size"] = image_size
+    path = os.path.join(out_dir, "configs", f"Compare-{arm}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=1)
+    return path
+
+
+def measure(run_dir: str, images: list[str], batch: int) -> dict[str, Any]:
+    """Params and GFLOPs of a trained arm, on real images (per image)."""
+    model, _ = load_model_from_checkpoint(run_dir)
+    transform = val_transform(model)
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in images[:batch]])
+    visual = model.visual.eval()
+    with torch.no_grad():
+        row = {"gflops": torch_macs(visual, (x,)) / 1e9 / len(x),
+               "gflops_fvcore": fvcore_macs(visual, (x,)) / 1e9 / len(x)}
+    visual.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        visual(x).float().square().mean().backward()
+    row["train_gflops"] = counter.get_total_flops() / 2 / 1e9 / len(x)  # multiply-adds, as above
+    row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return row
+
+
+def from_metrics(run_dir: str, global_batch: int) -> dict[str, Any]:
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    steps = [r for r in rows if "step_time" in r][1:] or [r for r in rows if "step_time" in r]  # first: warm-up
+    compute = statistics.median(r["step_time"] - r.get("data_time", 0.0) for r in steps)
+    evals = [r for r in rows if "zeroshot_top1" in r]
+    out = {"step_time": compute, "samples_per_s": global_batch / compute,
+           "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in steps), **{k: evals[-1][k] for k in
+                                                                            ("zeroshot_top1", "zeroshot_top5")}}
+    for key in ("compression", "image_tokens"):
+        vals = [r[key] for r in steps if key in r]
+        out[key] = statistics.fmean(vals) if vals else None
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cells = [[h for _, h, _ in COLUMNS]] + [[fmt.format(r[k]) if r.get(k) is not None else "-"
+                                              for k, _, fmt in COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict[str, Any]], out: str) -> None:
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k, _, _ in COLUMNS], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "gflops", "inference GFLOPs per image (FlopCounterMode)"),
+                           (axes[1], "step_time", "training step time (s, median, no data wait)")):
+        for r in rows:
+            ax.scatter(r[key], r["zeroshot_top1"])
+            ax.annotate(r["arm"], (r[key], r["zeroshot_top1"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("zero-shot top-1 (%)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="compare_reducers", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="data/synth", help="made by tools/make_synthetic_shards")
+    p.add_argument("--out", default="logs/compare_reducers", help="runs, configs and compare.* go here")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=128, help="micro-batch per rank")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flops-images", type=int, default=16, help="real images the GFLOPs are measured on")
+    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
+    a, extra = p.parse_known_args(argv)
+    images = list_images(os.path.join(a.data, "zeroshot"), a.flops_images)
+    if not images:
+        p.error(f"--data {a.data}: no zeroshot/ images; run tools/make_synthetic_shards --out {a.data}")
+    global_batch = a.batch_size * a.nproc
+    # one epoch of exactly --steps steps (the loader cycles the shards): the LR curve spans the run
+    extra = ["--log-every-n-steps", "1", "--train-num-samples", str(a.steps * global_batch), *extra]
+    rows = []
+    for arm in a.arms:
+        run = run_arm(arm, write_arm_config(arm, a.out), a, extra)
+        rows.append({"arm": arm, **from_metrics(run["run_dir"], global_batch),
+                     **measure(run["run_dir"], images, a.flops_images)})
+    write_outputs(rows, a.out)
+    print(format_table(rows))
+    print(f"compare: {a.steps} steps x global batch {global_batch} per arm, same shards, seed and "
+          f"ds_config; GFLOPs are multiply-adds per image on {len(images)} real images; {a.out}/compare.*",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
