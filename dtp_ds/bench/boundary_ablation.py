@@ -64,7 +64,8 @@ def write_arm_config(arm: str, overrides: dict[str, Any], base: str, out_dir: st
     return path
 
 
-def run_arm(arm: str, model: str, a: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+def run_arm(arm: str, model: str, a: argparse.Namespace, extra: list[str], tool: str = "ablation") -> dict[str, Any]:
+    """Train one arm by a real run (unless a finished run of it is there); its last evaluation row."""
     logs = os.path.join(a.out, "runs")
     cmd = launch_command(a.data, logs, arm, a.nproc, model,
                          ["--epochs", "1", "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
@@ -74,11 +75,11 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, extra: list[str]) -> di
     if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) or not any(
             "zeroshot_top1" in r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))):
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt of this arm
-        print(f"ablation: {arm}: {' '.join(cmd)}", flush=True)
+        print(f"{tool}: {arm}: {' '.join(cmd)}", flush=True)
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
         if subprocess.call(cmd, env=env) != 0:
-            raise SystemExit(f"ablation: the {arm} run failed; see its output above and {run_dir}")
+            raise SystemExit(f"{tool}: the {arm} run failed; see its output above and {run_dir}")
     rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "zeroshot_top1" in r]
     return {"arm": arm, "rule": "-", "run_dir": run_dir, **rows[-1]}
 

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--log-every-n-steps", "1", "--train-num-samples", str(a.steps * global_batch), *extra]
     rows = []
     for arm in a.arms:
-        run = run_arm(arm, write_arm_config(arm, a.out), a, extra)
+        run = run_arm(arm, write_arm_config(arm, a.out), a, extra, tool="compare")
         rows.append({"arm": arm, **from_metrics(run["run_dir"], global_batch),
                      **measure(run["run_dir"], images, a.flops_images)})
     write_outputs(rows, a.out)
