@@ -207,14 +207,12 @@ def _worker(spec: dict[str, Any]) -> ProbeResult:
     import deepspeed
     import open_clip
 
-    import dtp_ds  # noqa: F401  (registers the DRIP configs)
-    from dtp_ds.tasks import param_groups
+    from dtp_ds.tasks import param_groups  # importing the tasks registers the dtp_ds model configs
     from dtp_ds.tasks.clip import CLIPModule
     from dtp_ds.train.ds_config import precision_of
     from dtp_ds.train.precision import DTYPES, check_precision_supported
 
-    cfg = dict(spec["ds_config"])
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg = {k: v for k, v in spec["ds_config"].items() if not k.startswith("_")}
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = 1  # accumulation does not move the peak; it only adds steps
     cfg["train_batch_size"] = micro

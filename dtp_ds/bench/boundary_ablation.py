@@ -22,6 +22,7 @@ from typing import Any
 import open_clip
 import torch
 
+from dtp_ds.bench import markdown_table
 from dtp_ds.demo import launch_command
 from dtp_ds.eval.boundaries import val_transform
 from dtp_ds.eval.zeroshot import folder_split, with_prefix, zero_shot_eval
@@ -108,13 +109,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r.get("train_compression") and r.get("zeroshot_compression"):
             r["gap"] = r["zeroshot_compression"] / r["train_compression"] - 1.0
-    cells = [[h for _, h, _ in COLUMNS]]
-    for r in rows:
-        cells.append([fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in COLUMNS])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from dtp_ds.bench import markdown_table
 from dtp_ds.bench.boundary_ablation import run_arm
 from dtp_ds.eval.boundaries import list_images, val_transform
 from dtp_ds.eval.flops import fvcore_macs, torch_macs
@@ -98,15 +99,6 @@ def from_metrics(run_dir: str, global_batch: int) -> dict[str, Any]:
     return out
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    cells = [[h for _, h, _ in COLUMNS]] + [[fmt.format(r[k]) if r.get(k) is not None else "-"
-                                              for k, _, fmt in COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines)
-
-
 def write_outputs(rows: list[dict[str, Any]], out: str) -> None:
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -157,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"arm": arm, **from_metrics(run["run_dir"], global_batch),
                      **measure(run["run_dir"], images, a.flops_images)})
     write_outputs(rows, a.out)
-    print(format_table(rows))
+    print(markdown_table(rows, COLUMNS))
     print(f"compare: {a.steps} steps x global batch {global_batch} per arm, same shards, seed and "
           f"ds_config; GFLOPs are multiply-adds per image on {len(images)} real images; {a.out}/compare.*",
           flush=True)

@@ -336,8 +336,8 @@ class VisionTransformer(nn.Module):
             x, st.packing, st.sizes = blk(x, st.packing, mid, st.sizes)
         return x
 
-    def forward_with_aux(self, x: torch.Tensor) -> TowerOutput:
-        """Images (B, C, H, W) -> :class:`TowerOutput` (embeddings and the reducer's report)."""
+    def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState, list[torch.Tensor | float]]:
+        """Images -> (final-normed tokens, the forward's state, tokens per sample entering each block)."""
         x, embed = self._embed(x)
         st = ForwardState(batch=x.shape[0], patches=embed.shape[1], embed=embed)
         x = self.reducer.on_input(x, st)
@@ -346,7 +346,11 @@ class VisionTransformer(nn.Module):
             x = self.reducer.at_boundary(i, x, st)
             counts.append(st.tokens_per_sample(x))
             x = self._block(i, x, st)
-        x = self.norm(self.reducer.at_boundary(len(self.blocks), x, st))
+        return self.norm(self.reducer.at_boundary(len(self.blocks), x, st)), st, counts
+
+    def forward_with_aux(self, x: torch.Tensor) -> TowerOutput:
+        """Images (B, C, H, W) -> :class:`TowerOutput` (embeddings and the reducer's report)."""
+        x, st, counts = self._forward_tokens(x)
         device = x.device
         token_counts = torch.stack([torch.as_tensor(c, dtype=torch.float32).to(device) for c in counts]) \
             if counts else torch.zeros(0, device=device)
@@ -356,12 +360,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (final tokens (B, T, D), valid (B, T) bool): packed sequences are padded
         to the longest (zeros at padding)."""
-        x, embed = self._embed(x)
-        st = ForwardState(batch=x.shape[0], patches=embed.shape[1], embed=embed)
-        x = self.reducer.on_input(x, st)
-        for i in range(len(self.blocks)):
-            x = self._block(i, self.reducer.at_boundary(i, x, st), st)
-        x = self.norm(self.reducer.at_boundary(len(self.blocks), x, st))
+        x, st, _ = self._forward_tokens(x)
         if st.packing is None:
             return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return to_padded(x, st.packing), st.packing.valid
