@@ -29,20 +29,35 @@ def train_data(synth: Path) -> str:
     return f"{synth}/train/{{00000..00011}}.tar"
 
 
-def deepspeed_cmd(nproc: int) -> list[str]:
+def deepspeed_cmd(nproc: int, port: int | None = None) -> list[str]:
     # a fresh port per run: a killed job leaves its port behind for a while
     return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc),
-            "--master_port", str(free_port()), "--module", "dtp_ds.train"]
+            "--master_port", str(port or free_port()), "--module", "dtp_ds.train"]
+
+
+def leaked_shm(port: int) -> list[Path]:
+    """DeepSpeed CPU all-reduce segments of a run on ``port`` still in /dev/shm (see
+    dtp_ds.cluster.process_group): removed, and returned so a test can fail on them."""
+    found = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def run_train(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None,
               check: bool = True) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N --module dtp_ds.train ARGS``, one intra-op thread per rank."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(deepspeed_cmd(nproc) + args, cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    port = free_port()
+    try:
+        proc = subprocess.run(deepspeed_cmd(nproc, port) + args, cwd=REPO, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
+    finally:
+        leaked = leaked_shm(port)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    if check and leaked:
+        raise AssertionError(f"the run left its shared-memory all-reduce segments in /dev/shm: {leaked}")
     return proc
 
 

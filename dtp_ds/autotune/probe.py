@@ -26,6 +26,7 @@ from typing import Any
 
 from dtp_ds import IMPORT_ROOT
 from dtp_ds.cluster.ports import free_port
+from dtp_ds.cluster.process_group import init_process_group
 from dtp_ds.train.memory import search_max
 
 GiB = 2**30
@@ -220,7 +221,7 @@ def _worker(spec: dict[str, Any]) -> ProbeResult:
     precision = precision_of(cfg)
     check_precision_supported(precision)
     deepspeed.utils.logger.setLevel("ERROR")
-    deepspeed.init_distributed(auto_mpi_discovery=False)
+    init_process_group(auto_mpi_discovery=False)
 
     base, hard = 0, resource.RLIM_INFINITY
     if not use_cuda:

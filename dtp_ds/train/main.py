@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import deepspeed
@@ -33,6 +33,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 import dtp_ds
+from dtp_ds.cluster.process_group import init_process_group
 from dtp_ds.data.shards import (
     DataError,
     check_every_worker_has_a_shard,
@@ -337,7 +338,7 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
 def train(args: TrainArgs) -> int:
     deepspeed.utils.logger.setLevel(logging.WARNING)
     source = discover()  # RANK, WORLD_SIZE, ... from the launcher, MPI or Slurm
-    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timedelta(minutes=args.run.dist_timeout_minutes))
+    init_process_group(args.run.dist_timeout_minutes)
     rank, world = dist.get_rank(), dist.get_world_size()
     log.info("rank %d of %d: process group up (%s; ranks from %s)", rank, world, dist.get_backend(), source)
     start_watchdog(args.run.peer_timeout_seconds)

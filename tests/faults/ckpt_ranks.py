@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import dtp_ds  # noqa: F401  (registers the dtp_ds models with open_clip)
+from dtp_ds.cluster.process_group import init_process_group
 from dtp_ds.tasks import param_groups
 from dtp_ds.tasks.clip import CLIPModule
 from dtp_ds.train import checkpoint, faults
@@ -29,7 +30,7 @@ FAILURES = [(2, "prepare", 1), (3, "deepspeed", 1), (4, "write", 1), (5, "verify
 def main(out: str) -> None:
     deepspeed.utils.logger.setLevel(logging.ERROR)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group(dist_backend="gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     task = CLIPModule(open_clip.create_model("ViT-Tiny-8", output_dict=True, nonscalar_logit_scale=True),

@@ -333,7 +333,8 @@ def _grads(engine, loss):
     return grads
 
 deepspeed.utils.logger.setLevel(logging.ERROR)
-deepspeed.init_distributed(dist_backend="gloo")
+from dtp_ds.cluster.process_group import init_process_group
+init_process_group(dist_backend="gloo")
 get_accelerator().is_fp16_supported = lambda: True  # emulated fp16, as DTP_DS_ALLOW_EMULATED_FP16=1 does
 out = {}
 for precision in ("fp32", "fp16"):

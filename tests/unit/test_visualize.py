@@ -56,7 +56,8 @@ from dtp_ds.tasks import param_groups
 from dtp_ds.tasks.clip import CLIPModule
 
 deepspeed.utils.logger.setLevel(logging.ERROR)
-deepspeed.init_distributed(dist_backend="gloo")
+from dtp_ds.cluster.process_group import init_process_group
+init_process_group(dist_backend="gloo")
 out = sys.argv[1]
 for spec in sys.argv[2:]:
     run, name, stage, precision = spec.split(":")
