@@ -96,9 +96,22 @@ class GroupingLayer(nn.Module):
             self.init = nn.Conv2d(dim, dim, kernel_size=stride, stride=stride)
         else:
             self.slots = nn.Parameter(dim**-0.5 * torch.randn(tokens, dim))
+        self._init_weights(dim)
+
+    @torch.no_grad()
+    def _init_weights(self, dim: int) -> None:
+        # k-means in the normalised token space at init: W_k = W_v = W_q = I and the strided
+        # convolution an average pooling, so the first assignments follow content (small random
+        # projections would give near-uniform assignments and identical centroids).
         for lin in (self.to_kv, self.to_q, self.proj):
-            nn.init.trunc_normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
+        eye = torch.eye(dim, device=self.to_q.weight.device)
+        self.to_q.weight.copy_(eye)
+        self.to_kv.weight.copy_(torch.cat([eye, eye]))
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        if self.stride is not None:
+            self.init.weight.copy_(eye[:, :, None, None].expand(-1, -1, self.stride, self.stride) / self.stride**2)
+            nn.init.zeros_(self.init.bias)
 
     def out_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         if self.stride is None:
