@@ -1,5 +1,6 @@
 """The reducers beside DRIP: ToMe's merging and proportional attention, FLIP patch dropout and its
-unmasked final segment, TokenLearner, grouping layers (local 3x3-window soft k-means, then dense). (Every registered name's forward + backward: ``test_models.py``.)"""
+unmasked final segment, TokenLearner, grouping layers (local 3x3-window soft k-means, then dense).
+(Every registered name's forward + backward: ``test_models.py``.)"""
 from __future__ import annotations
 
 import open_clip

@@ -130,27 +130,29 @@ class GroupingLayer(nn.Module):
         else:
             c = F.adaptive_avg_pool2d(spatial, out_grid).flatten(2).transpose(1, 2) + self.slots.to(dtype)
         k, v = self.to_kv(xn).float().chunk(2, dim=-1)
-        payload = torch.cat([v, x.float()], dim=-1)  # centroids average the projected tokens, the output the raw ones
+        # what the centroids average: the projected tokens, a one (the mass), and in the last
+        # round also the raw tokens (the output's residual)
+        ones = v.new_ones(*v.shape[:2], 1)
+        inner, last = torch.cat([v, ones], dim=-1), torch.cat([v, ones, x.float()], dim=-1)
         if self.stride is not None:
             s = self.stride
             index, valid = window_index(out_grid, x.device)
-            k, payload = _to_cells(k, grid, s), _to_cells(payload, grid, s)  # (B, m, s*s, .)
+            k, inner, last = (_to_cells(t, grid, s) for t in (k, inner, last))  # (B, m, s*s, .)
             bias = torch.zeros(valid.shape, device=x.device).masked_fill(~valid, float("-inf"))
-        for _ in range(self.iters):
+        for it in range(self.iters):
             q = self.to_q(self.norm_c(c.to(dtype))).float()
+            payload = last if it == self.iters - 1 else inner
             if self.stride is not None:
                 # (B, m, s*s, 9): each token of cell c against the centroids of c's 3x3 window
-                a = (torch.einsum("bctd,bckd->bctk", k, _neighbours(q, out_grid)) * self.scale + bias[:, None]).softmax(-1)
-                sums = _gather_back(torch.einsum("bctk,bctd->bckd", a, payload), out_grid)  # (B, m, 2D)
+                logits = torch.einsum("bctd,bckd->bctk", k, _neighbours(q, out_grid)) * self.scale
+                a = (logits + bias[:, None]).softmax(-1)
+                sums = _gather_back(torch.einsum("bctk,bctd->bckd", a, payload), out_grid)  # (B, m, .)
             else:
                 a = (torch.einsum("bnd,bmd->bnm", k, q) * self.scale).softmax(-1)  # (B, n, m)
                 sums = torch.einsum("bnm,bnd->bmd", a, payload)
-            if self.stride is not None:
-                mass = _gather_back(a.sum(2).unsqueeze(-1), out_grid)  # (B, m, 1)
-            else:
-                mass = a.sum(1).unsqueeze(-1)
-            means = sums / mass.clamp_min(1e-6)
-            c, residual = means[..., :d], means[..., d:]
+            means = sums / sums[..., d:d + 1].clamp_min(1e-6)
+            c = means[..., :d]
+        residual = means[..., d + 1:]
         out = residual.to(dtype) + self.proj(c.to(dtype))
         with torch.no_grad():
             if self.stride is not None:
