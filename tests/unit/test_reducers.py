@@ -124,6 +124,8 @@ def test_grouping_runs_the_token_counts_it_plans_and_evaluates_deterministically
     local, dense = a.extras["assignments"]
     assert local.shape == (3, 64, 16) and dense.shape == (3, 16, 8)
     assert torch.equal(a.groups, dense.argmax(-1).gather(1, local.argmax(-1)))
+    plan = model.reducer.plan(64, 6, 64)
+    assert plan.tokens == tuple(planned) and plan.padded == (None,) * 6 and plan.reducer_bytes > 0
     # local only, two layers: 8x8 -> 4x4 -> 2x2
     assert trunk({"type": "grouping", "local_at": [1, 3], "dense_at": None}).reducer.planned_tokens(64, 6) == \
         [65.0, 17.0, 17.0, 5.0, 5.0, 5.0]

@@ -23,6 +23,7 @@ dense detached (B, tokens in, tokens out) matrix.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..vit import ForwardState
-from . import TokenReducer, register_reducer
+from . import TokenPlan, TokenReducer, register_reducer
 
 
 def _near_square(n: int) -> tuple[int, int]:
@@ -224,6 +225,21 @@ class GroupingReducer(TokenReducer):
                         current = float(layer.tokens)
             counts.append(current + 1.0)
         return counts
+
+    def plan(self, patches: int, depth: int, width: int, rate: float | None = None,
+             padding_sigmas: float = 3.0) -> TokenPlan:
+        """Dense blocks; the grouping layers' own saved activations, roughly (fp32): per layer
+        the normed tokens, keys, values and their per-cell copies (~10 n D), and per round the
+        centroid queries and their 3x3 neighbourhoods, the assignments and the means."""
+        base = super().plan(patches, depth, width, rate, padding_sigmas)
+        saved, n = 0.0, float(patches)
+        for _, layer in self._layers():
+            m = float(layer.tokens) if layer.stride is None else n / layer.stride**2
+            candidates = m if layer.stride is None else 9.0
+            window = 0.0 if layer.stride is None else 9.0 * m * width
+            saved += 10 * n * width + layer.iters * (6 * m * width + window + 2 * n * candidates) + m * width
+            n = m
+        return dataclasses.replace(base, reducer_bytes=4.0 * saved)
 
     def at_boundary(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         layers = [layer for at, layer in self._layers() if at == index]
