@@ -43,6 +43,7 @@ ARMS: dict[str, tuple[dict[str, Any], int | None]] = {
     "drip-uniform": ({**get_reducer_cfg("DRIP-ViT-Tiny-8-4x"), "predictor": "fixed"}, None),
     "tome": (get_reducer_cfg("ToMe-ViT-Tiny-8"), None),
     "tokenlearner": (get_reducer_cfg("TokenLearner-ViT-Tiny-8"), None),
+    "grouping": (get_reducer_cfg("Grouping-ViT-Tiny-8"), None),
     "patch-dropout": (get_reducer_cfg("PatchDrop-ViT-Tiny-8"), None),
     "low-res": ({"type": "none"}, 32),  # CLIPA's static strategy: the plain trunk at half the side
 }

@@ -34,9 +34,9 @@ def test_a_reducer_of_ones_own_trains_under_zero2(synth, tmp_path):
 
 
 @pytest.mark.parametrize("model,compression", [("ToMe-ViT-Tiny-8", 64 / 18), ("PatchDrop-ViT-Tiny-8", 2.0),
-                                               ("TokenLearner-ViT-Tiny-8", 4.0)])
+                                               ("TokenLearner-ViT-Tiny-8", 4.0), ("Grouping-ViT-Tiny-8", 8.0)])
 def test_reducers_train_under_zero3_and_save_their_schedules(synth, tmp_path, model, compression):
-    """ToMe, patch dropout and TokenLearner train on 2 ranks under ZeRO-3 (loss falls, ranks
+    """ToMe, patch dropout, TokenLearner and grouping train on 2 ranks under ZeRO-3 (loss falls, ranks
     agree); patch dropout's unmasked-final-segment schedule is saved with the checkpoint; the
     export reloads to the checkpoint's embeddings."""
     import torch

@@ -1,5 +1,6 @@
 """The reducers beside DRIP: ToMe's merging and proportional attention, FLIP patch dropout and its
-unmasked final segment. (Every registered name's forward + backward: ``test_models.py``.)"""
+unmasked final segment, TokenLearner, grouping layers (local 3x3-window soft k-means, then dense).
+(Every registered name's forward + backward: ``test_models.py``.)"""
 from __future__ import annotations
 
 import open_clip
@@ -9,6 +10,7 @@ import torch
 import dtp_ds  # noqa: F401
 from dtp_ds.models import VisionTransformer, make_reducer, record_forward, trunks
 from dtp_ds.models.reducers.dropout import PatchDropoutReducer
+from dtp_ds.models.reducers.grouping import GroupingLayer
 from dtp_ds.models.reducers.tome import bipartite_merge, mergeable
 from dtp_ds.models.vit import Attention
 from dtp_ds.train.checkpoint import TrainState
@@ -103,10 +105,92 @@ def test_tokenlearner_learns_its_tokens_before_its_block():
         trunk({"type": "tokenlearner", "at": 6})
 
 
+GROUPING = {"type": "grouping", "local_at": [2], "stride": 2, "dense_at": 4, "tokens": 8, "iters": 2}
+
+
+def test_grouping_runs_the_token_counts_it_plans_and_evaluates_deterministically():
+    model = trunk(GROUPING).eval()
+    planned = model.reducer.planned_tokens(64, 6)
+    assert planned == [65.0, 65.0, 17.0, 17.0, 9.0, 9.0]  # 8x8 patches -> 4x4 centroids -> 8 groups
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model.forward_with_aux(images), model.forward_with_aux(images)
+    assert a.token_counts.tolist() == planned and torch.equal(a.features, b.features)
+    assert torch.equal(a.groups, b.groups)
+    assert a.stats["compression"].item() == 8.0 and not a.stats["compression"].requires_grad
+    # every patch ended in one of the 8 final groups, following the hard assignments layer by layer
+    assert a.groups.shape == (3, 64) and a.groups.dtype == torch.long
+    assert a.groups.min() >= 0 and a.groups.max() < 8
+    local, dense = a.extras["assignments"]
+    assert local.shape == (3, 64, 16) and dense.shape == (3, 16, 8)
+    assert torch.equal(a.groups, dense.argmax(-1).gather(1, local.argmax(-1)))
+    plan = model.reducer.plan(64, 6, 64)
+    assert plan.tokens == tuple(planned) and plan.padded == (None,) * 6 and plan.reducer_bytes > 0
+    # local only, two layers: 8x8 -> 4x4 -> 2x2
+    assert trunk({"type": "grouping", "local_at": [1, 3], "dense_at": None}).reducer.planned_tokens(64, 6) == \
+        [65.0, 17.0, 17.0, 5.0, 5.0, 5.0]
+
+
+def test_grouping_refuses_what_it_cannot_run():
+    for cfg, match in [({"local_at": [6]}, "inside the trunk"), ({"local_at": [3, 2]}, "strictly increasing"),
+                       ({"local_at": [3], "dense_at": 2}, "dense layer is last"),
+                       ({"local_at": [1, 2, 3, 4]}, "divided by stride 2 4 times"),
+                       ({"tokens": 65}, "tokens=65"), ({"iters": 0}, "iters=0"),
+                       ({"local_at": [], "dense_at": None}, "at least one")]:
+        with pytest.raises(ValueError, match=match):
+            make_reducer({**GROUPING, **cfg}, 64, 6, 64)
+    with pytest.raises(ValueError, match="square patch grid"):
+        make_reducer(GROUPING, 64, 6, 48)
+    with pytest.raises(ValueError, match="8x8 patch grid"):
+        VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=2,
+                          reducer=make_reducer(GROUPING, 64, 6, 64))
+
+
+def test_local_grouping_assigns_each_token_only_within_its_3x3_window():
+    """The unfold/fold windowing against a direct dense computation on a non-square grid: a token's
+    weight on a centroid outside the 3x3 centroid cells around its own cell is exactly zero."""
+    torch.manual_seed(0)
+    layer = GroupingLayer(16, iters=3, stride=2)
+    (h, w), s = (8, 12), 2
+    x = torch.randn(2, h * w, 16)
+    out, grid, hard, soft = layer(x, (h, w))
+    assert grid == (4, 6) and out.shape == (2, 24, 16) and soft.shape == (2, 96, 24)
+    ty, tx = torch.arange(h).repeat_interleave(w) // s, torch.arange(w).repeat(h) // s
+    cy, cx = torch.arange(4).repeat_interleave(6), torch.arange(6).repeat(4)
+    near = ((ty[:, None] - cy).abs() <= 1) & ((tx[:, None] - cx).abs() <= 1)  # (96 tokens, 24 centroids)
+    assert torch.all(soft[:, ~near] == 0) and torch.all(soft[:, near] > 0)
+    assert torch.allclose(soft.sum(-1), torch.ones(2, 96), atol=1e-5)
+    assert torch.equal(hard, soft.argmax(-1)) and near.gather(1, hard[0][:, None]).all()
+    # the same layer computed densely, masking the window
+    xn = layer.norm(x)
+    c = layer.init(xn.transpose(1, 2).reshape(2, 16, h, w)).flatten(2).transpose(1, 2)
+    k, v = layer.to_kv(xn).chunk(2, dim=-1)
+    for _ in range(layer.iters):
+        q = layer.to_q(layer.norm_c(c))
+        a = (k @ q.transpose(1, 2) * layer.scale).masked_fill(~near, float("-inf")).softmax(-1)
+        mass = a.sum(1).unsqueeze(-1)
+        c, residual = a.transpose(1, 2) @ v / mass, a.transpose(1, 2) @ x / mass
+    assert torch.allclose(soft, a, atol=1e-5)
+    assert torch.allclose(out, residual + layer.proj(c), atol=1e-5)
+
+
+def test_grouping_trains_every_parameter_also_under_activation_checkpointing():
+    images = torch.randn(2, 3, 64, 64)
+    grads = []
+    for ckpt in (False, True):
+        model = trunk(GROUPING)
+        model.set_grad_checkpointing(ckpt)
+        model(images).square().sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, missing
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
 def test_reducers_run_in_bf16_without_nan():
     images = torch.randn(2, 3, 64, 64)
     for cfg in ({"type": "tome", "r": [16, 12, 8, 4, 2, 0]}, {"type": "patch_dropout", "prob": 0.5},
-                {"type": "tokenlearner", "at": 2, "tokens": 8}):
+                {"type": "tokenlearner", "at": 2, "tokens": 8}, GROUPING):
         model = trunk(cfg).to(torch.bfloat16)
         out = model(images.to(torch.bfloat16))
         out.float().square().sum().backward()
@@ -114,7 +198,8 @@ def test_reducers_run_in_bf16_without_nan():
         assert all(torch.isfinite(p.grad.float()).all() for p in model.parameters() if p.grad is not None), cfg
 
 
-@pytest.mark.parametrize("name", ["ToMe-ViT-Tiny-8", "PatchDrop-ViT-Tiny-8", "TokenLearner-ViT-Tiny-8"])
+@pytest.mark.parametrize("name", ["ToMe-ViT-Tiny-8", "PatchDrop-ViT-Tiny-8", "TokenLearner-ViT-Tiny-8",
+                                  "Grouping-ViT-Tiny-8"])
 def test_the_tiny_configs_build_and_report(name):
     model = open_clip.create_model(name, output_dict=True)
     (t,) = trunks(model)
