@@ -183,6 +183,7 @@ def to_open_clip_cfg(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """The open_clip form of a config: dtp_ds trunk configs get a registered timm trunk instead
     of ``trunk_cfg`` / ``reducer_cfg``; plain open_clip configs are returned unchanged (a copy)."""
     cfg = copy.deepcopy(cfg)
+    cfg.pop("flops_target", None)  # dtp_ds's promise about the config (dtp_ds.eval.sizing), not a CLIP kwarg
     if not is_trunk_cfg(cfg["vision_cfg"]):
         return cfg
     vision = upgrade_vision_cfg(cfg["vision_cfg"])

@@ -1,0 +1,199 @@
+"""``tools/size_configs``: write each token-reduction family's model JSON at each trunk size, its
+knob solved so the image tower's measured FLOPs (:func:`dtp_ds.eval.sizing.measured_ratio`) come
+closest to a target ratio of the plain trunk's; ``--pin`` instead writes into shipped configs
+without a ``flops_target`` what they measure (so the test pins them against drift).
+
+A family is one monotone knob (more of it: fewer FLOPs) and the ``reducer_cfg`` (or image size)
+it gives at a trunk shape; the search is a bisection over the knob's candidates on real images.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+import dtp_ds  # noqa: F401  (registers the shipped configs)
+from dtp_ds.eval.sizing import flops_target, measured_ratio
+from dtp_ds.models import CONFIG_DIR, get_model_config, get_reducer_cfg, list_models, make_reducer
+from dtp_ds.models.registry import is_trunk_cfg
+
+# base name -> (open_clip or dtp_ds config, trunk_cfg of every family at that size)
+BASES: dict[str, dict[str, Any]] = {
+    "ViT-B-32": {"pool": "mean_with_cls"},
+    "ViT-B-16": {"pool": "mean_with_cls"},
+    "ViT-L-14": {"pool": "mean_with_cls"},
+    "ViT-H-14": {"pool": "mean_with_cls"},
+    "ViT-Tiny-8": {"pool": "mean_with_cls", "stem": "conv"},
+}
+# The tiny configs train in ``make compare`` next to DRIP-ViT-Tiny-8-4x: matched to its compute.
+TINY_TARGET = 0.54
+
+
+@dataclass(frozen=True)
+class Shape:
+    depth: int
+    grid: int  # patches per side
+    patch: int
+    image_size: int
+
+    @property
+    def patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class Family:
+    prefix: str  # the name is f"{prefix}-{base}"
+    knobs: Callable[[Shape], list[Any]]  # candidates, FLOPs falling along the list
+    reducer: Callable[[Shape, Any], dict[str, Any]]
+    image_size: Callable[[Shape, Any], int] | None = None
+    count: str = "inference"
+    note: str = ""
+
+
+def _tome_r(s: Shape, r0: float) -> list[int]:
+    # r falls linearly to 0 at the last block: a constant r empties a 49-token sequence by block 6
+    return [round(r0 * (s.depth - 1 - i) / (s.depth - 1)) for i in range(s.depth)]
+
+
+def _by_planned_tokens(s: Shape, cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reducer configs in order of the tokens they plan for over all blocks (most first): the
+    order FLOPs fall in, as bisection needs, where a family's knob has several parts."""
+    def total(cfg: dict[str, Any]) -> float:
+        with torch.device("meta"):
+            return sum(make_reducer(cfg, 64, s.depth, s.patches).planned_tokens(s.patches, s.depth))
+    return sorted(cfgs, key=total, reverse=True)
+
+
+def _learned_tokens(s: Shape) -> list[dict[str, Any]]:
+    # S = 8 or 16 as published, 4 where the grid is tiny
+    return _by_planned_tokens(s, [{"type": "tokenlearner", "at": at, "tokens": n}
+                                  for at in range(1, s.depth) for n in (4, 8, 16) if n < s.patches // 2])
+
+
+def _groupings(s: Shape) -> list[dict[str, Any]]:
+    # one local layer (stride 2) where the grid side is even, then the dense layer; B-32's 7x7 grid
+    # has no even split: the dense layer alone
+    local = [[a] for a in range(1, s.depth - 1)] if s.grid % 2 == 0 else [[]]
+    return _by_planned_tokens(s, [
+        {"type": "grouping", "local_at": at, "stride": 2, "dense_at": b, "tokens": n, "iters": 2}
+        for at in local for b in range((at or [1])[-1], s.depth) for n in (8, 16) if n < s.patches // 4])
+
+
+def _drip_like(base: str) -> dict[str, Any]:
+    return dict(get_reducer_cfg(f"DRIP-{base}-4x"))
+
+
+FAMILIES: dict[str, Family] = {f.prefix: f for f in [
+    Family("ToMe", lambda s: [0.5 * i for i in range(1, s.patches + 1)],
+           lambda s, r0: {"type": "tome", "r": _tome_r(s, r0)}),
+    Family("TokenLearner", _learned_tokens, lambda s, cfg: cfg),
+    Family("Grouping", _groupings, lambda s, cfg: cfg),
+    Family("PatchDrop", lambda s: [round(0.01 * i, 2) for i in range(1, 96)],
+           lambda s, p: {"type": "patch_dropout", "prob": p, "ordered": True, "final_unmasked": 0.1},
+           count="train", note="training FLOPs (masked phase); evaluation sees every patch"),
+    Family("LowRes", lambda s: list(range(s.grid - 1, 0, -1)), lambda s, k: {"type": "none"},
+           image_size=lambda s, k: k * s.patch, note="the plain trunk at a lower resolution (CLIPA)"),
+    # DRIP's control: its 4x trunk with evenly spaced boundaries, matched in tokens, not sized
+    Family("DRIPUniform", lambda s: [None], lambda s, base: {}, note="DRIP-4x with evenly spaced boundaries"),
+]}
+
+
+def shape_of(cfg: dict[str, Any]) -> Shape:
+    v = cfg["vision_cfg"]
+    size = v.get("image_size", 224)
+    return Shape(v.get("layers", 12), size // v["patch_size"], v["patch_size"], size)
+
+
+def base_config(base: str) -> dict[str, Any]:
+    cfg = copy.deepcopy(get_model_config(base) or open_clip.get_model_config(base))
+    cfg["vision_cfg"]["trunk_cfg"] = dict(BASES[base])
+    return cfg
+
+
+def family_config(family: Family, base: str, knob: Any, target: float) -> dict[str, Any]:
+    cfg = base_config(base)
+    shape = shape_of(cfg)
+    cfg["vision_cfg"]["reducer_cfg"] = family.reducer(shape, knob) or {**_drip_like(base), "predictor": "fixed"}
+    stated: dict[str, Any] = {"ratio": target, "count": family.count}
+    if family.image_size is not None:
+        cfg["vision_cfg"]["image_size"] = family.image_size(shape, knob)
+        stated["reference_image_size"] = shape.image_size
+    if family.note:
+        stated["note"] = family.note
+    cfg["flops_target"] = stated
+    return cfg
+
+
+def solve(family: Family, base: str, target: float, image_dir: str, log: Callable[[str], None]
+          ) -> tuple[dict[str, Any], float]:
+    """Bisect the family's knob for the measured ratio nearest ``target``: (config, its ratio)."""
+    knobs = family.knobs(shape_of(base_config(base)))
+    measured: dict[int, float] = {}
+
+    def ratio(i: int) -> float:
+        if i not in measured:
+            cfg = family_config(family, base, knobs[i], target)
+            measured[i] = measured_ratio(f"{family.prefix}-{base}", image_dir, cfg=cfg)["ratio"]
+            log(f"  {family.prefix}-{base} knob {knobs[i]}: {measured[i]:.3f}")
+        return measured[i]
+
+    lo, hi = 0, len(knobs) - 1  # ratio(lo) >= ratio(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ratio(mid) >= target else (lo, mid)
+    best = min((lo, hi), key=lambda i: abs(ratio(i) - target))
+    cfg = family_config(family, base, knobs[best], target)
+    if abs(ratio(best) / target - 1.0) > 0.1:  # the knob's steps miss the target: state what it reaches
+        cfg["flops_target"]["ratio"] = round(ratio(best), 3)
+        cfg["flops_target"]["note"] = "; ".join(
+            filter(None, [cfg["flops_target"].get("note"), f"the nearest to {target} its knob reaches"]))
+    return cfg, ratio(best)
+
+
+def write(name: str, cfg: dict[str, Any], out: Path) -> Path:
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(cfg, indent=4) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Size each token-reduction family's configs to a FLOP ratio of the "
+                                "plain trunk, measured on real images (see dtp_ds.eval.sizing)")
+    p.add_argument("--image-dir", required=True, help="real images (e.g. data/synth/zeroshot)")
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
+    p.add_argument("--target", type=float, default=0.4, help=f"FLOP ratio to the plain trunk (tiny: {TINY_TARGET})")
+    p.add_argument("--out", default=str(CONFIG_DIR), help="where the JSONs go (default: the shipped configs)")
+    p.add_argument("--pin", action="store_true", help="instead: write the measured ratio into every shipped "
+                   "config that states no flops_target")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if a.pin:
+        for name in list_models():
+            cfg = get_model_config(name)
+            if is_trunk_cfg(cfg["vision_cfg"]) and flops_target(name) is None:
+                cfg["flops_target"] = {"ratio": round(measured_ratio(name, a.image_dir)["ratio"], 3),
+                                       "count": "inference", "note": "measured when shipped"}
+                print(f"{name}: pinned at {cfg['flops_target']['ratio']}  {write(name, cfg, out)}")
+        return 0
+    for base in a.bases:
+        target = TINY_TARGET if base == "ViT-Tiny-8" else a.target
+        for fam in a.families:
+            cfg, got = solve(FAMILIES[fam], base, target, a.image_dir, log)
+            name = f"{fam}-{base}"
+            print(f"{name}: {got:.3f} of the plain trunk (target {target})  {write(name, cfg, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
