@@ -252,3 +252,16 @@ def test_dynamicvit_ratio_loss_pulls_the_policy_to_its_targets():
     assert out.stats["keep_ratio"].item() == 1.0
     with pytest.raises(ValueError, match="increasing block boundaries"):
         trunk({"type": "dynamicvit", "stages": [3, 2]})
+
+
+@pytest.mark.parametrize("cfg", [DVIT, DVIT_DROP])
+def test_dynamicvit_under_activation_checkpointing_gives_the_same_gradients(cfg):
+    images = torch.randn(2, 3, 64, 64)
+    grads = []
+    for ckpt in (False, True):
+        model = trunk(cfg)  # seeds: the same Gumbel draws in both
+        model.set_grad_checkpointing(ckpt)
+        out = model.forward_with_aux(images)
+        (out.features.square().sum() + sum(out.aux_losses.values())).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
