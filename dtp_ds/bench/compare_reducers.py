@@ -45,6 +45,8 @@ ARMS: dict[str, tuple[dict[str, Any], int | None]] = {
     "tokenlearner": (get_reducer_cfg("TokenLearner-ViT-Tiny-8"), None),
     "grouping": (get_reducer_cfg("Grouping-ViT-Tiny-8"), None),
     "patch-dropout": (get_reducer_cfg("PatchDrop-ViT-Tiny-8"), None),
+    "dynamicvit": (get_reducer_cfg("DynamicViT-ViT-Tiny-8"), None),  # masked in training: all tokens run
+    "dynamicvit-drop": (get_reducer_cfg("DynamicViTDrop-ViT-Tiny-8"), None),
     "low-res": ({"type": "none"}, 32),  # CLIPA's static strategy: the plain trunk at half the side
 }
 COLUMNS = [("arm", "arm", "{}"), ("params_m", "params (M)", "{:.2f}"), ("gflops", "GFLOPs", "{:.3f}"),

@@ -44,6 +44,33 @@ def drop_path(x: torch.Tensor, prob: float, training: bool, packing: Packing | N
     return x * keep.view(-1, *([1] * (x.ndim - 1)))
 
 
+def policy_weights(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, key_bias: torch.Tensor | None = None,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """Attention weights (B, H, T, T), fp32, under a token policy ``keep`` (B, T) in [0, 1]
+    (DynamicViT): ``w_ij = exp(s_ij) * P_ij / (sum_j exp(s_ij) * P_ij + eps)`` with
+    ``P_ij = keep_j`` off the diagonal and 1 on it: no query attends to a dropped key (weight
+    exactly 0 at ``keep_j = 0``), every token still attends to itself. Multiplicative, not an
+    additive ``log keep``: at ``keep_j = 0`` the gradient with respect to ``keep_j`` stays finite
+    (``exp(s_ij) / sum``), so a policy predictor learns from dropped tokens too; the logits are
+    shifted by their maximum over all keys (each ``exp`` at most 1)."""
+    scale = q.shape[-1] ** -0.5
+    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+    if key_bias is not None:
+        logits = logits + key_bias.float()[:, None, None, :]
+    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
+    length = keep.shape[1]
+    eye = torch.eye(length, device=keep.device, dtype=torch.float32)
+    policy = keep.float()[:, None, None, :] * (1.0 - eye) + eye  # (B, 1, T, T)
+    weights = logits.exp() * policy
+    return weights / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention (B, H, T, hd) under a token policy (:func:`policy_weights`), in fp32, cast back."""
+    return (policy_weights(q, k, keep, key_bias) @ v.float()).to(v.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
@@ -60,10 +87,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None, key_bias: torch.Tensor | None = None,
-                want_keys: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                want_keys: bool = False, keep: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``key_bias`` (B, T): added to every query's logit for each key (dense input only; ToMe's
         proportional attention passes log token sizes). ``want_keys``: also return the keys
-        averaged over heads (B, T, head width), ToMe's similarity metric."""
+        averaged over heads (B, T, head width), ToMe's similarity metric. ``keep`` (B, T): a
+        token policy in [0, 1] (DynamicViT's training masks; dense input only): attention then
+        runs explicitly (:func:`policy_attention`), not through SDPA."""
         qkv = self.qkv(x)
         mask = None
         if packing is not None:
@@ -72,9 +102,14 @@ class Attention(nn.Module):
         batch, length, dim3 = qkv.shape
         dim = dim3 // 3
         q, k, v = qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        if key_bias is not None:
-            mask = key_bias[:, None, None, :].to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if keep is not None:
+            if packing is not None:
+                raise ValueError("a token policy (keep) masks dense sequences, not packed rows")
+            out = policy_attention(q, k, v, keep, key_bias)
+        else:
+            if key_bias is not None:
+                mask = key_bias[:, None, None, :].to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(batch, length, dim)
         if packing is not None:
             out = from_padded(out, packing)
@@ -103,10 +138,12 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None, mid: MidBlockFn | None = None,
-                sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, Packing | None, torch.Tensor | None]:
-        """``sizes`` (B, T): how many patches each token stands for (merged tokens), or None."""
+                sizes: torch.Tensor | None = None, keep: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, Packing | None, torch.Tensor | None]:
+        """``sizes`` (B, T): how many patches each token stands for (merged tokens), or None;
+        ``keep`` (B, T): a token policy masking attention (:func:`policy_weights`), or None."""
         bias = None if sizes is None else sizes.log()
-        h = self.attn(self.norm1(x), packing, bias, want_keys=mid is not None)
+        h = self.attn(self.norm1(x), packing, bias, want_keys=mid is not None, keep=keep)
         if mid is not None:
             h, keys = h
         x = x + drop_path(h, self.drop_path, self.training, packing)
@@ -163,6 +200,9 @@ class ForwardState:
     embed: torch.Tensor  # (B, N, D) patch embeddings before positions (content only)
     packing: Packing | None = None  # set while the tokens are packed rows
     sizes: torch.Tensor | None = None  # (B, T) patches per token once tokens were merged (ToMe)
+    # (B, T) token policy in [0, 1] (DynamicViT training): attention ignores dropped keys, pooling weighs by it
+    keep: torch.Tensor | None = None
+    images: torch.Tensor | None = None  # the forward's input images (a teacher runs on them)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # with grad, weight 1 each
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
     groups: torch.Tensor | None = None  # (B, N) long: the group each patch ended in
@@ -331,15 +371,16 @@ class VisionTransformer(nn.Module):
     def _block(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         blk, mid = self.blocks[index], self.reducer.mid_block(index, st)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            x, st.packing, st.sizes = checkpoint(blk, x, st.packing, mid, st.sizes, use_reentrant=False)
+            x, st.packing, st.sizes = checkpoint(blk, x, st.packing, mid, st.sizes, st.keep, use_reentrant=False)
         else:
-            x, st.packing, st.sizes = blk(x, st.packing, mid, st.sizes)
+            x, st.packing, st.sizes = blk(x, st.packing, mid, st.sizes, st.keep)
         return x
 
     def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState, list[torch.Tensor | float]]:
         """Images -> (final-normed tokens, the forward's state, tokens per sample entering each block)."""
+        images = x
         x, embed = self._embed(x)
-        st = ForwardState(batch=x.shape[0], patches=embed.shape[1], embed=embed)
+        st = ForwardState(batch=x.shape[0], patches=embed.shape[1], embed=embed, images=images)
         x = self.reducer.on_input(x, st)
         counts: list[torch.Tensor | float] = []
         for i in range(len(self.blocks)):
@@ -354,7 +395,7 @@ class VisionTransformer(nn.Module):
         device = x.device
         token_counts = torch.stack([torch.as_tensor(c, dtype=torch.float32).to(device) for c in counts]) \
             if counts else torch.zeros(0, device=device)
-        features = self.head(self._pool(x, st.packing, st.sizes))
+        features = self.head(self._pool(x, st.packing, st.sizes, st.keep))
         return TowerOutput(features, st.aux_losses, st.stats, token_counts.detach(), st.groups, st.scores, st.extras)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,6 +403,8 @@ class VisionTransformer(nn.Module):
         to the longest (zeros at padding)."""
         x, st, _ = self._forward_tokens(x)
         if st.packing is None:
+            if st.keep is not None:  # a token policy: the tokens it dropped are not valid
+                return x, st.keep > 0.5
             return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return to_padded(x, st.packing), st.packing.valid
 
@@ -373,9 +416,13 @@ class VisionTransformer(nn.Module):
             records.append(out)
         return out.features
 
-    def _pool(self, x: torch.Tensor, packing: Packing | None, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    def _pool(self, x: torch.Tensor, packing: Packing | None, sizes: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
         """Pool each sample's final tokens (dense (B, T, D) or packed (N, D)) -> (B, D); merged
-        tokens (``sizes``) weigh as many patches as they stand for."""
+        tokens (``sizes``) weigh as many patches as they stand for, a token policy (``keep``,
+        dense only) by its value (dropped tokens do not count)."""
+        if keep is not None:
+            sizes = keep.float() if sizes is None else sizes * keep.float()
         if packing is None:
             if self.global_pool == "cls":
                 return x[:, 0]
@@ -385,7 +432,7 @@ class VisionTransformer(nn.Module):
             if sizes is None:
                 return x[:, start:].mean(1)
             w = sizes[:, start:].unsqueeze(-1)
-            return ((x[:, start:].float() * w).sum(1) / w.sum(1)).to(x.dtype)
+            return ((x[:, start:].float() * w).sum(1) / w.sum(1).clamp_min(1e-6)).to(x.dtype)
         if self.global_pool == "cls":
             return x.index_select(0, packing.starts)
         if self.global_pool == "last":

@@ -1,6 +1,6 @@
 """The reducers beside DRIP: ToMe's merging and proportional attention, FLIP patch dropout and its
-unmasked final segment, TokenLearner, grouping layers (local 3x3-window soft k-means, then dense).
-(Every registered name's forward + backward: ``test_models.py``.)"""
+unmasked final segment, TokenLearner, grouping layers (local 3x3-window soft k-means, then dense),
+DynamicViT (masked and dropping). (Every registered name's forward + backward: ``test_models.py``.)"""
 from __future__ import annotations
 
 import open_clip
@@ -190,7 +190,8 @@ def test_grouping_trains_every_parameter_also_under_activation_checkpointing():
 def test_reducers_run_in_bf16_without_nan():
     images = torch.randn(2, 3, 64, 64)
     for cfg in ({"type": "tome", "r": [16, 12, 8, 4, 2, 0]}, {"type": "patch_dropout", "prob": 0.5},
-                {"type": "tokenlearner", "at": 2, "tokens": 8}, GROUPING):
+                {"type": "tokenlearner", "at": 2, "tokens": 8}, GROUPING, {"type": "dynamicvit"},
+                {"type": "dynamicvit_drop"}):
         model = trunk(cfg).to(torch.bfloat16)
         out = model(images.to(torch.bfloat16))
         out.float().square().sum().backward()
@@ -199,10 +200,152 @@ def test_reducers_run_in_bf16_without_nan():
 
 
 @pytest.mark.parametrize("name", ["ToMe-ViT-Tiny-8", "PatchDrop-ViT-Tiny-8", "TokenLearner-ViT-Tiny-8",
-                                  "Grouping-ViT-Tiny-8"])
+                                  "Grouping-ViT-Tiny-8", "DynamicViT-ViT-Tiny-8", "DynamicViTDrop-ViT-Tiny-8"])
 def test_the_tiny_configs_build_and_report(name):
     model = open_clip.create_model(name, output_dict=True)
     (t,) = trunks(model)
     with record_forward() as rec:
         model(torch.randn(2, 3, 64, 64), torch.zeros(2, 32, dtype=torch.long))
-    assert rec[0].token_counts.tolist() == t.reducer.planned_tokens(t.num_patches, t.depth)
+    # training runs what the memory model plans (DynamicViT: every token; the others: planned_tokens)
+    assert rec[0].token_counts.tolist() == list(t.reducer.plan(t.num_patches, t.depth, t.embed_dim).tokens)
+    if not name.startswith("DynamicViT-"):
+        assert rec[0].token_counts.tolist() == t.reducer.planned_tokens(t.num_patches, t.depth)
+
+
+# --- DynamicViT -------------------------------------------------------------------------------
+
+DVIT = {"type": "dynamicvit", "rho": 0.5, "stages": [1, 2, 3]}
+DVIT_DROP = {**DVIT, "type": "dynamicvit_drop"}
+
+
+@pytest.mark.parametrize("cfg", [DVIT, DVIT_DROP])
+def test_dynamicvit_evaluates_the_tokens_it_plans_deterministically(cfg):
+    model = trunk(cfg)
+    planned = model.reducer.planned_tokens(64, 6)
+    assert planned == [65.0, 33.0, 17.0, 9.0, 9.0, 9.0]  # CLS + floor(0.5 ** s * 64) from stage s on
+    images = torch.randn(4, 3, 64, 64)
+    train = model.forward_with_aux(images).token_counts.tolist()
+    # dynamicvit trains on every token (attention masked); the drop variant trains at the evaluation counts
+    assert train == ([65.0] * 6 if cfg is DVIT else planned) == list(model.reducer.plan(64, 6, 64).tokens)
+    model.eval()
+    with torch.no_grad():
+        a, b = model.forward_with_aux(images), model.forward_with_aux(images)
+    assert a.token_counts.tolist() == planned and torch.equal(a.features, b.features)
+    pos = a.extras["kept_positions"]
+    assert pos.shape == (4, 8) and torch.equal(pos, pos.sort(dim=1).values)
+    assert torch.equal(pos, b.extras["kept_positions"])
+    assert a.stats["compression"].item() == 8.0 and a.aux_losses == {}
+
+
+@pytest.mark.parametrize("cfg", [DVIT, DVIT_DROP])
+def test_dynamicvit_every_parameter_gets_a_gradient_in_training(cfg):
+    model = trunk(cfg)
+    out = model.forward_with_aux(torch.randn(4, 3, 64, 64))
+    assert set(out.aux_losses) == ({"ratio_loss"} if cfg is DVIT else set())  # no teacher: no distillation
+    (out.features.square().mean() + sum(out.aux_losses.values())).backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+           or not p.grad.abs().sum() > 0]
+    assert not bad, bad
+    # the predictors learn through the task loss alone too (masked attention / straight-through keep values)
+    model.zero_grad()
+    model.forward_with_aux(torch.randn(4, 3, 64, 64)).features.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.reducer.predictors.parameters())
+
+
+def test_policy_attention_gives_dropped_tokens_no_attention_but_the_policy_a_gradient():
+    from dtp_ds.models.vit import policy_weights
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    keep = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    w = policy_weights(q, k, keep)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 2, 5), atol=1e-5)
+    off_diag = ~torch.eye(5, dtype=torch.bool)
+    dropped = (keep == 0)[:, None, None, :] & off_diag
+    assert torch.all(w.masked_select(dropped.expand_as(w)) == 0)  # nobody attends to a dropped token ...
+    assert torch.all(w.diagonal(dim1=-2, dim2=-1) > 0)  # ... it still attends to itself
+    (grad,) = torch.autograd.grad((w[:, :, 0] * torch.arange(5.0)).sum(), keep)  # CLS's attention, weighed
+    assert torch.isfinite(grad).all() and torch.all(grad[keep == 0] != 0)  # dropped tokens' keep values learn
+    # an all-ones policy is plain attention; a dropped token's content does not reach the others
+    attn = Attention(8, 2)
+    x = torch.randn(2, 5, 8)
+    assert torch.allclose(attn(x, keep=torch.ones(2, 5)), attn(x), atol=1e-5)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]]).expand(2, -1)
+    y = x.clone()
+    y[:, 2] += 3.0
+    a, b = attn(x, keep=mask), attn(y, keep=mask)
+    assert torch.allclose(a[:, [0, 1, 3, 4]], b[:, [0, 1, 3, 4]], atol=1e-6) and not torch.allclose(a[:, 2], b[:, 2])
+
+
+def _export_trunk(model: VisionTransformer, path) -> None:
+    """Save a trunk as tools/export_checkpoint lays out a CLIP model's image tower."""
+    from safetensors.torch import save_file
+
+    save_file({f"visual.trunk.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(path))
+
+
+@pytest.mark.parametrize("cfg", [DVIT, DVIT_DROP])
+def test_dynamicvit_distils_from_a_teacher_loaded_from_a_file_and_kept_out_of_the_model(cfg, tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _export_trunk(trunk({"type": "none"}), tmp_path / "plain.safetensors")
+    images = torch.randn(2, 3, 64, 64)
+    # teacher = the student's own trunk, every token kept (rho 1; dynamicvit: predictors sure to keep)
+    student = trunk({**cfg, "rho": 1.0, "teacher": str(tmp_path / "self.safetensors")})
+    _export_trunk(student, tmp_path / "self.safetensors")
+    for pred in student.reducer.predictors:
+        torch.nn.init.zeros_(pred.out_conv[-1].weight)
+        pred.out_conv[-1].bias.data = torch.tensor([30.0, -30.0])
+    out = student.forward_with_aux(images)
+    assert out.aux_losses["distill_loss"].item() < 1e-8
+    teacher = student.reducer.teacher()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not [k for k in student.state_dict() if "teacher" in k]
+    assert {id(p) for p in teacher.parameters()}.isdisjoint(id(p) for p in student.parameters())
+    # another teacher (a plain trunk of another seed): a loss with a gradient; its forward is counted
+    student = trunk({**cfg, "teacher": str(tmp_path / "plain.safetensors")})
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = student.forward_with_aux(images)
+    loss = out.aux_losses["distill_loss"]
+    assert loss.item() > 1e-3 and loss.requires_grad
+    loss.backward()
+    assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    alone = FlopCounterMode(display=False)
+    with alone:
+        trunk(cfg).forward_with_aux(images)
+    assert counter.get_total_flops() > alone.get_total_flops() * 1.3  # the teacher's full forward ran
+    student.eval()
+    with torch.no_grad():
+        assert student.forward_with_aux(images).aux_losses == {}  # evaluation: no teacher
+    with pytest.raises(ValueError, match="export a checkpoint first"):
+        trunk({**cfg, "teacher": str(tmp_path)}).forward_with_aux(images)
+    with pytest.raises(FileNotFoundError):
+        trunk({**cfg, "teacher": str(tmp_path / "missing.safetensors")}).forward_with_aux(images)
+
+
+def test_dynamicvit_ratio_loss_pulls_the_policy_to_its_targets():
+    model = trunk(DVIT)
+    for pred in model.reducer.predictors:  # keep everything: every stage's policy mean is 1
+        torch.nn.init.zeros_(pred.out_conv[-1].weight)
+        pred.out_conv[-1].bias.data = torch.tensor([30.0, -30.0])
+    out = model.forward_with_aux(torch.randn(2, 3, 64, 64))
+    expected = 2.0 * sum((1 - 0.5 ** s) ** 2 for s in (1, 2, 3)) / 3
+    assert out.aux_losses["ratio_loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert out.stats["keep_ratio"].item() == 1.0
+    with pytest.raises(ValueError, match="increasing block boundaries"):
+        trunk({"type": "dynamicvit", "stages": [3, 2]})
+
+
+@pytest.mark.parametrize("cfg", [DVIT, DVIT_DROP])
+def test_dynamicvit_under_activation_checkpointing_gives_the_same_gradients(cfg):
+    images = torch.randn(2, 3, 64, 64)
+    grads = []
+    for ckpt in (False, True):
+        model = trunk(cfg)  # seeds: the same Gumbel draws in both
+        model.set_grad_checkpointing(ckpt)
+        out = model.forward_with_aux(images)
+        (out.features.square().sum() + sum(out.aux_losses.values())).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)

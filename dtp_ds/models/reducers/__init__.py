@@ -170,7 +170,7 @@ def reducers_of(model: nn.Module) -> list[TokenReducer]:
     return [m for m in model.modules() if isinstance(m, TokenReducer)]
 
 
-from . import drip, dropout, grouping, tokenlearner, tome  # noqa: E402,F401  (each registers itself)
+from . import drip, dropout, dynamicvit, grouping, tokenlearner, tome  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["REDUCERS", "NoReducer", "TokenPlan", "TokenReducer", "make_reducer", "pinned_tokens", "reducers_of",
            "register_reducer"]
