@@ -65,6 +65,20 @@ def write_arm_config(arm: str, overrides: dict[str, Any], base: str, out_dir: st
     return path
 
 
+def add_arm_run_args(p: argparse.ArgumentParser, arms: list[str], out: str) -> None:
+    """The options every arm-by-arm tool shares (this one, ``compare_reducers``): where the data
+    and the runs are, which arms, and the one recipe every arm trains with."""
+    p.add_argument("--data", default="data/synth", help="made by tools/make_synthetic_shards")
+    p.add_argument("--out", default=out, help="runs, configs and the tables go here (default: %(default)s)")
+    p.add_argument("--arms", nargs="+", default=arms, choices=arms)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=128, help="micro-batch per rank")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
+
+
 def run_arm(arm: str, model: str, a: argparse.Namespace, extra: list[str], tool: str = "ablation") -> dict[str, Any]:
     """Train one arm by a real run (unless a finished run of it is there); its last evaluation row."""
     logs = os.path.join(a.out, "runs")
@@ -114,15 +128,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="boundary_ablation", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="data/synth", help="made by tools/make_synthetic_shards")
-    p.add_argument("--out", default="logs/boundary_ablation", help="runs, configs and table.md go here")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=128, help="micro-batch per rank")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
+    add_arm_run_args(p, list(ARMS), "logs/boundary_ablation")
     p.add_argument("--json", action="store_true")
     a, extra = p.parse_known_args(argv)
     for split in ("zeroshot", "layout"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import inspect
 import json
 import os
 import statistics
@@ -27,42 +28,54 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtp_ds.bench import markdown_table
-from dtp_ds.bench.boundary_ablation import run_arm
+from dtp_ds.bench.boundary_ablation import add_arm_run_args, run_arm
 from dtp_ds.eval.boundaries import list_images, val_transform
 from dtp_ds.eval.flops import fvcore_macs, torch_macs
 from dtp_ds.models import get_model_config, get_reducer_cfg
-from dtp_ds.train.export import load_model_from_checkpoint
+from dtp_ds.models.reducers import reducer_class
+from dtp_ds.train.export import export_safetensors, load_model_from_checkpoint
 from dtp_ds.train.metrics import read_metrics
 
 BASE = "ViT-Tiny-8"  # widths, depth, patch, text tower of every arm
 TRUNK_CFG = {"pool": "mean_with_cls", "stem": "conv"}
-# arm -> (reducer_cfg, image size or None for the base's); the reducer configs are the shipped tiny ones
-ARMS: dict[str, tuple[dict[str, Any], int | None]] = {
-    "plain": ({"type": "none"}, None),
-    "drip": (get_reducer_cfg("DRIP-ViT-Tiny-8-4x"), None),
-    "drip-uniform": ({**get_reducer_cfg("DRIP-ViT-Tiny-8-4x"), "predictor": "fixed"}, None),
-    "tome": (get_reducer_cfg("ToMe-ViT-Tiny-8"), None),
-    "tokenlearner": (get_reducer_cfg("TokenLearner-ViT-Tiny-8"), None),
-    "grouping": (get_reducer_cfg("Grouping-ViT-Tiny-8"), None),
-    "patch-dropout": (get_reducer_cfg("PatchDrop-ViT-Tiny-8"), None),
-    "dynamicvit": (get_reducer_cfg("DynamicViT-ViT-Tiny-8"), None),  # masked in training: all tokens run
-    "dynamicvit-drop": (get_reducer_cfg("DynamicViTDrop-ViT-Tiny-8"), None),
-    "low-res": ({"type": "none"}, 32),  # CLIPA's static strategy: the plain trunk at half the side
+# arm -> the shipped tiny config whose reducer_cfg (and image size) it trains; every one but DRIP's
+# own is sized to DRIP-ViT-Tiny-8-4x's inference FLOPs (tools/size_configs, flops_target)
+ARM_MODELS: dict[str, str] = {
+    "plain": "ViT-Tiny-8",
+    "drip": "DRIP-ViT-Tiny-8-4x",
+    "drip-uniform": "DRIPUniform-ViT-Tiny-8",
+    "tome": "ToMe-ViT-Tiny-8",
+    "tokenlearner": "TokenLearner-ViT-Tiny-8",
+    "dynamicvit": "DynamicViT-ViT-Tiny-8",
+    "dynamicvit-drop": "DynamicViTDrop-ViT-Tiny-8",
+    "grouping": "Grouping-ViT-Tiny-8",
+    "patch-dropout": "PatchDrop-ViT-Tiny-8",
+    "low-res": "LowRes-ViT-Tiny-8",  # CLIPA's static strategy: the plain trunk at a lower resolution
 }
+ARMS: dict[str, tuple[dict[str, Any], int]] = {
+    arm: (get_reducer_cfg(name) or {"type": "none"}, get_model_config(name)["vision_cfg"]["image_size"])
+    for arm, name in ARM_MODELS.items()}
+# DynamicViT distils from a plain trunk: the plain arm's export, when it ran first
+TEACHER_ARM = "plain"
+NOTES = {"dynamicvit": "training runs every token (masked attention) and the teacher",
+         "dynamicvit-drop": "drops in training too; teacher", "patch-dropout": "inference runs every patch",
+         "low-res": "fewer pixels, same trunk", "drip-uniform": "DRIP with evenly spaced boundaries"}
 COLUMNS = [("arm", "arm", "{}"), ("params_m", "params (M)", "{:.2f}"), ("gflops", "GFLOPs", "{:.3f}"),
            ("gflops_fvcore", "fvcore", "{:.3f}"), ("train_gflops", "train GFLOPs/sample", "{:.3f}"),
            ("step_time", "step s", "{:.2f}"), ("samples_per_s", "samples/s", "{:.1f}"),
            ("peak_mem_gb", "peak GB", "{:.2f}"), ("zeroshot_top1", "top-1", "{:.1f}"),
            ("zeroshot_top5", "top-5", "{:.1f}"), ("compression", "train compr", "{:.2f}"),
-           ("image_tokens", "tokens/block", "{:.1f}")]
+           ("image_tokens", "tokens/block", "{:.1f}"), ("note", "note", "{}")]
 
 
-def write_arm_config(arm: str, out_dir: str) -> str:
-    reducer, image_size = ARMS[arm]
+def write_arm_config(arm: str, out_dir: str, teacher: str | None = None) -> str:
+    """The arm's model JSON: the base with the arm's reducer (and image size); a reducer that
+    distils from a teacher and names none gets ``teacher``."""
+    reducer, image_size = copy.deepcopy(ARMS[arm])
+    if teacher and "teacher" in inspect.signature(reducer_class(reducer["type"])).parameters:
+        reducer.setdefault("teacher", teacher)
     cfg = copy.deepcopy(get_model_config(BASE))
-    cfg["vision_cfg"].update(trunk_cfg=dict(TRUNK_CFG), reducer_cfg=copy.deepcopy(reducer))
-    if image_size:
-        cfg["vision_cfg"]["image_size"] = image_size
+    cfg["vision_cfg"].update(trunk_cfg=dict(TRUNK_CFG), reducer_cfg=reducer, image_size=image_size)
     path = os.path.join(out_dir, "configs", f"Compare-{arm}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -129,16 +142,8 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="compare_reducers", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="data/synth", help="made by tools/make_synthetic_shards")
-    p.add_argument("--out", default="logs/compare_reducers", help="runs, configs and compare.* go here")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=128, help="micro-batch per rank")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    add_arm_run_args(p, list(ARMS), "logs/compare_reducers")
     p.add_argument("--flops-images", type=int, default=16, help="real images the GFLOPs are measured on")
-    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
     a, extra = p.parse_known_args(argv)
     images = list_images(os.path.join(a.data, "zeroshot"), a.flops_images)
     if not images:
@@ -146,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     global_batch = a.batch_size * a.nproc
     # one epoch of exactly --steps steps (the loader cycles the shards): the LR curve spans the run
     extra = ["--log-every-n-steps", "1", "--train-num-samples", str(a.steps * global_batch), *extra]
-    rows = []
+    rows, teacher = [], None
     for arm in a.arms:
-        run = run_arm(arm, write_arm_config(arm, a.out), a, extra, tool="compare")
+        run = run_arm(arm, write_arm_config(arm, a.out, teacher), a, extra, tool="compare")
         rows.append({"arm": arm, **from_metrics(run["run_dir"], global_batch),
-                     **measure(run["run_dir"], images, a.flops_images)})
+                     **measure(run["run_dir"], images, a.flops_images), "note": NOTES.get(arm)})
+        if arm == TEACHER_ARM:
+            teacher = os.path.abspath(os.path.join(a.out, "teacher", f"{arm}.safetensors"))
+            export_safetensors(run["run_dir"], teacher)
     write_outputs(rows, a.out)
     print(markdown_table(rows, COLUMNS))
     print(f"compare: {a.steps} steps x global batch {global_batch} per arm, same shards, seed and "

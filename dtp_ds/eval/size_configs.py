@@ -97,6 +97,12 @@ FAMILIES: dict[str, Family] = {f.prefix: f for f in [
            lambda s, r0: {"type": "tome", "r": _tome_r(s, r0)}),
     Family("TokenLearner", _learned_tokens, lambda s, cfg: cfg),
     Family("Grouping", _groupings, lambda s, cfg: cfg),
+    # keep rho, rho^2, rho^3 of the patches at the default stages (3/6/9 of 12 blocks, as published)
+    Family("DynamicViT", lambda s: [round(1.0 - 0.01 * i, 2) for i in range(1, 100)],
+           lambda s, rho: {"type": "dynamicvit", "rho": rho},
+           note="evaluation (top-k); training runs every token, attention masked"),
+    Family("DynamicViTDrop", lambda s: [round(1.0 - 0.01 * i, 2) for i in range(1, 100)],
+           lambda s, rho: {"type": "dynamicvit_drop", "rho": rho}),
     Family("PatchDrop", lambda s: [round(0.01 * i, 2) for i in range(1, 96)],
            lambda s, p: {"type": "patch_dropout", "prob": p, "ordered": True, "final_unmasked": 0.1},
            count="train", note="training FLOPs (masked phase); evaluation sees every patch"),
