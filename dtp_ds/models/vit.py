@@ -27,6 +27,7 @@ from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .compression import NONE, Compression, gather_tokens, pi_resize_kernel, token_keep_indices
 from .segments import Packing, from_padded, to_padded
 
 POOL_TYPES = ("mean_with_cls", "mean_without_cls", "cls", "last")
@@ -158,9 +159,15 @@ class PatchEmbed(nn.Conv2d):
     def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
         super().__init__(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, patch: int | None = None) -> torch.Tensor:
+        """``patch``: run at this patch size with the stored kernel PI-resized to it (FlexiViT;
+        the stored kernel is not changed; the image sides must be multiples of ``patch``)."""
         # Images arrive in whatever dtype the loader made; the weights may be bf16/fp16.
-        x = super().forward(x.to(self.weight.dtype))
+        x = x.to(self.weight.dtype)
+        if patch is None or patch == self.kernel_size[0]:
+            x = super().forward(x)
+        else:  # inside this module's forward: ZeRO-3 has gathered the kernel
+            x = F.conv2d(x, pi_resize_kernel(self.weight, patch), stride=patch)
         return x.flatten(2).transpose(1, 2)
 
 
@@ -184,7 +191,9 @@ class ConvStem(nn.Module):
         layers.append(nn.Conv2d(chans, dim, 1))
         self.convs = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, patch: int | None = None) -> torch.Tensor:
+        if patch is not None:
+            raise ValueError("the conv stem cannot run at another patch size (no single kernel to PI-resize)")
         x = self.convs(x.to(self.convs[0].weight.dtype))
         return x.flatten(2).transpose(1, 2)
 
@@ -196,8 +205,8 @@ class ForwardState:
     its step."""
 
     batch: int
-    patches: int
-    embed: torch.Tensor  # (B, N, D) patch embeddings before positions (content only)
+    patches: int  # the patch tokens entering the trunk (fewer under input compression in training)
+    embed: torch.Tensor  # (B, N, D) those patches' embeddings before positions (content only)
     packing: Packing | None = None  # set while the tokens are packed rows
     sizes: torch.Tensor | None = None  # (B, T) patches per token once tokens were merged (ToMe)
     # (B, T) token policy in [0, 1] (DynamicViT training): attention ignores dropped keys, pooling weighs by it
@@ -285,6 +294,8 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.grad_checkpointing = False
+        # the training-time input compression a schedule sets (set_compression); not module state
+        self.compression: Compression = NONE
 
         self.patch_embed = (ConvStem if stem == "conv" else PatchEmbed)(patch_size, in_chans, embed_dim)
         scale = embed_dim**-0.5
@@ -354,19 +365,61 @@ class VisionTransformer(nn.Module):
             self.grid_size = new_grid
             self.num_patches = new_grid[0] * new_grid[1]
 
+    # --- input compression (training only; see models/compression.py) ----------------------
+    def check_compression(self, strategy: Compression) -> None:
+        """``ValueError`` naming the problem when this trunk cannot train under ``strategy``."""
+        if strategy.scales(self.patch_size):
+            if not isinstance(self.patch_embed, PatchEmbed):
+                raise ValueError(f"patch scaling p={strategy.patch}: this trunk has a conv stem (trunk_cfg stem "
+                                 f"'conv'), which cannot be PI-resized; use token dropout (r) only with it, or a "
+                                 f"model with the linear patch stem (e.g. Plain-ViT-Tiny-8)")
+            if min(self.img_size) < strategy.patch:
+                raise ValueError(f"patch scaling p={strategy.patch}: larger than the {self.img_size} px image")
+        gh, gw = strategy.grid(self.img_size, self.patch_size)
+        self.reducer.check_input(gh * gw, None if strategy.rate else (gh, gw), strategy.describe())
+
+    def set_compression(self, strategy: Compression) -> None:
+        """Compress the input of every training forward from now on (evaluation never is)."""
+        self.check_compression(strategy)
+        self.compression = strategy
+
     # --- forward --------------------------------------------------------------------------
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> (tokens (B, 1 + N, D) after positions and ``norm_pre``, patch embeddings)."""
-        embed = self.patch_embed(x)
-        batch, length, _ = embed.shape
-        if length != self.num_patches:
-            raise ValueError(
-                f"got {length} patches, model built for {self.num_patches} "
-                f"({self.img_size} px); call set_input_size() for another resolution"
-            )
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images -> (tokens (B, 1 + N, D) after positions and ``norm_pre``, patch embeddings,
+        the kept patch indices (B, K) under token dropout or None). In training, under
+        :attr:`compression`; the identity strategy runs exactly the uncompressed path."""
+        comp = self.compression if self.training else NONE
+        if comp.scales(self.patch_size):
+            embed, pos = self._embed_scaled(x, comp.patch)
+        else:
+            embed, pos = self.patch_embed(x), self.pos_embed
+            if embed.shape[1] != self.num_patches:
+                raise ValueError(
+                    f"got {embed.shape[1]} patches, model built for {self.num_patches} "
+                    f"({self.img_size} px); call set_input_size() for another resolution"
+                )
+        batch = embed.shape[0]
         cls = self.cls_token.to(embed.dtype).expand(batch, -1, -1)
-        x = torch.cat([cls, embed], dim=1) + self.pos_embed.to(embed.dtype)
-        return self.norm_pre(x), embed
+        x = torch.cat([cls, embed], dim=1) + pos.to(embed.dtype)
+        keep = None
+        if comp.rate > 0.0:  # after the positions: a kept token carries its own
+            keep = token_keep_indices(batch, embed.shape[1], comp.rate, embed.device)
+            x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)
+            embed = gather_tokens(embed, keep)
+        return self.norm_pre(x), embed, keep
+
+    def _embed_scaled(self, x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch embeddings at patch size ``patch`` and the position table resampled to its grid;
+        image sides that ``patch`` does not divide are resized to ``floor(side / patch) * patch``
+        (see models/compression.py for why resize, not crop)."""
+        h, w = x.shape[-2:]
+        grid = (max(1, h // patch), max(1, w // patch))
+        if (grid[0] * patch, grid[1] * patch) != (h, w):
+            x = F.interpolate(x.float(), size=(grid[0] * patch, grid[1] * patch), mode="bilinear",
+                              antialias=True, align_corners=False).to(x.dtype)
+        embed = self.patch_embed(x, patch)
+        pos = resample_abs_pos_embed(self.pos_embed, list(grid), list(self.grid_size), num_prefix_tokens=1)
+        return embed, pos
 
     def _block(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         blk, mid = self.blocks[index], self.reducer.mid_block(index, st)
@@ -379,8 +432,10 @@ class VisionTransformer(nn.Module):
     def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState, list[torch.Tensor | float]]:
         """Images -> (final-normed tokens, the forward's state, tokens per sample entering each block)."""
         images = x
-        x, embed = self._embed(x)
+        x, embed, kept = self._embed(x)
         st = ForwardState(batch=x.shape[0], patches=embed.shape[1], embed=embed, images=images)
+        if kept is not None:
+            st.extras["kept_patches"] = kept
         x = self.reducer.on_input(x, st)
         counts: list[torch.Tensor | float] = []
         for i in range(len(self.blocks)):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtp_ds.data.shards import DataConfig
+from dtp_ds.train.schedule import LR_HELP, LR_SCHEDULERS
 
 
 class ConfigError(ValueError):
@@ -27,6 +28,7 @@ class ModelConfig:
     local_loss: bool = False
     gather_with_grad: bool = False
     boundary_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss)
+    compression_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.compress.schedule); None: uncompressed
 
 
 @dataclass
@@ -38,6 +40,8 @@ class OptimConfig:
     max_steps: int | None = None  # stop early; the LR schedule still spans --epochs
     grad_clip_norm: float | None = None
     accum_freq: int | None = None  # gradient accumulation steps
+    lr_scheduler: str = "cosine"  # dtp_ds.train.schedule.LR_SCHEDULERS
+    lr_poly_power: float = 2.0  # the polynomial decay's exponent (--lr-scheduler poly)
 
 
 @dataclass
@@ -101,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gather-with-grad", action="store_true", help="gather features across ranks with gradients")
     a("--boundary-loss-weight", type=float,
       help="weight of the token reducer's auxiliary losses (DRIP's boundary-rate loss)")
+    a("--compression-schedule", metavar="FILE|SPEC",
+      help="compress the image trunk's input in training (evaluation never is) by stage of training: a schedule "
+      "JSON ({\"segments\": [{\"fraction\": F, \"r\": R, \"p\": P, \"cost\": C}, ...]}, what the schedule "
+      "estimator writes) or a SPEC of FRACTION:STRATEGY joined by ';', a STRATEGY being 'none' or comma-joined "
+      "r=RATE (token-drop rate in [0, 1): keep max(1, floor((1 - r) N)) random patches, CLS kept, raster order), "
+      "p=PATCH (patch size: the stored kernel PI-resized, positions resampled, images resized to a multiple of "
+      "it; linear patch stems only), cost=C (step cost, uncompressed = 1; default: the image tower's estimated "
+      "FLOP fraction), e.g. '0.5:r=0.5,p=16;0.3:r=0.25;0.2:none'. Fractions are of the run's steps (--epochs) "
+      "and sum to at most 1; what they leave trains uncompressed. Each row of metrics.jsonl logs the step's "
+      "compression_r, compression_p, compression_cost and the cumulative cost_units")
     # data
     a("--train-data",
       help="shards: brace ranges and '::'-joined sources, e.g. 'DIR/{00000..00099}.tar'")
@@ -117,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, help="peak learning rate (default: the ds_config's)")
     a("--wd", type=float, help="weight decay (default: the ds_config's)")
     a("--warmup", type=int, help="linear warmup steps")
+    a("--lr-scheduler", choices=list(LR_SCHEDULERS), help=f"{LR_HELP} (default: cosine)")
+    a("--lr-poly-power", type=float, help="POWER of --lr-scheduler poly: lr * (1 - t) ** POWER (default 2)")
     a("--grad-clip-norm", type=float, help="gradient clipping norm (default: the ds_config's)")
     a("--accum-freq", type=int, help="gradient accumulation steps (default: the ds_config's)")
     # DeepSpeed overrides
@@ -178,6 +194,8 @@ def check_args(args: TrainArgs) -> None:
         raise ConfigError(f"--epochs {o.epochs}: must be >= 1")
     if o.max_steps is not None and o.max_steps < 1:
         raise ConfigError(f"--max-steps {o.max_steps}: must be >= 1")
+    if not o.lr_poly_power > 0:
+        raise ConfigError(f"--lr-poly-power {o.lr_poly_power}: must be > 0 (2: the quadratic decay)")
     if o.warmup < 0:
         raise ConfigError(f"--warmup {o.warmup}: must be >= 0")
     if args.run.keep_checkpoints < 1:

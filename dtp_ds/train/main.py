@@ -46,7 +46,7 @@ from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, image
 from dtp_ds.launch.discovery import DiscoveryError, discover
 from dtp_ds.launch.probe import git_revision
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
-from dtp_ds.models import get_model_config, register_model_file
+from dtp_ds.models import get_model_config, register_model_file, trunks
 from dtp_ds.tasks import TASKS, TaskSpec, build_task, param_groups
 from dtp_ds.train import checkpoint
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
@@ -65,7 +65,8 @@ from dtp_ds.train.memory import PredictedOOM, check_start_memory
 from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
 from dtp_ds.train.precision import DTYPES, check_precision_supported
 from dtp_ds.train.redact import install_log_filter, one_line, redact
-from dtp_ds.train.schedule import Schedules, check_resumed_lr, warmup_cosine_lr
+from dtp_ds.compress.schedule import CompressionSchedule, Segment, load_schedule
+from dtp_ds.train.schedule import Schedules, before_resume, check_resumed_lr, warmup_cosine_lr
 from dtp_ds.train.storage import check_storage, saves_planned
 from dtp_ds.train.trainer import Trainer, TrainerConfig
 
@@ -137,6 +138,7 @@ class Setup:
     missing_shards: list[str]
     resume_from: tuple[str, str] | None = None  # (checkpoint root, tag) that --resume names
     resume_plan: checkpoint.ResumePlan | None = None  # how to load it (universal at another world size)
+    compression: list[Segment] | None = None  # --compression-schedule's segments
 
 
 def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list[dict[str, Any]], micro: int,
@@ -194,12 +196,19 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     check_precision_supported(precision_of(ds_config))
     check_gpu_memory(args, ds_config, overrides, micro, world)
     splits = zeroshot_splits(args)
+    compression = None
+    if args.model.compression_schedule:
+        try:
+            compression = load_schedule(args.model.compression_schedule)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     name = args.run.name or broadcast(default_name(args, micro) if rank == 0 else None)
     run_dir = os.path.join(args.run.logs, name)
     if not args.run.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise ConfigError(f"run directory {run_dir} already exists: pass --resume latest to continue it, "
                           f"or --name to start a new run")
-    return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, splits, missing)
+    return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, splits, missing,
+                 compression=compression)
 
 
 def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
@@ -249,7 +258,8 @@ def build_engine(s: Setup, rank: int, world: int) -> tuple[Any, Any]:
     wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=task.module, model_parameters=param_groups(task.module, wd), config=s.ds_config,
-        lr_scheduler=lambda opt: warmup_cosine_lr(opt, args.optim.warmup, s.total_steps, args.optim.epochs))
+        lr_scheduler=lambda opt: warmup_cosine_lr(opt, args.optim.warmup, s.total_steps, args.optim.epochs,
+                                                  args.optim.lr_scheduler, args.optim.lr_poly_power))
     return task, engine
 
 
@@ -264,10 +274,12 @@ def resume(s: Setup, engine, schedules: Schedules, rank: int) -> tuple[TrainStat
         seed_all(args.run.seed + 1000 * rank)  # per-rank noise (DRIP boundary sampling, drop path)
         return TrainState(), None, 0.0, False
     t0 = time.time()
+    before_resume(engine.lr_scheduler)
     # restores each rank's RNG as it was saved; a rank it has none for gets a stream of its own
     state, client = checkpoint.load(engine, *found, seed=args.run.seed, engine_tag=s.resume_plan.engine_tag)
     try:
-        note = check_resumed_lr(engine.lr_scheduler, args.optim.warmup, args.optim.epochs, s.total_steps)
+        note = check_resumed_lr(engine.lr_scheduler, args.optim.warmup, args.optim.epochs, s.total_steps,
+                                args.optim.lr_scheduler, args.optim.lr_poly_power)
         schedules.load_state_dict(client.get("schedules", {}))
     except ValueError as e:
         raise ConfigError(f"--resume {os.path.join(*found)}: {e}") from e
@@ -309,6 +321,11 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
     """Resume (or seed), open the run directory, and put the Trainer together."""
     args = s.args
     schedules = Schedules(task.schedules(s.total_steps))
+    if s.compression:
+        try:
+            schedules.items["compression"] = CompressionSchedule(s.compression, trunks(task.model), s.total_steps)
+        except ValueError as e:
+            raise ConfigError(f"--compression-schedule {args.model.compression_schedule}: {e}") from e
     state, resumed_from, t_load, own = resume(s, engine, schedules, rank)
     last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
     n_params = sum(p.numel() for p in task.model.parameters())

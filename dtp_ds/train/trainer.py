@@ -137,7 +137,7 @@ class Trainer:
                "samples_per_s": self.cfg.global_batch / step_time, "step_time": step_time,
                "data_time": self.t_data, "peak_mem_gb": peak_memory_gb(), "samples_seen": st.samples_seen,
                "bad_samples": st.bad_samples, "bad_by_kind": dict(st.bad_by_kind),
-               "missing_shards": self.cfg.missing_shards}
+               "missing_shards": self.cfg.missing_shards, **self.schedules.metrics(st.step)}
         scale = loss_scale(self.engine)
         if scale is not None:
             rec["loss_scale"] = scale

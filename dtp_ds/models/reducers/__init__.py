@@ -3,7 +3,9 @@
 A reducer is an ``nn.Module`` with four hooks the trunk (:class:`~dtp_ds.models.vit.VisionTransformer`)
 calls in every forward; each defaults to doing nothing, so a reducer overrides only where it acts:
 
-- ``on_input(x, st)``: the tokens (B, 1 + N, D) after positions (patch dropout, token dropout);
+- ``on_input(x, st)``: the tokens (B, 1 + N, D) after positions (patch dropout); a training-time
+  input compression (token dropout, patch scaling) has already acted (``check_input`` refuses
+  one the reducer cannot run on);
 - ``at_boundary(i, x, st)``: before block ``i`` (``i = depth``: after the last block) (DRIP,
   TokenLearner, grouping); may switch to packed rows by setting ``st.packing``;
 - ``mid_block(i, st)``: a function run between block ``i``'s attention and MLP, or ``None`` (ToMe:
@@ -73,6 +75,11 @@ class TokenReducer(nn.Module):
 
     def check(self, trunk: nn.Module) -> None:
         """Raise ``ValueError`` if this reducer cannot run in ``trunk`` (depth, grid, ...)."""
+
+    def check_input(self, patches: int, grid: tuple[int, int] | None, strategy: str) -> None:
+        """Raise ``ValueError`` (naming this reducer) if it cannot train on ``patches`` patch tokens
+        arranged as ``grid`` (``None``: a random subset in raster order, no grid) under the input
+        compression ``strategy`` (:mod:`dtp_ds.models.compression`). The default: any input."""
 
     def on_input(self, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         return x

@@ -155,6 +155,7 @@ class DynamicViTReducer(TokenReducer):
         self.ratios = [self.rho ** (s + 1) for s in range(len(stages))]
         self.ratio_weight, self.distill_weight = float(ratio_weight), float(distill_weight)
         self.teacher_path = teacher
+        self.num_patches = num_patches
         self.predictors = nn.ModuleList(ScorePredictor(dim, self.rho) for _ in stages)
         self._teacher: list[VisionTransformer] = []  # a plain list: not a submodule (see module doc)
         self._geometry: dict[str, Any] = {}
@@ -222,7 +223,7 @@ class DynamicViTReducer(TokenReducer):
         if tuple(images.shape[-2:]) != tuple(model.img_size):
             model.set_input_size(tuple(images.shape[-2:]))
         with torch.no_grad():
-            t, _ = model._embed(images)
+            t, _, _ = model._embed(images)
             for blk in model.blocks:
                 t, _, _ = blk(t)
         return t
@@ -237,6 +238,12 @@ class DynamicViTReducer(TokenReducer):
         if index == self.depth:
             self._finish(x, st)
         return x
+
+    def check_input(self, patches: int, grid: tuple[int, int] | None, strategy: str) -> None:
+        if self.teacher_path is not None and self.distill_weight > 0 and patches != self.num_patches:
+            raise ValueError(f"the {self.type_name} reducer cannot train under input compression {strategy}: its "
+                             f"distillation compares token by token with a teacher on the stored {self.num_patches} "
+                             f"patches, and patch scaling gives {patches}; use token dropout (r=...) only with it")
 
     def _mask(self, j: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         prev = None if st.keep is None else st.keep[:, 1:]
@@ -289,6 +296,9 @@ class DynamicViTReducer(TokenReducer):
 
     def _distill(self, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         t = self._teacher_tokens(st.images, x.dtype)
+        kept = st.extras.get("kept_patches")
+        if kept is not None:  # token dropout at the input: the teacher's tokens at the kept patches
+            t = torch.cat([t[:, :1], t[:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, t.shape[-1]))], dim=1)
         pos = st.memo.get("positions")
         if pos is not None:  # the student's kept tokens: compare with the teacher's at those positions
             t = torch.cat([t[:, :1], t[:, 1:].gather(1, pos.unsqueeze(-1).expand(-1, -1, t.shape[-1]))], dim=1)
