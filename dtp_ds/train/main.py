@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import dtp_ds
 from dtp_ds.cluster.process_group import init_process_group
+from dtp_ds.compress.schedule import CompressionSchedule, Segment, load_schedule
 from dtp_ds.data.shards import (
     DataError,
     check_every_worker_has_a_shard,
@@ -65,7 +66,6 @@ from dtp_ds.train.memory import PredictedOOM, check_start_memory
 from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
 from dtp_ds.train.precision import DTYPES, check_precision_supported
 from dtp_ds.train.redact import install_log_filter, one_line, redact
-from dtp_ds.compress.schedule import CompressionSchedule, Segment, load_schedule
 from dtp_ds.train.schedule import Schedules, before_resume, check_resumed_lr, warmup_cosine_lr
 from dtp_ds.train.storage import check_storage, saves_planned
 from dtp_ds.train.trainer import Trainer, TrainerConfig

@@ -58,7 +58,8 @@ def test_token_dropout_keeps_cls_and_sorted_distinct_subsets_reproducibly():
     assert torch.equal(kept, again)
     assert torch.all(kept[:, 1:] > kept[:, :-1])  # ascending: raster order, no repeats
     assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])
-    full = model.norm_pre(torch.cat([model.cls_token.expand(3, -1, -1), model.patch_embed(IMAGES)], 1) + model.pos_embed)
+    cls = model.cls_token.expand(3, -1, -1)
+    full = model.norm_pre(torch.cat([cls, model.patch_embed(IMAGES)], 1) + model.pos_embed)
     assert torch.allclose(x[:, 0], full[:, 0])  # CLS kept, with its position
     for b in range(3):  # each kept token is its own patch with its own position embedding
         assert torch.allclose(x[b, 1:], full[b, 1 + kept[b]], atol=1e-6)
