@@ -161,7 +161,7 @@ def resolve(raw: dict[str, Any], args: TrainArgs, world_size: int,
     # a scheduler section in the JSON would compete with it.
     if "scheduler" in r.cfg:
         r.overrides.append({"key": "scheduler", "ds_config": r.cfg.pop("scheduler"), "flag": "--warmup/--epochs",
-                            "value": "dtp_ds.train.schedule.warmup_cosine_lr"})
+                            "value": "dtp_ds.train.schedule.warmup_decay_lr"})
 
     if precision_of(r.cfg) == "fp16" and "loss_scale" not in r.cfg["fp16"]:
         r.cfg["fp16"]["loss_scale"] = 0  # 0: dynamic loss scaling

@@ -66,7 +66,7 @@ from dtp_ds.train.memory import PredictedOOM, check_start_memory
 from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
 from dtp_ds.train.precision import DTYPES, check_precision_supported
 from dtp_ds.train.redact import install_log_filter, one_line, redact
-from dtp_ds.train.schedule import Schedules, before_resume, check_resumed_lr, warmup_cosine_lr
+from dtp_ds.train.schedule import Schedules, before_resume, check_resumed_lr, warmup_decay_lr
 from dtp_ds.train.storage import check_storage, saves_planned
 from dtp_ds.train.trainer import Trainer, TrainerConfig
 
@@ -258,7 +258,7 @@ def build_engine(s: Setup, rank: int, world: int) -> tuple[Any, Any]:
     wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=task.module, model_parameters=param_groups(task.module, wd), config=s.ds_config,
-        lr_scheduler=lambda opt: warmup_cosine_lr(opt, args.optim.warmup, s.total_steps, args.optim.epochs,
+        lr_scheduler=lambda opt: warmup_decay_lr(opt, args.optim.warmup, s.total_steps, args.optim.epochs,
                                                   args.optim.lr_scheduler, args.optim.lr_poly_power))
     return task, engine
 

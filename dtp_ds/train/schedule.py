@@ -3,7 +3,7 @@
 The learning rate is open_clip's warmup + cosine (:func:`warmup_cosine`; or polynomial or
 constant after the warmup, ``--lr-scheduler``, :func:`warmup_decay`) as a torch
 ``LambdaLR`` that DeepSpeed steps at every applied optimizer step (not on fp16-overflow
-steps) and saves with each checkpoint. Its factor is a :class:`WarmupCosine` object, so
+steps) and saves with each checkpoint. Its factor is a :class:`WarmupDecay` object, so
 ``LambdaLR.state_dict`` saves the curve's warmup and length with it: a resume continues the
 saved curve, and :func:`check_resumed_lr` refuses a resume whose ``--warmup`` / ``--epochs``
 would have drawn another one. (DeepSpeed's own WarmupCosineLR spends its first two steps at lr 0.)
@@ -50,10 +50,10 @@ def warmup_decay(step: int, base_lr: float, warmup: int, total: int, kind: str =
     raise ValueError(f"--lr-scheduler {kind!r}: one of {', '.join(LR_SCHEDULERS)}")
 
 
-class WarmupCosine:
+class WarmupDecay:
     """The LR factor of step ``step`` (a callable object: LambdaLR saves its fields, the flags
-    that drew the curve among them). Despite the (kept, for checkpoints) name, any of
-    :data:`LR_SCHEDULERS`; ``power`` is the polynomial's (None unless ``poly``)."""
+    that drew the curve among them; LambdaLR saves a callable object's fields, not its class):
+    one of :data:`LR_SCHEDULERS`; ``power`` is the polynomial's (None unless ``poly``)."""
 
     # what a checkpoint saved before --lr-scheduler existed was trained on
     LEGACY = {"kind": "cosine", "power": None}
@@ -69,16 +69,16 @@ class WarmupCosine:
         return warmup_decay(step, 1.0, self.warmup, self.total_steps, self.kind, self.power or 2.0)
 
 
-def warmup_cosine_lr(optimizer: Optimizer, warmup: int, total_steps: int, epochs: int | None = None,
+def warmup_decay_lr(optimizer: Optimizer, warmup: int, total_steps: int, epochs: int | None = None,
                      kind: str = "cosine", power: float | None = None) -> LambdaLR:
     """The run's LR scheduler: ``base lr * warmup_decay`` of the steps done (cosine by default)."""
-    return LambdaLR(optimizer, WarmupCosine(max(1, warmup), total_steps, epochs, kind, power))
+    return LambdaLR(optimizer, WarmupDecay(max(1, warmup), total_steps, epochs, kind, power))
 
 
 def before_resume(scheduler: LambdaLR) -> None:
     """Before loading a checkpoint into ``scheduler``: mark its factor with what a checkpoint that
     saved no scheduler kind was trained on (cosine); a newer checkpoint overwrites it."""
-    scheduler.lr_lambdas[0].__dict__.update(WarmupCosine.LEGACY)
+    scheduler.lr_lambdas[0].__dict__.update(WarmupDecay.LEGACY)
 
 
 def check_resumed_lr(scheduler: LambdaLR, warmup: int, epochs: int, total_steps: int, kind: str = "cosine",
@@ -144,5 +144,10 @@ class Schedules:
         if missing:
             raise ValueError(f"the checkpoint has no state for the schedules {missing}: it was trained without "
                              f"them; start a new run to use them")
+        extra = sorted(set(saved) - set(self.items))
+        if extra:  # e.g. a --compression-schedule the resume left out: never continue without it silently
+            raise ValueError(f"the checkpoint was trained with the schedules {extra}, which this run does not have: "
+                             f"resume with the flags that made them (e.g. the same --compression-schedule), or "
+                             f"start a new run")
         for name, s in self.items.items():
             s.load_state_dict(saved[name])

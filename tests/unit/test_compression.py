@@ -16,7 +16,7 @@ from dtp_ds.compress.schedule import CompressionSchedule, load_schedule, parse_s
 from dtp_ds.eval.flops import torch_macs
 from dtp_ds.models import VisionTransformer, make_reducer, trunks
 from dtp_ds.models.compression import NONE, Compression, image_tower_cost, keep_count, pi_resize_kernel
-from dtp_ds.train.schedule import WarmupCosine, before_resume, check_resumed_lr, warmup_cosine_lr
+from dtp_ds.train.schedule import WarmupDecay, before_resume, check_resumed_lr, warmup_decay_lr
 
 
 def trunk(reducer_cfg: dict | None = None, stem: str = "patch", depth: int = 4) -> VisionTransformer:
@@ -216,30 +216,53 @@ def test_schedule_boundaries_costs_and_resume_at_any_step():
 def test_polynomial_and_constant_lr_against_closed_form_and_resume_checks():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     warm, total = 4, 24
-    poly = WarmupCosine(warm, total, 1, "poly", 2.0)
+    poly = WarmupDecay(warm, total, 1, "poly", 2.0)
     for progress in (0.0, 0.5, 1.0):
         step = warm + int(progress * (total - warm))
         assert poly(step) == pytest.approx((1 - progress) ** 2)
-    assert WarmupCosine(warm, total, 1, "poly", 3.0)(warm + 10) == pytest.approx(0.5 ** 3)
-    assert WarmupCosine(warm, total, 1, "const")(20) == 1.0 and poly(1) == pytest.approx(2 / 4)
-    assert WarmupCosine(warm, total, 1)(warm + 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
-    saved = warmup_cosine_lr(opt, warm, total, 1, "poly", 2.0).state_dict()
+    assert WarmupDecay(warm, total, 1, "poly", 3.0)(warm + 10) == pytest.approx(0.5 ** 3)
+    assert WarmupDecay(warm, total, 1, "const")(20) == 1.0 and poly(1) == pytest.approx(2 / 4)
+    assert WarmupDecay(warm, total, 1)(warm + 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    saved = warmup_decay_lr(opt, warm, total, 1, "poly", 2.0).state_dict()
     for kind, power, match in [("cosine", 2.0, "--lr-scheduler cosine differs.*resume with --lr-scheduler poly"),
                                ("poly", 3.0, "--lr-poly-power 3.0 differs.*resume with --lr-poly-power 2.0")]:
-        sched = warmup_cosine_lr(opt, warm, total, 1, kind, power)
+        sched = warmup_decay_lr(opt, warm, total, 1, kind, power)
         before_resume(sched)
         sched.load_state_dict(saved)
         with pytest.raises(ValueError, match=match):
             check_resumed_lr(sched, warm, 1, total, kind, power)
-    sched = warmup_cosine_lr(opt, warm, total, 1, "poly", 2.0)
+    sched = warmup_decay_lr(opt, warm, total, 1, "poly", 2.0)
     before_resume(sched)
     sched.load_state_dict(saved)
     assert check_resumed_lr(sched, warm, 1, total, "poly", 2.0) is None
     # a checkpoint from before --lr-scheduler (no kind saved) was cosine: a poly resume is refused
-    legacy = {k: v for k, v in warmup_cosine_lr(opt, warm, total, 1).state_dict().items()}
+    legacy = {k: v for k, v in warmup_decay_lr(opt, warm, total, 1).state_dict().items()}
     legacy["lr_lambdas"] = [{"warmup": warm, "total_steps": total, "epochs": 1}]
-    sched = warmup_cosine_lr(opt, warm, total, 1, "poly", 2.0)
+    sched = warmup_decay_lr(opt, warm, total, 1, "poly", 2.0)
     before_resume(sched)
     sched.load_state_dict(legacy)
     with pytest.raises(ValueError, match="resume with --lr-scheduler cosine"):
         check_resumed_lr(sched, warm, 1, total, "poly", 2.0)
+
+
+def test_a_resume_that_leaves_out_a_saved_schedule_is_refused():
+    from dtp_ds.train.schedule import Schedules
+
+    class Counter:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def step(self, state) -> None:
+            self.n += 1
+
+        def state_dict(self) -> dict:
+            return {"n": self.n}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.n = state["n"]
+
+    saved = Schedules({"compression": Counter(), "reducer0_patch_dropout": Counter()}).state_dict()
+    with pytest.raises(ValueError, match=r"\['compression'\].*same --compression-schedule"):
+        Schedules({"reducer0_patch_dropout": Counter()}).load_state_dict(saved)
+    with pytest.raises(ValueError, match="no state for the schedules"):
+        Schedules({"other": Counter()}).load_state_dict({})

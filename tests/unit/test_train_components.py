@@ -15,7 +15,7 @@ from dtp_ds.data.shards import DataConfig, DataError, make_train_loader, plan_ep
 from dtp_ds.tasks.clip import CaptionStage
 from dtp_ds.train.args import ConfigError, parse_args
 from dtp_ds.train.ds_config import load_ds_config, resolve, resolve_batch
-from dtp_ds.train.schedule import check_resumed_lr, warmup_cosine_lr
+from dtp_ds.train.schedule import check_resumed_lr, warmup_decay_lr
 from tests.conftest import REPO, TINY_DS_CONFIG, train_data
 
 
@@ -87,7 +87,7 @@ def test_every_shipped_ds_config_loads_and_resolves():
 def test_schedule_matches_open_clip_and_survives_state_dict():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}], lr=1e-3)
-    sched = warmup_cosine_lr(opt, warmup=10, total_steps=50)
+    sched = warmup_decay_lr(opt, warmup=10, total_steps=50)
     reference = cosine_lr(torch.optim.SGD(model.parameters(), lr=1e-3), 1e-3, 10, 50)
     for step in range(50):
         assert opt.param_groups[0]["lr"] == pytest.approx(reference(step), abs=1e-12)
@@ -96,7 +96,7 @@ def test_schedule_matches_open_clip_and_survives_state_dict():
             state = json.loads(json.dumps(sched.state_dict()))
         sched.step()
     opt2 = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}], lr=1e-3)
-    sched2 = warmup_cosine_lr(opt2, warmup=10, total_steps=50)
+    sched2 = warmup_decay_lr(opt2, warmup=10, total_steps=50)
     sched2.load_state_dict(state)
     sched2.step()  # the first step after a resume: the saved curve, where it stopped
     assert opt2.param_groups[0]["lr"] == pytest.approx(reference(31), abs=1e-12)
@@ -105,8 +105,8 @@ def test_schedule_matches_open_clip_and_survives_state_dict():
 
 def test_a_resume_that_would_change_the_lr_curve_names_the_flag():
     opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
-    sched = warmup_cosine_lr(opt, warmup=10, total_steps=50, epochs=2)
-    resumed = warmup_cosine_lr(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3), 20, 80, 3)
+    sched = warmup_decay_lr(opt, warmup=10, total_steps=50, epochs=2)
+    resumed = warmup_decay_lr(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3), 20, 80, 3)
     resumed.load_state_dict(sched.state_dict())  # the checkpoint's curve replaces the flags'
     assert (resumed.lr_lambdas[0].warmup, resumed.lr_lambdas[0].total_steps) == (10, 50)
     with pytest.raises(ValueError, match="--warmup 20 differs from the checkpoint's 10"):
