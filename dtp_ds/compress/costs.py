@@ -1,0 +1,204 @@
+"""``tools/compression_costs``: the measured cost table of input-compression strategies.
+
+For one model and a grid of strategies (``--rates`` x ``--patches``), times a whole CLIP
+training step (both towers, contrastive loss, backward, AdamW step; plain PyTorch in one
+process as ``tools/bench`` does; ``--warmup`` steps excluded; median of ``--steps``) at a fixed
+batch, in the trainer's compressed forward (the trunk's ``set_compression``, train mode, the
+token dropout seeded), and counts its FLOPs (``FlopCounterMode``, forward + backward of the
+step, 1 multiply-add = 1 FLOP). Each row has:
+
+- ``step_s`` / ``per_sample_s``: the median step time and the time per sample;
+- ``step_per_forward``: the step time over the time of one **uncompressed forward** of the
+  whole model (train mode, no grad) at the same batch (the issue's normalisation; an
+  uncompressed step is ~3-4 forwards);
+- ``cost``: the step time over the uncompressed step's (r = 0, p = stored: 1 by construction):
+  the unit ``--compression-schedule`` counts in (an uncompressed step = 1), so the estimator
+  (``tools/compression_schedule``) and the schedule file carry it as each strategy's ``cost``;
+- ``gflops_step`` and ``flops_cost`` (its ratio to the uncompressed step's) beside them: the
+  text tower and the optimizer do not compress, so neither falls as fast as the image tower's
+  FLOPs (the Amdahl limit).
+
+The JSON (``--out``): ``{"model", "device", "batch_size", "warmup", "steps", "forward_s",
+"uncompressed_step_s", "strategies": [{"r", "p", "cost", ...}, ...]}``; :func:`load_costs`
+reads it back as ``{Compression: cost}``. Timings on a shared CPU are noisy: use several
+``--steps``, and measure on the hardware the schedule will train on (``--device cuda``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import open_clip
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dtp_ds
+from dtp_ds.models import trunks
+from dtp_ds.models.compression import NONE, Compression, image_tower_cost
+
+
+def strategy_grid(rates: Iterable[float], patches: Iterable[int | None]) -> list[Compression]:
+    """Every (r, p) of the grid, the uncompressed one first, duplicates dropped."""
+    out = [NONE]
+    for p in patches:
+        for r in rates:
+            s = Compression(float(r), None if p is None else int(p))
+            if s not in out:
+                out.append(s)
+    return out
+
+
+def _median_time(fn: Callable[[], Any], warmup: int, steps: int, sync: Callable[[], None]) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _flops(fn: Callable[[], Any]) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 2
+
+
+def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size: int = 16, warmup: int = 2,
+                  steps: int = 5, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """The cost table (module doc) of ``strategies`` on a freshly built ``model_name``."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = dtp_ds.create_model(model_name, device=dev, output_dict=True)
+    found = trunks(model)
+    if not found:
+        raise ValueError(f"{model_name}: no dtp_ds image trunk to compress (open_clip's own ViT has none); use e.g. "
+                         f"Plain-ViT-Tiny-8 or a DRIP model")
+    trunk = found[0]
+    for s in strategies:
+        trunk.check_compression(s)
+    size = model.visual.image_size
+    image_size = (size, size) if isinstance(size, int) else tuple(size)
+    images = torch.randn(batch_size, 3, *image_size, device=dev)
+    text = torch.randint(1, 49407, (batch_size, model.context_length), device=dev)
+    loss_fn = open_clip.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.2)  # tiny lr: the weights barely move
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model.train()
+
+    def set_all(s: Compression) -> None:
+        for t in found:
+            t.set_compression(s)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(images, text)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = model(images, text)
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+        opt.step()
+
+    set_all(NONE)
+    forward_s = _median_time(forward, warmup, steps, sync)
+    rows = []
+    for s in strategies:
+        set_all(s)
+        torch.manual_seed(seed)
+        step_s = _median_time(step, warmup, steps, sync)
+        rows.append({"r": s.rate, "p": s.patch_or(trunk.patch_size), "strategy": s.describe(), "step_s": step_s,
+                     "per_sample_s": step_s / batch_size, "step_per_forward": step_s / forward_s,
+                     "gflops_step": _flops(step) / batch_size / 1e9,
+                     "image_tower_flops_est": image_tower_cost(trunk, s)})
+    set_all(NONE)
+    base = next((r for r, s in zip(rows, strategies) if s.is_identity(trunk.patch_size)), None)
+    if base is None:  # the grid left the uncompressed step out: time it as the unit
+        torch.manual_seed(seed)
+        base = {"step_s": _median_time(step, warmup, steps, sync), "gflops_step": _flops(step) / batch_size / 1e9}
+    for r in rows:
+        r["cost"] = r["step_s"] / base["step_s"]
+        r["flops_cost"] = r["gflops_step"] / base["gflops_step"]
+    return {"model": model_name, "device": str(dev), "batch_size": batch_size, "warmup": warmup, "steps": steps,
+            "patch_size": trunk.patch_size, "image_size": list(image_size), "forward_s": forward_s,
+            "uncompressed_step_s": base["step_s"], "torch": torch.__version__, "strategies": rows}
+
+
+def _key(s: Compression, stored: int | None) -> tuple[float, int | None]:
+    p = s.patch if stored is None or s.patch != stored else None
+    return (round(s.rate, 9), p)
+
+
+def load_costs(path: str) -> dict[tuple[float, int | None], float]:
+    """A cost table's ``cost`` per strategy, keyed ``(r, p)`` with ``p`` None for the stored
+    patch size (as :class:`Compression` holds the uncompressed patch)."""
+    with open(path) as f:
+        data = json.load(f)
+    stored = data.get("patch_size")
+    table = {}
+    for row in data.get("strategies", []):
+        s = Compression(float(row.get("r") or 0.0), None if row.get("p") is None else int(row["p"]))
+        cost = float(row["cost"])
+        if not (cost > 0 and math.isfinite(cost)):
+            raise ValueError(f"{path}: strategy {s.describe()} has cost {cost}; a cost must be > 0")
+        table[_key(s, stored)] = cost
+    return table
+
+
+def cost_of(table: dict[tuple[float, int | None], float], s: Compression, stored: int) -> float | None:
+    """``s``'s cost in a :func:`load_costs` table (None when the table does not have it)."""
+    return table.get(_key(s, stored))
+
+
+def format_table(data: dict[str, Any]) -> str:
+    from dtp_ds.bench import markdown_table
+
+    cols = [("strategy", "strategy", "{}"), ("r", "r", "{:g}"), ("p", "p", "{}"), ("step_s", "step s", "{:.4f}"),
+            ("per_sample_s", "s/sample", "{:.5f}"), ("step_per_forward", "step / fwd", "{:.2f}"),
+            ("cost", "cost (step=1)", "{:.3f}"), ("gflops_step", "GFLOPs/sample f+b", "{:.4f}"),
+            ("flops_cost", "FLOPs cost", "{:.3f}"), ("image_tower_flops_est", "img-tower est", "{:.3f}")]
+    return markdown_table(data["strategies"], cols)
+
+
+def _patch(text: str) -> int | None:
+    return None if text in ("stored", "none", "0") else int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="compression_costs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Plain-ViT-Tiny-8")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    p.add_argument("--patches", type=_patch, nargs="+", default=[None],
+                   help="patch sizes ('stored': the model's own; default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="logs/compression_costs.json")
+    a = p.parse_args(argv)
+    data = measure_costs(a.model, strategy_grid(a.rates, a.patches), a.batch_size, a.warmup, a.steps, a.device, a.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(data, f, indent=1)
+    print(format_table(data))
+    print(f"compression_costs: {data['model']} on {data['device']}, batch {data['batch_size']}: uncompressed forward "
+          f"{data['forward_s']:.4f} s, step {data['uncompressed_step_s']:.4f} s; wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
