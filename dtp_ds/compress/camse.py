@@ -1,0 +1,510 @@
+"""``tools/compression_schedule``: the CA-MSE (cost-adjusted mean squared error of the gradient)
+schedule estimator ("Accelerating Augmentation Invariance Pretraining", Lin et al. 2024).
+
+Inputs: checkpoints of a pilot run, one per **stage** (e.g. at 0/25/50/75/100% of it: run
+directories, ``checkpoints/step_N`` directories, exported ``*.safetensors`` files, or
+``init:MODEL`` for a freshly built model at step 0), the training shards, the global batch, a
+candidate grid of strategies (``--rates`` x ``--patches``) and the cost table of
+``tools/compression_costs`` (``--costs``; each strategy's ``cost`` in units of an uncompressed
+step; a strategy the table lacks falls back to the image tower's estimated FLOP fraction, with a
+warning: it ignores the text tower, so it flatters compression).
+
+Per stage, every strategy ``s`` runs on the same ``K`` global batches (read once, the train
+augmentation seeded per sample: paired samples, so the bias estimate is a paired difference)
+through the same compressed forward as training (the trunk's ``set_compression``, train mode,
+the token dropout seeded per batch), and the whole-batch CLIP loss (contrastive + the reducer's
+auxiliary losses, :class:`~dtp_ds.tasks.clip.CLIPModule`) is back-propagated in fp32 in one
+process. From running sums only (per parameter group: ``sum g``, ``sum ||g||^2``, and of the
+paired difference ``d = g_s - g_0``: ``sum d``, ``sum ||d||^2``; never a K x P matrix):
+
+- ``var`` = tr Cov(g_s) = (sum ||g||^2 - K ||mean g||^2) / (K - 1): the variance of one
+  minibatch gradient at the global batch;
+- ``bias2`` = ||E g_s - E g_0||^2, estimated without its finite-K bias:
+  ||mean d||^2 - tr Cov(d) / K (E ||mean d||^2 = ||E d||^2 + tr Cov(d) / K); it can come out
+  slightly negative where the true bias is ~0 (the identity strategy: exactly 0);
+- ``cost_var`` = cost_s x var: at a fixed compute budget a strategy costing ``c_s`` per sample
+  affords ``1 / c_s`` times the samples, dividing the variance by ``1 / c_s``;
+- ``camse`` = bias2 + cost_var.
+
+Figures are reported per parameter group (``image`` tower, ``text`` tower, ``logit_scale``,
+``reducer``: a boundary predictor / token reducer's own parameters) and in ``total`` (their
+sum: squared norms add over disjoint groups). The standard error ``se`` of the total CA-MSE
+comes from ``--replicates`` disjoint groups of the K batches (the spread of their estimates
+over sqrt(replicates)); it only decides ties.
+
+**Choice** per stage: the strategy of least total CA-MSE; every strategy within one standard
+error of it ties, and a tie goes to the least compression (the highest cost). ``--monotone``
+forbids compression from rising at a later stage (a later stage may only pick a strategy whose
+cost is at least the previous choice's).
+
+**Schedule** (the ``--compression-schedule`` JSON of :mod:`dtp_ds.compress.schedule`): stage
+``i`` (at fraction ``f_i`` of the pilot: its step over the last checkpoint's, or ``--fractions``)
+runs its choice over ``[f_i, f_{i+1})``; the stage at 1.0 is reported but spans nothing. The last
+``--final-fraction`` of training (default 0.1) is left uncompressed (the parser adds that final
+segment; ``--final-fraction 0`` runs the last stage's choice to the end). Adjacent equal
+segments merge. Each segment carries its strategy's ``cost`` from the table, so the trainer's
+cost units are the measured ones. Written beside it: ``SCHEDULE.md`` (the tables) and
+``SCHEDULE.png`` (CA-MSE, squared bias, cost-adjusted variance against stage, one line per
+strategy, as the paper's panels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtp_ds.models.compression import NONE, Compression, image_tower_cost
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("image", "text", "logit_scale", "reducer")
+
+
+def param_group(name: str) -> str:
+    """Which reported group a CLIP parameter belongs to."""
+    if name in ("logit_scale", "logit_bias"):
+        return "logit_scale"
+    if ".reducer." in name or name.startswith("visual.reducer"):
+        return "reducer"
+    if name.startswith("visual."):
+        return "image"
+    return "text"
+
+
+# --- running moments --------------------------------------------------------------------------
+
+class Moments:
+    """Running sums of one strategy's gradients (and of their paired differences to the
+    uncompressed ones) per group, in ``replicates`` disjoint groups of batches."""
+
+    def __init__(self, sizes: dict[str, int], replicates: int = 1) -> None:
+        self.sizes = dict(sizes)
+        self.replicates = replicates
+        f64 = torch.float64
+        self.sum_g = [{k: torch.zeros(n, dtype=f64) for k, n in sizes.items()} for _ in range(replicates)]
+        self.sum_d = [{k: torch.zeros(n, dtype=f64) for k, n in sizes.items()} for _ in range(replicates)]
+        self.sq_g = [dict.fromkeys(sizes, 0.0) for _ in range(replicates)]
+        self.sq_d = [dict.fromkeys(sizes, 0.0) for _ in range(replicates)]
+        self.count = [0] * replicates
+
+    def add(self, g: dict[str, torch.Tensor], g0: dict[str, torch.Tensor], index: int) -> None:
+        """Batch ``index``'s gradient ``g`` of this strategy and ``g0`` of the uncompressed one."""
+        j = index % self.replicates
+        for k in self.sizes:
+            a = g[k].double()
+            d = a - g0[k].double()
+            self.sum_g[j][k] += a
+            self.sum_d[j][k] += d
+            self.sq_g[j][k] += float(a.dot(a))
+            self.sq_d[j][k] += float(d.dot(d))
+        self.count[j] += 1
+
+    def _pooled(self, which: Sequence[int]) -> tuple[int, dict[str, Any]]:
+        n = sum(self.count[j] for j in which)
+        out = {k: (sum(self.sum_g[j][k] for j in which), sum(self.sq_g[j][k] for j in which),
+                   sum(self.sum_d[j][k] for j in which), sum(self.sq_d[j][k] for j in which)) for k in self.sizes}
+        return n, out
+
+    def estimate(self, cost: float) -> dict[str, Any]:
+        """Per group and ``total``: bias2, var, cost_var, camse (+ the raw ||mean d||^2), and the
+        total's standard error ``se`` from the replicates (nan with fewer than 2 of >= 2 batches)."""
+        n, pooled = self._pooled(range(self.replicates))
+        res = estimate_from_sums(pooled, n, cost)
+        reps = [estimate_from_sums(self._pooled([j])[1], self.count[j], cost)["total"]["camse"]
+                for j in range(self.replicates) if self.count[j] >= 2]
+        if len(reps) >= 2:
+            mean = sum(reps) / len(reps)
+            res["total"]["se"] = math.sqrt(sum((x - mean) ** 2 for x in reps) / (len(reps) - 1) / len(reps))
+        else:
+            res["total"]["se"] = float("nan")
+        return res
+
+
+def estimate_from_sums(sums: dict[str, tuple], n: int, cost: float) -> dict[str, dict[str, float]]:
+    """The module doc's estimators from per-group ``(sum g, sum ||g||^2, sum d, sum ||d||^2)``
+    over ``n`` >= 2 batches."""
+    if n < 2:
+        raise ValueError(f"{n} batch(es): the variance needs at least 2 (--batches)")
+    out: dict[str, dict[str, float]] = {}
+    for k, (sg, qg, sd, qd) in sums.items():
+        mg, md = sg / n, sd / n
+        var = max(0.0, (qg - n * float(mg.dot(mg))) / (n - 1))
+        var_d = max(0.0, (qd - n * float(md.dot(md))) / (n - 1))
+        raw = float(md.dot(md))
+        bias2 = raw - var_d / n
+        out[k] = {"bias2": bias2, "bias2_raw": raw, "var": var, "cost_var": cost * var, "camse": bias2 + cost * var}
+    out["total"] = {key: sum(v[key] for v in out.values()) for key in ("bias2", "bias2_raw", "var", "cost_var", "camse")}
+    return out
+
+
+# --- choice and schedule ----------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    strategy: Compression
+    cost: float
+    camse: float
+    se: float = float("nan")
+
+
+def choose(cands: Sequence[Candidate], min_cost: float | None = None) -> Candidate:
+    """Least CA-MSE; everything within one standard error of the least ties, and a tie goes to
+    the least compression (highest cost). ``min_cost``: only strategies at least that costly
+    (``--monotone``: no more compression than the previous stage's choice)."""
+    pool = [c for c in cands if min_cost is None or c.cost >= min_cost - 1e-12]
+    if not pool:
+        raise ValueError("no candidate strategy left (the grid must hold the uncompressed one)")
+    best = min(pool, key=lambda c: c.camse)
+    margin = best.se if math.isfinite(best.se) else 0.0
+    tied = [c for c in pool if c.camse <= best.camse + margin]
+    return max(tied, key=lambda c: (c.cost, -c.camse))
+
+
+def choose_all(stages: Sequence[Sequence[Candidate]], monotone: bool = False) -> list[Candidate]:
+    out: list[Candidate] = []
+    for cands in stages:
+        out.append(choose(cands, out[-1].cost if monotone and out else None))
+    return out
+
+
+def schedule_segments(fractions: Sequence[float], chosen: Sequence[Candidate], final_fraction: float = 0.1
+                      ) -> list[dict[str, Any]]:
+    """The schedule file's segments: stage ``i``'s choice over ``[f_i, f_{i+1})``, the last
+    stage over ``[f_last, 1)`` (nothing when it sits at 1), all cut at ``1 - final_fraction``
+    (left for the parser's final uncompressed segment); adjacent equal strategies merged."""
+    if not 0.0 <= final_fraction < 1.0:
+        raise ValueError(f"--final-fraction {final_fraction}: must be in [0, 1)")
+    end = 1.0 - final_fraction
+    segs: list[dict[str, Any]] = []
+    starts = [0.0, *fractions[1:]]  # the first stage starts training whatever its fraction
+    for i, c in enumerate(chosen):
+        lo, hi = starts[i], (starts[i + 1] if i + 1 < len(starts) else 1.0)
+        lo, hi = min(lo, end), min(hi, end)
+        if hi - lo <= 1e-9:
+            continue
+        s = c.strategy
+        row = {"fraction": hi - lo, "r": s.rate, "p": s.patch, "cost": c.cost, "stage": i}
+        if segs and segs[-1]["r"] == row["r"] and segs[-1]["p"] == row["p"]:
+            segs[-1]["fraction"] += row["fraction"]
+        else:
+            segs.append(row)
+    if not segs:  # nothing compressed (or everything cut): one uncompressed segment
+        segs.append({"fraction": 1.0, "r": 0.0, "p": None, "cost": 1.0})
+    for s in segs:
+        s["fraction"] = round(s["fraction"], 9)
+        s.pop("stage", None)
+    return segs
+
+
+# --- gradients of a loaded model --------------------------------------------------------------
+
+def load_stage_model(spec: str, seed: int = 0) -> tuple[nn.Module, str, int | None]:
+    """(fp32 CLIP model, model name, training step or None) for one stage: ``init:MODEL`` (built
+    fresh, seeded: step 0), an exported ``*.safetensors``, or a dtp_ds checkpoint / run dir."""
+    import dtp_ds
+
+    if spec.startswith("init:"):
+        name = spec[len("init:"):]
+        torch.manual_seed(seed)
+        return dtp_ds.create_model(name, output_dict=True, nonscalar_logit_scale=True).float(), name, 0
+    if spec.endswith(".safetensors"):
+        from dtp_ds.train.export import exported_metadata, load_exported
+
+        meta = exported_metadata(spec)
+        step = meta.get("step")
+        return load_exported(spec, output_dict=True).float(), meta["model_name"], int(step) if step else None
+    from dtp_ds.train.export import load_model_from_checkpoint, read_model_states, resolve_checkpoint_dir
+
+    ckpt = resolve_checkpoint_dir(spec)
+    model, name = load_model_from_checkpoint(ckpt)
+    step = (read_model_states(ckpt).get("train_state") or {}).get("step")
+    return model, name, None if step is None else int(step)
+
+
+def load_batches(train_data: str, model_name: str, global_batch: int, count: int, seed: int = 0
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` global batches of (images, tokens) from the shards, with the train
+    augmentation (seeded per sample, as the trainer's loader does), read once."""
+    import open_clip
+
+    from dtp_ds.data.shards import DataConfig, make_train_loader, plan_epoch, resolve_shards
+    from dtp_ds.tasks.clip import CaptionStage
+
+    _, preprocess, _ = open_clip.create_model_and_transforms(model_name)
+    stage = CaptionStage(preprocess, open_clip.get_tokenizer(model_name))
+    shards, _ = resolve_shards(train_data)
+    plan = plan_epoch(count * global_batch, global_batch, 1, 1, 1)
+    loader = make_train_loader(DataConfig(train_data=train_data, workers=0, dataset_resampled=False), shards, plan,
+                               stage, global_batch, epoch=0, seed=seed, rank=0, world_size=1)
+    out = []
+    for image, text, *_ in loader:
+        out.append((image, text))
+        if len(out) == count:
+            break
+    if len(out) < count:
+        raise ValueError(f"{train_data}: {len(out)} batches of {global_batch}, {count} wanted")
+    return out
+
+
+class GradientProbe:
+    """Whole-batch CLIP-loss gradients of ``model`` per parameter group under a strategy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from dtp_ds.models import trunks
+        from dtp_ds.tasks.clip import CLIPModule
+
+        self.model = model.float().train()
+        self.module = CLIPModule(self.model)
+        self.trunks = trunks(self.model)
+        if not self.trunks:
+            raise ValueError("no dtp_ds image trunk to compress (open_clip's own ViT has none)")
+        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.sizes: dict[str, int] = {}
+        for n, p in self.params:
+            g = param_group(n)
+            self.sizes[g] = self.sizes.get(g, 0) + p.numel()
+
+    @property
+    def stored_patch(self) -> int:
+        return self.trunks[0].patch_size
+
+    def check(self, s: Compression) -> None:
+        for t in self.trunks:
+            t.check_compression(s)
+
+    def grads(self, s: Compression, image: torch.Tensor, text: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        for t in self.trunks:
+            t.set_compression(s)
+        try:
+            self.model.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)  # the token dropout's draw
+            self.module({"image": image, "text": text})["loss"].backward()
+        finally:
+            for t in self.trunks:
+                t.set_compression(NONE)
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.sizes}
+        for n, p in self.params:
+            parts[param_group(n)].append(torch.zeros(p.numel()) if p.grad is None else p.grad.detach().reshape(-1))
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def estimate_stage(model: nn.Module, strategies: Sequence[Compression], costs: Sequence[float],
+                   batches: Sequence[tuple[torch.Tensor, torch.Tensor]], replicates: int = 1, seed: int = 0
+                   ) -> list[dict[str, Any]]:
+    """One stage: per strategy, :meth:`Moments.estimate` over ``batches`` (paired: every
+    strategy sees the same batches and, per batch, the same dropout seed)."""
+    probe = GradientProbe(model)
+    for s in strategies:
+        probe.check(s)
+    moments = [Moments(probe.sizes, replicates) for _ in strategies]
+    for k, (image, text) in enumerate(batches):
+        g0 = probe.grads(NONE, image, text, seed + k)
+        for s, m in zip(strategies, moments):
+            g = g0 if s.is_identity(probe.stored_patch) else probe.grads(s, image, text, seed + k)
+            m.add(g, g0, k)
+    return [m.estimate(c) for m, c in zip(moments, costs)]
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+def markdown(result: dict[str, Any]) -> str:
+    from dtp_ds.bench import markdown_table
+
+    lines = [f"# CA-MSE schedule: {result['model']}, global batch {result['global_batch']}, "
+             f"{result['batches']} batches per stage", "",
+             "CA-MSE = bias^2 + cost x Var (total over parameter groups; se: one standard error of CA-MSE; "
+             "* = chosen)", ""]
+    rows = []
+    for st in result["stages"]:
+        for r in st["strategies"]:
+            t = r["groups"]["total"]
+            rows.append({"stage": f"{st['fraction']:.2f}", "ckpt": os.path.basename(st["checkpoint"].rstrip("/")),
+                         "strategy": r["strategy"] + (" *" if r["chosen"] else ""), "cost": r["cost"],
+                         "bias2": t["bias2"], "var": t["var"], "cost_var": t["cost_var"], "camse": t["camse"],
+                         "se": t["se"]})
+    lines.append(markdown_table(rows, [("stage", "stage", "{}"), ("ckpt", "checkpoint", "{}"),
+                                       ("strategy", "strategy", "{}"), ("cost", "cost", "{:.3f}"),
+                                       ("bias2", "bias^2", "{:.4g}"), ("var", "Var", "{:.4g}"),
+                                       ("cost_var", "cost x Var", "{:.4g}"), ("camse", "CA-MSE", "{:.4g}"),
+                                       ("se", "se", "{:.2g}")]))
+    lines += ["", "## Per parameter group (bias^2 / cost x Var)", ""]
+    groups = [g for g in GROUPS if any(g in r["groups"] for st in result["stages"] for r in st["strategies"])]
+    rows = []
+    for st in result["stages"]:
+        for r in st["strategies"]:
+            row = {"stage": f"{st['fraction']:.2f}", "strategy": r["strategy"]}
+            for g in groups:
+                v = r["groups"].get(g)
+                row[g] = None if v is None else f"{v['bias2']:.3g} / {v['cost_var']:.3g}"
+            rows.append(row)
+    lines.append(markdown_table(rows, [("stage", "stage", "{}"), ("strategy", "strategy", "{}")]
+                                + [(g, g, "{}") for g in groups]))
+    lines += ["", "## Schedule", "", "| fraction | strategy | cost |", "| --- | --- | --- |"]
+    for s in result["segments"]:
+        desc = Compression(s["r"] or 0.0, s["p"]).describe()
+        lines.append(f"| {s['fraction']:.3g} | {desc} | {s['cost']:.3f} |")
+    left = 1.0 - sum(s["fraction"] for s in result["segments"])
+    if left > 1e-6:
+        lines.append(f"| {left:.3g} | none (final, uncompressed) | 1.000 |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = [r["strategy"] for r in result["stages"][0]["strategies"]]
+    xs = [100 * st["fraction"] for st in result["stages"]]
+    for ax, key, title in zip(axes, ("camse", "bias2", "cost_var"),
+                              ("CA-MSE", "squared bias", "cost-adjusted variance")):
+        for i, name in enumerate(names):
+            ys = [st["strategies"][i]["groups"]["total"][key] for st in result["stages"]]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("training stage (% of the pilot)")
+        values = [abs(st["strategies"][i]["groups"]["total"][key]) for st in result["stages"]
+                  for i in range(len(names))]
+        nonzero = [v for v in values if v > 0]
+        signed = [st["strategies"][i]["groups"]["total"][key] for st in result["stages"] for i in range(len(names))]
+        if min(signed) > 0:
+            ax.set_yscale("log")
+        else:  # the debiased squared bias is 0 (identity) or slightly negative where the bias is ~0
+            ax.set_yscale("symlog", linthresh=min(nonzero) if nonzero else 1e-12)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result['model']}: gradient error per strategy (global batch {result['global_batch']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the tool ---------------------------------------------------------------------------------
+
+def _patch(text: str) -> int | None:
+    return None if text in ("stored", "none", "0") else int(text)
+
+
+def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compression], global_batch: int,
+        batches: int, costs_path: str | None = None, fractions: Sequence[float] | None = None,
+        replicates: int | None = None, monotone: bool = False, final_fraction: float = 0.1, seed: int = 0,
+        progress: bool = True) -> dict[str, Any]:
+    """The estimator end to end (no files written): ``{"segments": ..., "stages": ...}``."""
+    from dtp_ds.compress.costs import cost_of, load_costs
+
+    table = load_costs(costs_path) if costs_path else {}
+    if replicates is None:
+        replicates = 4 if batches >= 8 else (2 if batches >= 4 else 1)
+    if NONE not in strategies:
+        strategies = [NONE, *strategies]
+    stages, name0, data = [], None, None
+    for i, spec in enumerate(checkpoints):
+        model, name, step = load_stage_model(spec, seed)
+        if name0 is None:
+            name0 = name
+            data = load_batches(train_data, name, global_batch, batches, seed)
+        elif name != name0:
+            raise ValueError(f"{spec}: model {name}, the first stage's is {name0}: give one pilot run's checkpoints")
+        trunk_patch = GradientProbe(model).stored_patch
+        from dtp_ds.models import trunks
+
+        cs, sources = [], []
+        for s in strategies:
+            c = 1.0 if s.is_identity(trunk_patch) else cost_of(table, s, trunk_patch)
+            sources.append("identity" if s.is_identity(trunk_patch) else ("table" if c is not None else "flops_est"))
+            if c is None:
+                c = image_tower_cost(trunks(model)[0], s)
+                log.warning("%s: not in the cost table%s; using the image tower's FLOP estimate %.3f (it leaves out "
+                            "the text tower: compression looks cheaper than it is)", s.describe(),
+                            f" {costs_path}" if costs_path else "", c)
+            cs.append(c)
+        est = estimate_stage(model, strategies, cs, data, replicates, seed)
+        stages.append({"checkpoint": spec, "step": step, "strategies": [
+            {"strategy": s.describe(), "r": s.rate, "p": s.patch, "cost": c, "cost_source": src, "groups": e}
+            for s, c, src, e in zip(strategies, cs, sources, est)]})
+        if progress:
+            best = min(stages[-1]["strategies"], key=lambda r: r["groups"]["total"]["camse"])
+            print(f"compression_schedule: stage {i + 1}/{len(checkpoints)} ({spec}, step {step}): least CA-MSE "
+                  f"{best['strategy']}", flush=True)
+        del model
+    if fractions is None:
+        steps = [st["step"] for st in stages]
+        if all(s is not None for s in steps) and max(steps) > 0:
+            fractions = [s / max(steps) for s in steps]
+        else:
+            fractions = [i / max(1, len(stages) - 1) for i in range(len(stages))]
+    if len(fractions) != len(stages) or list(fractions) != sorted(fractions):
+        raise ValueError(f"--fractions {list(fractions)}: one per checkpoint, ascending")
+    for st, f in zip(stages, fractions):
+        st["fraction"] = f
+    cands = [[Candidate(Compression(r["r"], r["p"]), r["cost"], r["groups"]["total"]["camse"],
+                        r["groups"]["total"]["se"]) for r in st["strategies"]] for st in stages]
+    chosen = choose_all(cands, monotone)
+    for st, cs_, c in zip(stages, cands, chosen):
+        for r, cand in zip(st["strategies"], cs_):
+            r["chosen"] = cand is c
+        st["chosen"] = c.strategy.describe()
+    return {"segments": schedule_segments(fractions, chosen, final_fraction), "model": name0,
+            "global_batch": global_batch, "batches": batches, "replicates": replicates, "monotone": monotone,
+            "final_fraction": final_fraction, "cost_table": costs_path, "seed": seed, "stages": stages}
+
+
+def write_outputs(result: dict[str, Any], out: str) -> list[str]:
+    """``out`` (the schedule JSON), ``out``'s ``.md`` and ``.png``."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    stem = out[: -len(".json")] if out.endswith(".json") else out
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result))
+    plot(result, stem + ".png")
+    return [out, stem + ".md", stem + ".png"]
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    from dtp_ds.compress.costs import strategy_grid
+
+    p = argparse.ArgumentParser(prog="compression_schedule", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", nargs="+", required=True,
+                   help="one per stage, in training order: run dir, checkpoints/step_N, *.safetensors or init:MODEL")
+    p.add_argument("--train-data", required=True, help="shards, e.g. 'data/synth/train/{00000..00039}.tar'")
+    p.add_argument("--global-batch", type=int, default=64, help="the batch the gradients are taken at")
+    p.add_argument("--batches", type=int, default=8, help="K batches per stage (>= 2)")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    p.add_argument("--patches", type=_patch, nargs="+", default=[None], help="'stored' or sizes")
+    p.add_argument("--costs", help="the cost table of tools/compression_costs (JSON)")
+    p.add_argument("--fractions", type=float, nargs="+",
+                   help="each checkpoint's fraction of training (default: its step over the last one's)")
+    p.add_argument("--replicates", type=int, help="batch groups for the standard error (default 4, or fewer)")
+    p.add_argument("--monotone", action="store_true", help="compression never rises at a later stage")
+    p.add_argument("--final-fraction", type=float, default=0.1,
+                   help="the last fraction of training left uncompressed (0: the last stage's choice to the end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="logs/compression_schedule.json")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    result = run(a.checkpoints, a.train_data, strategy_grid(a.rates, a.patches), a.global_batch, a.batches, a.costs,
+                 a.fractions, a.replicates, a.monotone, a.final_fraction, a.seed)
+    files = write_outputs(result, a.out)
+    print(markdown(result))
+    from dtp_ds.compress.schedule import load_schedule
+
+    segs = load_schedule(files[0])
+    print("compression_schedule: --compression-schedule " + files[0] + " = '" + ";".join(s.describe() for s in segs)
+          + "'; wrote " + ", ".join(files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
