@@ -142,7 +142,8 @@ def estimate_from_sums(sums: dict[str, tuple], n: int, cost: float) -> dict[str,
         raw = float(md.dot(md))
         bias2 = raw - var_d / n
         out[k] = {"bias2": bias2, "bias2_raw": raw, "var": var, "cost_var": cost * var, "camse": bias2 + cost * var}
-    out["total"] = {key: sum(v[key] for v in out.values()) for key in ("bias2", "bias2_raw", "var", "cost_var", "camse")}
+    keys = ("bias2", "bias2_raw", "var", "cost_var", "camse")
+    out["total"] = {key: sum(v[key] for v in out.values()) for key in keys}
     return out
 
 

@@ -1,0 +1,236 @@
+"""The CA-MSE schedule estimator (tools/compression_schedule) and the cost table
+(tools/compression_costs): known squared bias and variance recovered on a synthetic problem,
+running sums against a direct computation, the chooser's one-SE tie rule and --monotone, the
+written schedule through compress/schedule.py's parser, and small end-to-end runs on a tiny
+model."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dtp_ds.compress.camse import (
+    Candidate,
+    Moments,
+    choose,
+    choose_all,
+    param_group,
+    schedule_segments,
+)
+from dtp_ds.compress.schedule import load_schedule
+from dtp_ds.models.compression import NONE, Compression
+
+
+def _quadratic_grads(k: int, p: int, bias: torch.Tensor, noise: float, gen: torch.Generator, batch: int = 16):
+    """Quadratic loss 0.5 ||w - x||^2 at w = 0, x ~ N(mu, I): the minibatch gradient over
+    ``batch`` samples is -mean(x), covariance I / batch (trace p / batch). The "strategy" sees
+    each sample shifted by ``-bias`` and with extra N(0, noise^2 I) noise: its gradient has
+    bias ``bias`` and covariance (1 + noise^2) I / batch."""
+    mu = torch.linspace(-1, 1, p, dtype=torch.float64)
+    for _ in range(k):
+        x = mu + torch.randn(batch, p, generator=gen, dtype=torch.float64)
+        xs = x - bias + noise * torch.randn(batch, p, generator=gen, dtype=torch.float64)
+        yield -x.mean(0), -xs.mean(0)
+
+
+def test_known_bias_and_variance_are_recovered():
+    p, batch, k, noise = 20, 16, 4000, 1.0
+    bias = torch.full((p,), 0.05, dtype=torch.float64)  # ||b||^2 = 0.05
+    gen = torch.Generator().manual_seed(0)
+    ident, comp = Moments({"all": p}), Moments({"all": p})
+    for i, (g0, gs) in enumerate(_quadratic_grads(k, p, bias, noise, gen, batch)):
+        ident.add({"all": g0}, {"all": g0}, i)
+        comp.add({"all": gs}, {"all": g0}, i)
+    e0, es = ident.estimate(1.0)["total"], comp.estimate(1.0)["total"]
+    # identity: no bias, exactly; its variance: tr(I) / batch
+    assert e0["bias2"] == 0.0 and e0["bias2_raw"] == 0.0
+    assert e0["var"] == pytest.approx(p / batch, rel=0.05)
+    assert es["bias2"] == pytest.approx(float(bias.dot(bias)), rel=0.1)
+    assert es["var"] == pytest.approx(p * (1 + noise**2) / batch, rel=0.05)
+    assert es["camse"] == pytest.approx(es["bias2"] + es["var"])
+    # doubling the cost doubles the cost-adjusted variance (and leaves the bias)
+    e2 = comp.estimate(2.0)["total"]
+    assert e2["cost_var"] == pytest.approx(2 * es["cost_var"]) and e2["bias2"] == es["bias2"]
+    assert e2["camse"] == pytest.approx(es["bias2"] + 2 * es["var"])
+
+
+def test_the_finite_k_debiasing_removes_the_noise_floor():
+    """No true bias, only noise: ||mean d||^2 averages tr Cov(d) / K > 0; the debiased one ~0."""
+    p, batch, k, noise = 10, 4, 8, 1.0
+    gen = torch.Generator().manual_seed(1)
+    raw, debiased = [], []
+    for _ in range(400):
+        m = Moments({"all": p})
+        for i, (g0, gs) in enumerate(_quadratic_grads(k, p, torch.zeros(p, dtype=torch.float64), noise, gen, batch)):
+            m.add({"all": gs}, {"all": g0}, i)
+        t = m.estimate(1.0)["total"]
+        raw.append(t["bias2_raw"])
+        debiased.append(t["bias2"])
+    floor = p * noise**2 / batch / k  # tr Cov(d) / K
+    assert sum(raw) / len(raw) == pytest.approx(floor, rel=0.15)
+    assert abs(sum(debiased) / len(debiased)) < 0.1 * floor
+
+
+def test_running_sums_match_a_direct_computation():
+    gen = torch.Generator().manual_seed(2)
+    k, sizes = 6, {"image": 5, "text": 3}
+    g0 = {g: torch.randn(k, n, generator=gen, dtype=torch.float64) for g, n in sizes.items()}
+    gs = {g: g0[g] + 0.3 + torch.randn(k, n, generator=gen, dtype=torch.float64) for g, n in sizes.items()}
+    m = Moments(sizes, replicates=2)
+    for i in range(k):
+        m.add({g: gs[g][i] for g in sizes}, {g: g0[g][i] for g in sizes}, i)
+    cost = 0.4
+    est = m.estimate(cost)
+    total = {"bias2": 0.0, "var": 0.0}
+    for g in sizes:
+        d = gs[g] - g0[g]
+        var = float(torch.cov(gs[g].T).trace()) if sizes[g] > 1 else float(gs[g].var())
+        bias2 = float(d.mean(0).square().sum()) - float(torch.cov(d.T).trace()) / k
+        assert est[g]["var"] == pytest.approx(var, rel=1e-9)
+        assert est[g]["bias2"] == pytest.approx(bias2, rel=1e-9)
+        assert est[g]["cost_var"] == pytest.approx(cost * var, rel=1e-9)
+        total["bias2"] += bias2
+        total["var"] += var
+    assert est["total"]["camse"] == pytest.approx(total["bias2"] + cost * total["var"], rel=1e-9)
+    # the standard error: the spread of the two replicates' (3 batches each) estimates
+    reps = []
+    for j in range(2):
+        mj = Moments(sizes)
+        for i in range(j, k, 2):
+            mj.add({g: gs[g][i] for g in sizes}, {g: g0[g][i] for g in sizes}, i)
+        reps.append(mj.estimate(cost)["total"]["camse"])
+    assert est["total"]["se"] == pytest.approx(abs(reps[0] - reps[1]) / 2, rel=1e-9)
+
+
+def test_parameter_groups():
+    assert param_group("logit_scale") == "logit_scale"
+    assert param_group("visual.trunk.reducer.predictor.0.weight") == "reducer"
+    assert param_group("visual.trunk.blocks.0.attn.qkv.weight") == "image"
+    assert param_group("transformer.resblocks.0.attn.in_proj_weight") == "text"
+    assert param_group("text_projection") == "text"
+
+
+def _c(r: float, cost: float, camse: float, se: float = float("nan")) -> Candidate:
+    return Candidate(Compression(r), cost, camse, se)
+
+
+def test_the_least_camse_wins_and_ties_go_to_less_compression():
+    none, half, most = _c(0.0, 1.0, 10.0, 1.0), _c(0.5, 0.6, 5.0, 1.0), _c(0.75, 0.4, 4.5, 1.0)
+    # 4.5 is least; 5.0 is within its one standard error (1.0): the tie goes to less compression
+    assert choose([none, half, most]).strategy.rate == 0.5
+    # a clear winner (beyond one SE) stays
+    assert choose([none, half, _c(0.75, 0.4, 3.0, 1.0)]).strategy.rate == 0.75
+    # no standard error: the least wins
+    assert choose([_c(0.0, 1.0, 5.0), _c(0.5, 0.6, 4.99)]).strategy.rate == 0.5
+
+
+def test_monotone_forbids_compression_from_rising_later():
+    stages = [[_c(0.0, 1.0, 10.0), _c(0.5, 0.6, 5.0), _c(0.75, 0.4, 8.0)],
+              [_c(0.0, 1.0, 3.0), _c(0.5, 0.6, 4.0), _c(0.75, 0.4, 6.0)],
+              [_c(0.0, 1.0, 9.0), _c(0.5, 0.6, 5.0), _c(0.75, 0.4, 2.0)]]
+    free = [c.strategy.rate for c in choose_all(stages)]
+    assert free == [0.5, 0.0, 0.75]
+    mono = [c.strategy.rate for c in choose_all(stages, monotone=True)]
+    assert mono == [0.5, 0.0, 0.0]
+
+
+def test_the_written_schedule_round_trips_through_the_parser(tmp_path):
+    chosen = [_c(0.75, 0.4, 1), _c(0.5, 0.6, 1), _c(0.5, 0.6, 1), _c(0.25, 0.8, 1), _c(0.0, 1.0, 1)]
+    segs = schedule_segments([0.0, 0.25, 0.5, 0.75, 1.0], chosen, final_fraction=0.1)
+    assert [(s["fraction"], s["r"]) for s in segs] == [(0.25, 0.75), (0.5, 0.5), (0.15, 0.25)]
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"segments": segs, "stages": [], "model": "x"}))
+    parsed = load_schedule(str(path))
+    assert [s.describe() for s in parsed] == ["0.25:r=0.75,cost=0.4", "0.5:r=0.5,cost=0.6", "0.15:r=0.25,cost=0.8",
+                                              "0.1:none"]
+    assert math.isclose(sum(s.fraction for s in parsed), 1.0)
+    # --final-fraction 0: the last stage's choice runs to the end (the fractions sum to 1)
+    segs = schedule_segments([0.0, 0.5, 1.0], [_c(0.5, 0.6, 1), _c(0.25, 0.8, 1), _c(0.0, 1.0, 1)], 0.0)
+    path.write_text(json.dumps({"segments": segs}))
+    assert [s.describe() for s in load_schedule(str(path))] == ["0.5:r=0.5,cost=0.6", "0.5:r=0.25,cost=0.8"]
+    # stages at 0 and 0.5 of a pilot that ended later (fractions < 1): the last stage runs on
+    segs = schedule_segments([0.0, 0.5], [_c(0.5, 0.6, 1), _c(0.25, 0.8, 1)], 0.2)
+    assert [(s["fraction"], s["r"]) for s in segs] == [(0.5, 0.5), (0.3, 0.25)]
+
+
+def test_compression_costs_writes_sane_json(tmp_path):
+    from dtp_ds.compress.costs import cost_of, load_costs, main
+
+    out = tmp_path / "costs.json"
+    assert main(["--model", "Plain-ViT-Tiny-8", "--rates", "0", "0.5", "0.75", "--patches", "stored", "16",
+                 "--batch-size", "4", "--warmup", "0", "--steps", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {(r["r"], r["p"]): r for r in data["strategies"]}
+    assert set(rows) == {(0.0, 8), (0.5, 8), (0.75, 8), (0.0, 16), (0.5, 16), (0.75, 16)}
+    assert rows[(0.0, 8)]["cost"] == 1.0
+    for r in rows.values():  # timings: sanity only (the machine is shared and noisy)
+        for k in ("step_s", "per_sample_s", "step_per_forward", "cost", "gflops_step", "flops_cost"):
+            assert r[k] > 0 and math.isfinite(r[k]), (k, r)
+    # FLOPs are exact: they fall with r and with p (the text tower keeps them above the image tower's share)
+    assert rows[(0.0, 8)]["flops_cost"] == 1.0 > rows[(0.5, 8)]["flops_cost"] > rows[(0.75, 8)]["flops_cost"]
+    assert rows[(0.0, 8)]["flops_cost"] > rows[(0.0, 16)]["flops_cost"] > rows[(0.5, 16)]["flops_cost"]
+    assert rows[(0.5, 8)]["flops_cost"] > rows[(0.5, 8)]["image_tower_flops_est"]
+    table = load_costs(str(out))
+    assert cost_of(table, NONE, 8) == 1.0 and cost_of(table, Compression(0.0, 8), 8) == 1.0
+    assert cost_of(table, Compression(0.5, 16), 8) == rows[(0.5, 16)]["cost"]
+    assert cost_of(table, Compression(0.3), 8) is None
+
+
+@pytest.fixture(scope="module")
+def small_synth(tmp_path_factory):
+    from dtp_ds.data.synthetic import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("small_synth")
+    write_synthetic_dataset(out, num_train=64, samples_per_shard=32, val_per_class=1, image_size=64, seed=0)
+    return out
+
+
+def test_the_estimator_runs_end_to_end_on_a_tiny_checkpoint(small_synth, tmp_path):
+    """Stage 0: a fresh model; stage 1: a model saved through the export path (a few SGD steps
+    on the CLIP loss first, so the two stages differ)."""
+    from safetensors.torch import save_file
+
+    import dtp_ds
+    from dtp_ds.compress.camse import run, write_outputs
+    from dtp_ds.models import get_model_config
+    from dtp_ds.tasks.clip import CLIPModule
+    from dtp_ds.train.export import exportable_state
+
+    name = "Plain-ViT-Tiny-8"
+    torch.manual_seed(0)
+    model = dtp_ds.create_model(name, output_dict=True, nonscalar_logit_scale=True)
+    module = CLIPModule(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        batch = {"image": torch.randn(8, 3, 64, 64), "text": torch.randint(1, 400, (8, model.context_length))}
+        module(batch)["loss"].backward()
+        opt.step()
+    file = tmp_path / "step2.safetensors"
+    save_file(exportable_state(model), str(file),
+              metadata={"format": "pt", "model_name": name, "model_cfg": json.dumps(get_model_config(name)),
+                        "step": "2"})
+    result = run([f"init:{name}", str(file)], f"{small_synth}/train/{{00000..00001}}.tar",
+                 [NONE, Compression(0.5), Compression(0.0, 16)], global_batch=8, batches=4,
+                 fractions=[0.0, 0.5], progress=False, final_fraction=0.1)
+    files = write_outputs(result, str(tmp_path / "out" / "schedule.json"))
+    assert all((tmp_path / "out" / f).stat().st_size > 0 for f in ("schedule.json", "schedule.md", "schedule.png"))
+    assert [st["step"] for st in result["stages"]] == [0, 2]
+    for st in result["stages"]:
+        rows = {r["strategy"]: r for r in st["strategies"]}
+        assert set(rows) == {"none", "r=0.5", "p=16"}
+        assert rows["none"]["groups"]["total"]["bias2"] == 0.0
+        assert sum(r["chosen"] for r in rows.values()) == 1
+        for r in rows.values():
+            assert set(r["groups"]) == {"image", "text", "logit_scale", "total"}
+            t = r["groups"]["total"]
+            assert t["var"] > 0 and math.isfinite(t["camse"]) and math.isfinite(t["se"])
+            # no cost table: the image tower's FLOP estimate, said so
+            assert r["cost_source"] == ("identity" if r["strategy"] == "none" else "flops_est")
+        # compression changes only what the image tower sees: the logit scale's and text tower's gradients
+        # move through the features, but an unbiased text tower is not expected; the image tower's bias is > 0
+        assert rows["p=16"]["groups"]["image"]["bias2_raw"] > 0
+    segs = load_schedule(files[0])
+    assert math.isclose(sum(s.fraction for s in segs), 1.0) and segs[-1].strategy == NONE
