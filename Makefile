@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.dtp_ds-installed
 DATA   ?= data/synth
 NPROC  ?= 2
 
-.PHONY: venv demo test lint bench clean-demo compare
+.PHONY: venv demo demo-compress test lint bench clean-demo compare
 
 venv: $(STAMP)
 
@@ -36,6 +36,13 @@ demo: $(STAMP) $(DATA)/zeroshot/classnames.json
 # configs (same samples, seed, batch), then measured; table and compare.{json,csv,png} in logs/.
 compare: $(STAMP) $(DATA)/zeroshot/classnames.json
 	$(PY) tools/compare_reducers --data $(DATA) --nproc $(NPROC)
+
+# Sequence compression with a CA-MSE schedule: a short pilot run of the tiny patch-stem trunk
+# (checkpoints every 10 steps) -> tools/compression_costs on this CPU -> tools/compression_schedule
+# (gradient bias, variance, cost-adjusted variance per stage) -> a run trained under the schedule it
+# wrote; costs, schedule.{json,md,png} in logs/compress/. A few minutes on 2 CPU cores.
+demo-compress: $(STAMP) $(DATA)/zeroshot/classnames.json
+	$(PY) -m dtp_ds.compress.demo --data $(DATA) --nproc $(NPROC)
 
 # tools/ci_setup_ssh installs and starts sshd (127.0.0.1 only) + pdsh for tests/e2e; where it
 # cannot (no apt, not root) it says why and the e2e tests skip with that reason.
