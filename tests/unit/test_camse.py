@@ -234,3 +234,21 @@ def test_the_estimator_runs_end_to_end_on_a_tiny_checkpoint(small_synth, tmp_pat
         assert rows["p=16"]["groups"]["image"]["bias2_raw"] > 0
     segs = load_schedule(files[0])
     assert math.isclose(sum(s.fraction for s in segs), 1.0) and segs[-1].strategy == NONE
+
+
+def test_a_token_reducers_parameters_are_their_own_group():
+    """DRIP (boundary predictor in the trunk's reducer) under token dropout: the reducer's
+    parameters are reported apart, and the identity strategy has no bias in any group."""
+    import dtp_ds
+    from dtp_ds.compress.camse import estimate_stage
+
+    torch.manual_seed(0)
+    model = dtp_ds.create_model("DRIP-ViT-Tiny-8-4x", output_dict=True, nonscalar_logit_scale=True)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 3, 64, 64, generator=gen), torch.randint(1, 400, (6, model.context_length),
+                                                                        generator=gen)) for _ in range(3)]
+    none, half = estimate_stage(model, [NONE, Compression(0.5)], [1.0, 0.6], batches)
+    assert set(none) == {"image", "text", "logit_scale", "reducer", "total"}
+    assert all(none[g]["bias2"] == 0.0 for g in none)
+    assert half["reducer"]["var"] > 0 and half["reducer"]["bias2_raw"] > 0
+    assert half["total"]["cost_var"] == pytest.approx(0.6 * half["total"]["var"])
