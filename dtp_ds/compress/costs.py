@@ -19,15 +19,16 @@ step, 1 multiply-add = 1 FLOP). Each row has:
   FLOPs (the Amdahl limit).
 
 The JSON (``--out``): ``{"model", "device", "batch_size", "warmup", "steps", "forward_s",
-"uncompressed_step_s", "strategies": [{"r", "p", "cost", ...}, ...]}``; :func:`load_costs`
-reads it back as ``{Compression: cost}``. Timings on a shared CPU are noisy: use several
-``--steps``, and measure on the hardware the schedule will train on (``--device cuda``).
+"uncompressed_step_s", "patch_size", "strategies": [{"r", "p", "cost", ...}, ...]}``;
+:func:`~dtp_ds.compress.schedule.load_costs` reads it back (the estimator's costs;
+``--compression-costs`` fills the cost of schedule segments that give none). Timings on a
+shared CPU are noisy: use several ``--steps``, and measure on the hardware and model the
+schedule will train (``--device cuda``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -40,6 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dtp_ds
+from dtp_ds.compress.schedule import cost_of, load_costs  # noqa: F401  (the table's readers, re-exported)
 from dtp_ds.models import trunks
 from dtp_ds.models.compression import NONE, Compression, image_tower_cost
 
@@ -134,32 +136,6 @@ def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size
     return {"model": model_name, "device": str(dev), "batch_size": batch_size, "warmup": warmup, "steps": steps,
             "patch_size": trunk.patch_size, "image_size": list(image_size), "forward_s": forward_s,
             "uncompressed_step_s": base["step_s"], "torch": torch.__version__, "strategies": rows}
-
-
-def _key(s: Compression, stored: int | None) -> tuple[float, int | None]:
-    p = s.patch if stored is None or s.patch != stored else None
-    return (round(s.rate, 9), p)
-
-
-def load_costs(path: str) -> dict[tuple[float, int | None], float]:
-    """A cost table's ``cost`` per strategy, keyed ``(r, p)`` with ``p`` None for the stored
-    patch size (as :class:`Compression` holds the uncompressed patch)."""
-    with open(path) as f:
-        data = json.load(f)
-    stored = data.get("patch_size")
-    table = {}
-    for row in data.get("strategies", []):
-        s = Compression(float(row.get("r") or 0.0), None if row.get("p") is None else int(row["p"]))
-        cost = float(row["cost"])
-        if not (cost > 0 and math.isfinite(cost)):
-            raise ValueError(f"{path}: strategy {s.describe()} has cost {cost}; a cost must be > 0")
-        table[_key(s, stored)] = cost
-    return table
-
-
-def cost_of(table: dict[tuple[float, int | None], float], s: Compression, stored: int) -> float | None:
-    """``s``'s cost in a :func:`load_costs` table (None when the table does not have it)."""
-    return table.get(_key(s, stored))
 
 
 def format_table(data: dict[str, Any]) -> str:

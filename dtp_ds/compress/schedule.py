@@ -149,6 +149,52 @@ def load_schedule(arg: str) -> list[Segment]:
     return parse_spec(arg)
 
 
+def load_costs(path: str) -> dict[tuple[float, int | None], float]:
+    """A ``tools/compression_costs`` table's ``cost`` per strategy, keyed ``(r, p)`` with ``p``
+    None for the table model's stored patch size (as :class:`Compression` holds the uncompressed
+    patch)."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("strategies"), list):
+        raise ValueError(f"{path}: not a cost table of tools/compression_costs (no 'strategies' list)")
+    stored = data.get("patch_size")
+    table = {}
+    for row in data["strategies"]:
+        p = None if row.get("p") is None or row.get("p") == stored else int(row["p"])
+        s = Compression(float(row.get("r") or 0.0), p)
+        cost = float(row["cost"])
+        if not (cost > 0 and math.isfinite(cost)):
+            raise ValueError(f"{path}: strategy {s.describe()} has cost {cost}; a cost must be > 0")
+        table[(round(s.rate, 9), p)] = cost
+    return table
+
+
+def cost_of(table: dict[tuple[float, int | None], float], s: Compression, stored: int | None) -> float | None:
+    """``s``'s cost in a :func:`load_costs` table for a trunk of patch size ``stored`` (None
+    where the table lacks it)."""
+    return table.get((round(s.rate, 9), None if s.patch == stored else s.patch))
+
+
+def with_costs(segments: Sequence[Segment], table_path: str, stored: int | None = None) -> list[Segment]:
+    """``segments`` with each one that has no ``cost`` given its strategy's measured cost from a
+    ``tools/compression_costs`` table (``--compression-costs``; the identity costs 1); a strategy
+    the table lacks is refused by name."""
+    table = load_costs(table_path)
+    if stored is None:  # the table model's patch size: p=stored in a schedule is the uncompressed patch
+        with open(table_path) as f:
+            stored = json.load(f).get("patch_size")
+    out = []
+    for seg in segments:
+        s = seg.strategy
+        cost = seg.cost if seg.cost is not None else (1.0 if s == NONE else cost_of(table, s, stored))
+        if cost is None:
+            have = ", ".join(Compression(r, p).describe() for r, p in table) or "none"
+            raise ValueError(f"--compression-costs {table_path}: no measured cost for {s.describe()} (it has: "
+                             f"{have}); measure it with tools/compression_costs or give cost= in the schedule")
+        out.append(Segment(seg.fraction, s, cost))
+    return out
+
+
 def segment_ends(segments: Sequence[Segment], total_steps: int) -> list[int]:
     """The step each segment ends before (the last one: ``total_steps``)."""
     ends, cum = [], 0.0

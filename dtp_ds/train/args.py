@@ -29,6 +29,7 @@ class ModelConfig:
     gather_with_grad: bool = False
     boundary_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss)
     compression_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.compress.schedule); None: uncompressed
+    compression_costs: str | None = None  # a tools/compression_costs table: the cost of segments without one
 
 
 @dataclass
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
       "FLOP fraction), e.g. '0.5:r=0.5,p=16;0.3:r=0.25;0.2:none'. Fractions are of the run's steps (--epochs) "
       "and sum to at most 1; what they leave trains uncompressed. Each row of metrics.jsonl logs the step's "
       "compression_r, compression_p, compression_cost and the cumulative cost_units")
+    a("--compression-costs", metavar="FILE",
+      help="a cost table of tools/compression_costs (JSON): each --compression-schedule segment without a cost "
+      "takes its strategy's measured one (whole CLIP step, uncompressed = 1); a strategy the table lacks is refused")
     # data
     a("--train-data",
       help="shards: brace ranges and '::'-joined sources, e.g. 'DIR/{00000..00099}.tar'")

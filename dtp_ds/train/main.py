@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import dtp_ds
 from dtp_ds.cluster.process_group import init_process_group
-from dtp_ds.compress.schedule import CompressionSchedule, Segment, load_schedule
+from dtp_ds.compress.schedule import CompressionSchedule, Segment, load_schedule, with_costs
 from dtp_ds.data.shards import (
     DataError,
     check_every_worker_has_a_shard,
@@ -200,7 +200,9 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     if args.model.compression_schedule:
         try:
             compression = load_schedule(args.model.compression_schedule)
-        except ValueError as e:
+            if args.model.compression_costs:
+                compression = with_costs(compression, args.model.compression_costs)
+        except (OSError, ValueError) as e:
             raise ConfigError(str(e)) from e
     name = args.run.name or broadcast(default_name(args, micro) if rank == 0 else None)
     run_dir = os.path.join(args.run.logs, name)

@@ -252,3 +252,18 @@ def test_a_token_reducers_parameters_are_their_own_group():
     assert all(none[g]["bias2"] == 0.0 for g in none)
     assert half["reducer"]["var"] > 0 and half["reducer"]["bias2_raw"] > 0
     assert half["total"]["cost_var"] == pytest.approx(0.6 * half["total"]["var"])
+
+
+def test_compression_costs_fill_the_schedules_segments(tmp_path):
+    """``--compression-costs``: a segment without a cost takes its measured one (p = the table
+    model's patch is the uncompressed patch); a given cost stays; a missing strategy is refused."""
+    from dtp_ds.compress.schedule import parse_spec, with_costs
+
+    table = tmp_path / "costs.json"
+    table.write_text(json.dumps({"patch_size": 8, "strategies": [
+        {"r": 0.0, "p": 8, "cost": 1.0}, {"r": 0.5, "p": 8, "cost": 0.7}, {"r": 0.5, "p": 16, "cost": 0.41}]}))
+    segs = with_costs(parse_spec("0.3:r=0.5,p=16;0.2:r=0.5;0.2:r=0.5,p=8;0.1:r=0.5,cost=0.9"), str(table))
+    assert [s.cost for s in segs] == [0.41, 0.7, 0.7, 0.9, 1.0]
+    assert [s.describe() for s in segs][-1] == "0.2:cost=1"
+    with pytest.raises(ValueError, match=r"no measured cost for r=0\.25 \(it has: none, r=0\.5, r=0\.5,p=16\)"):
+        with_costs(parse_spec("0.5:r=0.25"), str(table))
