@@ -402,7 +402,8 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
         replicates: int | None = None, monotone: bool = False, final_fraction: float = 0.1, seed: int = 0,
         progress: bool = True) -> dict[str, Any]:
     """The estimator end to end (no files written): ``{"segments": ..., "stages": ...}``."""
-    from dtp_ds.compress.costs import cost_of, load_costs
+    from dtp_ds.compress.schedule import cost_of, load_costs
+    from dtp_ds.models import trunks
 
     table = load_costs(costs_path) if costs_path else {}
     if replicates is None:
@@ -417,15 +418,17 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
             data = load_batches(train_data, name, global_batch, batches, seed)
         elif name != name0:
             raise ValueError(f"{spec}: model {name}, the first stage's is {name0}: give one pilot run's checkpoints")
-        trunk_patch = GradientProbe(model).stored_patch
-        from dtp_ds.models import trunks
-
+        found = trunks(model)
+        if not found:
+            raise ValueError(f"{spec}: model {name} has no dtp_ds image trunk to compress (open_clip's own ViT has "
+                             f"none); use e.g. Plain-ViT-Tiny-8 or a DRIP model")
+        trunk_patch = found[0].patch_size
         cs, sources = [], []
         for s in strategies:
             c = 1.0 if s.is_identity(trunk_patch) else cost_of(table, s, trunk_patch)
             sources.append("identity" if s.is_identity(trunk_patch) else ("table" if c is not None else "flops_est"))
             if c is None:
-                c = image_tower_cost(trunks(model)[0], s)
+                c = image_tower_cost(found[0], s)
                 log.warning("%s: not in the cost table%s; using the image tower's FLOP estimate %.3f (it leaves out "
                             "the text tower: compression looks cheaper than it is)", s.describe(),
                             f" {costs_path}" if costs_path else "", c)
