@@ -37,7 +37,7 @@ error of it ties, and a tie goes to the least compression (the highest cost). ``
 forbids compression from rising at a later stage (a later stage may only pick a strategy whose
 cost is at least the previous choice's).
 
-**Schedule** (the ``--compression-schedule`` JSON of :mod:`dtp_ds.compress.schedule`): stage
+**Schedule** (the ``--compression-schedule`` JSON of :mod:`dtp_ds.train.compression_schedule`): stage
 ``i`` (at fraction ``f_i`` of the pilot: its step over the last checkpoint's, or ``--fractions``)
 runs its choice over ``[f_i, f_{i+1})``; the stage at 1.0 is reported but spans nothing. The last
 ``--final-fraction`` of training (default 0.1) is left uncompressed (the parser adds that final
@@ -402,8 +402,8 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
         replicates: int | None = None, monotone: bool = False, final_fraction: float = 0.1, seed: int = 0,
         progress: bool = True) -> dict[str, Any]:
     """The estimator end to end (no files written): ``{"segments": ..., "stages": ...}``."""
-    from dtp_ds.compress.schedule import cost_of, load_costs
     from dtp_ds.models import trunks
+    from dtp_ds.train.compression_schedule import cost_of, load_costs
 
     table = load_costs(costs_path) if costs_path else {}
     if replicates is None:
@@ -502,7 +502,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                  a.fractions, a.replicates, a.monotone, a.final_fraction, a.seed)
     files = write_outputs(result, a.out)
     print(markdown(result))
-    from dtp_ds.compress.schedule import load_schedule
+    from dtp_ds.train.compression_schedule import load_schedule
 
     segs = load_schedule(files[0])
     print("compression_schedule: --compression-schedule " + files[0] + " = '" + ";".join(s.describe() for s in segs)

@@ -20,7 +20,7 @@ step, 1 multiply-add = 1 FLOP). Each row has:
 
 The JSON (``--out``): ``{"model", "device", "batch_size", "warmup", "steps", "forward_s",
 "uncompressed_step_s", "patch_size", "strategies": [{"r", "p", "cost", ...}, ...]}``;
-:func:`~dtp_ds.compress.schedule.load_costs` reads it back (the estimator's costs;
+:func:`~dtp_ds.train.compression_schedule.load_costs` reads it back (the estimator's costs;
 ``--compression-costs`` fills the cost of schedule segments that give none). Timings on a
 shared CPU are noisy: use several ``--steps``, and measure on the hardware and model the
 schedule will train (``--device cuda``).
@@ -41,9 +41,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dtp_ds
-from dtp_ds.compress.schedule import cost_of, load_costs  # noqa: F401  (the table's readers, re-exported)
 from dtp_ds.models import trunks
 from dtp_ds.models.compression import NONE, Compression, image_tower_cost
+from dtp_ds.train.compression_schedule import cost_of, load_costs  # noqa: F401  (the table's readers, re-exported)
 
 
 def strategy_grid(rates: Iterable[float], patches: Iterable[int | None]) -> list[Compression]:

@@ -1,7 +1,7 @@
 """Sequence compression of the image trunk's input in training ("Accelerating Augmentation
 Invariance Pretraining", Lin et al. 2024): a :class:`Compression` strategy (token-drop rate
 ``r``, patch size ``p``) set on every :class:`~.vit.VisionTransformer` by a schedule
-(:class:`dtp_ds.compress.schedule.CompressionSchedule`); evaluation always runs uncompressed.
+(:class:`dtp_ds.train.compression_schedule.CompressionSchedule`); evaluation always runs uncompressed.
 
 - **token dropout** at rate ``r``: each sample keeps a random subset of
   ``max(1, floor((1 - r) N))`` of its ``N`` patch tokens after the position embedding, CLS

@@ -28,7 +28,7 @@ class ModelConfig:
     local_loss: bool = False
     gather_with_grad: bool = False
     boundary_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss)
-    compression_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.compress.schedule); None: uncompressed
+    compression_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.train.compression_schedule); None: uncompressed
     compression_costs: str | None = None  # a tools/compression_costs table: the cost of segments without one
 
 

@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 import dtp_ds
 from dtp_ds.cluster.process_group import init_process_group
-from dtp_ds.compress.schedule import CompressionSchedule, Segment, load_schedule, with_costs
 from dtp_ds.data.shards import (
     DataError,
     check_every_worker_has_a_shard,
@@ -52,6 +51,7 @@ from dtp_ds.tasks import TASKS, TaskSpec, build_task, param_groups
 from dtp_ds.train import checkpoint
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
 from dtp_ds.train.checkpoint import CheckpointError, TrainState
+from dtp_ds.train.compression_schedule import CompressionSchedule, Segment, load_schedule, with_costs
 from dtp_ds.train.ds_config import (
     cpu_has_native_bf16,
     default_ds_config,

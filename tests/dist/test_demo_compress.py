@@ -16,7 +16,7 @@ pytestmark = pytest.mark.dist
 
 
 def test_demo_compress_runs_pilot_costs_schedule_and_the_scheduled_run(synth, tmp_path):
-    from dtp_ds.compress.schedule import load_schedule
+    from dtp_ds.train.compression_schedule import load_schedule
 
     logs = tmp_path / "logs"
     cmd = [sys.executable, "-m", "dtp_ds.compress.demo", "--data", str(synth), "--logs", str(logs), "--nproc", "1",

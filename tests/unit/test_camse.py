@@ -1,7 +1,7 @@
 """The CA-MSE schedule estimator (tools/compression_schedule) and the cost table
 (tools/compression_costs): known squared bias and variance recovered on a synthetic problem,
 running sums against a direct computation, the chooser's one-SE tie rule and --monotone, the
-written schedule through compress/schedule.py's parser, and small end-to-end runs on a tiny
+written schedule through train/compression_schedule.py's parser, and small end-to-end runs on a tiny
 model."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from dtp_ds.compress.camse import (
     param_group,
     schedule_segments,
 )
-from dtp_ds.compress.schedule import load_schedule
 from dtp_ds.models.compression import NONE, Compression
+from dtp_ds.train.compression_schedule import load_schedule
 
 
 def _quadratic_grads(k: int, p: int, bias: torch.Tensor, noise: float, gen: torch.Generator, batch: int = 16):
@@ -257,7 +257,7 @@ def test_a_token_reducers_parameters_are_their_own_group():
 def test_compression_costs_fill_the_schedules_segments(tmp_path):
     """``--compression-costs``: a segment without a cost takes its measured one (p = the table
     model's patch is the uncompressed patch); a given cost stays; a missing strategy is refused."""
-    from dtp_ds.compress.schedule import parse_spec, with_costs
+    from dtp_ds.train.compression_schedule import parse_spec, with_costs
 
     table = tmp_path / "costs.json"
     table.write_text(json.dumps({"patch_size": 8, "strategies": [

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import dtp_ds  # noqa: F401
-from dtp_ds.compress.schedule import CompressionSchedule, load_schedule, parse_spec
 from dtp_ds.eval.flops import torch_macs
 from dtp_ds.models import VisionTransformer, make_reducer, trunks
 from dtp_ds.models.compression import NONE, Compression, image_tower_cost, keep_count, pi_resize_kernel
+from dtp_ds.train.compression_schedule import CompressionSchedule, load_schedule, parse_spec
 from dtp_ds.train.schedule import WarmupDecay, before_resume, check_resumed_lr, warmup_decay_lr
 
 

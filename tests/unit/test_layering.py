@@ -27,6 +27,7 @@ RULES = [
     ("tasks", "dtp_ds.autotune", "tasks sit below autotune"),
     ("train", "dtp_ds.autotune", "train sits below autotune"),
     ("train", "dtp_ds.bench", "train sits below bench"),
+    ("train", "dtp_ds.compress", "the compression tools (costs, CA-MSE) sit above train; its schedule is train's"),
     ("launch", "dtp_ds.autotune", "launch and autotune share dtp_ds.cluster instead"),
     ("autotune", "dtp_ds.launch", "launch and autotune share dtp_ds.cluster instead"),
 ]
