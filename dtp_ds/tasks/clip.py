@@ -121,10 +121,12 @@ class CLIPTask:
             res.update(with_prefix(one, "zeroshot_" if i == 0 else f"{split.name}_"))
             line = (f"zero-shot {split.name}: top-1 {one['zeroshot_top1']:.2f}% top-5 {one['zeroshot_top5']:.2f}% "
                     f"(chance {one['zeroshot_chance_top1']:.2f}%)")
-            if "zeroshot_compression" in one:
-                line += (f", eval compression {one['zeroshot_compression']:.2f}, purity "
-                         f"{one.get('zeroshot_purity', 0):.3f} (even {one.get('zeroshot_purity_even', 0):.3f}), "
-                         f"p spread {one['zeroshot_prob_spread']:.3f}")
+            if "zeroshot_compression" in one:  # what the reducer reports: groups, scores (grouping has no scores)
+                line += f", eval compression {one['zeroshot_compression']:.2f}"
+                if "zeroshot_purity" in one:
+                    line += f", purity {one['zeroshot_purity']:.3f} (even {one.get('zeroshot_purity_even', 0):.3f})"
+                if "zeroshot_prob_spread" in one:
+                    line += f", p spread {one['zeroshot_prob_spread']:.3f}"
             lines.append(line)
         return res, lines
 

@@ -56,9 +56,12 @@ def test_reducers_train_under_zero3_and_save_their_schedules(synth, tmp_path, mo
     from dtp_ds.train.export import export_safetensors, load_exported, load_model_from_checkpoint
 
     args = base_args(synth, tmp_path, "run", "--zero-stage", "3", "--precision", "fp32", "--max-steps", "10",
-                     "--lr", "2e-3")
+                     "--lr", "2e-3", "--zeroshot-data", str(synth / "zeroshot"), "--zeroshot-frequency", "1",
+                     "--zeroshot-max-images", "16")
     args[args.index("--model") + 1] = model
     run_train(args)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("zeroshot_top1" in r for r in logged)  # the end-of-run evaluation ran with this reducer
     rows = step_records(tmp_path / "run")
     losses = [r["loss"] for r in rows]
     assert len(rows) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
@@ -66,7 +69,7 @@ def test_reducers_train_under_zero3_and_save_their_schedules(synth, tmp_path, mo
         assert rows[-1]["compression"] == pytest.approx(planned_compression(model), rel=1e-5)
     else:
         assert 1.0 < rows[-1]["compression"] < 64.0
-    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    final = [r for r in logged if "params_finite" in r][-1]
     assert final["params_finite"] and final["param_fingerprint_by_rank"][0] == final["param_fingerprint_by_rank"][1]
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
     states = torch.load(next(ckpt.glob("*model_states.pt")), map_location="cpu", weights_only=False)
