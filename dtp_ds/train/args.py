@@ -89,6 +89,18 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
+COMPRESSION_SCHEDULE_HELP = (
+    "compress the image trunk's input in training (evaluation never is) by stage of training: a schedule "
+    "JSON ({\"segments\": [{\"fraction\": F, \"r\": R, \"p\": P, \"cost\": C}, ...]}, what the schedule "
+    "estimator writes) or a SPEC of FRACTION:STRATEGY joined by ';', a STRATEGY being 'none' or comma-joined "
+    "r=RATE (token-drop rate in [0, 1): keep max(1, floor((1 - r) N)) random patches, CLS kept, raster order), "
+    "p=PATCH (patch size: the stored kernel PI-resized, positions resampled, images resized to a multiple of "
+    "it; linear patch stems only), cost=C (step cost, uncompressed = 1; default: the image tower's estimated "
+    "FLOP fraction), e.g. '0.5:r=0.5,p=16;0.3:r=0.25;0.2:none'. Fractions are of the run's steps (--epochs) "
+    "and sum to at most 1; what they leave trains uncompressed. Each row of metrics.jsonl logs the step's "
+    "compression_r, compression_p, compression_cost and the cumulative cost_units")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dtp_ds.train",
@@ -107,15 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--boundary-loss-weight", type=float,
       help="weight of the token reducer's auxiliary losses (DRIP's boundary-rate loss)")
     a("--compression-schedule", metavar="FILE|SPEC",
-      help="compress the image trunk's input in training (evaluation never is) by stage of training: a schedule "
-      "JSON ({\"segments\": [{\"fraction\": F, \"r\": R, \"p\": P, \"cost\": C}, ...]}, what the schedule "
-      "estimator writes) or a SPEC of FRACTION:STRATEGY joined by ';', a STRATEGY being 'none' or comma-joined "
-      "r=RATE (token-drop rate in [0, 1): keep max(1, floor((1 - r) N)) random patches, CLS kept, raster order), "
-      "p=PATCH (patch size: the stored kernel PI-resized, positions resampled, images resized to a multiple of "
-      "it; linear patch stems only), cost=C (step cost, uncompressed = 1; default: the image tower's estimated "
-      "FLOP fraction), e.g. '0.5:r=0.5,p=16;0.3:r=0.25;0.2:none'. Fractions are of the run's steps (--epochs) "
-      "and sum to at most 1; what they leave trains uncompressed. Each row of metrics.jsonl logs the step's "
-      "compression_r, compression_p, compression_cost and the cumulative cost_units")
+      help=COMPRESSION_SCHEDULE_HELP)
     a("--compression-costs", metavar="FILE",
       help="a cost table of tools/compression_costs (JSON): each --compression-schedule segment without a cost "
       "takes its strategy's measured one (whole CLIP step, uncompressed = 1); a strategy the table lacks is refused")
