@@ -91,8 +91,8 @@ def test_resume_continues_lr_and_loss_curves(synth, tmp_path, nproc, precision, 
 
 
 def test_zeroshot_eval_and_wandb_offline(synth, tmp_path):
-    """Two epochs of two steps, evaluated after each; the epoch-end save and evaluation are not
-    timed as part of the next epoch's first step."""
+    """Two epochs of two steps, evaluated after each (the step timer's restart after them is
+    tests/unit/test_train_components.py's)."""
     run_train(base_args(synth, tmp_path, "zs", "--epochs", "2", "--train-num-samples", "64", "--zeroshot-data",
                         str(synth / "zeroshot"), "--zeroshot-frequency", "1", "--report-to", "wandb"),
               env={"WANDB_MODE": "offline", "WANDB_API_KEY": "secret-key-must-not-leak"})
@@ -101,7 +101,7 @@ def test_zeroshot_eval_and_wandb_offline(synth, tmp_path):
     assert [r["step"] for r in evals] == [2, 4]
     assert evals[0]["zeroshot_images"] == 96 and evals[0]["zeroshot_classes"] == 48
     first_of_epoch = next(r for r in step_records(run) if r["step"] == 3)
-    assert first_of_epoch["epoch"] == 1 and first_of_epoch["step_time"] < evals[0]["eval_time"]
+    assert first_of_epoch["epoch"] == 1
     assert 0 <= evals[0]["zeroshot_top1"] <= evals[0]["zeroshot_top5"] <= 100
     assert list((run / "wandb").glob("offline-run-*")), "wandb offline run missing"
     assert "secret-key-must-not-leak" not in (run / "config.json").read_text()
