@@ -48,7 +48,7 @@ from dtp_ds.launch.probe import git_revision
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
 from dtp_ds.models import get_model_config, register_model_file, trunks
 from dtp_ds.tasks import TASKS, TaskSpec, build_task, param_groups
-from dtp_ds.train import checkpoint
+from dtp_ds.train import checkpoint, init_from
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
 from dtp_ds.train.checkpoint import CheckpointError, TrainState
 from dtp_ds.train.compression_schedule import CompressionSchedule, Segment, load_schedule, with_costs
@@ -139,6 +139,7 @@ class Setup:
     resume_from: tuple[str, str] | None = None  # (checkpoint root, tag) that --resume names
     resume_plan: checkpoint.ResumePlan | None = None  # how to load it (universal at another world size)
     compression: list[Segment] | None = None  # --compression-schedule's segments
+    init: init_from.InitFrom | None = None  # what --init-from did
 
 
 def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list[dict[str, Any]], micro: int,
@@ -171,6 +172,8 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
             args.model.model = register_model_file(args.model.model)
         except (OSError, ValueError) as e:
             raise ConfigError(f"--model {args.model.model}: {e}") from e
+    if args.model.init_from:
+        init_from.check_source(args.model.init_from)
     if args.model.task not in TASKS:
         raise ConfigError(f"--task {args.model.task}: unknown task; one of {', '.join(sorted(TASKS))}")
     if args.model.model not in open_clip.list_models():
@@ -230,6 +233,7 @@ def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
         "versions": {"dtp_ds": dtp_ds.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                      "open_clip": open_clip.__version__},
         "resumed_from": resumed_from,
+        "init_from": s.init.summary() if s.init else None,
         "command": sys.argv,
     })
 
@@ -257,6 +261,8 @@ def build_engine(s: Setup, rank: int, world: int) -> tuple[Any, Any]:
     if s.resume_from:  # at another world size: DeepSpeed's universal checkpoint (ZeRO 1/2)
         s.resume_plan = checkpoint.plan_resume(s.resume_from, world, s.ds_config)
         s.ds_config = s.resume_plan.apply(s.ds_config)
+    if args.model.init_from:  # before the engine: ZeRO-3 partitions the loaded weights
+        s.init = init_from.apply(task.model, args.model.init_from, s.resume_from, rank)
     wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=task.module, model_parameters=param_groups(task.module, wd), config=s.ds_config,
@@ -305,6 +311,8 @@ def open_run_dir(s: Setup, world: int, rank: int, resumed_from: str | None) -> d
             if s.resume_from and os.path.abspath(s.resume_from[0]) == os.path.abspath(root):
                 dropped["abandoned"] = checkpoint.abandon_newer(root, s.resume_from[1])
         write_run_config(s, world, resumed_from)
+        if s.init:
+            s.init.write(s.run_dir)
     dist.barrier()
     return dropped
 
