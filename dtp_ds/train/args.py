@@ -188,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
-    ns = build_parser().parse_args(argv)
+    return from_namespace(build_parser().parse_args(argv))
+
+
+def from_namespace(ns: argparse.Namespace) -> TrainArgs:
+    """The checked run settings of a :func:`build_parser` namespace (a tool's parser may add flags)."""
     v = vars(ns)
 
     def take(cls):
