@@ -42,7 +42,7 @@ def train_run(a: argparse.Namespace, name: str, extra: list[str]) -> str:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
     cmd = launch_command(a.data, a.logs, name, a.nproc, a.model,
-                         ["--batch-size", str(a.batch_size), "--lr", "2e-3", "--seed", str(a.seed),
+                         ["--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(a.seed),
                           "--log-every-n-steps", "5", *extra])
     # a free rendezvous port: another job on the machine may hold the launcher's default 29500
     cmd[1:1] = ["--master_port", str(_free_port())]
@@ -65,6 +65,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--model", default=MODEL)
     p.add_argument("--batch-size", type=int, default=32, help="micro-batch per rank")
+    p.add_argument("--lr", type=float, default=2e-3, help="of every run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pilot-samples", type=int, default=1920, help="the pilot's one epoch (30 steps of 2 x 32)")
     p.add_argument("--pilot-save-every", type=int, default=10)
