@@ -244,7 +244,11 @@ def check_args(args: TrainArgs) -> None:
 def check_classify_args(args: TrainArgs) -> None:
     c = args.classify
     if args.model.task != "classify":
-        given = [flag for flag, value in (("--val-data", c.val_data), ("--num-classes", c.num_classes)) if value]
+        def norm(v):  # --scale parses to a list, its default is a tuple
+            return list(v) if isinstance(v, tuple | list) else v
+
+        given = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(c)
+                 if norm(getattr(c, f.name)) != norm(f.default)]
         if given:
             raise ConfigError(f"{', '.join(given)}: for --task classify (this run is --task {args.model.task})")
         return
