@@ -25,6 +25,18 @@ def synth(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def synth_cls(tmp_path_factory) -> Path:
+    """The class-labelled split alone: 2,400 64 px images of the 56 "colour on background"
+    classes in 12 cls shards, and 448 validation images as class folders (classify/val) and a
+    cls shard (classify/val_shards)."""
+    from dtp_ds.data.synthetic import write_classify_split
+
+    out = tmp_path_factory.mktemp("synth_cls")
+    write_classify_split(out, num_train=2400, samples_per_shard=200, val_per_class=8, image_size=64, seed=0)
+    return out
+
+
 def train_data(synth: Path) -> str:
     return f"{synth}/train/{{00000..00011}}.tar"
 

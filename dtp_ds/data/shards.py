@@ -242,7 +242,7 @@ def _open_shard(url: str) -> Any:
     return wds.gopen(url)
 
 
-def _read_shard(url: str) -> Iterator[dict | Bad]:
+def read_shard(url: str) -> Iterator[dict | Bad]:
     """Samples of one tar shard (grouped by key as open_clip_train does), then, if the read
     failed or came up short of the shard's ``*_stats.json`` count, one :class:`Bad` for it."""
     current: dict[str, Any] | None = None
@@ -292,7 +292,7 @@ class _ReadShards(wds.PipelineStage):
 
     def run(self, src: Iterator[dict]) -> Iterator[dict | Bad]:
         for item in src:
-            yield from _read_shard(item["url"])
+            yield from read_shard(item["url"])
 
 
 def _incomplete(sample: dict, keys: tuple[str, ...] = ("txt",)) -> str | None:

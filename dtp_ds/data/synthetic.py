@@ -12,6 +12,11 @@ learn the image-text mapping in minutes on CPU. Output mirrors img2dataset:
     OUT/zeroshot/objects.json    where every shape of every image is (rebuilds its mask)
     OUT/layout/...               the same for two-object scenes whose class is their layout
                                  ("circle left of a star": what pooling keeps shows there)
+    OUT/classify/train/00000.tar class-labelled shards (``--task classify``): KEY.jpg, KEY.cls
+                                 (the class index of "colour on background", 56 classes),
+                                 KEY.json
+    OUT/classify/val/c000/*.jpg  its validation split as a class-folder tree (classnames.json)
+    OUT/classify/val_shards/     the same validation images as ``cls`` shards
     OUT/dataset.json             summary, written last (a complete dataset has one)
 
 A share of the training images (``pair_prob``) are such two-object scenes, captioned with
@@ -37,7 +42,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +102,7 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and box-reduced: anti-aliased edges at
 TAR_MTIME = 1_700_000_000  # fixed tar header time, so shards are byte-identical per seed
 PAIR_PROB = 0.2  # share of training images that are two-object layout scenes
 # RNG streams: the pair decision has its own, so single-shape samples are what they always were.
-_TRAIN_SPLIT, _ZEROSHOT_SPLIT, _PAIR_CHOICE, _LAYOUT_SPLIT = 0, 1, 2, 3
+_TRAIN_SPLIT, _ZEROSHOT_SPLIT, _PAIR_CHOICE, _LAYOUT_SPLIT, _CLASSIFY_TRAIN, _CLASSIFY_VAL = 0, 1, 2, 3, 4, 5
 _SHARD_RE = re.compile(r"^\d{5}(\.tar|_stats\.json)$")
 
 
@@ -578,16 +583,107 @@ def existing_outputs(out_dir: str | os.PathLike) -> list[Path]:
     """Generated files/folders already under ``out_dir`` (what ``--overwrite`` would replace)."""
     out = Path(out_dir)
     found = sorted(p for p in (out / "train").glob("*") if _SHARD_RE.match(p.name))
-    found += [p for p in (out / "zeroshot", out / "layout", out / "dataset.json") if p.exists()]
+    found += [p for p in (out / "zeroshot", out / "layout", out / "classify", out / "dataset.json") if p.exists()]
     return found
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def classify_classnames() -> list[str]:
+    """Classification classes: the shape's colour and the background it is drawn on (56),
+    colour-major: index = colour_idx * len(BACKGROUNDS) + background_idx. Both are learnt within
+    a hundred CPU steps by a tiny trunk; "colour shape" (the zero-shot classes) is not: a tiny
+    trunk needs about 30k samples before it tells the shapes apart, and colour alone is 8x chance."""
+    return [f"{c} on {b}" for c in COLORS for b in BACKGROUNDS]
+
+
+def classify_spec(rng: np.random.Generator, color: str | None = None, background: str | None = None) -> SampleSpec:
+    """What one classification image shows: one shape of any kind, size and position (no
+    distractor: its colour would blur the class), its background drawn uniformly."""
+    spec = sample_spec(rng, 0.0, color=color)
+    return replace(spec, background=background or str(_pick(rng, BACKGROUNDS)))
+
+
+def classify_index(spec: SampleSpec) -> int:
+    return list(COLORS).index(spec.color) * len(BACKGROUNDS) + BACKGROUNDS.index(spec.background)
+
+
+def _classify_train_sample(seed: int, index: int, image_size: int) -> tuple[bytes, int, dict]:
+    """JPEG bytes, class index and metadata of classification training sample ``index``."""
+    rng = _rng(seed, _CLASSIFY_TRAIN, index)
+    spec = classify_spec(rng)
+    img, objects = render_with_objects(rng, spec, image_size)
+    ci = classify_index(spec)
+    return _jpeg(img), ci, {"key": f"{index:09d}", **asdict(spec), "class_index": ci,
+                            "classname": classify_classnames()[ci], "objects": objects}
+
+
+def _classify_val_image(seed: int, ci: int, k: int, image_size: int) -> tuple[Image.Image, list[dict]]:
+    color, background = classify_classnames()[ci].split(" on ")
+    rng = _rng(seed, _CLASSIFY_VAL, ci * 1_000_000 + k)
+    return render_with_objects(rng, classify_spec(rng, color, background), image_size)
+
+
+def _write_cls_shard(path: Path, samples: Sequence[tuple[str, bytes, int, dict]]) -> None:
+    """One ``KEY.jpg`` / ``KEY.cls`` / ``KEY.json`` shard (temp name, then renamed) and its stats."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, jpg, cls, meta in samples:
+                _add(tar, f"{key}.jpg", jpg)
+                _add(tar, f"{key}.cls", str(cls).encode())
+                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    n = len(samples)
+    stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0, "status_dict": {"success": n}}
+    _atomic_write(path.with_name(f"{path.stem}_stats.json"), json.dumps(stats, indent=2).encode("utf-8"))
+
+
+def write_classify_split(out_dir: str | os.PathLike, num_train: int, samples_per_shard: int, val_per_class: int,
+                         image_size: int = 64, seed: int = 0) -> dict:
+    """``OUT/classify/``: ``train/`` cls shards, ``val/`` class-folder tree and ``val_shards/``
+    (the same images, interleaved by class so a capped evaluation still sees every class).
+    Rewritten whole (a temp dir swapped in). Returns its summary (paths relative to OUT)."""
+    out = Path(out_dir) / "classify"
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "train").mkdir(parents=True)
+    num_shards = math.ceil(num_train / samples_per_shard)
+    for s in range(num_shards):
+        first = s * samples_per_shard
+        samples = []
+        for index in range(first, min(first + samples_per_shard, num_train)):
+            jpg, cls, meta = _classify_train_sample(seed, index, image_size)
+            samples.append((meta["key"], jpg, cls, meta))
+        _write_cls_shard(tmp / "train" / f"{s:05d}.tar", samples)
+    names = classify_classnames()
+    _write_class_split(tmp / "val", names, ("a shape: {}.",), _classify_val_image, seed, val_per_class, image_size)
+    (tmp / "val_shards").mkdir()
+    val = [(f"{k:05d}{ci:03d}", (tmp / "val" / f"c{ci:03d}" / f"{k:05d}.jpg").read_bytes(), ci, {"classname": name})
+           for k in range(val_per_class) for ci, name in enumerate(names)]
+    if val:
+        _write_cls_shard(tmp / "val_shards" / "00000.tar", val)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {"classify_train_pattern": f"classify/train/{{00000..{num_shards - 1:05d}}}.tar",
+            "classify_num_train": num_train, "classify_val_dir": "classify/val",
+            "classify_val_shards": "classify/val_shards/00000.tar", "classify_num_val": len(val),
+            "classify_num_classes": len(names)}
 
 
 def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 20000,
                             samples_per_shard: int = 1000, val_per_class: int = 20,
                             image_size: int = 64, seed: int = 0, *,
                             distractor_prob: float = 0.1, pair_prob: float = PAIR_PROB,
-                            overwrite: bool = True) -> dict:
-    """Write train shards and the zero-shot split under ``out_dir``; return a summary.
+                            overwrite: bool = True, classify_train: int = 0,
+                            classify_val_per_class: int | None = None) -> dict:
+    """Write train shards and the zero-shot split under ``out_dir``; return a summary. With
+    ``classify_train`` > 0 also the class-labelled split (:func:`write_classify_split`;
+    ``classify_val_per_class`` defaults to ``val_per_class``).
 
     Re-running with the same arguments rewrites identical files; shards left over from a
     larger earlier run are removed so a ``*.tar`` glob never mixes runs. With
@@ -623,6 +719,13 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 20000,
                                       seed, val_per_class, image_size)
     num_layout = _write_class_split(out / "layout", layout_classnames(), LAYOUT_TEMPLATES, _layout_image,
                                     seed, val_per_class, image_size)
+    classify = {}
+    if classify_train > 0:
+        classify = write_classify_split(out, classify_train, samples_per_shard,
+                                        val_per_class if classify_val_per_class is None else classify_val_per_class,
+                                        image_size, seed)
+    elif (out / "classify").exists():  # an earlier run's: it is not this dataset's
+        shutil.rmtree(out / "classify")
     # dataset.json holds paths relative to out_dir (movable, byte-identical per seed);
     # the returned summary has them joined to out_dir.
     summary = {
@@ -644,12 +747,14 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 20000,
         "pair_prob": pair_prob,
         "attributes": {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES),
                        "position": list(POSITIONS), "background": list(BACKGROUNDS)},
+        **classify,
     }
     _atomic_write(out / "dataset.json", (json.dumps(summary, indent=1) + "\n").encode())
     seconds = time.perf_counter() - t0
     paths = {"train_pattern": str(out / summary["train_pattern"]),
              "shards": [str(out / p) for p in shards], "zeroshot_dir": str(out / "zeroshot"),
-             "layout_dir": str(out / "layout")}
+             "layout_dir": str(out / "layout"),
+             **{k: str(out / v) for k, v in classify.items() if isinstance(v, str)}}
     return {**summary, **paths, "seconds": seconds,
             "train_samples_per_second": num_train / max(train_seconds, 1e-9)}
 
@@ -667,6 +772,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="share of training images with a second, small unmentioned shape")
     p.add_argument("--pair-prob", type=float, default=PAIR_PROB,
                    help="share of training images that are two-object scenes captioned with their layout")
+    p.add_argument("--classify-samples", type=int, default=None,
+                   help="class-labelled training samples under OUT/classify/ (default: --num-samples; 0: none)")
+    p.add_argument("--classify-val-per-class", type=int, default=None,
+                   help="classification validation images per class (default: --val-per-class)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.samples_per_shard < 1:
@@ -675,6 +784,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             or not 0 <= args.pair_prob <= 1:
         p.error("need --val-per-class >= 0, --image-size >= 16, 0 <= --distractor-prob <= 1, "
                 "0 <= --pair-prob <= 1")
+    if (args.classify_samples or 0) < 0 or (args.classify_val_per_class or 0) < 0:
+        p.error("--classify-samples and --classify-val-per-class must be >= 0")
     old = existing_outputs(args.out)
     if old and not args.overwrite:
         print(f"error: --out {args.out} already holds generated data ({len(old)} entries, e.g. "
@@ -685,7 +796,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         s = write_synthetic_dataset(args.out, args.num_samples, args.samples_per_shard,
                                     args.val_per_class, args.image_size, args.seed,
                                     distractor_prob=args.distractor_prob, pair_prob=args.pair_prob,
-                                    overwrite=True)
+                                    overwrite=True,
+                                    classify_train=(args.num_samples if args.classify_samples is None
+                                                    else args.classify_samples),
+                                    classify_val_per_class=args.classify_val_per_class)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -694,6 +808,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {s['num_zeroshot']} zero-shot images, {s['num_classes']} classes: "
           f"{s['zeroshot_dir']}; {s['num_layout']} layout images, {s['num_layout_classes']} classes: "
           f"{s['layout_dir']}  ({s['seconds']:.1f} s total)")
+    if "classify_num_train" in s:
+        print(f"wrote {s['classify_num_train']} class-labelled train samples ({s['classify_num_classes']} classes, "
+              f"--task classify): {s['classify_train_pattern']}; {s['classify_num_val']} validation images: "
+              f"{s['classify_val_dir']} (class folders) and {s['classify_val_shards']} (cls shard)")
     return 0
 
 

@@ -11,6 +11,7 @@ from .registry import (
     register_config,
     register_model_configs,
     register_model_file,
+    vision_tower,
 )
 from .vit import POOL_TYPES, ForwardState, TowerOutput, VisionTransformer, record_forward, trunks
 
@@ -39,4 +40,5 @@ __all__ = [
     "register_model_file",
     "register_reducer",
     "trunks",
+    "vision_tower",
 ]

@@ -49,6 +49,7 @@ __all__ = [
     "register_model_configs",
     "register_model_file",
     "timm_name",
+    "vision_tower",
 ]
 # timm's register_model appends each entrypoint's name to this module's __all__.
 
@@ -236,6 +237,33 @@ def get_model_config(name: str) -> dict[str, Any] | None:
     if name in _REGISTERED:
         return copy.deepcopy(_REGISTERED[name])
     return open_clip.get_model_config(name)
+
+
+# open_clip's own ViT towers, as dtp_ds's trunk: the vision_cfg keys the trunk honours, and its
+# pool types (open_clip pools the class token by default)
+OPEN_CLIP_VIT_KEYS = {"image_size", "layers", "width", "head_width", "patch_size", "mlp_ratio", "pool_type"}
+OPEN_CLIP_POOLS = {"tok": "cls", "avg": "mean_without_cls"}
+
+
+def vision_tower(name: str, num_classes: int, **overrides: Any) -> VisionTransformer:
+    """The image trunk of model config ``name`` on its own, with a ``num_classes``-wide head and
+    no text tower (a classifier). A dtp_ds config builds its trunk as the CLIP does (reducer,
+    pooling, stem); an open_clip ViT config (e.g. ``ViT-B-32``) builds dtp_ds's plain trunk
+    with its widths, pooled as open_clip pools it (``pool_type`` ``tok``: the class token).
+    ``overrides``: trunk keywords that win over the config's (``drop_path_rate``)."""
+    cfg = get_model_config(name) if name in _REGISTERED or name in open_clip.list_models() else None
+    if cfg is None:
+        raise ValueError(f"unknown model '{name}'; dtp_ds models: {', '.join(list_models())}")
+    vision = upgrade_vision_cfg(cfg["vision_cfg"])
+    if not is_trunk_cfg(vision):
+        other = sorted(set(vision) - OPEN_CLIP_VIT_KEYS)
+        pool = OPEN_CLIP_POOLS.get(vision.get("pool_type", "tok"))
+        if other or pool is None or not isinstance(vision.get("layers", 12), int):
+            raise ValueError(f"{name}: not a plain open_clip ViT dtp_ds's trunk can build (vision_cfg keys "
+                             f"{other or sorted(vision)}, pool_type {vision.get('pool_type', 'tok')!r}); "
+                             f"use a dtp_ds model config")
+        vision = {**vision, "trunk_cfg": {"pool": pool}}
+    return _make_entrypoint(timm_name(name), _trunk_kwargs(name, vision))(num_classes=num_classes, **overrides)
 
 
 def list_models() -> list[str]:

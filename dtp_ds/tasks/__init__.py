@@ -102,7 +102,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-from . import clip  # noqa: E402,F401  (registers "clip")
+from . import classify, clip  # noqa: E402,F401  (registers "classify", "clip")
 
 __all__ = ["TASKS", "DataStage", "Task", "TaskSpec", "build_task", "no_weight_decay_names", "param_groups",
            "register_task"]

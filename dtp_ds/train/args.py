@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtp_ds.data.shards import DataConfig
+from dtp_ds.tasks.classify import ClassifyConfig
 from dtp_ds.train.schedule import LR_HELP, LR_SCHEDULERS
 
 
@@ -78,12 +79,13 @@ class TrainArgs:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = (ModelConfig, OptimConfig, DataConfig, RunConfig)
+SECTIONS = (ModelConfig, OptimConfig, DataConfig, RunConfig, ClassifyConfig)
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -105,12 +107,13 @@ COMPRESSION_SCHEDULE_HELP = (
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dtp_ds.train",
-        description="CLIP pretraining under a DeepSpeed engine. Launch with "
+        description="CLIP pretraining (or a classifier: --task classify) under a DeepSpeed engine. Launch with "
         "`deepspeed [--hostfile F | --num_gpus N] --module dtp_ds.train --deepspeed_config ds_configs/X.json ...`",
     )
     a = p.add_argument
     # model
-    a("--task", help="what to train: clip (contrastive image-text; the default)")
+    a("--task", help="what to train: clip (contrastive image-text; the default) or classify (the image trunk "
+      "with a classifier head on class-labelled data; see the flags under 'classify')")
     a("--model",
       help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x), or a model JSON path/NAME.json")
     _bool_flag(p, "--grad-checkpointing", "activation checkpointing per transformer block "
@@ -181,10 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-nonfinite-steps", type=int,
       help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     a("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    _classify_flags(p.add_argument_group("classify", "--task classify (flag names as timm's train.py)"))
     # defaults are written once, in the dataclasses
     p.set_defaults(**{f.name: f.default for cls in SECTIONS for f in dataclasses.fields(cls)
                       if f.default is not dataclasses.MISSING})
     return p
+
+
+def _classify_flags(g: argparse._ArgumentGroup) -> None:
+    a = g.add_argument
+    a("--num-classes", type=int,
+      help="classifier width (default: the class folders of --train-data, else of the first --val-data folder)")
+    a("--val-data", nargs="+", metavar="DIR|SHARDS",
+      help="validation splits: class-folder trees (ImageFolder layout) or shards with a cls key; top-1/top-5 "
+      "every --zeroshot-frequency epochs and at the end, the first logged as val_top1, ..., others as NAME_top1")
+    a("--drop-path", type=float, help="stochastic depth rate (default: the model config's trunk_cfg drop_path_rate)")
+    a("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment; default: none)")
+    a("--reprob", type=float, help="random erasing probability (default 0)")
+    a("--color-jitter", type=float, help="colour jitter strength (default 0.4; off under --aa)")
+    a("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random-resized-crop area range (default 0.08 1)")
+    a("--crop-pct", type=float, help="evaluation centre crop: resize to size / crop-pct, crop (default 0.875)")
+    a("--smoothing", type=float, help="label smoothing (default 0.1)")
+    a("--mixup", type=float, help="mixup alpha (default 0: off)")
+    a("--cutmix", type=float, help="cutmix alpha (default 0: off)")
+    a("--mixup-prob", type=float, help="probability of mixing a batch (default 1)")
+    a("--mixup-switch-prob", type=float, help="probability of cutmix instead of mixup when both are on (default 0.5)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
@@ -224,3 +248,32 @@ def check_args(args: TrainArgs) -> None:
         raise ConfigError(f"--max-nonfinite-steps {args.run.max_nonfinite_steps}: must be >= 1")
     if not 0.0 <= args.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"--max-bad-fraction {args.data.max_bad_fraction}: must be in [0, 1]")
+    check_classify_args(args)
+
+
+def check_classify_args(args: TrainArgs) -> None:
+    c = args.classify
+    if args.model.task != "classify":
+        def norm(v):  # --scale parses to a list, its default is a tuple
+            return list(v) if isinstance(v, tuple | list) else v
+
+        given = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(c)
+                 if norm(getattr(c, f.name)) != norm(f.default)]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: for --task classify (this run is --task {args.model.task})")
+        return
+    if args.run.zeroshot_data or args.run.imagenet_val or args.run.zeroshot_extra:
+        raise ConfigError("--task classify evaluates on --val-data (class folders or cls shards), not zero-shot: "
+                          "drop --zeroshot-data / --imagenet-val / --zeroshot-extra")
+    if c.num_classes is not None and c.num_classes < 2:
+        raise ConfigError(f"--num-classes {c.num_classes}: must be >= 2")
+    if not 0.0 <= c.smoothing < 1.0:
+        raise ConfigError(f"--smoothing {c.smoothing}: must be in [0, 1)")
+    if not 0.0 < c.scale[0] <= c.scale[1] <= 1.0:
+        raise ConfigError(f"--scale {c.scale[0]} {c.scale[1]}: need 0 < MIN <= MAX <= 1")
+    if c.mixup < 0 or c.cutmix < 0 or not 0 <= c.mixup_prob <= 1 or not 0 <= c.mixup_switch_prob <= 1:
+        raise ConfigError("--mixup and --cutmix must be >= 0, --mixup-prob and --mixup-switch-prob in [0, 1]")
+    if not 0.0 <= c.reprob <= 1.0 or not 0.0 < c.crop_pct <= 1.0:
+        raise ConfigError("--reprob must be in [0, 1], --crop-pct in (0, 1]")
+    if c.drop_path is not None and not 0.0 <= c.drop_path < 1.0:
+        raise ConfigError(f"--drop-path {c.drop_path}: must be in [0, 1)")

@@ -16,9 +16,12 @@ depends on the ZeRO stage and the precision.
   16-bit copy in shape and, cast to 16 bits, in value; otherwise the 16-bit copies are
   upcast, with a warning.
 
-The trainer wraps the CLIP model in :class:`~dtp_ds.tasks.clip.CLIPModule`, so state-dict keys
-carry a ``model.`` prefix, stripped here. The model name and its open_clip config come from
-the checkpoint's client state (``model_name``, ``model_cfg``).
+The trainer wraps the model in its task's module (:class:`~dtp_ds.tasks.clip.CLIPModule`,
+:class:`~dtp_ds.tasks.classify.ClassifyModule`), so state-dict keys carry a ``model.`` prefix,
+stripped here. The model name and its open_clip config come from the checkpoint's client state
+(``model_name``, ``model_cfg``); a ``--task classify`` checkpoint (``task``, ``num_classes``)
+holds the image trunk alone with its classifier head (:func:`dtp_ds.models.vision_tower`),
+which is what loads and exports.
 
 Every file is read with ``torch.load(weights_only=True)`` except by DeepSpeed's ZeRO merger
 (``zero_to_fp32``), which unpickles with ``weights_only=False``: the checkpoint directory is
@@ -45,7 +48,7 @@ import torch
 from torch import nn
 
 import dtp_ds  # (importing it registers the dtp_ds model configs with open_clip)
-from dtp_ds.models import get_model_config, register_config
+from dtp_ds.models import get_model_config, register_config, vision_tower
 from dtp_ds.train.checkpoint import (
     PARTIAL,
     TAG_RE,
@@ -164,7 +167,9 @@ def _stage0_masters(states: dict[str, Any], model: nn.Module, module: dict[str, 
         log.warning("stage-0 16-bit checkpoint without fp32 masters in its model states (optimizer keys: %s)",
                     sorted(opt))
         return None
-    task = CLIPModule(model)  # the trainer's wrapper: the same parameter names and groups
+    # the trainer's wrapper: the same parameter names and groups (every task's module holds only
+    # its model's parameters, under "model.")
+    task = CLIPModule(model)
     names = {id(p): n for n, p in task.named_parameters()}
     named = [[names[id(p)] for p in g["params"]] for g in param_groups(task, 0.0)]
     if len(named) != len(groups):
@@ -250,17 +255,24 @@ def _register_model(name: str, cfg: dict[str, Any] | None, ckpt_dir: str) -> Non
     register_config(name, cfg)
 
 
+def build_model(name: str, task: str = "clip", num_classes: int | None = None) -> nn.Module:
+    """The model a run of ``task`` trains, as the trainer builds it (weights fresh)."""
+    if task == "classify":
+        return vision_tower(name, int(num_classes))
+    return open_clip.create_model(name, output_dict=True, nonscalar_logit_scale=True)
+
+
 def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
-    """(fp32 open_clip model in eval mode on ``device``, model name) from a run directory
-    (``LOGS/NAME``, newest complete checkpoint), a checkpoints root or one checkpoint
-    directory; any ZeRO stage and precision."""
+    """(fp32 model in eval mode on ``device``, model name) from a run directory (``LOGS/NAME``,
+    newest complete checkpoint), a checkpoints root or one checkpoint directory; any ZeRO stage
+    and precision. The model is an open_clip CLIP, or for a ``--task classify`` run the classifier."""
     ckpt_dir = resolve_checkpoint_dir(path)
     states = read_model_states(ckpt_dir)
     name = states.get("model_name")
     if not name:
         raise ValueError(f"{ckpt_dir}: the checkpoint's client state has no 'model_name' (not written by dtp_ds.train)")
     _register_model(name, states.get("model_cfg"), ckpt_dir)
-    model = open_clip.create_model(name, output_dict=True, nonscalar_logit_scale=True)  # as the trainer builds it
+    model = build_model(name, states.get("task", "clip"), states.get("num_classes"))
     state = fp32_state_dict(ckpt_dir, model, states)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -306,7 +318,9 @@ def export_safetensors(path: str, out: str, dtype: str = "fp32") -> tuple[str, s
     train_state = (states.get("train_state") or {})
     meta = {"format": "pt", "model_name": name, "model_cfg": json.dumps(get_model_config(name)),
             "dtype": dtype, "dtp_ds_version": dtp_ds.__version__, "checkpoint": os.path.basename(ckpt_dir),
-            "step": str(train_state.get("step", ""))}
+            "step": str(train_state.get("step", "")), "task": states.get("task") or "clip"}
+    if meta["task"] == "classify":
+        meta["num_classes"] = str(states["num_classes"])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp.{os.getpid()}"
     try:
@@ -328,7 +342,9 @@ def exported_metadata(file: str) -> dict[str, str]:
 
 def load_exported(file: str, **kwargs: Any) -> nn.Module:
     """``open_clip.create_model(name, pretrained=file)`` for an exported file, the model name
-    and config taken from its metadata (registered first if open_clip does not know it)."""
+    and config taken from its metadata (registered first if open_clip does not know it); an
+    exported classifier (``task`` classify) is built by :func:`build_model` and loaded strictly
+    (``kwargs`` are open_clip's)."""
     meta = exported_metadata(file)
     name = meta.get("model_name")
     if not name:
@@ -336,6 +352,12 @@ def load_exported(file: str, **kwargs: Any) -> nn.Module:
     cfg = json.loads(meta["model_cfg"]) if meta.get("model_cfg") else None
     if name not in open_clip.list_models() or (cfg is not None and get_model_config(name) != cfg):
         _register_model(name, cfg, file)
+    if meta.get("task") == "classify":
+        from safetensors.torch import load_file
+
+        model = build_model(name, "classify", int(meta["num_classes"]))
+        model.load_state_dict(load_file(file))
+        return model
     return open_clip.create_model(name, pretrained=file, **kwargs)
 
 
@@ -358,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, CheckpointError, OSError) as e:
         print(f"export_checkpoint: error: {e}", file=sys.stderr)
         return 2
-    print(f"{a.out}: {name} ({meta['dtype']}) from {ckpt_dir}; load with "
-          f"`import dtp_ds, open_clip; open_clip.create_model({name!r}, pretrained={a.out!r})`", flush=True)
+    how = (f"`from dtp_ds.train.export import load_exported; load_exported({a.out!r})` (a {meta['num_classes']}-class "
+           f"classifier)" if meta["task"] == "classify" else
+           f"`import dtp_ds, open_clip; open_clip.create_model({name!r}, pretrained={a.out!r})`")
+    print(f"{a.out}: {name} ({meta['dtype']}) from {ckpt_dir}; load with {how}", flush=True)
     return 0

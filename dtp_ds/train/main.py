@@ -1,4 +1,5 @@
-"""CLIP pretraining under a DeepSpeed engine: the orchestrator.
+"""Training under a DeepSpeed engine (CLIP pretraining; ``--task classify``: a classifier): the
+orchestrator.
 
     deepspeed [--hostfile F | --num_gpus N] --module dtp_ds.train \
         --deepspeed_config ds_configs/vit_b_32.json --model DRIP-ViT-B-32-10x \
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 import dtp_ds
 from dtp_ds.cluster.process_group import init_process_group
+from dtp_ds.data.folder import ClassFolder, class_folder, make_folder_loader
 from dtp_ds.data.shards import (
     DataError,
     check_every_worker_has_a_shard,
@@ -42,6 +44,7 @@ from dtp_ds.data.shards import (
     plan_epoch,
     resolve_shards,
 )
+from dtp_ds.eval.classify import ClassSplit, class_split
 from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, imagenet_split
 from dtp_ds.launch.discovery import DiscoveryError, discover
 from dtp_ds.launch.probe import git_revision
@@ -109,6 +112,34 @@ def zeroshot_splits(args: TrainArgs) -> list[ZeroShotSplit]:
     return [_checked(s) for s in splits]
 
 
+def classify_splits(args: TrainArgs, folder: ClassFolder | None, micro: int,
+                    overrides: list[dict[str, Any]]) -> list[ClassSplit]:
+    """--task classify's validation splits (--val-data); settles --num-classes (from the class
+    folders of --train-data, else of the first folder split: recorded as an override)."""
+    c = args.classify
+    try:
+        splits = [class_split(p) for p in c.val_data or []]
+    except (ValueError, DataError) as e:
+        raise ConfigError(f"--val-data: {e}") from e
+    if c.num_classes is None:
+        found = [(f"the {len(folder.classes)} class folders of --train-data", len(folder.classes))] if folder else []
+        found += [(f"the {s.num_classes} class folders of --val-data {s.image_dir}", s.num_classes)
+                  for s in splits if s.num_classes]
+        if not found:
+            raise ConfigError("--task classify on cls shards: give --num-classes (shards do not say how many "
+                              "classes there are; a class-folder --val-data would)")
+        why, c.num_classes = found[0]
+        overrides.append({"key": "num_classes", "flag": "--num-classes", "value": c.num_classes, "why": why})
+    named = ([("--train-data", len(folder.classes))] if folder else []) + [
+        (f"--val-data {s.image_dir}", s.num_classes) for s in splits if s.num_classes]
+    for where, n in named:
+        if n > c.num_classes:
+            raise ConfigError(f"{where} has {n} class folders but --num-classes is {c.num_classes}")
+    if c.mixes and micro % 2:
+        raise ConfigError(f"--mixup / --cutmix mix each batch with its reverse: the micro-batch ({micro}) must be even")
+    return splits
+
+
 def default_name(args: TrainArgs, micro: int) -> str:
     stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
     return f"{stamp}-model_{args.model.model}-b_{micro}-ep_{args.optim.epochs}"
@@ -134,8 +165,9 @@ class Setup:
     accum: int
     total_steps: int
     run_dir: str
-    splits: list[ZeroShotSplit]
+    splits: list[ZeroShotSplit] | list[ClassSplit]  # the task's evaluation splits
     missing_shards: list[str]
+    folder: ClassFolder | None = None  # --train-data as a class-folder tree (else shards)
     resume_from: tuple[str, str] | None = None  # (checkpoint root, tag) that --resume names
     resume_plan: checkpoint.ResumePlan | None = None  # how to load it (universal at another world size)
     compression: list[Segment] | None = None  # --compression-schedule's segments
@@ -147,8 +179,8 @@ def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list
     """On a GPU, the memory model's predicted peak at this world size must fit: where only the
     full contrastive loss's (micro x world)^2 logits do not, --local-loss --gather-with-grad (the
     same gradients) is turned on and recorded; otherwise the run is refused with the fixes."""
-    if not torch.cuda.is_available():
-        return
+    if not torch.cuda.is_available() or args.model.task != "clip":
+        return  # (the memory model knows CLIP's towers and contrastive logits, not a classifier's)
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     try:
         changes, why = check_start_memory(args.model.model, ds_config, micro, world, total, args.model.local_loss,
@@ -183,13 +215,22 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         args.run.deepspeed_config = default_ds_config(args.model.model, get_accelerator().is_bf16_supported())
     raw = load_ds_config(args.run.deepspeed_config)
     micro, accum = resolve_batch(raw, args, world)
-    shards, missing = resolve_shards(args.data.train_data)
-    check_every_worker_has_a_shard(args.data, shards, world)
-    if len(missing) > args.data.max_bad_fraction * (len(shards) + len(missing)):
-        raise ConfigError(f"{len(missing)} of {len(shards) + len(missing)} shards named by --train-data do not exist "
-                          f"(first: {missing[0]}), more than --max-bad-fraction {args.data.max_bad_fraction}: "
-                          f"fix the directory or the brace range, or raise --max-bad-fraction")
-    num_samples = args.data.train_num_samples or count_samples(shards)
+    folder, shards, missing = None, [], []
+    if os.path.isdir(args.data.train_data):
+        if args.model.task != "classify":
+            raise ConfigError(f"--train-data {args.data.train_data} is a directory: a class-folder tree has labels, "
+                              f"not captions (--task classify trains on one); give shards for --task {args.model.task}")
+        folder = class_folder(args.data.train_data)
+        num_samples = args.data.train_num_samples or len(folder.samples)
+    else:
+        shards, missing = resolve_shards(args.data.train_data)
+        check_every_worker_has_a_shard(args.data, shards, world)
+        if len(missing) > args.data.max_bad_fraction * (len(shards) + len(missing)):
+            raise ConfigError(f"{len(missing)} of {len(shards) + len(missing)} shards named by --train-data do not "
+                              f"exist (first: {missing[0]}), more than --max-bad-fraction "
+                              f"{args.data.max_bad_fraction}: fix the directory or the brace range, or raise "
+                              f"--max-bad-fraction")
+        num_samples = args.data.train_num_samples or count_samples(shards)
     if not num_samples:
         raise ConfigError("the shards carry no *_stats.json sample counts: give --train-num-samples")
     plan = plan_epoch(num_samples, micro, world, args.data.workers, accum)
@@ -198,7 +239,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     ds_config, overrides = resolve(raw, args, world, cpu_has_native_bf16() if on_cpu else None)
     check_precision_supported(precision_of(ds_config))
     check_gpu_memory(args, ds_config, overrides, micro, world)
-    splits = zeroshot_splits(args)
+    splits = classify_splits(args, folder, micro, overrides) if args.model.task == "classify" else zeroshot_splits(args)
     compression = None
     if args.model.compression_schedule:
         try:
@@ -213,7 +254,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         raise ConfigError(f"run directory {run_dir} already exists: pass --resume latest to continue it, "
                           f"or --name to start a new run")
     return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, splits, missing,
-                 compression=compression)
+                 folder=folder, compression=compression)
 
 
 def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
@@ -255,7 +296,8 @@ def build_engine(s: Setup, rank: int, world: int, lr_scheduler: Callable[[Any], 
     args = s.args
     seed_all(args.run.seed)  # identical initial weights on every rank
     spec = TaskSpec(args.model.model, rank, world, DTYPES[precision_of(s.ds_config)], args.model.boundary_loss_weight,
-                    {"local_loss": args.model.local_loss, "gather_with_grad": args.model.gather_with_grad})
+                    {"local_loss": args.model.local_loss, "gather_with_grad": args.model.gather_with_grad,
+                     "classify": args.classify})
     task = build_task(args.model.task, spec)
     if grad_checkpointing_on(s.ds_config, args):
         task.model.set_grad_checkpointing(True)
@@ -358,7 +400,7 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
                         eval_workers=args.data.workers,
                         missing_shards=len(s.missing_shards))
     client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model),
-              "task": args.model.task}
+              "task": args.model.task, "num_classes": args.classify.num_classes}
     return Trainer(cfg, task, engine, state, logger,
                    NonFiniteGuard(engine, precision_of(s.ds_config), args.run.max_nonfinite_steps, rank, root),
                    BadDataGuard(args.data.max_bad_fraction, s.plan.num_samples), s.splits, client, schedules,
@@ -389,8 +431,9 @@ def train(args: TrainArgs) -> int:
     for epoch in range(trainer.state.epoch, args.optim.epochs):
         if trainer.done:
             break
-        loader = make_train_loader(args.data, s.shards, s.plan, stage, s.micro, epoch, args.run.seed, rank, world,
-                                   trainer.state.batches_in_epoch)
+        make_loader = make_folder_loader if s.folder else make_train_loader
+        loader = make_loader(args.data, s.folder or s.shards, s.plan, stage, s.micro, epoch, args.run.seed, rank,
+                             world, trainer.state.batches_in_epoch)
         with torch.random.fork_rng(devices=[]):  # starting the workers draws from the RNG: not from the run's
             batches = _rank_local(iter(loader))
         t_fetch = time.time()

@@ -72,7 +72,7 @@ def test_every_kind_of_bad_data_is_counted_exactly(damaged):
 def test_a_fifo_in_place_of_a_shard_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "00000.tar"
     os.mkfifo(fifo)
-    (bad,) = list(sh._read_shard(str(fifo)))
+    (bad,) = list(sh.read_shard(str(fifo)))
     assert bad.kind == "unreadable_shards" and "special file" in bad.reason
 
 

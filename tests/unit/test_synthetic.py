@@ -215,3 +215,14 @@ def test_tool_script_runs(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "wrote 4 train samples" in res.stdout
     assert (out / "train/00001.tar").is_file() and (out / "zeroshot/c047/00000.jpg").is_file()
+    # the class-labelled split (--task classify), sized by --num-samples / --val-per-class
+    assert "wrote 4 class-labelled train samples (56 classes" in res.stdout
+    with tarfile.open(out / "classify/train/00001.tar") as tar:
+        names = tar.getnames()
+        assert names[:2] == ["000000002.jpg", "000000002.cls"] and 0 <= int(tar.extractfile(names[1]).read()) < 56
+    assert (out / "classify/val/c055/00000.jpg").read_bytes() in _shard_bytes(out / "classify/val_shards/00000.tar")
+
+
+def _shard_bytes(path: Path) -> list[bytes]:
+    with tarfile.open(path) as tar:
+        return [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
