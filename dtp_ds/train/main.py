@@ -61,6 +61,7 @@ from dtp_ds.train.ds_config import (
     resolve,
     resolve_batch,
 )
+from dtp_ds.train.gradcache import GradCacheStep
 from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError
 from dtp_ds.train.memory import PredictedOOM, check_start_memory
 from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
@@ -130,8 +131,8 @@ class Setup:
     overrides: list[dict[str, Any]]
     shards: list[str]
     plan: Any
-    micro: int
-    accum: int
+    micro: int  # the engine's micro-batch per rank (a GradCache chunk)
+    accum: int  # the engine's gradient_accumulation_steps
     total_steps: int
     run_dir: str
     splits: list[ZeroShotSplit]
@@ -139,19 +140,37 @@ class Setup:
     resume_from: tuple[str, str] | None = None  # (checkpoint root, tag) that --resume names
     resume_plan: checkpoint.ResumePlan | None = None  # how to load it (universal at another world size)
     compression: list[Segment] | None = None  # --compression-schedule's segments
+    chunks: int = 1  # --accum-freq: GradCache chunks per loader batch (1: none)
+
+    @property
+    def loader_batch(self) -> int:
+        """Samples per rank in one loader batch: a micro-batch, or a GradCache step's whole batch."""
+        return self.micro * self.chunks
+
+    @property
+    def loader_accum(self) -> int:
+        """Loader batches per optimizer step."""
+        return self.accum // self.chunks
+
+
+def gradcache_on(args: TrainArgs) -> bool:
+    """--accum-freq K > 1: the engine's K accumulation steps are the chunks of one contrastive
+    batch (GradCache); a ds_config's own accumulation steps stay separate contrastive batches."""
+    return (args.optim.accum_freq or 1) > 1
 
 
 def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list[dict[str, Any]], micro: int,
                      world: int) -> None:
     """On a GPU, the memory model's predicted peak at this world size must fit: where only the
-    full contrastive loss's (micro x world)^2 logits do not, --local-loss --gather-with-grad (the
+    full contrastive loss's (contrastive batch)^2 logits do not, --local-loss --gather-with-grad (the
     same gradients) is turned on and recorded; otherwise the run is refused with the fixes."""
     if not torch.cuda.is_available():
         return
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     try:
         changes, why = check_start_memory(args.model.model, ds_config, micro, world, total, args.model.local_loss,
-                                          args.model.gather_with_grad, grad_checkpointing_on(ds_config, args))
+                                          args.model.gather_with_grad, grad_checkpointing_on(ds_config, args),
+                                          gradcache=gradcache_on(args))
     except PredictedOOM as e:
         raise ConfigError(str(e)) from e
     except Exception as e:  # a model the memory model has no shape for: nothing to predict
@@ -189,8 +208,9 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     num_samples = args.data.train_num_samples or count_samples(shards)
     if not num_samples:
         raise ConfigError("the shards carry no *_stats.json sample counts: give --train-num-samples")
-    plan = plan_epoch(num_samples, micro, world, args.data.workers, accum)
-    total_steps = plan.batches_per_rank // accum * args.optim.epochs
+    chunks = accum if gradcache_on(args) else 1  # a GradCache step's chunks come in one loader batch
+    plan = plan_epoch(num_samples, micro * chunks, world, args.data.workers, accum // chunks)
+    total_steps = plan.batches_per_rank * chunks // accum * args.optim.epochs
     on_cpu = get_accelerator().device_name() == "cpu"
     ds_config, overrides = resolve(raw, args, world, cpu_has_native_bf16() if on_cpu else None)
     check_precision_supported(precision_of(ds_config))
@@ -210,7 +230,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         raise ConfigError(f"run directory {run_dir} already exists: pass --resume latest to continue it, "
                           f"or --name to start a new run")
     return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, splits, missing,
-                 compression=compression)
+                 compression=compression, chunks=chunks)
 
 
 def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
@@ -332,14 +352,15 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
     last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
     n_params = sum(p.numel() for p in task.model.parameters())
     check_storage(s.run_dir, s.ds_config, n_params, precision_of(s.ds_config), args.run.keep_checkpoints,
-                  saves_planned(state.step, last_step, args.run.save_every_n_steps, s.plan.batches_per_rank // s.accum))
+                  saves_planned(state.step, last_step, args.run.save_every_n_steps,
+                                s.plan.batches_per_rank // s.loader_accum))
     dropped = open_run_dir(s, world, rank, resumed_from)
     logger = make_logger(s, rank, state, resumed_from)
     if resumed_from:
         logger.log({"step": state.step, "event": "resume", "from": resumed_from, "load_s": t_load,
                     "startup_s": time.time() - psutil.Process().create_time(), **dropped})
     root = checkpoint.checkpoint_root(s.run_dir)
-    cfg = TrainerConfig(run_dir=s.run_dir, accum=s.accum, global_batch=s.micro * s.accum * world,
+    cfg = TrainerConfig(run_dir=s.run_dir, accum=s.loader_accum, global_batch=s.micro * s.accum * world,
                         last_step=last_step, batches_per_epoch=s.plan.batches_per_rank,
                         log_every=args.run.log_every_n_steps, save_every=args.run.save_every_n_steps,
                         keep_checkpoints=args.run.keep_checkpoints, eval_every_epochs=args.run.zeroshot_frequency,
@@ -348,10 +369,14 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
                         missing_shards=len(s.missing_shards))
     client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model),
               "task": args.model.task}
-    return Trainer(cfg, task, engine, state, logger,
-                   NonFiniteGuard(engine, precision_of(s.ds_config), args.run.max_nonfinite_steps, rank, root),
+    nonfinite = NonFiniteGuard(engine, precision_of(s.ds_config), args.run.max_nonfinite_steps, rank, root)
+    try:
+        stepper = GradCacheStep(engine, task.module, s.chunks, nonfinite, device) if s.chunks > 1 else None
+    except ValueError as e:
+        raise ConfigError(f"--accum-freq {s.chunks} (GradCache) with --task {args.model.task}: {e}") from e
+    return Trainer(cfg, task, engine, state, logger, nonfinite,
                    BadDataGuard(args.data.max_bad_fraction, s.plan.num_samples), s.splits, client, schedules,
-                   device, rank, saved_at=state.step if own else -1)
+                   device, rank, saved_at=state.step if own else -1, stepper=stepper)
 
 
 def train(args: TrainArgs) -> int:
@@ -373,8 +398,8 @@ def train(args: TrainArgs) -> int:
     for epoch in range(trainer.state.epoch, args.optim.epochs):
         if trainer.done:
             break
-        loader = make_train_loader(args.data, s.shards, s.plan, stage, s.micro, epoch, args.run.seed, rank, world,
-                                   trainer.state.batches_in_epoch)
+        loader = make_train_loader(args.data, s.shards, s.plan, stage, s.loader_batch, epoch, args.run.seed, rank,
+                                   world, trainer.state.batches_in_epoch)
         with torch.random.fork_rng(devices=[]):  # starting the workers draws from the RNG: not from the run's
             batches = _rank_local(iter(loader))
         t_fetch = time.time()
