@@ -119,13 +119,13 @@ def report_accum(a: argparse.Namespace, result: dict[str, list[float]]) -> int:
     print(f"model {a.model}, {a.nproc} ranks, {k} x {m} samples per rank and step, ZeRO-{a.zero_stages[0]}, "
           f"{a.precision}, {a.steps} steps x {a.repeats} runs each (first {a.skip} left out), "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    print(f"{'arm':<58} {'samples/s':>10} {'ms/sample':>10}")
+    print(f"{'arm':<62} {'samples/s':>10} {'ms/sample':>10}")
     rows = {GC: f"{GC} (--batch-size {m} --accum-freq {k}: one batch of {k * m})",
             PLAIN: f"{PLAIN} ({k} x {m}: {k} contrastive batches of {m})",
             LARGE: f"{LARGE} (--batch-size {k * m})"}
     for name, label in rows.items():
         cells = f"{med[name]:>10.1f} {ms[name]:>10.2f}" if name in med else f"{'did not fit':>21}"
-        print(f"{label:<58} {cells}")
+        print(f"{label:<62} {cells}")
     for name, r in ratio.items():
         print(f"time per sample, {name}: {r:.2f}x")
     print("expected: about one more forward than plain accumulation (4/3 = 1.33x; 5/4 with activation checkpointing)")
