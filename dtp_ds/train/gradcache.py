@@ -72,7 +72,7 @@ class GradCacheStep:
                 states.append(rng_state(self.device))
                 cached.append(self._encode(chunk))
         after = rng_state(self.device)
-        grads, row, whole = self._feature_grads(cached)
+        grads, shared_grads, row, whole = self._feature_grads(cached)
         del cached
         whole = self.nonfinite.loss(whole, step)  # the fault hook's +inf reaches every chunk's backward
         row["loss"] = whole
@@ -80,7 +80,7 @@ class GradCacheStep:
         for chunk, state in zip(chunks, states):
             set_rng_state(state, self.device)
             enc = self._encode(chunk)
-            part = self._surrogate(enc, grads.pop(0))
+            part = self._surrogate(enc, grads.pop(0), shared_grads)
             self.engine.backward(self.nonfinite.backward_loss(part, whole), scale_wrt_gas=False)
             if self.engine.is_gradient_accumulation_boundary():
                 lr = current_lr(self.engine)
@@ -89,32 +89,29 @@ class GradCacheStep:
         return row, lr
 
     def _feature_grads(self, cached: list[dict]) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor],
-                                                           torch.Tensor]:
-        """Each chunk's gradients of the whole batch's coupled loss (by feature name; shared
-        inputs under ``shared.NAME``), the step's row terms, and its loss."""
+                                                           dict[str, torch.Tensor], torch.Tensor]:
+        """The gradients of the whole batch's coupled loss: each chunk's, by feature name, and
+        the shared inputs'; the step's row terms; its loss."""
         k = len(cached)
         batched = {n: torch.cat([c["batched"][n] for c in cached]).requires_grad_() for n in cached[0]["batched"]}
         shared = {n: v.detach().clone().requires_grad_() for n, v in cached[0]["shared"].items()}
-        with torch.enable_grad():
-            coupled = self.module.coupled_loss(batched, shared)
-            leaves = [*batched.values(), *shared.values()]
-            found = torch.autograd.grad(coupled["loss"], leaves, allow_unused=True)
-        by_name = dict(zip([*batched, *(f"shared.{n}" for n in shared)], found))
-        grads = [{n: (g.chunk(k)[i] if n in batched else g) for n, g in by_name.items() if g is not None}
-                 for i in range(k)]
+        coupled = self.module.coupled_loss(batched, shared)
+        found = torch.autograd.grad(coupled["loss"], [*batched.values(), *shared.values()], allow_unused=True)
+        by_batched, by_shared = dict(zip(batched, found[:len(batched)])), dict(zip(shared, found[len(batched):]))
+        grads = [{n: g.chunk(k)[i] for n, g in by_batched.items() if g is not None} for i in range(k)]
+        shared_grads = {n: g for n, g in by_shared.items() if g is not None}
         # the chunks' own terms and statistics: means over equal chunks are the whole batch's
         own = {n: torch.stack([c[n].detach().float().reshape(()) for c in cached]).mean()
                for n in cached[0] if n not in ("batched", "shared")}
         row = {n: v.detach() for n, v in coupled.items() if n != "loss"}
         row.update({n: v for n, v in own.items() if n != "own_loss"})
         whole = coupled["loss"].detach() + own["own_loss"] if "own_loss" in own else coupled["loss"].detach()
-        return grads, row, whole
+        return grads, shared_grads, row, whole
 
-    def _surrogate(self, enc: dict, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _surrogate(self, enc: dict, grads: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> torch.Tensor:
         """A scalar whose gradient is this chunk's share of the whole batch's."""
-        terms = [(enc["batched"][n].float() * g.float()).sum() for n, g in grads.items() if not n.startswith("shared.")]
-        terms += [(enc["shared"][n.removeprefix("shared.")].float() * g.float()).sum() / self.chunks
-                  for n, g in grads.items() if n.startswith("shared.")]
+        terms = [(enc["batched"][n].float() * g.float()).sum() for n, g in grads.items()]
+        terms += [(enc["shared"][n].float() * g.float()).sum() / self.chunks for n, g in shared.items()]
         if "own_loss" in enc:
             terms.append(enc["own_loss"].float() / self.chunks)
         return torch.stack(terms).sum()
