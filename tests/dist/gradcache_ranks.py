@@ -1,7 +1,7 @@
 """GradCache against one large batch on real DeepSpeed engines. Run by tests/unit/test_gradcache.py
 (one process) and tests/dist/test_gradcache.py (2 ranks under the deepspeed launcher):
 
-    python tests/dist/gradcache_ranks.py OUT CASE ...     CASE = KIND:MODEL:STAGE:PRECISION[:local]
+    python tests/dist/gradcache_ranks.py OUT CASE ...     CASE = KIND:MODEL:STAGE:PRECISION[:OPTION ...]
 
 KIND ``large``: from the same weights, data and RNG state, two optimizer steps of
 :class:`GradCacheStep` (micro-batch M, K chunks) and of one large batch of K x M per rank
@@ -10,8 +10,9 @@ micro-batches, each its own contrastive batch: the control that the comparison c
 ``overflow``: an fp16 GradCache step whose second chunk's backward overflows, then a clean one.
 A model that draws noise (``drip``: Gumbel boundaries, drop path, token dropout) has as its
 large batch one forward of K x M whose trunk runs chunk by chunk (:class:`ChunkedBatch`), so
-that it draws the noise GradCache's chunks draw, and one backward. ``local``: the contrastive
-loss with ``--local-loss --gather-with-grad``. Rank 0 writes OUT/CASE.json (``:`` as ``_``).
+that it draws the noise GradCache's chunks draw, and one backward. OPTIONs: ``local``, the
+contrastive loss with ``--local-loss --gather-with-grad``; ``ckpt``, activation checkpointing.
+Rank 0 writes OUT/CASE.json (``:`` as ``_``).
 """
 from __future__ import annotations
 
@@ -92,9 +93,11 @@ class ChunkedBatch(nn.Module):
 
 
 def build(model: str, stage: int, precision: str, micro: int, accum: int, chunked: bool, tmp: str,
-          local: bool = False):
+          options: tuple[str, ...] = ()):
     torch.manual_seed(0)  # the same weights in every engine
     clip_model = create(model)
+    clip_model.set_grad_checkpointing("ckpt" in options)
+    local = "local" in options
     world = dist.get_world_size()
     module: nn.Module = CLIPModule(clip_model, dist.get_rank(), world, local_loss=local, gather_with_grad=local,
                                    input_dtype=DTYPES[precision])
@@ -145,14 +148,14 @@ def train(stepper, steps: range, split: bool = False) -> list[float]:
     return losses
 
 
-def compare(kind: str, model: str, stage: int, precision: str, tmp: str, local: bool) -> dict:
-    gc_engine, gc_guard = build(model, stage, precision, MICRO, CHUNKS, False, tmp, local)
+def compare(kind: str, model: str, stage: int, precision: str, tmp: str, options: tuple[str, ...]) -> dict:
+    gc_engine, gc_guard = build(model, stage, precision, MICRO, CHUNKS, False, tmp, options)
     start = params(gc_engine)
     gc = train(GradCacheStep(gc_engine, gc_engine.module, CHUNKS, gc_guard, torch.device("cpu")), range(1, STEPS + 1))
     if kind == "large":  # one batch of K x M per rank, no accumulation
-        ref_engine, ref_guard = build(model, stage, precision, MICRO * CHUNKS, 1, model == "drip", tmp, local)
+        ref_engine, ref_guard = build(model, stage, precision, MICRO * CHUNKS, 1, model == "drip", tmp, options)
     else:  # plain accumulation: K micro-batches of M, each its own contrastive batch
-        ref_engine, ref_guard = build(model, stage, precision, MICRO, CHUNKS, False, tmp, local)
+        ref_engine, ref_guard = build(model, stage, precision, MICRO, CHUNKS, False, tmp, options)
     ref = train(PlainStep(ref_engine, ref_guard, torch.device("cpu")), range(1, STEPS + 1), split=kind == "plain")
     a, b = params(gc_engine), params(ref_engine)
     return {"loss_gradcache": gc, "loss_reference": ref, "max_diff": max_diff(a, b), "max_update": max_diff(b, start),
@@ -192,11 +195,11 @@ def main(out: str, cases: list[str]) -> None:
     init_process_group(dist_backend="gloo")
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            kind, model, stage, precision, *loss = case.split(":")
+            kind, model, stage, precision, *options = case.split(":")
             if kind == "overflow":
                 seen = overflow(model, int(stage), tmp)
             else:
-                seen = compare(kind, model, int(stage), precision, tmp, loss == ["local"])
+                seen = compare(kind, model, int(stage), precision, tmp, tuple(options))
             if dist.get_rank() == 0:
                 with open(os.path.join(out, case.replace(":", "_") + ".json"), "w") as f:
                     json.dump(seen, f)
