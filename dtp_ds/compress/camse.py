@@ -393,10 +393,6 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 # --- the tool ---------------------------------------------------------------------------------
 
-def _patch(text: str) -> int | None:
-    return None if text in ("stored", "none", "0") else int(text)
-
-
 def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compression], global_batch: int,
         batches: int, costs_path: str | None = None, fractions: Sequence[float] | None = None,
         replicates: int | None = None, monotone: bool = False, final_fraction: float = 0.1, seed: int = 0,
@@ -477,7 +473,7 @@ def write_outputs(result: dict[str, Any], out: str) -> list[str]:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from dtp_ds.compress.costs import strategy_grid
+    from dtp_ds.compress.costs import patch_arg, strategy_grid
 
     p = argparse.ArgumentParser(prog="compression_schedule", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -487,7 +483,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--global-batch", type=int, default=64, help="the batch the gradients are taken at")
     p.add_argument("--batches", type=int, default=8, help="K batches per stage (>= 2)")
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
-    p.add_argument("--patches", type=_patch, nargs="+", default=[None], help="'stored' or sizes")
+    p.add_argument("--patches", type=patch_arg, nargs="+", default=[None], help="'stored' or sizes")
     p.add_argument("--costs", help="the cost table of tools/compression_costs (JSON)")
     p.add_argument("--fractions", type=float, nargs="+",
                    help="each checkpoint's fraction of training (default: its step over the last one's)")

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 
+from dtp_ds.compress.costs import patch_arg
 from dtp_ds.demo import launch_command, summary_lines
 from dtp_ds.train.metrics import read_metrics
 
@@ -35,13 +36,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(a: argparse.Namespace, name: str, extra: list[str]) -> str:
+def train_run(a: argparse.Namespace, name: str, extra: list[str]) -> str:
     run_dir = os.path.join(a.logs, name)
     shutil.rmtree(run_dir, ignore_errors=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
     cmd = launch_command(a.data, a.logs, name, a.nproc, a.model,
-                         ["--batch-size", str(a.batch_size), "--lr", "2e-3", "--seed", str(a.seed),
+                         ["--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(a.seed),
                           "--log-every-n-steps", "5", *extra])
     # a free rendezvous port: another job on the machine may hold the launcher's default 29500
     cmd[1:1] = ["--master_port", str(_free_port())]
@@ -52,44 +53,44 @@ def _train(a: argparse.Namespace, name: str, extra: list[str]) -> str:
     return run_dir
 
 
-def _train_data(data: str) -> str:
+def train_data(data: str) -> str:
     shards = sorted(glob.glob(os.path.join(data, "train", "*.tar")))
     first, last = (os.path.basename(s)[: -len(".tar")] for s in (shards[0], shards[-1]))
     return os.path.join(data, "train", f"{{{first}..{last}}}.tar")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dtp_ds.compress import camse, costs
-    from dtp_ds.train.checkpoint import list_checkpoints
-
-    p = argparse.ArgumentParser(prog="demo-compress", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The pilot's, the cost table's and the estimator's flags (the demo's and the benchmark's)."""
     p.add_argument("--data", default="data/synth")
-    p.add_argument("--logs", default="logs")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--model", default=MODEL)
     p.add_argument("--batch-size", type=int, default=32, help="micro-batch per rank")
+    p.add_argument("--lr", type=float, default=2e-3, help="of every run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pilot-samples", type=int, default=1920, help="the pilot's one epoch (30 steps of 2 x 32)")
     p.add_argument("--pilot-save-every", type=int, default=10)
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.5, 0.75])
-    p.add_argument("--patches", type=camse._patch, nargs="+", default=[None, 16])
+    p.add_argument("--patches", type=patch_arg, nargs="+", default=[None, 16])
     p.add_argument("--cost-steps", type=int, default=3)
     p.add_argument("--batches", type=int, default=4, help="K global batches per stage for the estimator")
     p.add_argument("--monotone", action="store_true")
-    p.add_argument("--epochs", type=int, default=2, help="of the scheduled run")
-    p.add_argument("--samples-per-epoch", type=int, default=1920)
-    p.add_argument("--baseline", action="store_true", help="also train the uncompressed run and compare")
-    a = p.parse_args(argv)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="the cost table's clock (cpu: CPU time, which other jobs on a shared CPU do not inflate)")
+
+
+def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
+    """Pilot run -> cost table -> CA-MSE schedule; the schedule's and the cost table's paths in ``out``."""
+    from dtp_ds.compress import camse, costs
+    from dtp_ds.train.checkpoint import list_checkpoints
+
     if not glob.glob(os.path.join(a.data, "train", "*.tar")):
         raise SystemExit(f"demo-compress: no shards in {a.data}/train: run tools/make_synthetic_shards --out {a.data}")
-    out = os.path.join(a.logs, "compress")
     os.makedirs(out, exist_ok=True)
 
     # 1. pilot
-    pilot = _train(a, "compress-pilot", ["--epochs", "1", "--train-num-samples", str(a.pilot_samples),
-                                         "--warmup", "5", "--save-every-n-steps", str(a.pilot_save_every),
-                                         "--keep-checkpoints", "100", "--zeroshot-frequency", "0"])
+    pilot = train_run(a, "compress-pilot", ["--epochs", "1", "--train-num-samples", str(a.pilot_samples),
+                                            "--warmup", "5", "--save-every-n-steps", str(a.pilot_save_every),
+                                            "--keep-checkpoints", "100", "--zeroshot-frequency", "0"])
     ckpts = [d for _, d in list_checkpoints(os.path.join(pilot, "checkpoints"))]
     stages = [f"init:{a.model}"] + [os.path.join(pilot, "checkpoints", d) for d in ckpts]
     print(f"demo-compress: pilot stages: {', '.join(stages)}", flush=True)
@@ -98,21 +99,36 @@ def main(argv: list[str] | None = None) -> int:
     costs_json = os.path.join(out, "costs.json")
     patch_args = ["stored" if x is None else str(x) for x in a.patches]
     costs.main(["--model", a.model, "--rates", *map(str, a.rates), "--patches", *patch_args, "--batch-size",
-                str(a.batch_size), "--steps", str(a.cost_steps), "--warmup", "1", "--out", costs_json])
+                str(a.batch_size), "--steps", str(a.cost_steps), "--warmup", "1", "--clock", a.clock,
+                "--out", costs_json])
 
     # 3. CA-MSE schedule at the runs' global batch
     schedule_json = os.path.join(out, "schedule.json")
-    camse.main(["--checkpoints", *stages, "--train-data", _train_data(a.data), "--global-batch",
+    camse.main(["--checkpoints", *stages, "--train-data", train_data(a.data), "--global-batch",
                 str(a.batch_size * a.nproc), "--batches", str(a.batches), "--rates", *map(str, a.rates),
                 "--patches", *patch_args, "--costs", costs_json, "--seed", str(a.seed), "--out", schedule_json,
                 *(["--monotone"] if a.monotone else [])])
+    return schedule_json, costs_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="demo-compress", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pipeline_args(p)
+    p.add_argument("--logs", default="logs")
+    p.add_argument("--epochs", type=int, default=2, help="of the scheduled run")
+    p.add_argument("--samples-per-epoch", type=int, default=1920)
+    p.add_argument("--baseline", action="store_true", help="also train the uncompressed run and compare")
+    a = p.parse_args(argv)
+    out = os.path.join(a.logs, "compress")
+    schedule_json, costs_json = choose_schedule(a, out)
 
     # 4. the scheduled run (and the uncompressed one)
     common = ["--epochs", str(a.epochs), "--train-num-samples", str(a.samples_per_epoch), "--warmup", "5",
               "--zeroshot-frequency", str(a.epochs)]
-    runs = [("scheduled", _train(a, "compress-scheduled", [*common, "--compression-schedule", schedule_json]))]
+    runs = [("scheduled", train_run(a, "compress-scheduled", [*common, "--compression-schedule", schedule_json]))]
     if a.baseline:
-        runs.append(("baseline", _train(a, "compress-baseline", common)))
+        runs.append(("baseline", train_run(a, "compress-baseline", common)))
     for label, run_dir in runs:
         rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
         steps = [r for r in rows if "loss" in r]

@@ -21,11 +21,12 @@ Invariance Pretraining", Lin et al. 2024): a :class:`Compression` strategy (toke
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
-from timm.layers import resample_patch_embed
+from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,20 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+@functools.cache
+def _resampler(stored: int) -> PatchEmbedResamplerFixedOrigSize:
+    # keeps the pseudo-inverse per target size and device: timm's resample_patch_embed recomputes
+    # it (an SVD of a p^2 x p0^2 matrix) at every call, i.e. every training step
+    return PatchEmbedResamplerFixedOrigSize((stored, stored), interpolation="bicubic", antialias=True)
+
+
 def pi_resize_kernel(weight: torch.Tensor, patch: int) -> torch.Tensor:
     """The (D, C, p0, p0) patch kernel PI-resized to (D, C, p, p) (FlexiViT): for every patch
     ``x``, ``<resize(x), w'> == <x, w>`` where resize upsamples; a new tensor with gradient to
     ``weight``, which is left as it is."""
-    return resample_patch_embed(weight, [patch, patch], interpolation="bicubic", antialias=True)
+    if tuple(weight.shape[-2:]) == (patch, patch):
+        return weight
+    return _resampler(weight.shape[-1])(weight, [patch, patch])
 
 
 def block_macs(tokens: float, width: int, mlp_ratio: float = 4.0) -> float:

@@ -34,6 +34,7 @@ from open_clip import factory as _oc_factory
 from timm.layers import to_2tuple
 from timm.models import register_model
 
+from .adapters import convert_for_open_clip
 from .reducers import make_reducer, reducer_class
 from .vit import POOL_TYPES, VisionTransformer
 
@@ -252,6 +253,23 @@ def create_model(name: str, **kwargs: Any):
     return open_clip.create_model(name, **kwargs)
 
 
+def _install_warm_start() -> None:
+    """``open_clip.create_model(name, pretrained=FILE)`` for a dtp_ds name and the weights of
+    another ViT layout (an open_clip or timm ViT): open_clip's ``load_checkpoint`` passes every
+    state dict through ``factory.convert_state_dict`` ("third-party state dicts -> open_clip",
+    no public hook), so the trunk's mapping (:mod:`.adapters`) runs there, after open_clip's own."""
+    original = _oc_factory.convert_state_dict
+    if getattr(original, "dtp_ds_warm_start", False):
+        return
+
+    def convert_state_dict(model, state_dict):
+        return convert_for_open_clip(model, original(model, state_dict))
+
+    convert_state_dict.dtp_ds_warm_start = True  # type: ignore[attr-defined]
+    _oc_factory.convert_state_dict = convert_state_dict
+
+
 # Importing the registry registers the shipped configs: ``import dtp_ds`` relies on it (directly,
 # or from its hook once open_clip is imported), so the names exist whichever comes first.
 register_model_configs()
+_install_warm_start()

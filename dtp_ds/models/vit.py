@@ -343,6 +343,15 @@ class VisionTransformer(nn.Module):
         # same vector (open_clip decays them because they are 2-d; timm ViTs do not).
         return {"pos_embed", "cls_token"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer groups for timm's ``group_parameters`` (open_clip's ``lock_image_tower(unlocked_groups=N)``,
+        timm's layer-wise LR decay): the embeddings, each block (the final norm joins the last:
+        timm's 99999), then the head and the reducer's own weights, last: new in a warm start,
+        they are unlocked first and keep the full LR (``coarse`` groups the same)."""
+        return {"stem": r"^cls_token|^pos_embed|^patch_embed|^norm_pre",
+                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm\.", (99999,)), (r"^(?:head|reducer)\.", (100000,))]}
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

@@ -30,6 +30,7 @@ class ModelConfig:
     boundary_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss)
     compression_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.train.compression_schedule); None: uncompressed
     compression_costs: str | None = None  # a tools/compression_costs table: the cost of segments without one
+    init_from: str | None = None  # warm start: weights file or dtp_ds run (dtp_ds.train.init_from); a resume wins
 
 
 @dataclass
@@ -129,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compression-costs", metavar="FILE",
       help="a cost table of tools/compression_costs (JSON): each --compression-schedule segment without a cost "
       "takes its strategy's measured one (whole CLIP step, uncompressed = 1); a strategy the table lacks is refused")
+    a("--init-from", metavar="FILE|RUN",
+      help="warm start: an open_clip checkpoint or model file, a timm ViT state dict or a dtp_ds run / checkpoint "
+      "directory, mapped into the trunk (boundary predictor and reducer weights start fresh; positions resampled to "
+      "another grid); the table of what was loaded, mapped, resized or fresh goes to RUN/init_from.txt. Not applied "
+      "when --resume finds a checkpoint (its weights replace it)")
     # data
     a("--train-data",
       help="shards: brace ranges and '::'-joined sources, e.g. 'DIR/{00000..00099}.tar'")
@@ -188,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
-    ns = build_parser().parse_args(argv)
+    return from_namespace(build_parser().parse_args(argv))
+
+
+def from_namespace(ns: argparse.Namespace) -> TrainArgs:
+    """The checked run settings of a :func:`build_parser` namespace (a tool's parser may add flags)."""
     v = vars(ns)
 
     def take(cls):

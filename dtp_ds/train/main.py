@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -48,7 +48,7 @@ from dtp_ds.launch.probe import git_revision
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
 from dtp_ds.models import get_model_config, register_model_file, trunks
 from dtp_ds.tasks import TASKS, TaskSpec, build_task, param_groups
-from dtp_ds.train import checkpoint
+from dtp_ds.train import checkpoint, init_from
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
 from dtp_ds.train.checkpoint import CheckpointError, TrainState
 from dtp_ds.train.compression_schedule import CompressionSchedule, Segment, load_schedule, with_costs
@@ -140,6 +140,7 @@ class Setup:
     resume_from: tuple[str, str] | None = None  # (checkpoint root, tag) that --resume names
     resume_plan: checkpoint.ResumePlan | None = None  # how to load it (universal at another world size)
     compression: list[Segment] | None = None  # --compression-schedule's segments
+    init: init_from.InitFrom | None = None  # what --init-from did
     chunks: int = 1  # --accum-freq: GradCache chunks per loader batch (1: none)
 
     @property
@@ -190,6 +191,8 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
             args.model.model = register_model_file(args.model.model)
         except (OSError, ValueError) as e:
             raise ConfigError(f"--model {args.model.model}: {e}") from e
+    if args.model.init_from:
+        init_from.check_source(args.model.init_from)
     if args.model.task not in TASKS:
         raise ConfigError(f"--task {args.model.task}: unknown task; one of {', '.join(sorted(TASKS))}")
     if args.model.model not in open_clip.list_models():
@@ -250,6 +253,7 @@ def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
         "versions": {"dtp_ds": dtp_ds.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                      "open_clip": open_clip.__version__},
         "resumed_from": resumed_from,
+        "init_from": s.init.summary() if s.init else None,
         "command": sys.argv,
     })
 
@@ -264,8 +268,10 @@ def _rank_local(batches: Iterator[Any]) -> Iterator[Any]:
         raise
 
 
-def build_engine(s: Setup, rank: int, world: int) -> tuple[Any, Any]:
-    """The task (model, loss, data stage, evaluation) and the DeepSpeed engine over its module."""
+def build_engine(s: Setup, rank: int, world: int, lr_scheduler: Callable[[Any], Any] | None = None
+                 ) -> tuple[Any, Any]:
+    """The task (model, loss, data stage, evaluation) and the DeepSpeed engine over its module;
+    ``lr_scheduler``: optimizer -> scheduler (default: the run's warmup and decay)."""
     args = s.args
     seed_all(args.run.seed)  # identical initial weights on every rank
     spec = TaskSpec(args.model.model, rank, world, DTYPES[precision_of(s.ds_config)], args.model.boundary_loss_weight,
@@ -277,11 +283,14 @@ def build_engine(s: Setup, rank: int, world: int) -> tuple[Any, Any]:
     if s.resume_from:  # at another world size: DeepSpeed's universal checkpoint (ZeRO 1/2)
         s.resume_plan = checkpoint.plan_resume(s.resume_from, world, s.ds_config)
         s.ds_config = s.resume_plan.apply(s.ds_config)
+    if args.model.init_from:  # before the engine: ZeRO-3 partitions the loaded weights
+        s.init = init_from.apply(task.model, args.model.init_from, s.resume_from, rank)
     wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=task.module, model_parameters=param_groups(task.module, wd), config=s.ds_config,
-        lr_scheduler=lambda opt: warmup_decay_lr(opt, args.optim.warmup, s.total_steps, args.optim.epochs,
-                                                  args.optim.lr_scheduler, args.optim.lr_poly_power))
+        lr_scheduler=lr_scheduler or (lambda opt: warmup_decay_lr(
+            opt, args.optim.warmup, s.total_steps, args.optim.epochs, args.optim.lr_scheduler,
+            args.optim.lr_poly_power)))
     return task, engine
 
 
@@ -325,6 +334,8 @@ def open_run_dir(s: Setup, world: int, rank: int, resumed_from: str | None) -> d
             if s.resume_from and os.path.abspath(s.resume_from[0]) == os.path.abspath(root):
                 dropped["abandoned"] = checkpoint.abandon_newer(root, s.resume_from[1])
         write_run_config(s, world, resumed_from)
+        if s.init:
+            s.init.write(s.run_dir)
     dist.barrier()
     return dropped
 
@@ -379,7 +390,8 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
                    device, rank, saved_at=state.step if own else -1, stepper=stepper)
 
 
-def train(args: TrainArgs) -> int:
+def start_distributed(args: TrainArgs) -> tuple[int, int, torch.device]:
+    """Process group, peer watchdog and this rank's device: (rank, world size, device)."""
     deepspeed.utils.logger.setLevel(logging.WARNING)
     source = discover()  # RANK, WORLD_SIZE, ... from the launcher, MPI or Slurm
     init_process_group(args.run.dist_timeout_minutes)
@@ -388,7 +400,11 @@ def train(args: TrainArgs) -> int:
     start_watchdog(args.run.peer_timeout_seconds)
     local_rank = int(os.environ.get("LOCAL_RANK", max(args.run.local_rank, 0)))
     get_accelerator().set_device(local_rank)
-    device = torch.device(get_accelerator().device_name(local_rank))
+    return rank, world, torch.device(get_accelerator().device_name(local_rank))
+
+
+def train(args: TrainArgs) -> int:
+    rank, world, device = start_distributed(args)
     s = prepare(args, world, rank)
     log.info("checks passed: %d shards, %d micro-batches per rank per epoch, %d steps", len(s.shards),
              s.plan.batches_per_rank, s.total_steps)
@@ -415,17 +431,23 @@ def train(args: TrainArgs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded(lambda: train(parse_args(argv)))
+
+
+def guarded(body: Callable[[], int], prog: str = "dtp_ds.train") -> int:
+    """Run one rank's ``body``: a refused setting or bad data is one line on stderr (exit 2), a
+    lost peer is named; the watchdog and the process group are shut down either way."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_filter()
     try:
-        return train(parse_args(argv))
+        return body()
     except (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError, DiscoveryError) as e:
         report_failure(e)  # peers name this rank and its message rather than time out
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0 or getattr(e, "rank_local", False):
             where = f"rank {rank}: " if rank != 0 else ""
             # tqdm.write: on a line of its own even while the progress bar is drawn
-            tqdm.write(redact(f"dtp_ds.train: error: {where}{one_line(e)}"), file=sys.stderr)
+            tqdm.write(redact(f"{prog}: error: {where}{one_line(e)}"), file=sys.stderr)
         return 2
     except Exception as e:
         if report_failure(e):  # a collective failed because a peer died: named (printed) instead of a traceback

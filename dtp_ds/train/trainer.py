@@ -116,7 +116,7 @@ class Trainer:
 
     def restart_timer(self) -> None:
         """Start timing the next step here (after a save or an evaluation, not across them)."""
-        self.t_step, self.t_data = time.time(), 0.0
+        self.t_step, self.t_data, self.t_cpu = time.time(), 0.0, time.process_time()
 
     def waited_for_data(self, seconds: float) -> None:
         self.t_data += seconds
@@ -138,7 +138,7 @@ class Trainer:
         """Accounting, logging, checks, schedules and the periodic save of one optimizer step."""
         st, cfg = self.state, self.cfg
         st.step += 1
-        step_time = time.time() - self.t_step
+        step_time, step_cpu_time = time.time() - self.t_step, time.process_time() - self.t_cpu
         # one small collective per step: rank-mean losses and the bad-data counts
         means, bad_counts = all_reduce_step(self.sums, cfg.accum, self.bad_data.take(), self.device)
         self.sums = {}
@@ -147,7 +147,7 @@ class Trainer:
         self.bad_data.account(st, bad_counts)
         st.nonfinite_steps += self.nonfinite.account(st.step, means["loss"])
         if st.step % cfg.log_every == 0 or st.step in (1, cfg.last_step) or self.nonfinite.in_a_row:
-            self.log_step(means, lr, step_time)
+            self.log_step(means, lr, step_time, step_cpu_time)
         self.bad_data.check(st)
         self.nonfinite.check(st.step)
         self.schedules.step(st)
@@ -156,11 +156,12 @@ class Trainer:
             self.save()
         self.restart_timer()
 
-    def log_step(self, means: dict[str, float], lr: float, step_time: float) -> None:
+    def log_step(self, means: dict[str, float], lr: float, step_time: float, step_cpu_time: float) -> None:
         st = self.state
         rec = {"step": st.step, "epoch": st.epoch, **means, "lr": lr, "grad_norm": self.nonfinite.grad_norm(),
                "skipped_steps": self.engine.skipped_steps, "nonfinite_steps": st.nonfinite_steps,
                "samples_per_s": self.cfg.global_batch / step_time, "step_time": step_time,
+               "step_cpu_time": step_cpu_time,
                "data_time": self.t_data, "peak_mem_gb": peak_memory_gb(), "samples_seen": st.samples_seen,
                "bad_samples": st.bad_samples, "bad_by_kind": dict(st.bad_by_kind),
                "missing_shards": self.cfg.missing_shards, **self.schedules.metrics(st.step)}

@@ -1,6 +1,7 @@
 """``make demo-compress`` at tiny sizes: a pilot run under the deepspeed launcher saving
 DeepSpeed checkpoints -> the cost table -> the CA-MSE estimator on those checkpoints -> a run
-trained under the schedule it wrote (its rows log the schedule's strategies and measured costs)."""
+trained under the schedule it wrote (its rows log the schedule's strategies and measured costs);
+then ``tools/bench_compression`` on that schedule."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,8 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.dist
 
 
-def test_demo_compress_runs_pilot_costs_schedule_and_the_scheduled_run(synth, tmp_path):
+@pytest.mark.timeout(900)
+def test_demo_compress_then_bench_compression(synth, tmp_path):
     from dtp_ds.train.compression_schedule import load_schedule
 
     logs = tmp_path / "logs"
@@ -44,3 +46,24 @@ def test_demo_compress_runs_pilot_costs_schedule_and_the_scheduled_run(synth, tm
     assert [r["compression_cost"] for r in rows] == pytest.approx([s.cost or 1.0 for s in expect])
     assert rows[-1]["compression_r"] == 0.0 and rows[-1]["compression_cost"] == 1.0
     assert "demo-compress: scheduled: 6 steps" in proc.stdout
+
+    # tools/bench_compression on the schedule and cost table just written (no second pilot): the
+    # baseline and the schedule, the schedule's arm at the baseline's cost budget
+    bench = logs / "bench"
+    cmd = [sys.executable, "tools/bench_compression", "--data", str(synth), "--logs", str(bench), "--nproc", "1",
+           "--batch-size", "8", "--steps", "6", "--eval-every", "3", "--schedule", str(out / "schedule.json"),
+           "--costs", str(out / "costs.json"), "--arms", "schedule"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((bench / "bench.json").read_text())
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert list(rows) == ["baseline", "schedule"] and rows["baseline"]["ratio"] == 1.0
+    # the schedule's mean cost: its segments' measured costs weighted by their fractions; its steps the
+    # baseline's over that, rounded up to whole evaluation intervals
+    mean = sum(s.fraction * (s.cost or 1.0) for s in segments) + 1.0 - sum(s.fraction for s in segments)
+    assert rows["schedule"]["mean_cost"] == pytest.approx(mean, abs=1e-4)
+    assert rows["schedule"]["steps"] == 3 * -(-6 // (3 * mean))
+    for arm in result["arms"]:  # an evaluation every 3 steps, training time growing
+        assert [p["step"] for p in arm["curve"]] == list(range(3, arm["steps"] + 1, 3))
+        assert all(a["time_s"] < b["time_s"] for a, b in zip(arm["curve"], arm["curve"][1:]))
+    assert (bench / "bench.png").stat().st_size > 0 and "time to target" in (bench / "bench.md").read_text()

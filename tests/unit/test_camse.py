@@ -267,3 +267,22 @@ def test_compression_costs_fill_the_schedules_segments(tmp_path):
     assert [s.describe() for s in segs][-1] == "0.2:cost=1"
     with pytest.raises(ValueError, match=r"no measured cost for r=0\.25 \(it has: none, r=0\.5, r=0\.5,p=16\)"):
         with_costs(parse_spec("0.5:r=0.25"), str(table))
+
+
+def test_bench_compression_time_to_the_baselines_accuracy():
+    """The benchmark's arithmetic: target = the baseline's final top-1, each arm's time to its first
+    evaluation at or above it, over the baseline's own time to it (which may be before its end)."""
+    from dtp_ds.compress.bench import Arm, summarize, time_to
+
+    def points(*pairs):
+        return [{"step": 10 * (i + 1), "time_s": t, "top1": a, "top5": 0.0} for i, (t, a) in enumerate(pairs)]
+
+    base = Arm("baseline", "", curve=points((10, 5.0), (20, 12.0), (30, 11.0)), steps=30, train_time_s=30.0)
+    fast = Arm("dropout", "1:r=0.5", 0.7, curve=points((7, 6.0), (14, 11.5), (21, 13.0)), steps=43, train_time_s=30)
+    never = Arm("patch", "1:p=16", 0.5, curve=points((5, 3.0), (10, 9.0)), steps=60, train_time_s=30.0)
+    assert time_to(base.curve, 11.0) == 20 and time_to(never.curve, 11.0) is None
+    result = summarize([base, fast, never])
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert result["target_top1"] == 11.0 and result["baseline_time_to_target_s"] == 20
+    assert rows["baseline"]["ratio"] == 1.0 and rows["dropout"]["ratio"] == pytest.approx(14 / 20)
+    assert rows["patch"]["ratio"] is None and rows["patch"]["best_top1"] == 9.0

@@ -230,3 +230,31 @@ def test_cli_defaults_are_the_dataclass_defaults():
     for section in dataclasses.asdict(TrainArgs()).values():
         for name, default in section.items():
             assert parsed[name] == default, name
+
+
+def test_epoch_end_save_and_evaluation_are_not_timed_as_the_next_step(monkeypatch):
+    """The step timer restarts after the epoch end's save and evaluation (a fake clock: the save
+    and the evaluation each take 100 s of it)."""
+    from dtp_ds.train import trainer as trainer_mod
+    from dtp_ds.train.checkpoint import TrainState
+
+    clock = [1000.0]
+    monkeypatch.setattr(trainer_mod.time, "time", lambda: clock[0])
+    tr = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    tr.cfg = trainer_mod.TrainerConfig(run_dir="x", accum=1, global_batch=8, last_step=10, batches_per_epoch=2,
+                                       log_every=1, save_every=0, keep_checkpoints=1, eval_every_epochs=1,
+                                       eval_batch_size=8, eval_max_images=None, eval_workers=0, missing_shards=0)
+    tr.state = TrainState(step=2, batches_in_epoch=2)
+    done = []
+
+    def slow(name):
+        def run():
+            clock[0] += 100.0
+            done.append(name)
+        return run
+
+    tr.save, tr.evaluate = slow("save"), slow("evaluate")
+    tr.restart_timer()
+    tr.end_epoch(0)
+    assert done == ["save", "evaluate"] and tr.state.epoch == 1 and tr.state.batches_in_epoch == 0
+    assert tr.t_step == clock[0] == 1200.0
