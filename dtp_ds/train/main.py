@@ -69,7 +69,7 @@ from dtp_ds.train.precision import DTYPES, check_precision_supported
 from dtp_ds.train.redact import install_log_filter, one_line, redact
 from dtp_ds.train.schedule import Schedules, before_resume, check_resumed_lr, warmup_decay_lr
 from dtp_ds.train.storage import check_storage, saves_planned
-from dtp_ds.train.trainer import Trainer, TrainerConfig
+from dtp_ds.train.trainer import BatchStep, PlainStep, Trainer, TrainerConfig
 
 log = logging.getLogger("dtp_ds.train")
 __all__ = ["TrainingError", "main", "train"]
@@ -381,13 +381,20 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
     client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model),
               "task": args.model.task}
     nonfinite = NonFiniteGuard(engine, precision_of(s.ds_config), args.run.max_nonfinite_steps, rank, root)
-    try:
-        stepper = GradCacheStep(engine, task.module, s.chunks, nonfinite, device) if s.chunks > 1 else None
-    except ValueError as e:
-        raise ConfigError(f"--accum-freq {s.chunks} (GradCache) with --task {args.model.task}: {e}") from e
     return Trainer(cfg, task, engine, state, logger, nonfinite,
                    BadDataGuard(args.data.max_bad_fraction, s.plan.num_samples), s.splits, client, schedules,
-                   device, rank, saved_at=state.step if own else -1, stepper=stepper)
+                   device, rank, saved_at=state.step if own else -1,
+                   stepper=make_stepper(s, task, engine, nonfinite, device))
+
+
+def make_stepper(s: Setup, task, engine, nonfinite: NonFiniteGuard, device: torch.device) -> BatchStep:
+    """What one loader batch runs: GradCache's chunks under --accum-freq, else one micro-batch."""
+    if s.chunks == 1:
+        return PlainStep(engine, nonfinite, device)
+    try:
+        return GradCacheStep(engine, task.module, s.chunks, nonfinite, device)
+    except ValueError as e:
+        raise ConfigError(f"--accum-freq {s.chunks} (GradCache) with --task {s.args.model.task}: {e}") from e
 
 
 def start_distributed(args: TrainArgs) -> tuple[int, int, torch.device]:
