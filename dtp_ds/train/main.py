@@ -413,7 +413,7 @@ def start_distributed(args: TrainArgs) -> tuple[int, int, torch.device]:
 def train(args: TrainArgs) -> int:
     rank, world, device = start_distributed(args)
     s = prepare(args, world, rank)
-    log.info("checks passed: %d shards, %d micro-batches per rank per epoch, %d steps", len(s.shards),
+    log.info("checks passed: %d shards, %d batches per rank per epoch, %d steps", len(s.shards),
              s.plan.batches_per_rank, s.total_steps)
     task, engine = build_engine(s, rank, world)
     trainer = make_trainer(s, task, engine, device, rank, world)
