@@ -6,8 +6,11 @@ the safety margin; a coarse speed model (FLOPs at a saturating utilisation, expo
 communication, CPU Adam for offload) ranks those that fit. Contrastive learning makes gradient
 accumulation different from a larger batch (negatives come only from the micro-batch across
 ranks), so a candidate that reaches ``--global-batch`` without accumulation beats a faster one
-that needs it, unless ``--allow-accumulation``. The winner becomes a complete ds_config and a
-launch line. ``--setting amp-ddp`` predicts for the users' open_clip trainer instead.
+that needs it, unless ``--allow-accumulation``. Where a setup needs accumulation, its GradCache
+variant (``--accum-freq``: the chunks form one contrastive batch, exactly, for one more forward;
+the memory model counts the cached features and the whole batch's logits) competes with the
+candidates that need none, on speed. The winner becomes a complete ds_config and a launch line.
+``--setting amp-ddp`` predicts for the users' open_clip trainer instead.
 """
 from __future__ import annotations
 
@@ -96,10 +99,16 @@ class Candidate:
     def usable(self) -> bool:
         return self.reason is None and self.micro > 0
 
+    @property
+    def contrastive_splits(self) -> int:
+        """Separate contrastive batches per optimizer step (GradCache: one)."""
+        return 1 if self.setup.gradcache else self.accum
+
     def label(self) -> str:
         s = self.setup
         return (f"{s.precision} zero{s.stage}{'' if s.offload == 'none' else '+offload-' + s.offload.replace('+', '-')}"
-                f"{' ckpt' if s.ckpt else ''}{' local-loss' if s.local_loss else ''}")
+                f"{' ckpt' if s.ckpt else ''}{' local-loss' if s.local_loss else ''}"
+                f"{' gradcache' if s.gradcache else ''}")
 
 
 # --- speed model (ranking only) ----------------------------------------------------------------
@@ -120,12 +129,15 @@ def forward_flops(shape: ModelShape) -> float:
 
 
 def step_time(shape: ModelShape, s: TrainSetup, micro: int, accum: int, job: Job) -> float:
-    """Seconds per optimizer step per rank (a coarse model: it ranks candidates, it is no benchmark)."""
+    """Seconds per optimizer step per rank (a coarse model: it ranks candidates, it is no benchmark).
+    GradCache runs every chunk forward once more (without gradients; its loss over the cached
+    features is small beside the towers and left out)."""
     gpu = job.gpu
     peak = (gpu.tflops_fp32 if s.precision == "fp32" else gpu.tflops_16bit) * 1e12
     tokens = micro * (shape.image.tokens + shape.text.tokens)
     mfu = MFU_MAX * tokens / (tokens + MFU_HALF_TOKENS)
-    compute = accum * micro * forward_flops(shape) * (4 if s.ckpt else 3) / (peak * mfu)
+    passes = (4 if s.ckpt else 3) + (1 if s.gradcache else 0)  # forwards, backward = 2
+    compute = accum * micro * forward_flops(shape) * passes / (peak * mfu)
     lp = 4 if s.precision == "fp32" else 2
     P, W = shape.params, job.world
     comm = 0.0
@@ -136,13 +148,13 @@ def step_time(shape: ModelShape, s: TrainSetup, micro: int, accum: int, job: Job
         elif s.stage == 2:
             comm = 0.5 * ring * (accum + 1)  # reduce-scatter each micro-step (half hidden) + all-gather
         else:
-            comm = 0.5 * 3 * ring * accum  # gather in forward and backward, reduce-scatter
+            comm = 0.5 * (4 if s.gradcache else 3) * ring * accum  # gather in each forward and backward, reduce-scatter
     if s.offload == "none":
         opt = 32 * P / W / (gpu.hbm_gbps * 1e9)
     else:
         opt = P / W / (CPU_ADAM_PARAMS_PER_S_PER_CORE * max(1, job.cores_per_gpu)) + 6 * P / W / (PCIE_GBPS * 1e9)
         if s.offload == "optimizer+param":
-            opt += accum * 2 * lp * P / W / (PCIE_GBPS * 1e9)
+            opt += accum * (3 if s.gradcache else 2) * lp * P / W / (PCIE_GBPS * 1e9)
     if s.stage == 3:  # parameter gathering and partitioning hooks around every module
         compute *= 1.05
     return compute + comm + opt
@@ -190,12 +202,22 @@ def evaluate(shape: ModelShape, setup: TrainSetup, job: Job, budget: float, targ
     if c.max_micro == 0:
         c.reason = "model states alone exceed the budget"
         return c
+    if target and target > c.max_micro:  # accumulating keeps the gradients through the forwards: less room
+        c.max_micro = max_micro_batch(shape, replace(c.setup, accum=2), budget)
+        if c.max_micro == 0:
+            c.reason = "model states and accumulated gradients alone exceed the budget"
+            return c
     if target:
         accum = next((a for a in range(1, target + 1) if target % a == 0 and target // a <= c.max_micro), target)
         c.micro, c.accum = target // accum, accum
     else:
         c.micro = _nice(c.max_micro)
     c.setup = replace(c.setup, accum=c.accum)
+    return _priced(shape, c, job)
+
+
+def _priced(shape: ModelShape, c: Candidate, job: Job) -> Candidate:
+    """The candidate's peak at its micro-batch, the host RAM check and its step time."""
     c.est = estimate(shape, c.setup, c.micro)
     host_need = c.est.cpu_per_process * job.gpus_per_node
     if host_need > HOST_RAM_FRACTION * job.ram_per_node_gib * GiB:
@@ -205,8 +227,26 @@ def evaluate(shape: ModelShape, setup: TrainSetup, job: Job, budget: float, targ
     return c
 
 
+def gradcache_variant(shape: ModelShape, c: Candidate, job: Job, budget: float, target: int | None,
+                      local_loss: str) -> Candidate | None:
+    """Where candidate ``c`` reaches the per-GPU ``target`` only by accumulating, the same setup
+    under GradCache: the fewest chunks whose micro-batch, cached features and whole-batch
+    logits fit (None when none do)."""
+    if not target or not c.usable or c.accum == 1:
+        return None
+    options = [False, True] if (local_loss == "auto" and job.world > 1) else [local_loss == "on"]
+    for chunks in (a for a in range(2, target + 1) if target % a == 0):
+        for ll in options:
+            su = replace(c.setup, accum=chunks, gradcache=True, local_loss=ll)
+            if estimate(shape, su, target // chunks).peak <= budget:
+                gc = Candidate(su, max_micro_batch(shape, su, budget), target // chunks, chunks)
+                return _priced(shape, gc, job)
+    return None
+
+
 def rank(cands: list[Candidate], allow_accumulation: bool, shape: ModelShape | None = None) -> list[Candidate]:
-    """Usable first; fewest accumulation steps (unless allowed); then speed. Candidates within
+    """Usable first; fewest separate contrastive batches per step (unless accumulation is
+    allowed; a GradCache step is one); then speed. Candidates within
     1% of the fastest count as equally fast (at one GPU ZeRO 0-2 are): among those the one
     whose memory shrinks most when the job grows to 8x its GPUs comes first, so a config tuned
     for a small job stays good for a large one."""
@@ -222,9 +262,11 @@ def rank(cands: list[Candidate], allow_accumulation: bool, shape: ModelShape | N
         return estimate(shape, replace(c.setup, world=8 * c.setup.world), c.micro).peak
 
     ordered: list[Candidate] = []
-    groups = sorted({0 if allow_accumulation else c.accum for c in usable})
-    for g in groups:
-        grp = sorted((c for c in usable if (0 if allow_accumulation else c.accum) == g), key=per_sample)
+    def group(c: Candidate) -> int:
+        return 0 if allow_accumulation else c.contrastive_splits
+
+    for g in sorted({group(c) for c in usable}):
+        grp = sorted((c for c in usable if group(c) == g), key=per_sample)
         fastest = per_sample(grp[0])
         near = [c for c in grp if per_sample(c) <= 1.01 * fastest]
         near.sort(key=lambda c: (scaled_peak(c), c.est.peak if c.est else 0.0))
@@ -277,6 +319,8 @@ def build_ds_config(c: Candidate, meta: dict[str, Any] | None = None) -> dict[st
 
 def launch_line(model: str, job: Job, out: str, c: Candidate, workers: int) -> str:
     extra = " --local-loss --gather-with-grad" if c.setup.local_loss else ""
+    if c.setup.gradcache:
+        extra += f" --accum-freq {c.accum}"
     head = (f"deepspeed --num_gpus {job.gpus_per_node}" if job.nodes == 1 else
             f"deepspeed --hostfile HOSTFILE --num_nodes {job.nodes} --num_gpus {job.gpus_per_node}")
     # over pdsh each node's shell sees the command again: quote the shard pattern once more
@@ -403,8 +447,11 @@ def run_search(args: argparse.Namespace, shape: ModelShape, job: Job) -> Report:
             raise ValueError(f"--global-batch {args.global_batch} is not a multiple of the world size {job.world} "
                              f"({job.nodes} node(s) x {job.gpus_per_node} GPU(s))")
         target = args.global_batch // job.world
-    cands = [evaluate(shape, su, job, budget, target, args.local_loss)
-             for su in candidate_setups(precisions_for(gpu, args.precision), job.world)]
+    cands = []
+    for su in candidate_setups(precisions_for(gpu, args.precision), job.world):
+        cands.append(evaluate(shape, su, job, budget, target, args.local_loss))
+        gc = gradcache_variant(shape, cands[-1], job, budget, target, args.local_loss)
+        cands += [gc] if gc else []
     ranked = rank(cands, args.allow_accumulation, shape)
     best = ranked[0]
     notes: list[str] = []
@@ -413,7 +460,10 @@ def run_search(args: argparse.Namespace, shape: ModelShape, job: Job) -> Report:
                          f"{args.margin:.0%} margin in any candidate: "
                          + "; ".join(f"{c.label()}: {c.reason}" for c in ranked[:3]))
     assert best.est is not None and best.step_time is not None
-    if best.accum > 1:
+    if best.setup.gradcache:
+        notes.append(f"GradCache (--accum-freq {best.accum}): {best.accum} chunks of {best.micro} per GPU form one "
+                     f"contrastive batch of {args.global_batch}, exactly, for one more forward per chunk")
+    elif best.accum > 1:
         notes.append(f"micro-batch {best.micro} x {best.accum} accumulation steps: each contrastive loss sees "
                      f"{best.micro * job.world} samples, not {args.global_batch}")
     for other in job.gpu_types[1:]:
@@ -441,14 +491,16 @@ def run_search(args: argparse.Namespace, shape: ModelShape, job: Job) -> Report:
         rows.append({"candidate": c.label(), "precision": c.setup.precision, "zero_stage": c.setup.stage,
                      "offload": c.setup.offload, "activation_checkpointing": c.setup.ckpt,
                      "local_loss": c.setup.local_loss, "max_micro_batch": c.max_micro, "micro_batch": c.micro,
-                     "gradient_accumulation_steps": c.accum,
+                     "gradient_accumulation_steps": c.accum, "gradcache": c.setup.gradcache,
                      "peak_memory_gb": _gib(c.est.peak) if c.est else None,
                      "predicted_step_time_s": round(c.step_time, 4) if c.step_time else None,
                      "predicted_samples_per_s": round(c.micro * c.accum * job.world / c.step_time, 1)
                      if c.step_time else None, "unusable": c.reason})
     data = {"setting": "deepspeed", "max_micro_batch": best.max_micro, "micro_batch": best.micro,
             "gradient_accumulation_steps": best.accum, "global_batch": best.micro * best.accum * job.world,
-            "contrastive_batch": best.micro * job.world, "peak_memory_gb": _gib(best.est.peak),
+            "accum_freq": best.accum if best.setup.gradcache else None,
+            "contrastive_batch": best.micro * best.setup.contrastive_micro * job.world,
+            "peak_memory_gb": _gib(best.est.peak),
             "phase": best.est.phase, "breakdown_gb": best.est.table(),
             "host_memory_per_process_gb": _gib(best.est.cpu_per_process),
             "chosen": rows[0], "candidates": rows, "ds_config": cfg, "out": args.out, "workers": workers,
@@ -460,7 +512,8 @@ def run_search(args: argparse.Namespace, shape: ModelShape, job: Job) -> Report:
         sps = f"{r['predicted_samples_per_s']:.0f}" if r["predicted_samples_per_s"] else "-"
         lines.append(f"{r['candidate']:<42} {r['max_micro_batch']:>7} {mxa:>12} {peak:>9} {sps:>10}  "
                      f"{r['unusable'] or ''}")
-    lines += ["", f"chosen: {best.label()}, micro-batch {best.micro} x {best.accum} accumulation x {job.world} "
+    how = "GradCache chunks" if best.setup.gradcache else "accumulation"
+    lines += ["", f"chosen: {best.label()}, micro-batch {best.micro} x {best.accum} {how} x {job.world} "
                   f"GPU(s) = {best.micro * best.accum * job.world}; predicted peak {best.est.peak_gib:.2f} GiB of "
                   f"{gpu.mem_gib:.2f} ({best.est.phase}); largest micro-batch under the margin {best.max_micro}",
               "  breakdown (GiB): " + ", ".join(f"{k} {v}" for k, v in best.est.table().items())]

@@ -39,6 +39,26 @@ class DataStage(Protocol):
     def __call__(self, image: Any, sample: dict[str, bytes]) -> tuple[torch.Tensor, ...]: ...
 
 
+class SplitLoss(Protocol):
+    """A task module whose loss couples the samples of a batch (CLIP's contrastive loss: every
+    sample is the others' negative), split in two so that GradCache (``--accum-freq``,
+    :mod:`dtp_ds.train.gradcache`) can train a batch larger than memory exactly.
+
+    ``forward(batch, encode=True)`` returns a dict: ``"batched"``, the ``(B, ...)`` tensors the
+    coupled loss compares across the batch (concatenated over chunks); ``"shared"``, tensors
+    every chunk gives alike (CLIP's logit scale); optionally ``"own_loss"``, the batch's own
+    loss terms as a mean over its samples (a whole batch's is the mean over equal chunks);
+    every other entry a detached row statistic. ``forward(batch)`` is ``coupled_loss`` of the
+    batch's own encoding plus its ``own_loss``."""
+
+    def __call__(self, batch: dict[str, torch.Tensor], encode: bool = False) -> dict[str, Any]: ...
+
+    def coupled_loss(self, batched: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+        """``{"loss": ..., row entries}`` over the features of a whole batch."""
+        ...
+
+
 class Task(Protocol):
     name: str
     model: nn.Module  # the trained model itself (exported, evaluated)
@@ -104,5 +124,5 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 from . import classify, clip  # noqa: E402,F401  (registers "classify", "clip")
 
-__all__ = ["TASKS", "DataStage", "Task", "TaskSpec", "build_task", "no_weight_decay_names", "param_groups",
+__all__ = ["TASKS", "DataStage", "SplitLoss", "Task", "TaskSpec", "build_task", "no_weight_decay_names", "param_groups",
            "register_task"]

@@ -49,7 +49,12 @@ def reducer_schedules(model: nn.Module, total_steps: int) -> dict[str, Any]:
 
 class CLIPModule(nn.Module):
     """CLIP model + contrastive loss (+ the image trunk's auxiliary losses, each weighted by
-    ``aux_loss_weight``): ``{"image": ..., "text": ...}`` -> ``{"loss": ..., ...}``."""
+    ``aux_loss_weight``): ``{"image": ..., "text": ...}`` -> ``{"loss": ..., ...}``.
+
+    A :class:`~dtp_ds.tasks.SplitLoss`: ``forward(batch, encode=True)`` gives the features the
+    contrastive loss compares (``batched``), the logit scale (``shared``), the auxiliary losses
+    (``own_loss``, means over the batch's samples) and the row statistics; ``coupled_loss`` is
+    the contrastive loss over features of any batch (GradCache's whole step)."""
 
     def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1, local_loss: bool = False,
                  gather_with_grad: bool = False, aux_loss_weight: float = 1.0,
@@ -61,19 +66,29 @@ class CLIPModule(nn.Module):
         self.aux_loss_weight = aux_loss_weight
         self.input_dtype = input_dtype  # DeepSpeed's bf16/fp16 modes cast the weights, not the inputs
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], encode: bool = False) -> dict[str, Any]:
         # model.forward runs whole (ZeRO-3 gathers the parameters CLIP holds itself around it);
         # the trunk's report comes back through the recorder, not as module state.
         with record_forward() as records:
             out = self.model(batch["image"].to(self.input_dtype), batch["text"])
         # the loss in fp32: a 16-bit softmax over global-batch logits loses the small terms
         scale = out["logit_scale"].float().clamp(max=MAX_LOGIT_SCALE)
-        contrastive = self.loss(out["image_features"].float(), out["text_features"].float(), scale)
-        result = {"contrastive_loss": contrastive, "logit_scale": scale.detach()}
         aux, row = reducer_terms(records, self.aux_loss_weight)
-        result.update(row)
-        result["loss"] = contrastive if aux is None else contrastive + aux
+        features = {"image_features": out["image_features"], "text_features": out["text_features"]}
+        if encode:
+            return {"batched": features, "shared": {"logit_scale": scale}, **row,
+                    **({} if aux is None else {"own_loss": aux})}
+        result = {**self.coupled_loss(features, {"logit_scale": scale}), **row}
+        if aux is not None:
+            result["loss"] = result["loss"] + aux
         return result
+
+    def coupled_loss(self, batched: dict[str, torch.Tensor],
+                     shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The contrastive loss over ``batched`` features (gathered across ranks by ``ClipLoss``)."""
+        scale = shared["logit_scale"]
+        contrastive = self.loss(batched["image_features"].float(), batched["text_features"].float(), scale)
+        return {"loss": contrastive, "contrastive_loss": contrastive, "logit_scale": scale.detach()}
 
 
 class CaptionStage:

@@ -42,7 +42,7 @@ class OptimConfig:
     epochs: int = 1
     max_steps: int | None = None  # stop early; the LR schedule still spans --epochs
     grad_clip_norm: float | None = None
-    accum_freq: int | None = None  # gradient accumulation steps
+    accum_freq: int | None = None  # GradCache chunks per step (the engine's accumulation steps); None: the ds_config's
     lr_scheduler: str = "cosine"  # dtp_ds.train.schedule.LR_SCHEDULERS
     lr_poly_power: float = 2.0  # the polynomial decay's exponent (--lr-scheduler poly)
 
@@ -103,6 +103,12 @@ COMPRESSION_SCHEDULE_HELP = (
     "and sum to at most 1; what they leave trains uncompressed. Each row of metrics.jsonl logs the step's "
     "compression_r, compression_p, compression_cost and the cumulative cost_units")
 
+ACCUM_FREQ_HELP = (
+    "K > 1: each optimizer step trains one contrastive batch of K x --batch-size x world samples in K chunks "
+    "(GradCache: exactly the step one batch of that size takes, for one extra forward; sets "
+    "gradient_accumulation_steps to K). Without it a ds_config's gradient_accumulation_steps accumulate separate "
+    "contrastive batches")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -151,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr-scheduler", choices=list(LR_SCHEDULERS), help=f"{LR_HELP} (default: cosine)")
     a("--lr-poly-power", type=float, help="POWER of --lr-scheduler poly: lr * (1 - t) ** POWER (default 2)")
     a("--grad-clip-norm", type=float, help="gradient clipping norm (default: the ds_config's)")
-    a("--accum-freq", type=int, help="gradient accumulation steps (default: the ds_config's)")
+    a("--accum-freq", type=int, metavar="K", help=ACCUM_FREQ_HELP)
     # DeepSpeed overrides
     a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
       help="DeepSpeed JSON (default: ds_configs/ for the model's size, e.g. vit_b_32.json for DRIP-ViT-B-32-10x)")
@@ -234,6 +240,8 @@ def check_args(args: TrainArgs) -> None:
     o = args.optim
     if o.epochs < 1:
         raise ConfigError(f"--epochs {o.epochs}: must be >= 1")
+    if o.accum_freq is not None and o.accum_freq < 1:
+        raise ConfigError(f"--accum-freq {o.accum_freq}: must be >= 1")
     if o.max_steps is not None and o.max_steps < 1:
         raise ConfigError(f"--max-steps {o.max_steps}: must be >= 1")
     if not o.lr_poly_power > 0:

@@ -64,7 +64,7 @@ class CheckpointError(RuntimeError):
 class TrainState:
     step: int = 0  # optimizer steps done (applied or skipped)
     epoch: int = 0  # epoch in progress
-    batches_in_epoch: int = 0  # micro-batches of this epoch already trained (the data position)
+    batches_in_epoch: int = 0  # loader batches of this epoch already trained (the data position)
     samples_seen: int = 0  # over all ranks
     bad_samples: int = 0  # samples skipped or lost (undecodable, incomplete, in broken shards), over all ranks
     bad_by_kind: dict[str, int] = field(default_factory=dict)  # dtp_ds.data.shards.BAD_KINDS -> count

@@ -120,11 +120,15 @@ class NonFiniteGuard:
             return loss + float("inf")
         return loss
 
-    def backward_loss(self, loss: torch.Tensor) -> torch.Tensor:
+    def backward_loss(self, loss: torch.Tensor, whole: torch.Tensor | None = None) -> torch.Tensor:
         """What to back-propagate: ``loss`` (times the fp16 loss scale where the engine does
-        not apply it), or ``loss * NaN`` when it is not finite. Chosen on the device: no host
+        not apply it), or ``loss * NaN`` when it, or the ``whole`` step's loss it is a part of
+        (GradCache: a chunk's share), is not finite. Chosen on the device: no host
         synchronisation per micro-batch (the step's one is in :func:`all_reduce_step`)."""
-        keep = torch.where(torch.isfinite(loss.detach()).all(), 1.0, float("nan")).to(loss.dtype)
+        finite = torch.isfinite(loss.detach()).all()
+        if whole is not None:
+            finite = finite & torch.isfinite(whole.detach()).all()
+        keep = torch.where(finite, 1.0, float("nan")).to(loss.dtype)
         if self.scale_loss:
             self._scale = float(self.engine.optimizer.loss_scale_config.cur_scale)  # a Python float
             loss = loss.float() * self._scale

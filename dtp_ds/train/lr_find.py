@@ -114,32 +114,35 @@ def _run(argv: Sequence[str] | None) -> int:
 def ramp(s: Any, task: Any, engine: Any, cfg: RangeTestConfig, device: torch.device, rank: int, world: int
          ) -> RangeTest:
     """Optimizer steps up the LR ramp until it ends or the loss diverges (all ranks stop together:
-    they decide on the same rank-mean loss)."""
+    they decide on the same rank-mean loss). Each loader batch runs as in training (the run's
+    :class:`~dtp_ds.train.trainer.BatchStep`: GradCache's under ``--accum-freq``)."""
     from dtp_ds.data.shards import make_train_loader
-    from dtp_ds.train.guard import TrainingError
-    from dtp_ds.train.trainer import engine_step
+    from dtp_ds.train.ds_config import precision_of
+    from dtp_ds.train.guard import NonFiniteGuard, TrainingError
+    from dtp_ds.train.main import make_stepper
+    from dtp_ds.train.trainer import current_lr
 
     test = RangeTest(cfg)
+    # the run's loss scaling and skips; the range test itself stops at the first non-finite loss
+    nonfinite = NonFiniteGuard(engine, precision_of(s.ds_config), cfg.num_steps + 1, rank, "")
+    stepper = make_stepper(s, task, engine, nonfinite, device)
     stage, epoch = task.data_stage(), 0
     while not test.done:
-        loader = make_train_loader(s.args.data, s.shards, s.plan, stage, s.micro, epoch, s.args.run.seed, rank,
-                                   world, 0)
+        loader = make_train_loader(s.args.data, s.shards, s.plan, stage, s.loader_batch, epoch, s.args.run.seed,
+                                   rank, world, 0)
         total, batches = torch.zeros((), dtype=torch.float64, device=device), 0
         for *tensors, _bad in loader:
             batches += 1
-            out = engine({k: t.to(device, non_blocking=True) for k, t in zip(task.batch_keys, tensors)})
-            lr = float(engine.optimizer.param_groups[0]["lr"])
-            engine.backward(out["loss"])
-            boundary = engine.is_gradient_accumulation_boundary()
+            lr = current_lr(engine)
             try:
-                engine_step(engine)
+                out, done = stepper(dict(zip(task.batch_keys, tensors)), len(test.lrs) + 1)
             except TrainingError as e:  # fp16: overflowing at every loss scale is divergence too
                 test.stop(f"diverged at lr {lr:.3g}: {e}")
                 break
             total += out["loss"].detach().double()
-            if boundary:
+            if done is not None:
                 dist.all_reduce(total)
-                if test.record(lr, float(total) / (s.accum * world)):
+                if test.record(done, float(total) / (s.loader_accum * world)):
                     break
                 total.zero_()
         if not batches:

@@ -64,6 +64,7 @@ from dtp_ds.train.ds_config import (
     resolve,
     resolve_batch,
 )
+from dtp_ds.train.gradcache import GradCacheStep
 from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError
 from dtp_ds.train.memory import PredictedOOM, check_start_memory
 from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
@@ -71,7 +72,7 @@ from dtp_ds.train.precision import DTYPES, check_precision_supported
 from dtp_ds.train.redact import install_log_filter, one_line, redact
 from dtp_ds.train.schedule import Schedules, before_resume, check_resumed_lr, warmup_decay_lr
 from dtp_ds.train.storage import check_storage, saves_planned
-from dtp_ds.train.trainer import Trainer, TrainerConfig
+from dtp_ds.train.trainer import BatchStep, PlainStep, Trainer, TrainerConfig
 
 log = logging.getLogger("dtp_ds.train")
 __all__ = ["TrainingError", "main", "train"]
@@ -161,8 +162,8 @@ class Setup:
     overrides: list[dict[str, Any]]
     shards: list[str]
     plan: Any
-    micro: int
-    accum: int
+    micro: int  # the engine's micro-batch per rank (a GradCache chunk)
+    accum: int  # the engine's gradient_accumulation_steps
     total_steps: int
     run_dir: str
     splits: list[ZeroShotSplit] | list[ClassSplit]  # the task's evaluation splits
@@ -172,19 +173,37 @@ class Setup:
     resume_plan: checkpoint.ResumePlan | None = None  # how to load it (universal at another world size)
     compression: list[Segment] | None = None  # --compression-schedule's segments
     init: init_from.InitFrom | None = None  # what --init-from did
+    chunks: int = 1  # --accum-freq: GradCache chunks per loader batch (1: none)
+
+    @property
+    def loader_batch(self) -> int:
+        """Samples per rank in one loader batch: a micro-batch, or a GradCache step's whole batch."""
+        return self.micro * self.chunks
+
+    @property
+    def loader_accum(self) -> int:
+        """Loader batches per optimizer step."""
+        return self.accum // self.chunks
+
+
+def gradcache_on(args: TrainArgs) -> bool:
+    """--accum-freq K > 1: the engine's K accumulation steps are the chunks of one contrastive
+    batch (GradCache); a ds_config's own accumulation steps stay separate contrastive batches."""
+    return (args.optim.accum_freq or 1) > 1
 
 
 def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list[dict[str, Any]], micro: int,
                      world: int) -> None:
     """On a GPU, the memory model's predicted peak at this world size must fit: where only the
-    full contrastive loss's (micro x world)^2 logits do not, --local-loss --gather-with-grad (the
+    full contrastive loss's (contrastive batch)^2 logits do not, --local-loss --gather-with-grad (the
     same gradients) is turned on and recorded; otherwise the run is refused with the fixes."""
     if not torch.cuda.is_available() or args.model.task != "clip":
         return  # (the memory model knows CLIP's towers and contrastive logits, not a classifier's)
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     try:
         changes, why = check_start_memory(args.model.model, ds_config, micro, world, total, args.model.local_loss,
-                                          args.model.gather_with_grad, grad_checkpointing_on(ds_config, args))
+                                          args.model.gather_with_grad, grad_checkpointing_on(ds_config, args),
+                                          gradcache=gradcache_on(args))
     except PredictedOOM as e:
         raise ConfigError(str(e)) from e
     except Exception as e:  # a model the memory model has no shape for: nothing to predict
@@ -233,8 +252,9 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         num_samples = args.data.train_num_samples or count_samples(shards)
     if not num_samples:
         raise ConfigError("the shards carry no *_stats.json sample counts: give --train-num-samples")
-    plan = plan_epoch(num_samples, micro, world, args.data.workers, accum)
-    total_steps = plan.batches_per_rank // accum * args.optim.epochs
+    chunks = accum if gradcache_on(args) else 1  # a GradCache step's chunks come in one loader batch
+    plan = plan_epoch(num_samples, micro * chunks, world, args.data.workers, accum // chunks)
+    total_steps = plan.batches_per_rank * chunks // accum * args.optim.epochs
     on_cpu = get_accelerator().device_name() == "cpu"
     ds_config, overrides = resolve(raw, args, world, cpu_has_native_bf16() if on_cpu else None)
     check_precision_supported(precision_of(ds_config))
@@ -254,7 +274,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         raise ConfigError(f"run directory {run_dir} already exists: pass --resume latest to continue it, "
                           f"or --name to start a new run")
     return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, splits, missing,
-                 folder=folder, compression=compression)
+                 folder=folder, compression=compression, chunks=chunks)
 
 
 def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
@@ -385,14 +405,15 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
     last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
     n_params = sum(p.numel() for p in task.model.parameters())
     check_storage(s.run_dir, s.ds_config, n_params, precision_of(s.ds_config), args.run.keep_checkpoints,
-                  saves_planned(state.step, last_step, args.run.save_every_n_steps, s.plan.batches_per_rank // s.accum))
+                  saves_planned(state.step, last_step, args.run.save_every_n_steps,
+                                s.plan.batches_per_rank // s.loader_accum))
     dropped = open_run_dir(s, world, rank, resumed_from)
     logger = make_logger(s, rank, state, resumed_from)
     if resumed_from:
         logger.log({"step": state.step, "event": "resume", "from": resumed_from, "load_s": t_load,
                     "startup_s": time.time() - psutil.Process().create_time(), **dropped})
     root = checkpoint.checkpoint_root(s.run_dir)
-    cfg = TrainerConfig(run_dir=s.run_dir, accum=s.accum, global_batch=s.micro * s.accum * world,
+    cfg = TrainerConfig(run_dir=s.run_dir, accum=s.loader_accum, global_batch=s.micro * s.accum * world,
                         last_step=last_step, batches_per_epoch=s.plan.batches_per_rank,
                         log_every=args.run.log_every_n_steps, save_every=args.run.save_every_n_steps,
                         keep_checkpoints=args.run.keep_checkpoints, eval_every_epochs=args.run.zeroshot_frequency,
@@ -401,10 +422,21 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
                         missing_shards=len(s.missing_shards))
     client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model),
               "task": args.model.task, "num_classes": args.classify.num_classes}
-    return Trainer(cfg, task, engine, state, logger,
-                   NonFiniteGuard(engine, precision_of(s.ds_config), args.run.max_nonfinite_steps, rank, root),
+    nonfinite = NonFiniteGuard(engine, precision_of(s.ds_config), args.run.max_nonfinite_steps, rank, root)
+    return Trainer(cfg, task, engine, state, logger, nonfinite,
                    BadDataGuard(args.data.max_bad_fraction, s.plan.num_samples), s.splits, client, schedules,
-                   device, rank, saved_at=state.step if own else -1)
+                   device, rank, saved_at=state.step if own else -1,
+                   stepper=make_stepper(s, task, engine, nonfinite, device))
+
+
+def make_stepper(s: Setup, task, engine, nonfinite: NonFiniteGuard, device: torch.device) -> BatchStep:
+    """What one loader batch runs: GradCache's chunks under --accum-freq, else one micro-batch."""
+    if s.chunks == 1:
+        return PlainStep(engine, nonfinite, device)
+    try:
+        return GradCacheStep(engine, task.module, s.chunks, nonfinite, device)
+    except ValueError as e:
+        raise ConfigError(f"--accum-freq {s.chunks} (GradCache) with --task {s.args.model.task}: {e}") from e
 
 
 def start_distributed(args: TrainArgs) -> tuple[int, int, torch.device]:
@@ -423,7 +455,7 @@ def start_distributed(args: TrainArgs) -> tuple[int, int, torch.device]:
 def train(args: TrainArgs) -> int:
     rank, world, device = start_distributed(args)
     s = prepare(args, world, rank)
-    log.info("checks passed: %d shards, %d micro-batches per rank per epoch, %d steps", len(s.shards),
+    log.info("checks passed: %d shards, %d batches per rank per epoch, %d steps", len(s.shards),
              s.plan.batches_per_rank, s.total_steps)
     task, engine = build_engine(s, rank, world)
     trainer = make_trainer(s, task, engine, device, rank, world)
@@ -432,8 +464,8 @@ def train(args: TrainArgs) -> int:
         if trainer.done:
             break
         make_loader = make_folder_loader if s.folder else make_train_loader
-        loader = make_loader(args.data, s.folder or s.shards, s.plan, stage, s.micro, epoch, args.run.seed, rank,
-                             world, trainer.state.batches_in_epoch)
+        loader = make_loader(args.data, s.folder or s.shards, s.plan, stage, s.loader_batch, epoch, args.run.seed,
+                             rank, world, trainer.state.batches_in_epoch)
         with torch.random.fork_rng(devices=[]):  # starting the workers draws from the RNG: not from the run's
             batches = _rank_local(iter(loader))
         t_fetch = time.time()

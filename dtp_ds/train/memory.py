@@ -1,7 +1,8 @@
 """Per-GPU peak memory of CLIP training, from the model config and the training setup.
 
     peak = CUDA context [+ NCCL when world > 1]
-           + (1 + fragmentation) x max(peak at the start of backward, peak in the optimizer step)
+           + (1 + fragmentation) x max(peak at the start of backward, peak in the optimizer step
+                                       [, GradCache: peak of the whole batch's contrastive loss])
 
 Model states (bytes per parameter, Psi parameters, W data-parallel ranks) follow the ZeRO paper
 (Rajbhandari et al. 2020) and DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs``
@@ -97,13 +98,19 @@ class TrainSetup:
     offload: str = "none"
     ckpt: bool = False
     world: int = 1
-    accum: int = 1
+    accum: int = 1  # the engine's gradient_accumulation_steps
+    gradcache: bool = False  # --accum-freq: the accum micro-batches of a step are one contrastive batch
     local_loss: bool = False
     attention: str = "efficient"  # SDPA's flash / memory-efficient kernels; "math" materialises the scores
     autocast_device: str = "cuda"  # whose autocast rules amp-ddp follows ("cpu" only to check against CPU runs)
     reduce_bucket_size: int = DS_REDUCE_BUCKET
     prefetch_bucket_size: int = DS_PREFETCH_BUCKET
     overlap_comm: bool | None = None  # None: DeepSpeed's default (on for ZeRO-3 only)
+
+    @property
+    def contrastive_micro(self) -> int:
+        """Micro-batches per rank in one contrastive loss."""
+        return self.accum if self.gradcache else 1
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
@@ -266,9 +273,10 @@ def activations_per_sample(shape: ModelShape, setup: TrainSetup, ln_stat_bytes: 
 
 
 def logits_bytes(shape: ModelShape, setup: TrainSetup, micro: int) -> float:
-    """open_clip's ClipLoss in fp32: per direction the logits' log-softmax is saved and its
-    gradient allocated in backward (2 x 2 matrices); rows = the global batch, or the local
-    micro-batch with ``--local-loss``; columns = the global batch. Plus the gathered features."""
+    """open_clip's ClipLoss in fp32 over ``micro`` samples per rank: per direction the logits'
+    log-softmax is saved and its gradient allocated in backward (2 x 2 matrices); rows = the
+    contrastive batch over all ranks, or the local samples with ``--local-loss``; columns = the
+    contrastive batch. Plus the gathered features."""
     cols = micro * setup.world
     rows = micro if (setup.local_loss or setup.world == 1) else cols
     features = 2 * cols * shape.embed_dim * 4 * 2
@@ -282,7 +290,7 @@ class Estimate:
 
     micro: int
     components: dict[str, float]  # the larger phase's parts
-    phase: str  # "forward/backward" or "optimizer step"
+    phase: str  # "forward/backward", "optimizer step" or (GradCache) "contrastive loss"
     peak: float  # what torch.cuda.max_memory_reserved() + the context should read
     cpu_per_process: float = 0.0  # host RAM for offloaded states, per GPU process
 
@@ -378,21 +386,26 @@ def estimate(shape: ModelShape, setup: TrainSetup, micro: int, fragmentation: fl
     # most the MLP-wide pair (grad of the GELU's input and output), about half of what the block
     # saved. Under checkpointing the block's forward is first recomputed (all of it saved again).
     fb["backward_transient"] = micro * act.largest_block * (BWD_TRANSIENT + (1.0 if setup.ckpt else 0.0))
-    fb["contrastive_logits"] = logits_bytes(shape, setup, micro)
+    phases = {"forward/backward": fb, "optimizer step": st}
+    if setup.gradcache:
+        # The whole batch's loss runs between the passes, when no chunk's activations are alive:
+        # its logits, the cached features, their concatenation and gradients. The gradients stay
+        # while the chunks run again.
+        whole = micro * setup.contrastive_micro
+        feats = 2 * whole * shape.embed_dim * Dtypes.of(setup).c
+        fb["feature_cache"] = feats
+        states = {k: v for k, v in fb.items() if k not in ("activations", "backward_transient")}
+        phases["contrastive loss"] = {**states, "feature_cache": 3 * feats,
+                                      "contrastive_logits": logits_bytes(shape, setup, whole)}
+    else:
+        fb["contrastive_logits"] = logits_bytes(shape, setup, micro)
     fixed = context_bytes + (NCCL_BYTES if setup.world > 1 else 0)
-    peak_fb = fixed + (1 + fragmentation) * sum(fb.values())
-    peak_st = fixed + (1 + fragmentation) * sum(st.values())
     ctx = {"cuda_context": context_bytes} if context_bytes else {}
     if setup.world > 1:
         ctx["nccl"] = NCCL_BYTES
-
-    def frag_of(parts: dict[str, float]) -> float:
-        return fragmentation * sum(parts.values())
-
-    if peak_fb >= peak_st:
-        comps, phase, peak = {**ctx, **fb, "fragmentation": frag_of(fb)}, "forward/backward", peak_fb
-    else:
-        comps, phase, peak = {**ctx, **st, "fragmentation": frag_of(st)}, "optimizer step", peak_st
+    phase, parts = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    peak = fixed + (1 + fragmentation) * sum(parts.values())
+    comps = {**ctx, **parts, "fragmentation": fragmentation * sum(parts.values())}
     return Estimate(micro, comps, phase, peak, host + (PROCESS_HOST_BYTES if host else 0.0))
 
 
@@ -527,28 +540,30 @@ def offload_of(cfg: dict[str, Any]) -> str:
 
 
 def setup_from_ds_config(cfg: dict[str, Any], world: int, local_loss: bool = False,
-                         ckpt: bool | None = None) -> TrainSetup:
+                         ckpt: bool | None = None, gradcache: bool = False) -> TrainSetup:
     """The :class:`TrainSetup` a (resolved) ds_config trains with at ``world`` ranks;
-    ``ckpt=None``: activation checkpointing iff the config has that section (as the trainer)."""
+    ``ckpt=None``: activation checkpointing iff the config has that section (as the trainer);
+    ``gradcache``: its accumulation steps are GradCache chunks (``--accum-freq``)."""
     from dtp_ds.train.ds_config import precision_of
 
     z = cfg.get("zero_optimization", {})
     return TrainSetup(precision=precision_of(cfg), stage=z.get("stage", 0), offload=offload_of(cfg),
                       ckpt=("activation_checkpointing" in cfg) if ckpt is None else ckpt, world=world,
-                      accum=cfg.get("gradient_accumulation_steps", 1), local_loss=local_loss,
+                      accum=cfg.get("gradient_accumulation_steps", 1), gradcache=gradcache, local_loss=local_loss,
                       reduce_bucket_size=z.get("reduce_bucket_size", DS_REDUCE_BUCKET),
                       prefetch_bucket_size=z.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET),
                       overlap_comm=z.get("overlap_comm"))
 
 
 def predict_peak_gib(model_name: str, ds_config: dict[str, Any], micro: int | None, world: int,
-                     local_loss: bool = False, ckpt: bool | None = None, image_size: int | None = None) -> float:
+                     local_loss: bool = False, ckpt: bool | None = None, image_size: int | None = None,
+                     gradcache: bool = False) -> float:
     """Predicted peak GiB per GPU of training ``model_name`` with ``ds_config`` at ``micro``
     samples per GPU (None: the config's ``train_micro_batch_size_per_gpu``) on ``world`` ranks.
     ``--gather-with-grad`` changes the gradients, not the memory: it is no argument here."""
     micro = micro or ds_config["train_micro_batch_size_per_gpu"]
     shape = model_shape(model_name, image_size)
-    return estimate(shape, setup_from_ds_config(ds_config, world, local_loss, ckpt), micro).peak_gib
+    return estimate(shape, setup_from_ds_config(ds_config, world, local_loss, ckpt, gradcache), micro).peak_gib
 
 
 class PredictedOOM(ValueError):
@@ -557,31 +572,35 @@ class PredictedOOM(ValueError):
 
 def check_start_memory(model_name: str, ds_config: dict[str, Any], micro: int | None, world: int,
                        gpu_bytes: float, local_loss: bool = False, gather_with_grad: bool = False,
-                       ckpt: bool | None = None, image_size: int | None = None) -> tuple[dict[str, bool], str | None]:
+                       ckpt: bool | None = None, image_size: int | None = None,
+                       gradcache: bool = False) -> tuple[dict[str, bool], str | None]:
     """The start-up memory check at the real world size, on a GPU of ``gpu_bytes``.
 
     Returns ``(changes, message)``: ``({}, None)`` when the predicted peak fits; when only the
-    full contrastive loss's (micro x world)^2 logits make it not fit, ``{"local_loss": True,
-    "gather_with_grad": True}`` (the same gradients, logits micro x global batch) and a message
-    saying so. Raises :class:`PredictedOOM` naming the fixes when even that does not fit."""
+    full contrastive loss's (contrastive batch)^2 logits make it not fit, ``{"local_loss": True,
+    "gather_with_grad": True}`` (the same gradients, logits local x global contrastive batch) and
+    a message saying so. Raises :class:`PredictedOOM` naming the fixes when even that does not
+    fit. ``gradcache``: the accumulation steps are GradCache chunks of one contrastive batch."""
     micro = micro or ds_config["train_micro_batch_size_per_gpu"]
     args = (model_name, ds_config, micro, world)
-    peak = predict_peak_gib(*args, local_loss, ckpt, image_size)
+    peak = predict_peak_gib(*args, local_loss, ckpt, image_size, gradcache)
     budget = gpu_bytes / GiB
     if peak <= budget:
         return {}, None
-    where = (f"{model_name} at micro-batch {micro} x {world} ranks is predicted to need {peak:.1f} GiB per GPU "
+    chunks = ds_config.get("gradient_accumulation_steps", 1) if gradcache else 1
+    batch = f"micro-batch {micro}" + (f" x {chunks} GradCache chunks" if chunks > 1 else "")
+    where = (f"{model_name} at {batch} x {world} ranks is predicted to need {peak:.1f} GiB per GPU "
              f"(the GPU has {budget:.1f} GiB)")
     if not (local_loss and gather_with_grad):
-        local = predict_peak_gib(*args, True, ckpt, image_size)
+        local = predict_peak_gib(*args, True, ckpt, image_size, gradcache)
         if local <= budget:
             return ({"local_loss": True, "gather_with_grad": True},
-                    f"{where} with the full contrastive loss, whose logits are (micro-batch x world)^2: turned on "
-                    f"--local-loss --gather-with-grad (the same gradients; logits micro-batch x global batch), "
-                    f"predicted {local:.1f} GiB")
+                    f"{where} with the full contrastive loss, whose logits are (contrastive batch)^2: turned on "
+                    f"--local-loss --gather-with-grad (the same gradients; logits local x global contrastive "
+                    f"batch), predicted {local:.1f} GiB")
     setup = setup_from_ds_config(ds_config, world, True, ckpt)
     fits = max_micro_batch(model_shape(model_name, image_size), setup, gpu_bytes, upper=micro)
     raise PredictedOOM(f"{where}; it does not fit even with --local-loss --gather-with-grad. Fixes: a micro-batch of "
-                     f"at most {fits} (train_micro_batch_size_per_gpu, with gradient_accumulation_steps to keep "
-                     f"the global batch), --grad-checkpointing, a higher ZeRO stage; tools/autotune_batch --model "
-                     f"{model_name} --nodes ... --gpus-per-node ... writes a ds_config that fits")
+                     f"at most {fits} (--batch-size, with --accum-freq K to keep the contrastive batch whole: "
+                     f"GradCache), --grad-checkpointing, a higher ZeRO stage; tools/autotune_batch --model "
+                     f"{model_name} --nodes ... --gpus-per-node ... --global-batch N writes a ds_config that fits")

@@ -10,9 +10,11 @@ It owns the engine, the :class:`~dtp_ds.train.checkpoint.TrainState`, the guards
             break
     trainer.end_epoch(epoch)
 
-``step`` runs one micro-batch (forward, backward, engine step); at each gradient-accumulation
-boundary ``after_step`` does the step's one all-reduce, the accounting, logging, checks,
-schedules and periodic save.
+``step`` hands one loader batch to the run's :class:`BatchStep`: :class:`PlainStep` (one
+micro-batch: forward, backward, engine step) or, under ``--accum-freq``,
+:class:`~dtp_ds.train.gradcache.GradCacheStep` (one contrastive batch in chunks); once an
+optimizer step is done ``after_step`` does the step's one all-reduce, the accounting, logging,
+checks, schedules and periodic save.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -40,7 +42,7 @@ class TrainerConfig:
     """The run settings the Trainer acts on."""
 
     run_dir: str
-    accum: int
+    accum: int  # loader batches per optimizer step
     global_batch: int
     last_step: int  # the step the run stops after
     batches_per_epoch: int  # micro-batches per rank per epoch
@@ -64,11 +66,41 @@ def engine_step(engine) -> None:
         raise
 
 
+def current_lr(engine) -> float:
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+class BatchStep(Protocol):
+    def __call__(self, inputs: dict[str, torch.Tensor], step: int) -> tuple[dict[str, torch.Tensor], float | None]:
+        """Forward, backward and engine steps of one loader batch (host tensors by name), in
+        optimizer step ``step`` (1-based): its row terms (device tensors) and the LR of the
+        optimizer step it completed (None when it completed none)."""
+        ...
+
+
+class PlainStep:
+    """One micro-batch: its own loss (a contrastive batch of micro x world samples); the engine
+    steps once every ``gradient_accumulation_steps`` of them."""
+
+    def __init__(self, engine, nonfinite: NonFiniteGuard, device: torch.device) -> None:
+        self.engine, self.nonfinite, self.device = engine, nonfinite, device
+
+    def __call__(self, inputs: dict[str, torch.Tensor], step: int) -> tuple[dict[str, torch.Tensor], float | None]:
+        out = self.engine({k: t.to(self.device, non_blocking=True) for k, t in inputs.items()})
+        out["loss"] = self.nonfinite.loss(out["loss"], step)
+        self.engine.backward(self.nonfinite.backward_loss(out["loss"]))
+        lr = current_lr(self.engine) if self.engine.is_gradient_accumulation_boundary() else None
+        engine_step(self.engine)
+        return out, lr
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig, task: Any, engine, state: TrainState, logger: MetricsLogger,
                  nonfinite: NonFiniteGuard, bad_data: BadDataGuard, splits: list, client: dict[str, Any],
-                 schedules: Schedules, device: torch.device, rank: int, saved_at: int = -1) -> None:
+                 schedules: Schedules, device: torch.device, rank: int, saved_at: int = -1,
+                 stepper: BatchStep | None = None) -> None:
         self.cfg, self.task, self.engine, self.state = cfg, task, engine, state
+        self.stepper = stepper or PlainStep(engine, nonfinite, device)
         self.logger, self.nonfinite, self.bad_data = logger, nonfinite, bad_data
         self.splits, self.client, self.schedules = splits, client, schedules
         self.device, self.rank = device, rank
@@ -90,21 +122,15 @@ class Trainer:
         self.t_data += seconds
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> bool:
-        """One micro-batch: ``(*tensors in task.batch_keys order, bad counts)``. True when the
+        """One loader batch: ``(*tensors in task.batch_keys order, bad counts)``. True when the
         run's last optimizer step is done."""
         *tensors, bad = batch
         self.bad_data.add(bad)
-        inputs = {k: t.to(self.device, non_blocking=True) for k, t in zip(self.task.batch_keys, tensors)}
-        out = self.engine(inputs)
-        out["loss"] = self.nonfinite.loss(out["loss"], self.state.step + 1)
-        self.engine.backward(self.nonfinite.backward_loss(out["loss"]))
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        lr = float(self.engine.optimizer.param_groups[0]["lr"])
-        engine_step(self.engine)
+        out, lr = self.stepper(dict(zip(self.task.batch_keys, tensors)), self.state.step + 1)
         for k, v in out.items():  # summed on the device: no host synchronisation per micro-batch
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().double().reshape(())
         self.state.batches_in_epoch += 1
-        if boundary:
+        if lr is not None:
             self.after_step(lr)
         return self.done
 

@@ -54,7 +54,7 @@ def test_trains_under_every_stage_and_precision(synth, tmp_path, stage, precisio
     assert cfg["args"]["model"]["grad_checkpointing"] is ckpt
     if precision == "fp16":
         assert all("loss_scale" in r for r in steps)
-    if "--accum-freq" in extra:  # 12 optimizer steps of 2 micro-batches each
+    if "--accum-freq" in extra:  # 12 optimizer steps of one GradCache batch of 2 micro-batches each
         assert cfg["ds_config"]["gradient_accumulation_steps"] == 2
         assert final["samples_seen"] == 12 * 2 * 16 * 2
     if "--zeroshot-data" in extra:

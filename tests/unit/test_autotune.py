@@ -187,6 +187,70 @@ def test_start_up_check_turns_on_the_local_loss_at_64_gpus(config, model):
         check_start_memory(model, cfg, None, 64, V100_16)  # too small even with the local loss
 
 
+# --- GradCache (--accum-freq) ----------------------------------------------------------------
+def test_gradcache_memory_is_one_chunk_plus_the_whole_batchs_features_and_logits():
+    """K chunks of m: the activations of m, the gradients kept across the chunks, the features
+    of all K x m (cached, concatenated, their gradients) and, while the whole batch's loss runs
+    between the passes (no activations alive then), its logits: below one batch of K x m."""
+    shape = model_shape("ViT-B-32")
+    su = TrainSetup(precision="bf16", stage=2, world=8)
+    chunk, k = 256, 8
+    gc = estimate(shape, replace(su, accum=k, gradcache=True), chunk)
+    plain = estimate(shape, replace(su, accum=k), chunk)  # K separate contrastive batches of m x world
+    whole = estimate(shape, su, chunk * k)  # one batch of K x m
+    assert gc.phase == plain.phase == "forward/backward"
+    # a chunk's forward/backward holds what plain accumulation's does, less its own logits
+    # (the whole batch's come in a phase of their own), plus the features' gradients
+    assert {**gc.components, "contrastive_logits": plain.components["contrastive_logits"], "feature_cache": 0,
+            "fragmentation": 0} == {**plain.components, "feature_cache": 0, "fragmentation": 0}
+    assert gc.components["feature_cache"] == 2 * chunk * k * shape.embed_dim * 2
+    assert gc.peak < 0.5 * whole.peak
+    # at 64 GPUs the whole batch's logits (K x m x 64)^2 outweigh a chunk's activations
+    big = estimate(shape, replace(su, world=64, accum=k, gradcache=True), chunk)
+    assert big.phase == "contrastive loss"
+    assert big.components["contrastive_logits"] == logits_bytes(shape, replace(su, world=64), chunk * k)
+    assert "activations" not in big.components and big.components["feature_cache"] == 3 * gc.components[
+        "feature_cache"]
+
+
+def test_start_up_check_knows_gradcaches_whole_batch_logits():
+    """128 x 16 chunks on 64 GPUs: each chunk fits easily, the whole contrastive batch's
+    (131072)^2 logits do not; the local loss (2048 rows) does."""
+    cfg = {**load_ds_config(str(REPO / "ds_configs" / "vit_b_32.json")), "train_micro_batch_size_per_gpu": 128,
+           "gradient_accumulation_steps": 16}
+    assert check_start_memory("ViT-B-32", cfg, None, 64, A100_80) == ({}, None)  # 16 separate batches
+    changes, message = check_start_memory("ViT-B-32", cfg, None, 64, A100_80, gradcache=True)
+    assert changes == {"local_loss": True, "gather_with_grad": True}
+    assert "16 GradCache chunks" in message and "--local-loss --gather-with-grad" in message
+
+
+GRADCACHE_JOB = ["--model", "ViT-L-14", "--partition", "pitzer:gpuserial", "--global-batch", "1024", "--json"]
+
+
+def test_the_tuner_offers_gradcache_where_the_global_batch_needs_accumulation():
+    """ViT-L-14 on a 16 GB V100 at 1024: no setup holds it in one micro-batch. GradCache keeps
+    the contrastive batch whole, so it beats plain accumulation (faster, but 8 batches of 128)
+    unless --allow-accumulation; its ds_config and launch line train exactly that."""
+    data = tune(GRADCACHE_JOB).data
+    chosen = data["chosen"]
+    assert chosen["gradcache"] and data["accum_freq"] == chosen["gradient_accumulation_steps"] > 1
+    assert data["contrastive_batch"] == data["global_batch"] == 1024
+    assert f"--accum-freq {data['accum_freq']}" in data["launch"]
+    assert any("GradCache (--accum-freq" in n for n in data["notes"])
+    plain = [c for c in data["candidates"] if not c["gradcache"] and c["predicted_samples_per_s"]]
+    assert max(c["predicted_samples_per_s"] for c in plain) > chosen["predicted_samples_per_s"]
+    assert all(c["peak_memory_gb"] <= 0.9 * 15.78 for c in data["candidates"] if c["micro_batch"])
+    cfg, overrides = resolve(data["ds_config"], parse_args(["--train-data", "x.tar", "--accum-freq",
+                                                            str(data["accum_freq"])]), 1)
+    assert cfg["train_batch_size"] == 1024 and [o["key"] for o in overrides] == ["train_batch_size"]  # derived
+    fast = tune([*GRADCACHE_JOB, "--allow-accumulation"]).data
+    assert not fast["chosen"]["gradcache"] and fast["accum_freq"] is None
+    assert fast["contrastive_batch"] == fast["micro_batch"] < 1024
+    # where one micro-batch reaches the global batch, nothing accumulates and nothing is cached
+    small = tune(["--model", "ViT-B-32", "--partition", "ascend:quad", "--global-batch", "512", "--json"]).data
+    assert not any(c["gradcache"] for c in small["candidates"]) and small["contrastive_batch"] == 512
+
+
 # --- model states: against DeepSpeed's own estimators ----------------------------------------
 @pytest.mark.parametrize("world", [1, 8])
 def test_zero2_states_are_deepspeeds_estimate_plus_the_step_temporaries(world):

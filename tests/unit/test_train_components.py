@@ -69,6 +69,21 @@ def test_batch_arithmetic_is_checked_against_world_size():
         resolve_batch({"train_batch_size": 100, "gradient_accumulation_steps": 3}, _args(), 4)
 
 
+def test_accum_freq_makes_the_engines_accumulation_steps_gradcache_chunks():
+    """--accum-freq K sets gradient_accumulation_steps to K (recorded) and makes them the chunks
+    of one contrastive batch; a ds_config's own accumulation stays plain."""
+    from dtp_ds.train.main import gradcache_on
+
+    raw = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 2}
+    cfg, overrides = resolve(raw, _args("--accum-freq", "4"), world_size=2)
+    assert (cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (4, 128)
+    assert {"key": "gradient_accumulation_steps", "ds_config": 2, "flag": "--accum-freq", "value": 4} in overrides
+    assert gradcache_on(_args("--accum-freq", "4")) and not gradcache_on(_args()) and \
+        not gradcache_on(_args("--accum-freq", "1"))
+    with pytest.raises(ConfigError, match="--accum-freq 0: must be >= 1"):
+        _args("--accum-freq", "0")
+
+
 def test_bad_ds_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_ds_config(str(tmp_path / "nope.json"))
