@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -37,6 +38,24 @@ def launch_command(data: str, logs: str, name: str, nproc: int, model: str, extr
         *(["--zeroshot-extra", os.path.join(data, "layout")] if os.path.isdir(os.path.join(data, "layout")) else []),
         "--logs", logs, "--name", name, "--workers", "1", *extra,
     ]
+
+
+def finished_as(run_dir: str, model: str, cmd: list[str]) -> bool:
+    """Whether ``run_dir`` holds a finished run (an evaluation row) of this launch command's
+    training arguments and of this model config (when ``model`` is a JSON file)."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics) or not any("zeroshot_top1" in r for r in read_metrics(metrics)):
+        return False
+    with open(os.path.join(run_dir, "config.json")) as f:
+        recorded = json.load(f)
+    same = [a for a in recorded["command"][1:] if not a.startswith("--local_rank")] == \
+        cmd[cmd.index("dtp_ds.train") + 1:]
+    if same and os.path.isfile(model):
+        with open(model) as f:
+            same = json.load(f) == recorded.get("model_cfg")
+    if not same:
+        print(f"{run_dir}: trained with other arguments or another model config: training it again", flush=True)
+    return same
 
 
 def summary_lines(metrics_path: str) -> list[str]:

@@ -23,7 +23,7 @@ import open_clip
 import torch
 
 from dtp_ds.bench import markdown_table
-from dtp_ds.demo import launch_command
+from dtp_ds.demo import finished_as, launch_command
 from dtp_ds.eval.boundaries import val_transform
 from dtp_ds.eval.zeroshot import folder_split, with_prefix, zero_shot_eval
 from dtp_ds.models import get_model_config, reducers_of
@@ -79,24 +79,6 @@ def add_arm_run_args(p: argparse.ArgumentParser, arms: list[str], out: str) -> N
     p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
 
 
-def _finished_as(run_dir: str, model: str, cmd: list[str]) -> bool:
-    """Whether ``run_dir`` holds a finished run (an evaluation row) of this launch command's
-    training arguments and of this model config (when ``model`` is a JSON file)."""
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(metrics) or not any("zeroshot_top1" in r for r in read_metrics(metrics)):
-        return False
-    with open(os.path.join(run_dir, "config.json")) as f:
-        recorded = json.load(f)
-    same = [a for a in recorded["command"][1:] if not a.startswith("--local_rank")] == \
-        cmd[cmd.index("dtp_ds.train") + 1:]
-    if same and os.path.isfile(model):
-        with open(model) as f:
-            same = json.load(f) == recorded.get("model_cfg")
-    if not same:
-        print(f"{run_dir}: trained with other arguments or another model config: training it again", flush=True)
-    return same
-
-
 def run_arm(arm: str, model: str, a: argparse.Namespace, extra: list[str], tool: str = "ablation") -> dict[str, Any]:
     """Train one arm by a real run (unless a finished run of it is there); its last evaluation row."""
     logs = os.path.join(a.out, "runs")
@@ -105,7 +87,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, extra: list[str], tool:
                           "--lr", str(a.lr), "--warmup", str(a.warmup), "--log-every-n-steps", "10",
                           "--zeroshot-frequency", "1", "--seed", str(a.seed), *extra])
     run_dir = os.path.join(logs, arm)
-    if not _finished_as(run_dir, model, cmd):
+    if not finished_as(run_dir, model, cmd):
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt, or another config
         print(f"{tool}: {arm}: {' '.join(cmd)}", flush=True)
         env = dict(os.environ)

@@ -21,7 +21,9 @@ for a peer in a collective may spin).
 
 Printed per arm: steps, mean cost, training time, final and best top-1, the time to reach the
 baseline's final top-1 (or ``-`` and its best), and that time over the baseline's own time to it.
-Writes ``bench.{json,md,png}`` (top-1 against training time) to ``--out``. The machine's load
+Writes ``bench.{json,md,png}`` (top-1 against training time) to ``--out``. An arm whose run
+directory holds a finished run of the same arguments is not trained again (so arms can be run by
+separate invocations, and the table re-made from them). The machine's load
 average at each arm's start and end goes in the JSON: a shared machine distorts the ratios.
 """
 from __future__ import annotations
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--log-every-n-steps", "1", "--keep-checkpoints", "1",
                  *(["--compression-schedule", arm.spec, "--compression-costs", costs_json] if arm.spec else [])]
         arm.load.append(os.getloadavg()[0])
-        run_dir = train_run(a, f"bench-{arm.name}", extra)
+        run_dir = train_run(a, f"bench-{arm.name}", extra, reuse=True)
         arm.load.append(os.getloadavg()[0])
         arm.curve, arm.train_time_s = curve(run_dir, "step_cpu_time" if a.clock == "cpu" else "step_time")
         print(f"bench_compression: {arm.name}: {arm.steps} steps, {arm.train_time_s:.1f} s training, "

@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 from dtp_ds.compress.costs import patch_arg
-from dtp_ds.demo import launch_command, summary_lines
+from dtp_ds.demo import finished_as, launch_command, summary_lines
 from dtp_ds.train.metrics import read_metrics
 
 MODEL = "Plain-ViT-Tiny-8"
@@ -36,14 +36,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_run(a: argparse.Namespace, name: str, extra: list[str]) -> str:
+def train_run(a: argparse.Namespace, name: str, extra: list[str], reuse: bool = False) -> str:
+    """Train ``name`` under the launcher (``reuse``: not if a finished run of the same arguments is there)."""
     run_dir = os.path.join(a.logs, name)
-    shutil.rmtree(run_dir, ignore_errors=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
     cmd = launch_command(a.data, a.logs, name, a.nproc, a.model,
                          ["--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(a.seed),
                           "--log-every-n-steps", "5", *extra])
+    if reuse and finished_as(run_dir, a.model, cmd):
+        print(f"demo-compress: {run_dir}: finished with these arguments: not trained again", flush=True)
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
     # a free rendezvous port: another job on the machine may hold the launcher's default 29500
     cmd[1:1] = ["--master_port", str(_free_port())]
     print("demo-compress:", " ".join(cmd), flush=True)
