@@ -41,10 +41,11 @@ def launch_command(data: str, logs: str, name: str, nproc: int, model: str, extr
 
 
 def finished_as(run_dir: str, model: str, cmd: list[str]) -> bool:
-    """Whether ``run_dir`` holds a finished run (an evaluation row) of this launch command's
+    """Whether ``run_dir`` holds a finished run (its final row) of this launch command's
     training arguments and of this model config (when ``model`` is a JSON file)."""
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(metrics) or not any("zeroshot_top1" in r for r in read_metrics(metrics)):
+    # the final row, not an evaluation row: a run stopped after an epoch's evaluation has those too
+    if not os.path.isfile(metrics) or not any(r.get("final") for r in read_metrics(metrics)):
         return False
     with open(os.path.join(run_dir, "config.json")) as f:
         recorded = json.load(f)
