@@ -17,7 +17,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from open_clip import build_zero_shot_classifier
@@ -83,6 +82,8 @@ def zero_shot_eval(
     world = dist.get_world_size() if dist.is_initialized() else 1
     was_training = model.training
     model.eval()
+    import deepspeed  # here: importing it prints to stdout, which tools that write JSON there must not
+
     # a no-op for parameters ZeRO-3 does not manage (every other stage)
     with deepspeed.zero.GatheredParameters(list(model.parameters(recurse=False))):
         result = _evaluate(model, tokenizer, preprocess, split, device, input_dtype, batch_size, max_images,
