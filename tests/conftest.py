@@ -15,6 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_DS_CONFIG = str(REPO / "ds_configs" / "tiny.json")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Path:
     """2,400 captioned 64 px images in 12 shards, plus a 48-class zero-shot split."""

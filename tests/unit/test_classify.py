@@ -23,12 +23,7 @@ from tests.conftest import REPO
 TINY = [n for n in dtp_ds.list_models() if "Tiny" in n]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("name", [*TINY, "ViT-Tiny-8"])
