@@ -176,13 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--report-to", choices=["", "wandb"],
       help="also log to wandb (WANDB_MODE=offline works without network)")
     a("--wandb-project-name")
-    a("--zeroshot-frequency", type=int, help="zero-shot eval every N epochs and at the end (0: never)")
-    a("--zeroshot-data", help="class-folder split with classnames.json and templates.json")
-    a("--zeroshot-extra", nargs="+", metavar="DIR",
-      help="more class-folder splits evaluated alongside (e.g. data/synth/layout), logged as NAME_top1, ...")
-    a("--imagenet-val",
-      help="ImageNet-1k val in class-folder layout (open_clip's class names and templates)")
-    a("--zeroshot-max-images", type=int, help="evaluate on at most this many images")
+    _eval_flags(a)
     a("--dist-timeout-minutes", type=float,
       help="collective timeout: a dead rank stops the others this fast")
     a("--peer-timeout-seconds", type=float,
@@ -195,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(**{f.name: f.default for cls in SECTIONS for f in dataclasses.fields(cls)
                       if f.default is not dataclasses.MISSING})
     return p
+
+
+def _eval_flags(a) -> None:
+    """The evaluation's flags (zero-shot for CLIP; --task classify reads the frequency and image cap too)."""
+    a("--zeroshot-frequency", type=int, help="zero-shot eval every N epochs and at the end (0: never)")
+    a("--zeroshot-data", help="class-folder split with classnames.json and templates.json")
+    a("--zeroshot-extra", nargs="+", metavar="DIR",
+      help="more class-folder splits evaluated alongside (e.g. data/synth/layout), logged as NAME_top1, ...")
+    a("--imagenet-val",
+      help="ImageNet-1k val in class-folder layout (open_clip's class names and templates)")
+    a("--zeroshot-max-images", type=int, help="evaluate on at most this many images")
 
 
 def _classify_flags(g: argparse._ArgumentGroup) -> None:
