@@ -7,8 +7,9 @@ resumed run skips exactly the batches it trained and continues the same order; a
 augmentation is seeded by (seed, epoch, path) as a shard sample's is by its key.
 
 A sample the data stage gets is ``{"cls": b"INDEX"}``, what a ``cls`` shard sample holds.
-An image that cannot be used is counted (``decode_error``) and the next one takes its place,
-so every batch is full.
+An image that cannot be read or decoded is counted (``decode_error``) and the next one takes
+its place, so every batch is full; an exception of the data stage itself (augmentation) stops
+the run (:mod:`dtp_ds.data.decode` decides what is bad data).
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from dtp_ds.data.decode import BadSample, decode_image
 from dtp_ds.data.shards import MAX_BAD_IN_A_ROW, Bad, BadCounts, DataConfig, DataError, EpochPlan
 
 
@@ -69,12 +70,15 @@ class _FolderImages(Dataset):
         while len(bad) < MAX_BAD_IN_A_ROW:
             path, label = self.folder.samples[(i + len(bad)) % len(self.folder.samples)]
             key = os.path.relpath(path, self.folder.root)
-            try:
-                with Image.open(path) as im, torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(zlib.crc32((self.prefix + key).encode()))
-                    return self.stage(im.convert("RGB"), {"cls": str(label).encode()}), bad
-            except Exception as e:  # unreadable or corrupt image: counted, the next one is used
-                bad.append(Bad("decode_error", self.folder.root, f"{key}: {type(e).__name__}: {e}"))
+            try:  # only the image's read and decode errors are bad data (dtp_ds.data.decode)
+                image = decode_image(path)
+            except BadSample as e:  # unreadable or corrupt image: counted, the next one is used
+                bad.append(Bad("decode_error", self.folder.root, f"{key}: {e}"))
+                continue
+            # the task's own augmentation: an exception there is a bug and stops the run
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32((self.prefix + key).encode()))
+                return self.stage(image, {"cls": str(label).encode()}), bad
         raise DataError(f"{len(bad)} images in a row under {self.folder.root} could not be used (last: "
                         f"{bad[-1].reason}); the training data is unusable")
 

@@ -20,7 +20,6 @@ commands the user wrote on purpose and pass as given).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -37,8 +36,9 @@ from typing import Any
 import torch
 import webdataset as wds
 from open_clip_train.data import ResampledShards2, SharedEpoch, detshuffle2, expand_urls
-from PIL import Image
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from dtp_ds.data.decode import IMAGE_EXTS, BadSample, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ _SHARD_SHUFFLE_SIZE = 2000
 _SHARD_SHUFFLE_INITIAL = 500
 _SAMPLE_SHUFFLE_SIZE = 5000
 _SAMPLE_SHUFFLE_INITIAL = 1000
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # What can be wrong with the data, as counted in metrics.jsonl (``bad_by_kind``):
 # samples (the first four) and shard failures (the last two, one per failed read).
@@ -249,7 +248,8 @@ def read_shard(url: str) -> Iterator[dict | Bad]:
     n, failure = 0, None
     try:
         stream = _open_shard(url)
-    except Exception as e:  # missing since resolution, unreadable, not a file, fetch failed
+    except (OSError, ValueError) as e:  # missing since resolution, unreadable, not a file, fetch failed
+        # (webdataset's openers raise ValueError for a URL they cannot open)
         yield Bad("unreadable_shards", url, f"{type(e).__name__}: {e}", samples=1,
                   extra={"lost_in_shards": shard_samples(url) or 0})
         return
@@ -271,7 +271,7 @@ def read_shard(url: str) -> Iterator[dict | Bad]:
     finally:
         try:
             stream.close()
-        except Exception as e:  # a pipe: source that exited with an error
+        except OSError as e:  # a pipe: source that exited with an error (webdataset raises IOError)
             failure = failure or f"{type(e).__name__}: {e}"
     if current is not None:
         n += 1
@@ -335,8 +335,9 @@ class _SkipTrained(wds.PipelineStage):
 
 
 class _DecodeCounted(wds.PipelineStage):
-    """Decode image + caption; a sample that fails becomes a :class:`Bad` marker (counted
-    downstream, warned about once per shard by the trainer).
+    """Decode image + caption; a sample whose data fails to decode (:class:`BadSample`, see
+    :mod:`dtp_ds.data.decode`) becomes a :class:`Bad` marker (counted downstream, warned about
+    once per shard by the trainer). An exception of the data stage itself propagates.
 
     Augmentation draws from an RNG seeded by (seed, epoch, sample key), inside a forked RNG:
     a sample's crop is the same whichever worker decodes it and wherever the loader started,
@@ -359,14 +360,15 @@ class _DecodeCounted(wds.PipelineStage):
                 what = {"no_image": "image", "no_caption": "caption"}.get(missing, missing[3:])
                 yield Bad(missing if missing in BAD_KINDS else "decode_error", shard, f"sample {key} has no {what}")
                 continue
-            ext = next(e for e in IMAGE_EXTS if e in sample)
-            try:
-                with Image.open(io.BytesIO(sample[ext])) as im, torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(zlib.crc32((self.seed_prefix + str(key)).encode()))
-                    item = self.stage(im.convert("RGB"), sample)
-            except Exception as e:  # corrupt JPEG, bad utf-8, ...: the sample is lost, not the run
-                yield Bad("decode_error", shard, f"sample {key}: {type(e).__name__}: {e}")
+            try:  # only the data's own read and decode errors are bad data (dtp_ds.data.decode)
+                image, _ = decode_sample(sample, keys)
+            except BadSample as e:  # corrupt JPEG, caption not utf-8, ...: the sample is lost, not the run
+                yield Bad(e.kind if e.kind in BAD_KINDS else "decode_error", shard, f"sample {key}: {e}")
                 continue
+            # the task's own augmentation and tokenisation: an exception there is a bug and stops the run
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32((self.seed_prefix + str(key)).encode()))
+                item = self.stage(image, sample)
             yield item
 
 

@@ -9,7 +9,6 @@ gathers parameters with collectives, so every rank must run the same number of f
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -18,12 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from torchvision.datasets import ImageFolder
 
-from dtp_ds.data.shards import IMAGE_EXTS, Bad, read_shard, resolve_shards
+from dtp_ds.data.decode import BadSample, decode_sample
+from dtp_ds.data.shards import Bad, DataError, read_shard, resolve_shards
 from dtp_ds.data.synthetic import read_objects
 from dtp_ds.eval.boundary_quality import BoundaryQuality
 from dtp_ds.eval.zeroshot import _patch_labels
@@ -69,7 +68,7 @@ class _ShardImages(IterableDataset):
         self.shards, self.transform, self.rank, self.world = shards, transform, rank, world
         self.max_images, self.image_size = max_images, image_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         slot, slots = self.rank * nw + wid, self.world * nw
@@ -84,19 +83,22 @@ class _ShardImages(IterableDataset):
                 if (i - 1) % slots == slot:
                     yield self._decode(sample)
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str]:
+        """(image, label, "") or, for a sample whose data cannot be read (no image, no ``cls``,
+        undecodable: :class:`BadSample`), (zeros, UNUSABLE, why). The transform runs outside:
+        an exception there is a bug and stops the evaluation."""
         try:
-            label = int(sample["cls"])
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                return self.transform(im.convert("RGB")), label
-        except Exception:  # no image, no cls, undecodable: counted as unusable
-            return torch.zeros(3, *self.image_size), UNUSABLE
+            image, fields = decode_sample(sample, ("cls",))
+        except BadSample as e:
+            why = f"{sample.get('__url__')}: sample {sample.get('__key__')}: {e}"
+            return torch.zeros(3, *self.image_size), UNUSABLE, why
+        return self.transform(image), fields["cls"], ""
 
 
 def _loader(split: ClassSplit, transform: Callable, rank: int, world: int, batch_size: int,
             max_images: int | None, workers: int, image_size: tuple[int, int]) -> tuple[DataLoader, list | None]:
-    """This rank's batches of (images, labels), and for a folder split the image paths in order."""
+    """This rank's batches of (images, labels[, why each unusable one is]), and for a folder split
+    the image paths in order."""
     if split.shards is not None:
         data = _ShardImages(split.shards, transform, rank, world, max_images, image_size)
         return DataLoader(data, batch_size=batch_size, num_workers=workers, generator=torch.Generator()), None
@@ -125,7 +127,7 @@ def classify_eval(model: nn.Module, transform: Callable, split: ClassSplit, devi
     loader, paths = _loader(split, transform, rank, world, batch_size, max_images, workers, size)
     stats = torch.zeros(5, dtype=torch.float64, device=device)  # top1, top5, images, loss sum, unusable
     quality = BoundaryQuality(device)
-    batches, dummy, seen = iter(loader), None, 0
+    batches, dummy, seen, first_failure = iter(loader), None, 0, None
     while True:
         batch = next(batches, None)
         more = torch.tensor([float(batch is not None)], device=device)
@@ -134,8 +136,10 @@ def classify_eval(model: nn.Module, transform: Callable, split: ClassSplit, devi
         if not more.item():
             break
         real = batch is not None
-        images, labels = batch if real else (dummy if dummy is not None else
-                                             (torch.zeros(1, 3, *size), torch.full((1,), UNUSABLE)))
+        if real and first_failure is None:  # a shard split's batches say why each unusable sample is
+            first_failure = next((why for why in (batch[2] if len(batch) > 2 else []) if why), None)
+        images, labels = batch[:2] if real else (dummy if dummy is not None else
+                                                 (torch.zeros(1, 3, *size), torch.full((1,), UNUSABLE)))
         dummy = dummy or (images, torch.full_like(labels, UNUSABLE))
         images, labels = images.to(device=device, dtype=input_dtype), labels.to(device)
         with record_forward() as rec:
@@ -158,6 +162,11 @@ def classify_eval(model: nn.Module, transform: Callable, split: ClassSplit, devi
         dist.all_reduce(quality.sums)
     model.train(was_training)
     top1, top5, count, loss, unusable = stats.tolist()
+    if not count:  # (the same on every rank: the counts are all-reduced)
+        where = split.image_dir or (os.path.dirname(split.shards[0]) if split.shards else split.name)
+        cause = (f"{int(unusable)} samples read, none usable; the first failure: "
+                 f"{first_failure or 'on another rank'}" if unusable else "it holds no sample")
+        raise DataError(f"evaluation split {split.name} ({where}): no usable sample ({cause})")
     classes = getattr(model, "num_classes", None) or split.num_classes
     result = {f"{prefix}top1": 100 * top1 / max(count, 1), f"{prefix}top5": 100 * top5 / max(count, 1),
               f"{prefix}loss": loss / max(count, 1), f"{prefix}images": int(count),

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from dtp_ds.data.shards import DataError
 from dtp_ds.data.synthetic import patch_labels, read_objects
 from dtp_ds.eval.boundary_quality import BoundaryQuality
 from dtp_ds.models import record_forward
@@ -129,6 +130,9 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
         dist.all_reduce(stats)
         dist.all_reduce(quality.sums)
     top1, top5, count = stats.tolist()
+    if not count:  # (the same on every rank: the counts are all-reduced)
+        raise DataError(f"evaluation split {split.name} ({split.image_dir}): no usable sample (it holds none, "
+                        f"or --zeroshot-max-images is 0)")
     result = {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
               "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),
               "zeroshot_chance_top1": 100 / len(split.classnames)}

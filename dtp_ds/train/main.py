@@ -206,8 +206,9 @@ def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list
                                           gradcache=gradcache_on(args))
     except PredictedOOM as e:
         raise ConfigError(str(e)) from e
-    except Exception as e:  # a model the memory model has no shape for: nothing to predict
-        log.info("start-up memory check skipped for %s: %s", args.model.model, e)
+    except ValueError as e:  # the memory model has no shape for this model (dtp_ds.train.memory.model_shape)
+        log.warning("start-up GPU memory check skipped: the memory model cannot predict %s's peak (%s); "
+                    "the run starts unchecked", args.model.model, e)
         return
     for key, value in changes.items():
         setattr(args.model, key, value)
