@@ -112,10 +112,40 @@ def resolve_batch(cfg: dict[str, Any], args: TrainArgs, world_size: int) -> tupl
     return int(micro), int(accum)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it (AVX2 only:
-    most laptops, AMD EPYC before Zen 4) oneDNN emulates bf16 matmuls, tens of times slower
-    than fp32."""
+# CPU flags of native bf16 arithmetic: x86 (/proc/cpuinfo "flags"): AVX512-BF16, AMX-BF16;
+# aarch64 ("Features"): the BF16 extension.
+X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+ARM_BF16_FEATURES = ("bf16",)
+
+
+def _cpu_flags(cpuinfo: str) -> tuple[str, set[str]] | None:
+    """("x86" or "arm", the first CPU's flags) from /proc/cpuinfo text; None if it lists none."""
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() in ("flags", "Features"):
+            return ("x86" if name.strip() == "flags" else "arm"), set(value.split())
+    return None
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX on x86, the BF16 extension on
+    aarch64). Without it (AVX2 only: most laptops, AMD EPYC before Zen 4; AVX-512 without
+    AVX512-BF16: Xeons before Cooper Lake) oneDNN emulates bf16 matmuls, several times slower
+    than fp32.
+
+    Decided by the CPU's flags (``cpuinfo``: /proc/cpuinfo's text, read when None), not by
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``, which is True on every AVX-512 CPU,
+    emulated or not. Only where the flags cannot be read (not Linux) does oneDNN's answer count."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    flags = _cpu_flags(cpuinfo)
+    if flags is not None:
+        arch, have = flags
+        return bool(have.intersection(X86_BF16_FLAGS if arch == "x86" else ARM_BF16_FEATURES))
     import torch
 
     try:
