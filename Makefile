@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.dtp_ds-installed
 DATA   ?= data/synth
 NPROC  ?= 2
 
-.PHONY: venv demo demo-compress test lint bench clean-demo compare
+.PHONY: venv demo demo-compress test test-fast lint bench clean-demo compare
 
 venv: $(STAMP)
 
@@ -21,7 +21,8 @@ $(STAMP): requirements.txt setup.py
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	# DeepSpeed JIT-compiles its CPU shared-memory collective on first use (about a minute);
 	# build it here rather than inside the first training run or test.
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"
+	# (with the venv's ninja, as every rank uses it: dtp_ds.cluster.process_group.use_interpreter_ninja)
+	$(PY) -c "from dtp_ds.cluster.process_group import use_interpreter_ninja as n; n(); from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)
 
 $(DATA)/zeroshot/classnames.json: | $(STAMP)
@@ -48,7 +49,11 @@ demo-compress: $(STAMP) $(DATA)/zeroshot/classnames.json
 # cannot (no apt, not root) it says why and the e2e tests skip with that reason.
 test: $(STAMP)
 	-$(PY) tools/ci_setup_ssh
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=15
+
+# The inner loop: the unit tier alone (no launcher, no multi-rank runs).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -q --durations=10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dtp_ds tests tools

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,11 +28,32 @@ def shm_allreduce_segment(rank: int) -> Path:
     return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
+def use_interpreter_ninja() -> str | None:
+    """Put the ``ninja`` installed beside this interpreter first on ``PATH`` (returned, or ``None``
+    where there is none).
+
+    torch JIT-builds DeepSpeed's CPU collective with whichever ``ninja`` ``PATH`` finds, and two
+    ninja versions (the venv's pip wheel, the system's) hash build commands differently: each
+    takes the other's build for stale and rebuilds it, a minute or more inside every
+    ``init_distributed`` whenever processes started with different ``PATH``s (a shell, a launcher,
+    ssh) take turns. One ninja for every rank of every job, whoever started it."""
+    here = os.path.dirname(sys.executable)
+    ninja = shutil.which("ninja", path=here)
+    if ninja is None:
+        return None
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = os.pathsep.join([here, path]) if path else here
+    return ninja
+
+
 def init_process_group(timeout_minutes: float = 30.0, auto_mpi_discovery: bool = True, **kwargs) -> None:
     """``deepspeed.init_distributed``, then unlink this rank's shared-memory all-reduce segment
     once every peer has mapped it (see the module doc)."""
     import deepspeed
     import torch.distributed as dist
+
+    use_interpreter_ninja()
 
     deepspeed.init_distributed(auto_mpi_discovery=auto_mpi_discovery, timeout=timedelta(minutes=timeout_minutes),
                                **kwargs)
