@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,45 @@ def run_train(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | N
     if check and leaked:
         raise AssertionError(f"the run left its shared-memory all-reduce segments in /dev/shm: {leaked}")
     return proc
+
+
+@dataclass
+class RunResult:
+    """One run of a ``run_many`` launch: its directory, each rank's exit status and stderr."""
+    dir: Path
+    rc: list[int]
+    stderr: list[str]
+    seconds: float
+
+
+def run_many(runs: dict[str, list[str]], out: Path, nproc: int = 2, env: dict | None = None,
+             run_env: dict[str, dict] | None = None, timeout: int = 900) -> dict[str, RunResult]:
+    """Several ``dtp_ds.train`` runs (name -> argv) one after another in one launch of ``nproc``
+    ranks (tests/dist/train_runs.py): the launcher, imports and process group once. ``run_env``:
+    environment variables set around one run. Each run's directory is ``--logs``/``--name`` of
+    its argv."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = [{"name": name, "argv": argv, "env": (run_env or {}).get(name, {})} for name, argv in runs.items()]
+    (out / "runs.json").write_text(json.dumps(spec))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
+                **(env or {})}
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_port", str(port),
+           str(REPO / "tests" / "dist" / "train_runs.py"), str(out / "runs.json"), str(out)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        leaked = leaked_shm(port)
+    if proc.returncode != 0:
+        raise AssertionError(f"the runs' launch failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    assert not leaked, f"the launch left its shared-memory all-reduce segments in /dev/shm: {leaked}"
+    results = json.loads((out / "results.json").read_text())
+
+    def run_dir(argv: list[str]) -> Path:
+        return Path(argv[argv.index("--logs") + 1]) / argv[argv.index("--name") + 1]
+
+    return {name: RunResult(run_dir(argv), **results[name]) for name, argv in runs.items()}
 
 
 def base_args(synth: Path, logs: Path, name: str, *extra: str) -> list[str]:

@@ -485,6 +485,23 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(lambda: train(parse_args(argv)))
 
 
+# what stops a run with one line on stderr (exit 2) instead of a traceback: a refused setting,
+# bad data, a failed check or checkpoint, a missing file, ranks that cannot be discovered
+REFUSALS = (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError, DiscoveryError)
+
+
+def refuse(e: BaseException, prog: str = "dtp_ds.train") -> int:
+    """One of :data:`REFUSALS` on one rank: its one line on stderr (rank 0's, or this rank's when
+    only this rank saw it), published to the peers; the exit status (2)."""
+    report_failure(e)  # peers name this rank and its message rather than time out
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or getattr(e, "rank_local", False):
+        where = f"rank {rank}: " if rank != 0 else ""
+        # tqdm.write: on a line of its own even while the progress bar is drawn
+        tqdm.write(redact(f"{prog}: error: {where}{one_line(e)}"), file=sys.stderr)
+    return 2
+
+
 def guarded(body: Callable[[], int], prog: str = "dtp_ds.train") -> int:
     """Run one rank's ``body``: a refused setting or bad data is one line on stderr (exit 2), a
     lost peer is named; the watchdog and the process group are shut down either way."""
@@ -492,14 +509,8 @@ def guarded(body: Callable[[], int], prog: str = "dtp_ds.train") -> int:
     install_log_filter()
     try:
         return body()
-    except (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError, DiscoveryError) as e:
-        report_failure(e)  # peers name this rank and its message rather than time out
-        rank = int(os.environ.get("RANK", "0"))
-        if rank == 0 or getattr(e, "rank_local", False):
-            where = f"rank {rank}: " if rank != 0 else ""
-            # tqdm.write: on a line of its own even while the progress bar is drawn
-            tqdm.write(redact(f"{prog}: error: {where}{one_line(e)}"), file=sys.stderr)
-        return 2
+    except REFUSALS as e:
+        return refuse(e, prog)
     except Exception as e:
         if report_failure(e):  # a collective failed because a peer died: named (printed) instead of a traceback
             return EXIT_PEER_LOST
