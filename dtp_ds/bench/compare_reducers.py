@@ -8,8 +8,14 @@ in one process on real images of the zero-shot split: inference image-tower GFLO
 mode forward and backward of the image tower: dropped, merged or padded tokens as they really
 run). From the run's metrics: median step time without data wait, samples/s, peak memory,
 zero-shot top-1 / top-5, training compression and mean tokens per block. An arm whose run already
-finished is not trained again. Writes ``compare.json``, ``compare.csv`` and ``compare.png``
-(zero-shot top-1 against inference GFLOPs and against step time).
+finished (same command line, file contents, threads and code: :mod:`dtp_ds.bench.reuse`) is not
+trained again. ``--seeds N``: every arm runs each seed (initialisation and data order change
+with it); each column prints as ``mean +- half-width (n)`` (95% t interval over seeds), followed by
+each arm's paired difference to ``--reference`` (default: plain) in top-1 and step time, and
+whether its interval excludes zero ("separated") or not. Writes ``compare.json`` (per arm the
+per-seed values, ``*_mean``, ``*_ci95``, ``*_diff_mean``, ``*_diff_ci95``, ``*_separated``),
+``compare.csv`` (one row per arm and seed) and ``compare.png`` (zero-shot top-1 against inference
+GFLOPs and against step time, 95% error bars).
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtp_ds.bench import markdown_table
-from dtp_ds.bench.boundary_ablation import add_arm_run_args, run_arm
+from dtp_ds.bench.boundary_ablation import add_arm_run_args, reference_of, run_arm, seeds_of
+from dtp_ds.bench.stats import compare, interval_of, per_seed_table, separation_lines
 from dtp_ds.eval.boundaries import list_images, val_transform
 from dtp_ds.eval.flops import fvcore_macs, torch_macs
 from dtp_ds.models import get_model_config, get_reducer_cfg
@@ -68,7 +75,7 @@ COLUMNS = [("arm", "arm", "{}"), ("params_m", "params (M)", "{:.2f}"), ("gflops"
            ("image_tokens", "tokens/block", "{:.1f}"), ("note", "note", "{}")]
 
 
-def write_arm_config(arm: str, out_dir: str, teacher: str | None = None) -> str:
+def write_arm_config(arm: str, out_dir: str, teacher: str | None = None, seed: int = 0) -> str:
     """The arm's model JSON: the base with the arm's reducer (and image size); a reducer that
     distils from a teacher and names none gets ``teacher``."""
     reducer, image_size = copy.deepcopy(ARMS[arm])
@@ -76,7 +83,7 @@ def write_arm_config(arm: str, out_dir: str, teacher: str | None = None) -> str:
         reducer.setdefault("teacher", teacher)
     cfg = copy.deepcopy(get_model_config(BASE))
     cfg["vision_cfg"].update(trunk_cfg=dict(TRUNK_CFG), reducer_cfg=reducer, image_size=image_size)
-    path = os.path.join(out_dir, "configs", f"Compare-{arm}.json")
+    path = os.path.join(out_dir, "configs", f"Compare-{arm}-s{seed}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(cfg, f, indent=1)
@@ -115,13 +122,46 @@ def from_metrics(run_dir: str, global_batch: int) -> dict[str, Any]:
     return out
 
 
-def write_outputs(rows: list[dict[str, Any]], out: str) -> None:
+KEYS = [k for k, _, _ in COLUMNS if k not in ("arm", "note")]
+SEPARATION = [("zeroshot_top1", "top-1", "{:.1f}"), ("step_time", "step s", "{:.2f}")]
+
+
+def per_seed_values(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]]:
+    per_seed: dict[str, dict[str, dict[int, float]]] = {}
+    for r in runs:
+        arm = per_seed.setdefault(r["arm"], {k: {} for k in KEYS})
+        for k in KEYS:
+            if r.get(k) is not None:
+                arm[k][r["seed"]] = float(r[k])
+    return per_seed
+
+
+def pair_rows(runs: list[dict[str, Any]], pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """Extra paired differences, ``"A:B"`` -> A minus B (rows keyed ``"A - B"`` as :func:`compare`'s)."""
+    per_seed, out = per_seed_values(runs), {}
+    for pair in pairs:
+        a, _, b = pair.partition(":")
+        if a in per_seed and b in per_seed:
+            out[a] = {**compare({b: per_seed[b], a: per_seed[a]}, KEYS, reference=b)[a]}
+    return out
+
+
+def summarize(runs: list[dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
+    """:func:`dtp_ds.bench.stats.compare` of the per-seed rows (``arm``, ``seed`` and the columns)."""
+    summary = compare(per_seed_values(runs), KEYS, reference=reference)
+    for arm, row in summary.items():
+        row["note"] = NOTES.get(arm)
+    return summary
+
+
+def write_outputs(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], out: str, meta: dict[str, Any]
+                  ) -> None:
     with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({**meta, "arms": summary, "runs": runs}, f, indent=1)
     with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k, _, _ in COLUMNS], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=["arm", "seed", *KEYS], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(runs)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,11 +170,14 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "gflops", "inference GFLOPs per image (FlopCounterMode)"),
                            (axes[1], "step_time", "training step time (s, median, no data wait)")):
-        for r in rows:
-            ax.scatter(r[key], r["zeroshot_top1"])
-            ax.annotate(r["arm"], (r[key], r["zeroshot_top1"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        for arm, row in summary.items():
+            x, y = interval_of(row, key), interval_of(row, "zeroshot_top1")
+            xerr = [[x.mean - x.lo], [x.hi - x.mean]] if x.n > 1 else None
+            yerr = [[y.mean - y.lo], [y.hi - y.mean]] if y.n > 1 else None
+            ax.errorbar(x.mean, y.mean, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+            ax.annotate(arm, (x.mean, y.mean), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
-        ax.set_ylabel("zero-shot top-1 (%)")
+        ax.set_ylabel("zero-shot top-1 (%), mean and 95% interval over seeds")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "compare.png"), dpi=120)
     plt.close(fig)
@@ -142,8 +185,10 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="compare_reducers", description=__doc__.split("\n")[0])
-    add_arm_run_args(p, list(ARMS), "logs/compare_reducers")
+    add_arm_run_args(p, list(ARMS), "logs/compare_reducers", reference="plain")
     p.add_argument("--flops-images", type=int, default=16, help="real images the GFLOPs are measured on")
+    p.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
+                   help="further paired differences to report, A minus B (e.g. drip-uniform:drip)")
     a, extra = p.parse_known_args(argv)
     images = list_images(os.path.join(a.data, "zeroshot"), a.flops_images)
     if not images:
@@ -151,19 +196,28 @@ def main(argv: list[str] | None = None) -> int:
     global_batch = a.batch_size * a.nproc
     # one epoch of exactly --steps steps (the loader cycles the shards): the LR curve spans the run
     extra = ["--log-every-n-steps", "1", "--train-num-samples", str(a.steps * global_batch), *extra]
-    rows, teacher = [], None
-    for arm in a.arms:
-        run = run_arm(arm, write_arm_config(arm, a.out, teacher), a, extra, tool="compare")
-        rows.append({"arm": arm, **from_metrics(run["run_dir"], global_batch),
-                     **measure(run["run_dir"], images, a.flops_images), "note": NOTES.get(arm)})
-        if arm == TEACHER_ARM:
-            teacher = os.path.abspath(os.path.join(a.out, "teacher", f"{arm}.safetensors"))
-            export_safetensors(run["run_dir"], teacher)
-    write_outputs(rows, a.out)
-    print(markdown_table(rows, COLUMNS))
-    print(f"compare: {a.steps} steps x global batch {global_batch} per arm, same shards, seed and "
-          f"ds_config; GFLOPs are multiply-adds per image on {len(images)} real images; {a.out}/compare.*",
-          flush=True)
+    runs = []
+    for seed in seeds_of(a):  # seed by seed: an interrupted run leaves whole seeds behind
+        teacher = None
+        for arm in a.arms:
+            run = run_arm(arm, write_arm_config(arm, a.out, teacher, seed), a, extra, tool="compare", seed=seed)
+            run_dir = run["run_dir"]
+            runs.append({"arm": arm, "seed": seed, "run_dir": run_dir, **from_metrics(run_dir, global_batch),
+                         **measure(run_dir, images, a.flops_images)})
+            if arm == TEACHER_ARM:
+                teacher = os.path.abspath(os.path.join(a.out, "teacher", f"{arm}-s{seed}.safetensors"))
+                export_safetensors(run_dir, teacher)
+    reference = reference_of(a)
+    summary = summarize(runs, reference)
+    pairs = pair_rows(runs, a.pairs)
+    write_outputs(runs, summary, a.out, {"seeds": seeds_of(a), "reference": reference, "steps": a.steps,
+                                         "global_batch": global_batch, "pairs": pairs})
+    print(markdown_table(per_seed_table(summary, COLUMNS), [(k, h, "{}") for k, h, _ in COLUMNS]))
+    print("\n".join(["", f"differences to {reference}, paired by seed (95% t interval; separated: it excludes 0):",
+                     *separation_lines(summary, SEPARATION), *separation_lines(pairs, SEPARATION)]))
+    print(f"compare: {a.steps} steps x global batch {global_batch} per arm and seed, same shards and ds_config; "
+          f"seeds {seeds_of(a)}; cells: mean +- half-width of the 95% t interval (n seeds); GFLOPs are "
+          f"multiply-adds per image on {len(images)} real images; {a.out}/compare.*", flush=True)
     return 0
 
 

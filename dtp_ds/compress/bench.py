@@ -1,8 +1,9 @@
-"""``tools/bench_compression``: time to the uncompressed run's accuracy, per compression strategy.
+"""``tools/bench_compression``: time to the uncompressed run's accuracy, per compression strategy,
+with every cost the method needs counted.
 
-Arms, all the same model, data order, seed, global batch and LR recipe, each trained to the same
-training budget under the ``deepspeed`` launcher and zero-shot evaluated every ``--eval-every``
-steps:
+Arms, all the same model, data order, global batch and LR recipe, each run under the
+``deepspeed`` launcher at every seed of ``--seeds`` (a seed changes initialisation and data
+order; all arms share each seed) and zero-shot evaluated every ``--eval-every`` steps:
 
 - ``baseline``: uncompressed, ``--steps`` steps;
 - ``dropout``: token dropout at ``--constant-rate`` for the whole run;
@@ -10,21 +11,38 @@ steps:
 - ``schedule``: the CA-MSE schedule (``--schedule FILE``, or chosen here by ``make demo-compress``'s
   pipeline: pilot -> cost table -> estimator, at the arms' global batch).
 
-Same budget: an arm of mean step cost ``c`` (a segment's cost from the measured cost table, the
-uncompressed remainder 1) trains ``steps / c`` steps, so every arm spends about the baseline's
-training time; its LR curve and schedule span its own steps (as the paper compares schedules).
-Time is training time: the sum of the steps' logged ``step_time`` up to an evaluation (data waits
-included; evaluation and checkpoint saves not), or with ``--clock cpu`` their ``step_cpu_time``
-(rank 0's CPU time; the arms then run one thread per rank and the cost table is timed the same
-way), which other jobs on a shared CPU do not inflate: use it with ``--nproc 1`` (a rank waiting
-for a peer in a collective may spin).
+**Time** is training time: the sum of the steps' logged ``step_time`` up to an evaluation (data
+waits included; evaluation and checkpoint saves not), or with ``--clock cpu`` their
+``step_cpu_time`` (rank 0's CPU time; the arms then run one thread per rank and the cost table
+is timed the same way), which other jobs on a shared CPU do not inflate: use it with
+``--nproc 1`` (a rank waiting for a peer in a collective may spin).
 
-Printed per arm: steps, mean cost, training time, final and best top-1, the time to reach the
-baseline's final top-1 (or ``-`` and its best), and that time over the baseline's own time to it.
-Writes ``bench.{json,md,png}`` (top-1 against training time) to ``--out``. An arm whose run
-directory holds a finished run of the same arguments is not trained again (so arms can be run by
-separate invocations, and the table re-made from them). The machine's load
-average at each arm's start and end goes in the JSON: a shared machine distorts the ratios.
+**Equal budgets in measured time**: an arm of mean step cost ``c`` (the cost table's, the
+uncompressed remainder 1) is planned for ``--budget-margin x steps / c`` steps (its LR curve and
+schedule span them), and only its evaluations within the baseline's measured training time on
+the same seed count: each arm trains until its measured time reaches the baseline's.
+``budget used`` is the share of the baseline's time an arm really trained (below 1: the cost
+table promised more steps than fit).
+
+**Target** = the baseline's final top-1, mean over seeds. **Time to target** is *sustained*: the
+time of the first evaluation after which the arm stays at or above the target for the rest of
+its budget (per seed; never: ``-``); the first evaluation touching it stands beside it,
+labelled. The baseline's own time to target on a seed is its sustained time, or its whole
+training time where it ends below the mean (the target is where its run ends).
+
+**Every cost counted**: what choosing the schedule took (the pilot's training time, the cost
+table, the estimator: ``overhead.json`` of the pipeline, or ``--overhead-s``) is charged to the
+schedule arm: ``ratio`` = (time to target + overhead) / the baseline's time to target, per seed
+then mean and 95% interval; ``ratio_without_overhead`` beside it, and the baseline run length
+at which the overhead is paid back (overhead / (1 - ratio without it)).
+
+Printed per arm: ``mean +- half-width (n)`` over seeds (95% t interval, :mod:`dtp_ds.bench.stats`)
+of each column, then each arm's paired difference to the baseline in ratio and final top-1 and
+whether it separates. Writes ``bench.{json,md,png}`` to ``--out`` (the PNG: mean top-1 against
+mean training time with 95% error bars across seeds). An arm whose run directory holds a
+finished run with the same reuse hash (arguments, the contents of the schedule, cost, model and
+ds_config files, threads, code revision: :mod:`dtp_ds.bench.reuse`) is not trained again. The
+machine's load average at each arm's start and end goes in the JSON.
 """
 from __future__ import annotations
 
@@ -33,15 +51,19 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dtp_ds.bench.stats import compare, fmt, interval_of, mean_ci, overhead_ratios, separation_lines, time_to_target
 from dtp_ds.compress.demo import add_pipeline_args, choose_schedule, train_run
 from dtp_ds.train.metrics import read_metrics
 
 
 @dataclass
 class Arm:
+    """One arm at one seed."""
+
     name: str
     spec: str  # --compression-schedule (a file or SPEC); "" uncompressed
     mean_cost: float = 1.0
@@ -50,6 +72,7 @@ class Arm:
     load: list[float] = field(default_factory=list)  # 1-min load average at start and end
     curve: list[dict[str, float]] = field(default_factory=list)  # per evaluation: step, time_s, top1, top5
     train_time_s: float = float("nan")
+    seed: int = 0
 
 
 def mean_cost(spec: str, costs_json: str) -> tuple[float, str]:
@@ -85,37 +108,124 @@ def curve(run_dir: str, key: str = "step_time") -> tuple[list[dict[str, float]],
 
 
 def time_to(points: list[dict[str, float]], target: float) -> float | None:
-    """The training time of the first evaluation at or above ``target`` top-1 (None: never)."""
-    return next((p["time_s"] for p in points if p["top1"] >= target), None)
+    """The sustained time to ``target`` top-1 (:func:`dtp_ds.bench.stats.time_to_target`)."""
+    return time_to_target([p["time_s"] for p in points], [p["top1"] for p in points], target)[0]
 
 
-def summarize(arms: list[Arm]) -> dict[str, Any]:
-    base = arms[0]
-    target = base.curve[-1]["top1"]
-    t_base = time_to(base.curve, target)
-    rows = []
+def within(points: list[dict[str, float]], budget_s: float) -> list[dict[str, float]]:
+    """The evaluations inside the budget (a float sum's last ulp aside)."""
+    return [p for p in points if p["time_s"] <= budget_s * (1 + 1e-9)]
+
+
+KEYS = ["steps", "budget_used", "final_top1", "best_top1", "time_to_target_s", "time_to_target_first_s",
+        "ratio", "ratio_without_overhead", "ratio_first", "payback_baseline_s"]
+
+
+def summarize(arms: Sequence[Arm], overhead_s: float = 0.0, overhead_arm: str = "schedule") -> dict[str, Any]:
+    """Per arm and seed within the baseline's budget, then over seeds (``compare``'s per-seed
+    values, ``*_mean``, ``*_ci95`` and the paired differences to the baseline). ``overhead_s`` is
+    charged to ``overhead_arm``. ``rows``: one per arm, the means under the plain names
+    (``ratio``: None where the arm reached the target on no seed), the per-seed values under
+    ``per_seed``."""
+    names = list(dict.fromkeys(a.name for a in arms))
+    base_name = names[0]
+    base = {a.seed: a for a in arms if a.name == base_name}
+    target = mean_ci([b.curve[-1]["top1"] for b in base.values()]).mean
+    base_time = {}
+    for s, b in base.items():
+        reached = time_to(b.curve, target)
+        base_time[s] = reached if reached is not None else b.train_time_s
+    per_seed: dict[str, dict[str, dict[int, float | None]]] = {n: {k: {} for k in KEYS} for n in names}
     for arm in arms:
-        t = time_to(arm.curve, target)
-        rows.append({"arm": arm.name, "schedule": arm.schedule, "steps": arm.steps,
-                     "mean_cost": round(arm.mean_cost, 4), "train_time_s": round(arm.train_time_s, 1),
-                     "final_top1": arm.curve[-1]["top1"], "best_top1": max(p["top1"] for p in arm.curve),
-                     "time_to_target_s": None if t is None else round(t, 1),
-                     "ratio": None if t is None or not t_base else round(t / t_base, 3)})
-    return {"target_top1": target, "baseline_time_to_target_s": t_base, "rows": rows,
-            "arms": [asdict(a) for a in arms]}
+        if arm.seed not in base:
+            continue
+        budget = base[arm.seed].train_time_s
+        pts = within(arm.curve, budget) if arm.name != base_name else arm.curve
+        sustained, first = time_to_target([p["time_s"] for p in pts], [p["top1"] for p in pts], target)
+        if arm.name == base_name:  # the baseline's time to target: where it stays at it, else its run's end
+            sustained, first = base_time[arm.seed], first if first is not None else base_time[arm.seed]
+        cost = overhead_s if arm.name == overhead_arm else 0.0
+        r = overhead_ratios(sustained, base_time[arm.seed], cost)
+        vals = {"steps": arm.steps, "budget_used": min(arm.train_time_s, budget) / budget,
+                "final_top1": pts[-1]["top1"] if pts else None,
+                "best_top1": max(p["top1"] for p in pts) if pts else None,
+                "time_to_target_s": sustained, "time_to_target_first_s": first, "ratio": r["ratio"],
+                "ratio_without_overhead": r["ratio_without_overhead"],
+                "ratio_first": None if first is None else first / base_time[arm.seed],
+                "payback_baseline_s": r["payback_baseline_s"] if cost else None}
+        for k, v in vals.items():
+            per_seed[arm.name][k][arm.seed] = v
+    stats = compare(per_seed, KEYS, reference=base_name)
+    rows = []
+    for name in names:
+        first = next(a for a in arms if a.name == name)
+        st = stats[name]
+        seeds = [a.seed for a in arms if a.name == name and a.seed in base]
+        reached = sum(per_seed[name]["time_to_target_s"].get(s) is not None for s in seeds)
+        ratio, without = interval_of(st, "ratio"), interval_of(st, "ratio_without_overhead")
+        cost = overhead_s if name == overhead_arm else 0.0
+        per = {k: v for k, v in st.items() if isinstance(v, dict)}  # the per-seed values
+        row = {k: v for k, v in st.items() if k not in per}
+        row.update({k: st.get(f"{k}_mean") for k in KEYS})  # the means under the plain names
+        row.update(per_seed=per, arm=name, schedule=first.schedule, mean_cost=round(first.mean_cost, 4),
+                   overhead_s=cost, reached=f"{reached}/{len(seeds)}",
+                   train_time_s=mean_ci([a.train_time_s for a in arms if a.name == name]).mean,
+                   ratio=ratio.mean if ratio.n else None, ratio_without_overhead=without.mean if without.n else None,
+                   # on the mean ratio: the baseline time to target at which the overhead is paid back
+                   payback_baseline_s=overhead_ratios(without.mean, 1.0, cost)["payback_baseline_s"]
+                   if cost and without.n else None)
+        rows.append(row)
+    return {"target_top1": target, "baseline_time_to_target_s": mean_ci(list(base_time.values())).mean,
+            "baseline_time_to_target_s_per_seed": {str(s): t for s, t in base_time.items()},
+            "overhead_s": overhead_s, "seeds": sorted(base), "rows": rows, "arms": [asdict(a) for a in arms]}
+
+
+COLUMNS = [("budget_used", "budget used", "{:.2f}"), ("final_top1", "final top-1", "{:.1f}"),
+           ("time_to_target_s", "time to target s (sustained)", "{:.1f}"),
+           ("time_to_target_first_s", "first touch s", "{:.1f}"),
+           ("ratio", "ratio (with overhead)", "{:.2f}"), ("ratio_without_overhead", "ratio w/o overhead", "{:.2f}"),
+           ("ratio_first", "first-touch ratio w/o overhead", "{:.2f}")]
+SEPARATION = [("ratio", "ratio (with overhead)", "{:.2f}"), ("final_top1", "final top-1", "{:.1f}")]
 
 
 def markdown(result: dict[str, Any]) -> str:
-    head = ["arm", "schedule", "steps", "mean cost", "train time s", "final top-1", "best top-1",
-            "time to target s", "ratio"]
-    lines = [f"target: the baseline's final zero-shot top-1, {result['target_top1']:.1f}%", "",
+    head = ["arm", "schedule", "steps", "mean cost", "overhead s", *[h for _, h, _ in COLUMNS], "reached"]
+    n = len(result.get("seeds", [])) or 1
+    lines = [f"target: the baseline's final zero-shot top-1, mean over {n} seed(s): {result['target_top1']:.1f}%; "
+             "cells: mean +- half-width of the 95% t interval (seeds); time to target: sustained (the first "
+             "evaluation after which the arm stays at or above the target); ratio: (time to target + overhead) / "
+             "the baseline's time to target", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in result["rows"]:
-        reached = "-" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {r['arm']} | {r['schedule']} | {r['steps']} | {r['mean_cost']:.3f} | "
-                     f"{r['train_time_s']:.1f} | {r['final_top1']:.1f} | {r['best_top1']:.1f} | {reached} | {ratio} |")
+        cells = [r["arm"], r["schedule"], fmt(interval_of(r, "steps"), "{:.0f}"), f"{r['mean_cost']:.3f}",
+                 f"{r['overhead_s']:.1f}", *[fmt(interval_of(r, k), spec) for k, _, spec in COLUMNS], r["reached"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    rows = {r["arm"]: r for r in result["rows"]}
+    lines += [f"differences to {result['rows'][0]['arm']}, paired by seed (separated: the 95% interval excludes 0):",
+              *separation_lines(rows, SEPARATION)]
+    for r in result["rows"]:
+        if r["overhead_s"]:
+            without = "-" if r["ratio_without_overhead"] is None else f"{r['ratio_without_overhead']:.2f}"
+            payback = ("never: it reached the target on no seed" if r["ratio_without_overhead"] is None else
+                       "never: it saves no time" if r["payback_baseline_s"] is None else
+                       f"at a baseline time to target of {r['payback_baseline_s']:.0f} s "
+                       f"({r['payback_baseline_s'] / result['baseline_time_to_target_s']:.1f}x this run)")
+            ratio = fmt(interval_of(r, "ratio"))
+            lines.append(f"{r['arm']}: {r['overhead_s']:.1f} s of overhead counted (ratio {ratio}; without it "
+                         f"{without}); the overhead is paid back {payback}, if the ratio without it holds at other "
+                         f"run lengths")
     return "\n".join(lines) + "\n"
+
+
+def mean_curve(arm_curves: list[list[dict[str, float]]]) -> list[tuple[float, float, float, float]]:
+    """Per evaluation index every seed reached: (mean time, its half-width, mean top-1, its half-width)."""
+    out = []
+    for i in range(min(len(c) for c in arm_curves)):
+        t, a = mean_ci([c[i]["time_s"] for c in arm_curves]), mean_ci([c[i]["top1"] for c in arm_curves])
+        out.append((t.mean, 0.0 if math.isnan(t.half_width) else t.half_width, a.mean,
+                    0.0 if math.isnan(a.half_width) else a.half_width))
+    return out
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -125,16 +235,35 @@ def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    by_name: dict[str, list[dict[str, Any]]] = {}
     for arm in result["arms"]:
-        ax.plot([p["time_s"] for p in arm["curve"]], [p["top1"] for p in arm["curve"]], marker="o", ms=3,
-                label=f"{arm['name']} ({arm['schedule']})"[:60])
-    ax.axhline(result["target_top1"], color="grey", ls="--", lw=1, label="baseline final top-1")
-    ax.set_xlabel("training time (s)")
+        by_name.setdefault(arm["name"], []).append(arm)
+    for name, arms in by_name.items():
+        pts = mean_curve([a["curve"] for a in arms if a["curve"]])
+        ax.errorbar([p[0] for p in pts], [p[2] for p in pts], xerr=[p[1] for p in pts], yerr=[p[3] for p in pts],
+                    marker="o", ms=3, capsize=2, label=f"{name} ({arms[0]['schedule']}, {len(arms)} seeds)"[:60])
+    ax.axhline(result["target_top1"], color="grey", ls="--", lw=1, label="baseline final top-1 (mean)")
+    ax.set_xlabel("training time (s), mean over seeds, 95% interval")
     ax.set_ylabel("zero-shot top-1 (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def overhead_of(a: argparse.Namespace, schedule_json: str, p: argparse.ArgumentParser) -> float:
+    """The schedule's overhead: ``--overhead-s``, else ``overhead.json`` beside the schedule."""
+    if a.overhead_s is not None:
+        return a.overhead_s
+    path = os.path.join(os.path.dirname(os.path.abspath(schedule_json)), "overhead.json")
+    if not os.path.isfile(path):
+        p.error(f"--schedule {schedule_json}: no overhead.json beside it (the pipeline writes one); give "
+                f"--overhead-s (the pilot's, the cost table's and the estimator's seconds; 0 to leave it out)")
+    with open(path) as f:
+        recorded = json.load(f)
+    if recorded.get("clock", a.clock) != a.clock:
+        p.error(f"{path} was measured on the {recorded['clock']} clock, the arms on {a.clock}: give --overhead-s")
+    return float(recorded["overhead_s"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,13 +272,21 @@ def main(argv: list[str] | None = None) -> int:
     add_pipeline_args(p)
     p.add_argument("--logs", default="logs/bench_compression", help="the arms' and the pilot's run directories")
     p.add_argument("--out", default=None, help="bench.{json,md,png} here (default: LOGS)")
-    p.add_argument("--steps", type=int, default=240, help="the baseline's steps (the others: steps / mean cost)")
+    p.add_argument("--steps", type=int, default=240, help="the baseline's steps")
+    p.add_argument("--seeds", type=int, default=1, help="seeds SEED, SEED+1, ...; every arm runs each (3 or more "
+                   "for an interval worth reading; the schedule is chosen once, at SEED)")
+    p.add_argument("--budget-margin", type=float, default=1.15,
+                   help="arms are planned this much longer than the cost table says the baseline's time allows, "
+                        "then cut at the baseline's measured time (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=20, help="steps between zero-shot evaluations (one epoch)")
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--constant-rate", type=float, default=0.5)
     p.add_argument("--constant-patch", type=int, default=16)
     p.add_argument("--schedule", help="a --compression-schedule JSON to use instead of choosing one here")
     p.add_argument("--costs", help="the cost table (tools/compression_costs) with --schedule")
+    p.add_argument("--overhead-s", type=float,
+                   help="with --schedule: what choosing it cost, in seconds on --clock (default: overhead.json "
+                        "beside the schedule)")
     p.add_argument("--arms", nargs="+", default=["baseline", "dropout", "patch", "schedule"],
                    choices=["baseline", "dropout", "patch", "schedule"], help="baseline is always run first")
     a = p.parse_args(argv)
@@ -158,34 +295,44 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = "1"  # the runs' ranks and the cost table: one thread each
     os.makedirs(out, exist_ok=True)
     if a.schedule and not a.costs:
-        p.error("--schedule needs --costs (the cost table its arms' budgets are computed from)")
+        p.error("--schedule needs --costs (the cost table its arms' budgets are planned from)")
     if a.schedule:
         schedule_json, costs_json = a.schedule, a.costs
+        overhead_s = overhead_of(a, schedule_json, p) if "schedule" in a.arms else 0.0
     else:
         a.rates = sorted({*a.rates, a.constant_rate})
         a.patches = list(dict.fromkeys([*a.patches, a.constant_patch]))
         schedule_json, costs_json = choose_schedule(a, os.path.join(out, "schedule"))
+        overhead_s = overhead_of(a, schedule_json, p)
     specs = {"baseline": "", "dropout": f"1:r={a.constant_rate:g}", "patch": f"1:p={a.constant_patch}",
              "schedule": schedule_json}
-    arms = [Arm(name, specs[name], *mean_cost(specs[name], costs_json))
-            for name in ["baseline", *[n for n in a.arms if n != "baseline"]]]
+    names = ["baseline", *[n for n in a.arms if n != "baseline"]]
+    costs = {name: mean_cost(specs[name], costs_json) for name in names}
     global_batch = a.batch_size * a.nproc
-    for arm in arms:
-        epochs = max(1, math.ceil(a.steps / arm.mean_cost / a.eval_every))
-        arm.steps = epochs * a.eval_every
-        extra = ["--epochs", str(epochs), "--train-num-samples", str(a.eval_every * global_batch),
-                 "--warmup", str(max(1, round(a.warmup_fraction * arm.steps))), "--zeroshot-frequency", "1",
-                 "--log-every-n-steps", "1", "--keep-checkpoints", "1",
-                 *(["--compression-schedule", arm.spec, "--compression-costs", costs_json] if arm.spec else [])]
-        arm.load.append(os.getloadavg()[0])
-        run_dir = train_run(a, f"bench-{arm.name}", extra, reuse=True)
-        arm.load.append(os.getloadavg()[0])
-        arm.curve, arm.train_time_s = curve(run_dir, "step_cpu_time" if a.clock == "cpu" else "step_time")
-        print(f"bench_compression: {arm.name}: {arm.steps} steps, {arm.train_time_s:.1f} s training, "
-              f"final top-1 {arm.curve[-1]['top1']:.1f}%", flush=True)
-    result = summarize(arms)
+    first_seed, arms = a.seed, []
+    key = "step_cpu_time" if a.clock == "cpu" else "step_time"
+    for seed in range(first_seed, first_seed + a.seeds):
+        a.seed = seed  # train_run's --seed
+        for name in names:
+            arm = Arm(name, specs[name], *costs[name], seed=seed)
+            margin = 1.0 if name == "baseline" else a.budget_margin
+            epochs = max(1, math.ceil(margin * a.steps / arm.mean_cost / a.eval_every))
+            arm.steps = epochs * a.eval_every
+            extra = ["--epochs", str(epochs), "--train-num-samples", str(a.eval_every * global_batch),
+                     "--warmup", str(max(1, round(a.warmup_fraction * arm.steps))), "--zeroshot-frequency", "1",
+                     "--log-every-n-steps", "1", "--keep-checkpoints", "1",
+                     *(["--compression-schedule", arm.spec, "--compression-costs", costs_json] if arm.spec else [])]
+            arm.load.append(os.getloadavg()[0])
+            run_dir = train_run(a, f"bench-{name}-s{seed}", extra, reuse_run=True)
+            arm.load.append(os.getloadavg()[0])
+            arm.curve, arm.train_time_s = curve(run_dir, key)
+            arms.append(arm)
+            print(f"bench_compression: {name} seed {seed}: {arm.steps} steps, {arm.train_time_s:.1f} s training, "
+                  f"final top-1 {arm.curve[-1]['top1']:.1f}%", flush=True)
+    a.seed = first_seed
+    result = summarize(arms, overhead_s)
     result.update(model=a.model, clock=a.clock, nproc=a.nproc, global_batch=global_batch, baseline_steps=a.steps,
-                  costs=costs_json, schedule=schedule_json,
+                  budget_margin=a.budget_margin, costs=costs_json, schedule=schedule_json,
                   command=" ".join(sys.argv if argv is None else ["bench_compression", *argv]))
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)

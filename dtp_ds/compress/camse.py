@@ -322,8 +322,9 @@ def markdown(result: dict[str, Any]) -> str:
 
     lines = [f"# CA-MSE schedule: {result['model']}, global batch {result['global_batch']}, "
              f"{result['batches']} batches per stage", "",
-             "CA-MSE = bias^2 + cost x Var (total over parameter groups; se: one standard error of CA-MSE; "
-             "* = chosen)", ""]
+             "CA-MSE = bias^2 + cost x Var (total over parameter groups; se: one standard error of CA-MSE, from "
+             f"{result.get('replicates', '?')} batch groups, {max(0, result.get('replicates', 1) - 1)} degrees of "
+             "freedom; * = chosen)", ""]
     rows = []
     for st in result["stages"]:
         for r in st["strategies"]:
@@ -393,6 +394,12 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 # --- the tool ---------------------------------------------------------------------------------
 
+def default_replicates(batches: int) -> int:
+    """Groups of at least 2 batches each, at most 5: 10 batches or more give the tie rule's
+    standard error 4 degrees of freedom (replicates - 1)."""
+    return max(1, min(5, batches // 2))
+
+
 def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compression], global_batch: int,
         batches: int, costs_path: str | None = None, fractions: Sequence[float] | None = None,
         replicates: int | None = None, monotone: bool = False, final_fraction: float = 0.1, seed: int = 0,
@@ -403,7 +410,7 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
 
     table = load_costs(costs_path) if costs_path else {}
     if replicates is None:
-        replicates = 4 if batches >= 8 else (2 if batches >= 4 else 1)
+        replicates = default_replicates(batches)
     if NONE not in strategies:
         strategies = [NONE, *strategies]
     stages, name0, data = [], None, None
@@ -481,13 +488,15 @@ def main(argv: Iterable[str] | None = None) -> int:
                    help="one per stage, in training order: run dir, checkpoints/step_N, *.safetensors or init:MODEL")
     p.add_argument("--train-data", required=True, help="shards, e.g. 'data/synth/train/{00000..00039}.tar'")
     p.add_argument("--global-batch", type=int, default=64, help="the batch the gradients are taken at")
-    p.add_argument("--batches", type=int, default=8, help="K batches per stage (>= 2)")
+    p.add_argument("--batches", type=int, default=10,
+                   help="K batches per stage (>= 2; 10 or more: the standard error has 4 degrees of freedom)")
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     p.add_argument("--patches", type=patch_arg, nargs="+", default=[None], help="'stored' or sizes")
     p.add_argument("--costs", help="the cost table of tools/compression_costs (JSON)")
     p.add_argument("--fractions", type=float, nargs="+",
                    help="each checkpoint's fraction of training (default: its step over the last one's)")
-    p.add_argument("--replicates", type=int, help="batch groups for the standard error (default 4, or fewer)")
+    p.add_argument("--replicates", type=int,
+                   help="batch groups for the standard error (default: BATCHES // 2, at most 5)")
     p.add_argument("--monotone", action="store_true", help="compression never rises at a later stage")
     p.add_argument("--final-fraction", type=float, default=0.1,
                    help="the last fraction of training left uncompressed (0: the last stage's choice to the end)")

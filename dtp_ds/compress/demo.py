@@ -2,7 +2,8 @@
 
 1. **pilot**: a short run of the tiny patch-stem trunk (``Plain-ViT-Tiny-8``: token dropout and
    patch scaling both apply) under the ``deepspeed`` launcher, checkpointing every
-   ``--pilot-save-every`` steps (``LOGS/compress-pilot``);
+   ``--pilot-save-every`` steps (``LOGS/compress-pilot``), on the first half of the shards (the
+   estimator takes its gradients on the other half: samples the pilot did not train on);
 2. **costs**: ``tools/compression_costs`` on this CPU for the grid (``LOGS/compress/costs.json``);
 3. **schedule**: ``tools/compression_schedule`` on the pilot's stages (a freshly built model as
    the 0% stage, then each checkpoint; fraction = step / the pilot's last step), the global batch
@@ -11,18 +12,23 @@
    (``LOGS/compress-scheduled``), zero-shot evaluated; ``--baseline`` also trains it uncompressed
    (``LOGS/compress-baseline``) and prints both runs' cost units and zero-shot top-1.
 
-The defaults take a few minutes on a 2-core CPU; every size is a flag.
+What choosing the schedule cost (the pilot's training time on the runs' clock, the cost table's
+and the estimator's time) goes to ``LOGS/compress/overhead.json``: ``tools/bench_compression``
+charges it to the schedule. The defaults take a few minutes on a 2-core CPU; every size is a flag.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import time
 
+from dtp_ds.bench import reuse
+from dtp_ds.cluster.ports import free_port
 from dtp_ds.compress.costs import patch_arg
 from dtp_ds.demo import finished_as, launch_command, summary_lines
 from dtp_ds.train.metrics import read_metrics
@@ -30,37 +36,43 @@ from dtp_ds.train.metrics import read_metrics
 MODEL = "Plain-ViT-Tiny-8"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_run(a: argparse.Namespace, name: str, extra: list[str], reuse: bool = False) -> str:
-    """Train ``name`` under the launcher (``reuse``: not if a finished run of the same arguments is there)."""
+def train_run(a: argparse.Namespace, name: str, extra: list[str], reuse_run: bool = False) -> str:
+    """Train ``name`` under the launcher (``reuse``: not if a finished run is there whose reuse hash
+    matches: the same arguments, contents of the files they name, threads and code)."""
     run_dir = os.path.join(a.logs, name)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
     cmd = launch_command(a.data, a.logs, name, a.nproc, a.model,
                          ["--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(a.seed),
                           "--log-every-n-steps", "5", *extra])
-    if reuse and finished_as(run_dir, a.model, cmd):
-        print(f"demo-compress: {run_dir}: finished with these arguments: not trained again", flush=True)
+    digest = reuse.reuse_hash(cmd[1:], reuse.files_in(cmd), reuse.thread_settings(env))
+    if reuse_run and finished_as(run_dir, a.model, cmd) and reuse.reusable(run_dir, digest):
+        print(f"demo-compress: {run_dir}: finished with these arguments and files: not trained again", flush=True)
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     # a free rendezvous port: another job on the machine may hold the launcher's default 29500
-    cmd[1:1] = ["--master_port", str(_free_port())]
+    cmd[1:1] = ["--master_port", str(free_port())]
     print("demo-compress:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     if rc != 0:
         raise SystemExit(f"demo-compress: training {name} failed (exit {rc}); see the output above and {run_dir}")
+    reuse.record(run_dir, digest, command=cmd, threads=reuse.thread_settings(env))
     return run_dir
 
 
-def train_data(data: str) -> str:
-    shards = sorted(glob.glob(os.path.join(data, "train", "*.tar")))
+def train_data(data: str, part: slice = slice(None)) -> str:
+    """The brace pattern of ``data``'s training shards (``part``: of those shards, in name order)."""
+    shards = sorted(glob.glob(os.path.join(data, "train", "*.tar")))[part]
     first, last = (os.path.basename(s)[: -len(".tar")] for s in (shards[0], shards[-1]))
     return os.path.join(data, "train", f"{{{first}..{last}}}.tar")
+
+
+def run_seconds(run_dir: str, key: str = "step_time") -> float:
+    """A run's training time: the sum of its rows' ``key`` (``step_time`` or ``step_cpu_time``)
+    over its steps (it must log every step)."""
+    from dtp_ds.train.metrics import read_metrics
+
+    return sum({r["step"]: r[key] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if key in r}.values())
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -76,14 +88,19 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.5, 0.75])
     p.add_argument("--patches", type=patch_arg, nargs="+", default=[None, 16])
     p.add_argument("--cost-steps", type=int, default=3)
-    p.add_argument("--batches", type=int, default=4, help="K global batches per stage for the estimator")
+    p.add_argument("--batches", type=int, default=10,
+                   help="K global batches per stage for the estimator (10: 5 groups of 2, so the standard error "
+                        "of its tie rule has 4 degrees of freedom)")
     p.add_argument("--monotone", action="store_true")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="the cost table's clock (cpu: CPU time, which other jobs on a shared CPU do not inflate)")
 
 
 def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
-    """Pilot run -> cost table -> CA-MSE schedule; the schedule's and the cost table's paths in ``out``."""
+    """Pilot run -> cost table -> CA-MSE schedule; the schedule's and the cost table's paths in
+    ``out``, and what each step cost in ``out/overhead.json`` (``clock``: the runs' step times,
+    wall or rank 0's CPU; the pilot's training time on it, the cost table's and the estimator's
+    time in this process on it; ``overhead_s`` their sum)."""
     from dtp_ds.compress import camse, costs
     from dtp_ds.train.checkpoint import list_checkpoints
 
@@ -91,10 +108,22 @@ def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
         raise SystemExit(f"demo-compress: no shards in {a.data}/train: run tools/make_synthetic_shards --out {a.data}")
     os.makedirs(out, exist_ok=True)
 
-    # 1. pilot
+    shards = glob.glob(os.path.join(a.data, "train", "*.tar"))
+    if len(shards) < 2:
+        raise SystemExit(f"demo-compress: {a.data}/train has {len(shards)} shard(s): the pilot trains on the first "
+                         f"half and the estimator reads the other half; make at least 2")
+    half = len(shards) // 2
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+
+    # 1. pilot (logging every step: its training time is counted as the runs' is)
+    started = time.perf_counter()
     pilot = train_run(a, "compress-pilot", ["--epochs", "1", "--train-num-samples", str(a.pilot_samples),
                                             "--warmup", "5", "--save-every-n-steps", str(a.pilot_save_every),
-                                            "--keep-checkpoints", "100", "--zeroshot-frequency", "0"])
+                                            "--keep-checkpoints", "100", "--zeroshot-frequency", "0",
+                                            "--log-every-n-steps", "1", "--train-data",
+                                            train_data(a.data, slice(None, half))])
+    spent = {"pilot_wall_s": time.perf_counter() - started,
+             "pilot_s": run_seconds(pilot, "step_cpu_time" if a.clock == "cpu" else "step_time")}
     ckpts = [d for _, d in list_checkpoints(os.path.join(pilot, "checkpoints"))]
     stages = [f"init:{a.model}"] + [os.path.join(pilot, "checkpoints", d) for d in ckpts]
     print(f"demo-compress: pilot stages: {', '.join(stages)}", flush=True)
@@ -102,16 +131,27 @@ def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
     # 2. cost table (one micro-batch, the size each rank steps at)
     costs_json = os.path.join(out, "costs.json")
     patch_args = ["stored" if x is None else str(x) for x in a.patches]
+    started = clock()
     costs.main(["--model", a.model, "--rates", *map(str, a.rates), "--patches", *patch_args, "--batch-size",
                 str(a.batch_size), "--steps", str(a.cost_steps), "--warmup", "1", "--clock", a.clock,
                 "--out", costs_json])
+    spent["costs_s"] = clock() - started
 
     # 3. CA-MSE schedule at the runs' global batch
+    # on the shards the pilot did not read
     schedule_json = os.path.join(out, "schedule.json")
-    camse.main(["--checkpoints", *stages, "--train-data", train_data(a.data), "--global-batch",
+    started = clock()
+    camse.main(["--checkpoints", *stages, "--train-data", train_data(a.data, slice(half, None)), "--global-batch",
                 str(a.batch_size * a.nproc), "--batches", str(a.batches), "--rates", *map(str, a.rates),
                 "--patches", *patch_args, "--costs", costs_json, "--seed", str(a.seed), "--out", schedule_json,
                 *(["--monotone"] if a.monotone else [])])
+    spent["estimator_s"] = clock() - started
+    overhead = {"clock": a.clock, **spent, "overhead_s": spent["pilot_s"] + spent["costs_s"] + spent["estimator_s"]}
+    with open(os.path.join(out, "overhead.json"), "w") as f:
+        json.dump(overhead, f, indent=1)
+    print(f"demo-compress: choosing the schedule cost {overhead['overhead_s']:.1f} s ({a.clock} clock): pilot "
+          f"{spent['pilot_s']:.1f} s training, cost table {spent['costs_s']:.1f} s, estimator "
+          f"{spent['estimator_s']:.1f} s", flush=True)
     return schedule_json, costs_json
 
 
@@ -123,9 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="of the scheduled run")
     p.add_argument("--samples-per-epoch", type=int, default=1920)
     p.add_argument("--baseline", action="store_true", help="also train the uncompressed run and compare")
+    p.add_argument("--schedule-only", action="store_true",
+                   help="stop after step 3: the schedule, the cost table and overhead.json, no run trained")
     a = p.parse_args(argv)
     out = os.path.join(a.logs, "compress")
     schedule_json, costs_json = choose_schedule(a, out)
+    if a.schedule_only:
+        print(f"demo-compress: schedule {schedule_json}, costs {costs_json}, {out}/overhead.json", flush=True)
+        return 0
 
     # 4. the scheduled run (and the uncompressed one)
     common = ["--epochs", str(a.epochs), "--train-num-samples", str(a.samples_per_epoch), "--warmup", "5",

@@ -1,14 +1,16 @@
-"""``make demo-compress`` at tiny sizes: a pilot run under the deepspeed launcher saving
-DeepSpeed checkpoints -> the cost table -> the CA-MSE estimator on those checkpoints -> a run
-trained under the schedule it wrote (its rows log the schedule's strategies and measured costs);
-then ``tools/bench_compression`` on that schedule."""
+"""``make demo-compress``'s pipeline at tiny sizes (a pilot under the deepspeed launcher saving
+DeepSpeed checkpoints -> the cost table -> the CA-MSE estimator on them), then
+``tools/bench_compression`` on the schedule it wrote; what the bench reports is recomputed here
+from the metrics files its arms wrote, and a changed schedule file retrains its arm."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -16,16 +18,29 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.dist
 
 
+def _metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def _curve(run_dir):
+    """(times, top-1) at each evaluation, from the run's per-step rows (numpy, not the tool's code)."""
+    rows = _metrics(run_dir)
+    steps = {r["step"]: r["step_time"] for r in rows if "step_time" in r}
+    cum = np.cumsum([steps[s] for s in sorted(steps)])
+    evals = [r for r in rows if "zeroshot_top1" in r]
+    return np.array([cum[r["step"] - 1] for r in evals]), np.array([r["zeroshot_top1"] for r in evals]), cum[-1]
+
+
 @pytest.mark.timeout(900)
 def test_demo_compress_then_bench_compression(synth, tmp_path):
     from dtp_ds.train.compression_schedule import load_schedule
 
     logs = tmp_path / "logs"
+    # a fixed code revision: other edits to the working tree while this runs must not retrain the baseline
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DTP_DS_CODE_REVISION": "test"}
     cmd = [sys.executable, "-m", "dtp_ds.compress.demo", "--data", str(synth), "--logs", str(logs), "--nproc", "1",
            "--batch-size", "8", "--pilot-samples", "48", "--pilot-save-every", "3", "--rates", "0", "0.5",
-           "--patches", "stored", "16", "--cost-steps", "1", "--batches", "2", "--epochs", "1",
-           "--samples-per-epoch", "48"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+           "--patches", "stored", "16", "--cost-steps", "1", "--batches", "2", "--schedule-only"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = logs / "compress"
@@ -35,35 +50,61 @@ def test_demo_compress_then_bench_compression(synth, tmp_path):
     assert [st["fraction"] for st in schedule["stages"]] == [0.0, 0.5, 1.0]
     assert all(r["cost_source"] in ("identity", "table") for st in schedule["stages"] for r in st["strategies"])
     assert (out / "schedule.png").stat().st_size > 0 and "CA-MSE" in (out / "schedule.md").read_text()
-    segments = load_schedule(str(out / "schedule.json"))
-    rows = [json.loads(line) for line in open(logs / "compress-scheduled" / "metrics.jsonl") if '"loss"' in line]
-    # 6 steps (rows every 5th and the last); each row has its step's segment's strategy and cost,
-    # the last 10% uncompressed
-    ends = [round(6 * sum(s.fraction for s in segments[: i + 1])) for i in range(len(segments))]
-    expect = [next(s for s, e in zip(segments, ends) if r["step"] - 1 < e) for r in rows]
-    assert rows[-1]["step"] == 6
-    assert [r["compression_r"] for r in rows] == [s.strategy.rate for s in expect]
-    assert [r["compression_cost"] for r in rows] == pytest.approx([s.cost or 1.0 for s in expect])
-    assert rows[-1]["compression_r"] == 0.0 and rows[-1]["compression_cost"] == 1.0
-    assert "demo-compress: scheduled: 6 steps" in proc.stdout
+    # the pilot trained on the first half of the 12 shards (the estimator reads the other half)
+    pilot_cmd = json.loads((logs / "compress-pilot" / "config.json").read_text())["command"]
+    assert pilot_cmd[len(pilot_cmd) - 1 - pilot_cmd[::-1].index("--train-data") + 1].endswith("{00000..00005}.tar")
+    # what choosing the schedule cost: the pilot's six logged step times, and the two in-process steps
+    overhead = json.loads((out / "overhead.json").read_text())
+    pilot_time = np.sum([r["step_time"] for r in _metrics(logs / "compress-pilot") if "step_time" in r])
+    assert overhead["pilot_s"] == pytest.approx(pilot_time)
+    assert overhead["overhead_s"] == pytest.approx(pilot_time + overhead["costs_s"] + overhead["estimator_s"])
+    assert overhead["costs_s"] > 0 and overhead["estimator_s"] > 0
 
-    # tools/bench_compression on the schedule and cost table just written (no second pilot): the
-    # baseline and the schedule, the schedule's arm at the baseline's cost budget
+    # tools/bench_compression on that schedule: the baseline and the schedule arm
     bench = logs / "bench"
     cmd = [sys.executable, "tools/bench_compression", "--data", str(synth), "--logs", str(bench), "--nproc", "1",
-           "--batch-size", "8", "--steps", "6", "--eval-every", "3", "--schedule", str(out / "schedule.json"),
-           "--costs", str(out / "costs.json"), "--arms", "schedule"]
+           "--batch-size", "8", "--steps", "6", "--eval-every", "3", "--budget-margin", "1",
+           "--schedule", str(out / "schedule.json"), "--costs", str(out / "costs.json"), "--arms", "schedule"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((bench / "bench.json").read_text())
     rows = {r["arm"]: r for r in result["rows"]}
-    assert list(rows) == ["baseline", "schedule"] and rows["baseline"]["ratio"] == 1.0
-    # the schedule's mean cost: its segments' measured costs weighted by their fractions; its steps the
-    # baseline's over that, rounded up to whole evaluation intervals
-    mean = sum(s.fraction * (s.cost or 1.0) for s in segments) + 1.0 - sum(s.fraction for s in segments)
-    assert rows["schedule"]["mean_cost"] == pytest.approx(mean, abs=1e-4)
-    assert rows["schedule"]["steps"] == 3 * -(-6 // (3 * mean))
-    for arm in result["arms"]:  # an evaluation every 3 steps, training time growing
-        assert [p["step"] for p in arm["curve"]] == list(range(3, arm["steps"] + 1, 3))
-        assert all(a["time_s"] < b["time_s"] for a, b in zip(arm["curve"], arm["curve"][1:]))
-    assert (bench / "bench.png").stat().st_size > 0 and "time to target" in (bench / "bench.md").read_text()
+    assert list(rows) == ["baseline", "schedule"]
+    base_t, base_a, base_total = _curve(bench / "bench-baseline-s0")
+    sched_t, sched_a, _ = _curve(bench / "bench-schedule-s0")
+    target = base_a[-1]
+    assert result["target_top1"] == pytest.approx(target)
+    # the schedule arm's evaluations within the baseline's measured time; sustained: from the first
+    # evaluation after which none falls below the target
+    inside = sched_t <= base_total * (1 + 1e-9)
+    t, acc = sched_t[inside], sched_a[inside]
+    below = np.flatnonzero(acc < target)
+    start = below[-1] + 1 if len(below) else 0
+    sustained = t[start] if start < len(t) else None
+    per = rows["schedule"]["per_seed"]
+    assert per["final_top1"]["0"] == pytest.approx(acc[-1])
+    assert per.get("time_to_target_s", {}).get("0") == (None if sustained is None else pytest.approx(sustained))
+    if sustained is not None:  # the baseline's own time to target: its sustained one (1 seed: it ends at it)
+        ok = np.flatnonzero(base_a < target)
+        base_time = base_t[ok[-1] + 1 if len(ok) else 0]
+        assert per["ratio"]["0"] == pytest.approx((sustained + overhead["overhead_s"]) / base_time)
+        assert per["ratio_without_overhead"]["0"] == pytest.approx(sustained / base_time)
+    assert rows["schedule"]["overhead_s"] == pytest.approx(overhead["overhead_s"])
+    assert rows["baseline"]["overhead_s"] == 0
+    # the arm really trained under the schedule: its rows carry the schedule's strategies, the last uncompressed
+    logged = [r for r in _metrics(bench / "bench-schedule-s0") if "compression_r" in r]
+    rates = {s.strategy.rate for s in load_schedule(str(out / "schedule.json"))}
+    assert {r["compression_r"] for r in logged} <= rates and logged[-1]["compression_r"] == 0.0
+    table = (bench / "bench.md").read_text()
+    assert "time to target s (sustained)" in table and "ratio (with overhead)" in table
+    assert (bench / "bench.png").stat().st_size > 0
+
+    # the same command with the schedule file's contents changed: the schedule arm alone is retrained
+    edited = json.loads((out / "schedule.json").read_text())
+    edited["segments"] = [{"fraction": 0.9, "r": 0.5, "p": None}]
+    (out / "schedule.json").write_text(json.dumps(edited))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "bench-baseline-s0: finished with these arguments and files: not trained again" in proc.stdout
+    assert "--name bench-schedule-s0" in proc.stdout
+    assert len(glob.glob(str(bench / "*-s0"))) == 2
