@@ -1,26 +1,41 @@
 """``--compression-schedule`` end to end: 2 ranks, ZeRO-2, the plain patch-stem trunk (token
 dropout + patch scaling) and DRIP (conv stem: token dropout only) train under a schedule whose
 segments change within 10 steps; every row logs the step's strategy and the cumulative cost
-units; the schedule's state is in the checkpoint."""
+units; the schedule's state is in the checkpoint. Both runs share one launch."""
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import base_args, run_train, step_records
+from tests.conftest import base_args, run_many, step_records
 
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("model,spec,p0,p", [("Plain-ViT-Tiny-8", "0.04:r=0.5,p=16;0.04:r=0.25", 8, 16),
-                                             ("DRIP-ViT-Tiny-8-4x", "0.04:r=0.5;0.04:r=0.25", 8, 8)])
-def test_a_compression_schedule_trains_and_is_logged(synth, tmp_path, model, spec, p0, p):
+# model -> (schedule, patch size at the last segment, patch size while compressed)
+CASES = {"Plain-ViT-Tiny-8": ("0.04:r=0.5,p=16;0.04:r=0.25", 8, 16),
+         "DRIP-ViT-Tiny-8-4x": ("0.04:r=0.5;0.04:r=0.25", 8, 8)}
+
+
+@pytest.fixture(scope="module")
+def runs(synth, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("schedules")
+    todo = {}
+    for model, (spec, _, _) in CASES.items():
+        args = base_args(synth, logs, model, "--zero-stage", "2", "--precision", "fp32", "--max-steps", "10",
+                         "--lr", "2e-3", "--compression-schedule", spec, "--lr-scheduler", "poly")
+        args[args.index("--model") + 1] = model
+        todo[model] = args
+    return run_many(todo, logs / "launch")
+
+
+@pytest.mark.parametrize("model", list(CASES))
+def test_a_compression_schedule_trains_and_is_logged(runs, model):
     import torch
 
-    args = base_args(synth, tmp_path, "run", "--zero-stage", "2", "--precision", "fp32", "--max-steps", "10",
-                     "--lr", "2e-3", "--compression-schedule", spec, "--lr-scheduler", "poly")
-    args[args.index("--model") + 1] = model
-    run_train(args)
-    rows = step_records(tmp_path / "run")
+    _, p0, p = CASES[model]
+    assert runs[model].rc == [0, 0], runs[model].stderr
+    run = runs[model].dir
+    rows = step_records(run)
     assert [r["step"] for r in rows] == list(range(1, 11))
     # 75 steps in the run (2,400 samples, 2 x 16 a step): segments end at steps 3 and 6, then uncompressed
     assert [r["compression_r"] for r in rows] == [0.5] * 3 + [0.25] * 3 + [0.0] * 4
@@ -34,7 +49,7 @@ def test_a_compression_schedule_trains_and_is_logged(synth, tmp_path, model, spe
         assert tokens[:7] == [9.0] * 3 + [49.0] * 3 + [65.0]  # 4x4 grid keeps 8; 64 keep 48; all 64
     losses = [r["loss"] for r in rows]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
+    ckpt = run / "checkpoints" / "step_00000010"
     states = torch.load(next(ckpt.glob("*model_states.pt")), map_location="cpu", weights_only=False)
     saved = states["schedules"]["compression"]
     assert saved["step_done"] == 10 and saved["ends"] == [3, 6, 75]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dtp_ds.cluster.ports import free_port
-from tests.conftest import REPO, base_args, metrics, run_train, step_records
+from tests.conftest import REPO, base_args, metrics, run_many, step_records
 
 pytestmark = pytest.mark.dist
 
@@ -44,15 +44,15 @@ def test_two_ranks_gradcache_steps_equal_one_large_batch(ranks, case):
 def test_a_gradcache_run_trains_the_large_batch_run(synth, tmp_path):
     """dtp_ds.train with --batch-size 8 --accum-freq 3 against --batch-size 24 (2 ranks, ZeRO-2,
     fp32, AdamW): the same samples per step, the same logged whole-batch loss at every step, the
-    same final weights, 3 engine micro-steps per optimizer step."""
+    same final weights, 3 engine micro-steps per optimizer step. Both runs in one launch."""
     common = ["--precision", "fp32", "--zero-stage", "2", "--max-steps", "4", "--lr", "2e-3",
               "--train-num-samples", "480"]
     large = base_args(synth, tmp_path, "large", *common)
     large[large.index("--batch-size") + 1] = "24"
-    run_train(large)
     chunked = base_args(synth, tmp_path, "gradcache", *common, "--accum-freq", "3")
     chunked[chunked.index("--batch-size") + 1] = "8"
-    run_train(chunked)
+    done = run_many({"large": large, "gradcache": chunked}, tmp_path / "launch")
+    assert [r.rc for r in done.values()] == [[0, 0], [0, 0]], {k: r.stderr for k, r in done.items()}
     a, b = step_records(tmp_path / "gradcache"), step_records(tmp_path / "large")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["samples_seen"] for r in a] == [r["samples_seen"] for r in b] == [48 * s for s in range(1, 5)]

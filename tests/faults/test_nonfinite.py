@@ -1,6 +1,7 @@
 """Point 3: numbers. Non-finite losses are injected for real (``DTP_DS_FAULT_NONFINITE``
 adds ``+inf`` to the loss before the backward pass); fp16 overflow is real (an initial loss
-scale far too high for the gradients)."""
+scale far too high for the gradients). The two-rank runs share one launch, the one-rank runs
+another (tests/dist/train_runs.py); the injection is read per run."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import torch
 
 from dtp_ds.train.checkpoint import _deepspeed_safe_globals
 from dtp_ds.train.schedule import warmup_cosine
-from tests.conftest import TINY_DS_CONFIG
-from tests.faults.conftest import base, error_lines, records, run, run_ok, steps
+from tests.conftest import TINY_DS_CONFIG, run_many
+from tests.faults.conftest import FAST_ENV, base, records, steps
 
 pytestmark = pytest.mark.dist  # real runs under the deepspeed launcher
 
@@ -82,17 +83,46 @@ def _offload_config(tmp_path: Path) -> str:
 # Every optimizer path a shipped config takes: ZeRO-1 (the shipped default), ZeRO-2 (tiny.json),
 # ZeRO-3, and the V100 H-14 config's CPU offload (DeepSpeedCPUAdam). bf16 asked for explicitly:
 # on a CPU without native bf16 the default precision would be fp32.
-@pytest.mark.parametrize("zero", ["1", "2", "3", "offload"])
-def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(synth, tmp_path, zero):
-    """2 ranks, bf16, micro-batch 4; +inf in rank 0's loss only, at step 2."""
-    args = base(synth, tmp_path, "nf", "--precision", "bf16", "--lr", "2e-3", "--max-steps", "3", "--batch-size",
-                "4", "--save-every-n-steps", "1")
-    if zero == "offload":
-        args[args.index("--deepspeed_config") + 1] = _offload_config(tmp_path)
-    else:
-        args += ["--zero-stage", zero]
-    run_ok(args, nproc=2, env={"DTP_DS_FAULT_NONFINITE": "2@0"})
-    run_dir = tmp_path / "nf"
+ZEROS = ["1", "2", "3", "offload"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(synth, tmp_path_factory):
+    """2 ranks, bf16, micro-batch 4; +inf in rank 0's loss only, at step 2; one run per ZeRO path."""
+    logs = tmp_path_factory.mktemp("nonfinite2")
+    todo = {}
+    for zero in ZEROS:
+        args = base(synth, logs, f"nf-{zero}", "--precision", "bf16", "--lr", "2e-3", "--max-steps", "3",
+                    "--batch-size", "4", "--save-every-n-steps", "1")
+        if zero == "offload":
+            args[args.index("--deepspeed_config") + 1] = _offload_config(logs)
+        else:
+            args += ["--zero-stage", zero]
+        todo[zero] = args
+    return run_many(todo, logs / "launch", env={**FAST_ENV, "DTP_DS_FAULT_NONFINITE": "2@0"})
+
+
+@pytest.fixture(scope="module")
+def one_rank(synth, tmp_path_factory):
+    """1 rank, ZeRO-0: +inf at steps 3-5 in fp32 (the run stops), and fp16 overflow (absorbed)."""
+    logs = tmp_path_factory.mktemp("nonfinite1")
+    stop = base(synth, logs, "stop", "--precision", "fp32", "--zero-stage", "0", "--lr", "2e-3", "--max-steps",
+                "8", "--save-every-n-steps", "2", "--max-nonfinite-steps", "3")
+    cfg = json.loads(Path(TINY_DS_CONFIG).read_text())
+    cfg["bf16"] = {"enabled": False}
+    cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 19, "hysteresis": 1}
+    (logs / "fp16.json").write_text(json.dumps(cfg))
+    fp16 = base(synth, logs, "fp16", "--zero-stage", "0", "--lr", "1e-3", "--max-steps", "6",
+                "--max-nonfinite-steps", "2")
+    fp16[fp16.index("--deepspeed_config") + 1] = str(logs / "fp16.json")
+    return run_many({"stop": stop, "fp16": fp16}, logs / "launch", nproc=1, env=FAST_ENV,
+                    run_env={"stop": {"DTP_DS_FAULT_NONFINITE": "3-5"}, "fp16": {"DTP_DS_ALLOW_EMULATED_FP16": "1"}})
+
+
+@pytest.mark.parametrize("zero", ZEROS)
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(two_ranks, zero):
+    assert two_ranks[zero].rc == [0, 0], two_ranks[zero].stderr
+    run_dir = two_ranks[zero].dir
     ds = json.loads((run_dir / "config.json").read_text())["ds_config"]
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == (1 if zero == "offload" else int(zero))
     # DeepSpeed builds DeepSpeedCPUAdam for the ds_config's AdamW under an optimizer offload without torch_adam
@@ -116,17 +146,15 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(synth, tmp_path
     assert a == b and final["params_finite"] and final["nonfinite_steps"] == 1
 
 
-def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(synth, tmp_path):
+def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(one_rank):
     """1 rank, fp32, ZeRO-0 (a plain torch optimizer, guarded by dtp_ds itself); +inf at 3-5."""
-    args = base(synth, tmp_path, "stop", "--precision", "fp32", "--zero-stage", "0", "--lr", "2e-3", "--max-steps",
-                "8", "--save-every-n-steps", "2", "--max-nonfinite-steps", "3")
-    proc = run(args, env={"DTP_DS_FAULT_NONFINITE": "3-5"})
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = error_lines(proc)
-    assert len(errors) == 1 and "3 non-finite steps in a row (steps 3-5" in errors[0], proc.stderr[-2000:]
+    result = one_rank["stop"]
+    assert result.rc == [2], result.stderr
+    errors = [line for line in result.stderr[0].splitlines() if line.startswith("dtp_ds.train: error:")]
+    assert len(errors) == 1 and "3 non-finite steps in a row (steps 3-5" in errors[0], result.stderr
     assert "--max-nonfinite-steps 3" in errors[0] and "last good checkpoint is step_00000004" in errors[0]
-    assert "Traceback" not in proc.stderr
-    run_dir = tmp_path / "stop"
+    assert "Traceback" not in result.stderr[0]
+    run_dir = result.dir
     rows = steps(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["nonfinite_steps"] == 3
     assert rows[-1]["skipped_steps"] == 3
@@ -137,19 +165,12 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint
     assert same(engine_state(ck / "step_00000002"), engine_state(ck / "step_00000004"))
 
 
-def test_fp16_overflow_is_absorbed_by_the_dynamic_loss_scale(synth, tmp_path):
+def test_fp16_overflow_is_absorbed_by_the_dynamic_loss_scale(one_rank):
     """1 rank, fp16, ZeRO-0, initial loss scale 2^19: the first steps overflow (more of them in a
     row than --max-nonfinite-steps), the scale halves until the gradients fit, training goes on."""
-    cfg = json.loads(Path(TINY_DS_CONFIG).read_text())
-    cfg["bf16"] = {"enabled": False}
-    cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 19, "hysteresis": 1}
-    ds = tmp_path / "fp16.json"
-    ds.write_text(json.dumps(cfg))
-    args = base(synth, tmp_path, "fp16", "--zero-stage", "0", "--lr", "1e-3", "--max-steps", "6",
-                "--max-nonfinite-steps", "2")
-    args[args.index("--deepspeed_config") + 1] = str(ds)
-    run_ok(args, env={"DTP_DS_ALLOW_EMULATED_FP16": "1"})
-    rows = steps(tmp_path / "fp16")
+    assert one_rank["fp16"].rc == [0], one_rank["fp16"].stderr
+    run_dir = one_rank["fp16"].dir
+    rows = steps(run_dir)
     assert all(math.isfinite(r["loss"]) for r in rows)
     skipped = [r["skipped_steps"] for r in rows]
     assert skipped[2] == 3, skipped  # overflow, overflow, overflow: 3 in a row, beyond the limit of 2
@@ -158,5 +179,5 @@ def test_fp16_overflow_is_absorbed_by_the_dynamic_loss_scale(synth, tmp_path):
     scales = [2.0**19] + [r["loss_scale"] for r in rows]  # the scale after each step
     assert all(b == (a / 2 if f else a) for a, b, f in zip(scales, scales[1:], flags)), (scales, flags)
     assert all(r["nonfinite_steps"] == 0 for r in rows)  # loss-scale overflows are not non-finite steps
-    _lrs_follow_the_schedule(rows, 1e-3, 2, json.loads((tmp_path / "fp16" / "config.json").read_text())["total_steps"])
-    assert records(tmp_path / "fp16")[-1]["params_finite"]
+    _lrs_follow_the_schedule(rows, 1e-3, 2, json.loads((run_dir / "config.json").read_text())["total_steps"])
+    assert records(run_dir)[-1]["params_finite"]
