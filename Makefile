@@ -35,9 +35,12 @@ demo: $(STAMP) $(DATA)/zeroshot/classnames.json
 	$(PY) -m dtp_ds.demo --data $(DATA) --nproc $(NPROC)
 
 # Token reducers compared on one trunk: every arm trained on the synthetic shards with the tiny
-# configs (same samples, seed, batch), then measured; table and compare.{json,csv,png} in logs/.
+# configs (same samples and batch; each of 3 seeds shared by every arm), then measured; means with
+# 95% intervals, paired differences to plain (and evenly spaced DRIP against learned DRIP), which
+# separate and which do not; table and compare.{json,csv,png} in logs/.
 compare: $(STAMP) $(DATA)/zeroshot/classnames.json
-	$(PY) tools/compare_reducers --data $(DATA) --nproc $(NPROC)
+	$(PY) tools/compare_reducers --data $(DATA) --nproc $(NPROC) --seeds 3 \
+		--arms plain drip drip-uniform tokenlearner low-res --pairs drip-uniform:drip
 
 # Sequence compression with a CA-MSE schedule: a short pilot run of the tiny patch-stem trunk
 # (checkpoints every 10 steps) -> tools/compression_costs on this CPU -> tools/compression_schedule
