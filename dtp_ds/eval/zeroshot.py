@@ -72,32 +72,58 @@ def zero_shot_eval(
     batch_size: int = 64,
     max_images: int | None = None,
     workers: int = 2,
+    as_ranks: int | None = None,
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy (in %) of a CLIP model on ``split``; call on every rank. For
     models whose reducer groups patches (DRIP's segments) also the groups' quality as
     evaluation ran them
     (:mod:`dtp_ds.eval.boundary_quality`: ``zeroshot_compression``, ``..._purity`` where the
     split records its objects, ``..._prob_spread``). Images are decoded by ``workers`` loader
-    processes (0: in this one), in order: the result does not depend on ``workers``."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    processes (0: in this one), in order: the result does not depend on ``workers``.
+
+    ``as_ranks`` (one process only): split the images as that many ranks would and run each
+    rank's batches in turn, so the batches are those a run of that world size evaluated (its
+    row is reproduced to the bit, not just to kernel rounding); the counts are the same either way."""
+    if dist.is_initialized():
+        if as_ranks not in (None, dist.get_world_size()):
+            raise ValueError(f"as_ranks={as_ranks} under a process group of {dist.get_world_size()} ranks")
+        ranks, world = [dist.get_rank()], dist.get_world_size()
+    else:
+        world = as_ranks or 1
+        ranks = list(range(world))
     was_training = model.training
     model.eval()
     import deepspeed  # here: importing it prints to stdout, which tools that write JSON there must not
 
     # a no-op for parameters ZeRO-3 does not manage (every other stage)
     with deepspeed.zero.GatheredParameters(list(model.parameters(recurse=False))):
-        result = _evaluate(model, tokenizer, preprocess, split, device, input_dtype, batch_size, max_images,
-                           rank, world, workers)
+        classifier = build_zero_shot_classifier(model, tokenizer, split.classnames, split.templates,
+                                                num_classes_per_batch=10, device=device, use_tqdm=False)
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, images
+        quality = BoundaryQuality(device)
+        for rank in ranks:
+            _evaluate(model, classifier, preprocess, split, device, input_dtype, batch_size, max_images,
+                      rank, world, workers, stats, quality)
     model.train(was_training)
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+        dist.all_reduce(quality.sums)
+    top1, top5, count = stats.tolist()
+    if not count:  # (the same on every rank: the counts are all-reduced)
+        raise DataError(f"evaluation split {split.name} ({split.image_dir}): no usable sample (it holds none, "
+                        f"or --zeroshot-max-images is 0)")
+    result = {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
+              "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),
+              "zeroshot_chance_top1": 100 / len(split.classnames)}
+    result.update(quality.result("zeroshot_"))
     return result
 
 
-def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split: ZeroShotSplit,
+def _evaluate(model: nn.Module, classifier: torch.Tensor, preprocess: Callable, split: ZeroShotSplit,
               device: torch.device, input_dtype: torch.dtype, batch_size: int, max_images: int | None,
-              rank: int, world: int, workers: int) -> dict[str, float]:
-    classifier = build_zero_shot_classifier(model, tokenizer, split.classnames, split.templates,
-                                            num_classes_per_batch=10, device=device, use_tqdm=False)
+              rank: int, world: int, workers: int, stats: torch.Tensor, quality: BoundaryQuality) -> None:
+    """Rank ``rank`` of ``world``'s share of the images: adds its top-1 / top-5 hits and images
+    to ``stats`` and its groups to ``quality``."""
     dataset = ImageFolder(split.image_dir, transform=preprocess)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     # Interleave so a capped evaluation still covers every class.
@@ -107,8 +133,6 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
     n_batches = math.ceil(per_rank / batch_size)
     batches = [mine[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
     loader = _image_loader(dataset, [idx or order[:1] for idx in batches], workers)
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, images
-    quality = BoundaryQuality(device)
     for idx, (images, labels) in zip(batches, loader):
         real = len(idx)
         if real == 0:  # this rank ran out: a dummy batch (order[:1]) keeps the collectives in step
@@ -126,18 +150,6 @@ def _evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, split
                 if out.groups is not None:
                     quality.add(out.groups, out.scores,
                                 [_patch_labels(split, dataset.samples[i][0], out.groups.shape[-1]) for i in idx])
-    if dist.is_initialized():
-        dist.all_reduce(stats)
-        dist.all_reduce(quality.sums)
-    top1, top5, count = stats.tolist()
-    if not count:  # (the same on every rank: the counts are all-reduced)
-        raise DataError(f"evaluation split {split.name} ({split.image_dir}): no usable sample (it holds none, "
-                        f"or --zeroshot-max-images is 0)")
-    result = {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
-              "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),
-              "zeroshot_chance_top1": 100 / len(split.classnames)}
-    result.update(quality.result("zeroshot_"))
-    return result
 
 
 def _image_loader(dataset: ImageFolder, batches: list[list[int]], workers: int) -> DataLoader:
@@ -150,6 +162,42 @@ def _image_loader(dataset: ImageFolder, batches: list[list[int]], workers: int) 
 def with_prefix(result: dict[str, float], prefix: str) -> dict[str, float]:
     """``result``'s keys with ``zeroshot_`` replaced by ``prefix`` (a second split's row keys)."""
     return {prefix + k.removeprefix("zeroshot_"): v for k, v in result.items()}
+
+
+def split_prefix(index: int, split: ZeroShotSplit) -> str:
+    """The row keys' prefix of the ``index``-th split: ``zeroshot_`` for the first, ``NAME_`` after."""
+    return "zeroshot_" if index == 0 else f"{split.name}_"
+
+
+def describe(split: ZeroShotSplit, one: dict[str, float]) -> str:
+    """One line for one split's :func:`zero_shot_eval` result (``zeroshot_*`` keys)."""
+    line = (f"zero-shot {split.name}: top-1 {one['zeroshot_top1']:.2f}% top-5 {one['zeroshot_top5']:.2f}% "
+            f"(chance {one['zeroshot_chance_top1']:.2f}%)")
+    if "zeroshot_compression" in one:  # what the reducer reports: groups, scores (grouping has no scores)
+        line += f", eval compression {one['zeroshot_compression']:.2f}"
+        if "zeroshot_purity" in one:
+            line += f", purity {one['zeroshot_purity']:.3f} (even {one.get('zeroshot_purity_even', 0):.3f})"
+        if "zeroshot_prob_spread" in one:
+            line += f", p spread {one['zeroshot_prob_spread']:.3f}"
+    return line
+
+
+def evaluate_splits(model: nn.Module, tokenizer: Callable, preprocess: Callable, splits: list[ZeroShotSplit],
+                    device: torch.device, input_dtype: torch.dtype = torch.float32, batch_size: int = 64,
+                    max_images: int | None = None, workers: int = 2, as_ranks: int | None = None
+                    ) -> tuple[dict[str, float], list[str], list[dict[str, float]]]:
+    """:func:`zero_shot_eval` on each split: the row (the first split's keys ``zeroshot_*``, the
+    others' ``NAME_*``), one line per split, and each split's own result (``zeroshot_*`` keys).
+    What training's periodic evaluation logs and ``tools/evaluate`` reports; call on every rank."""
+    row: dict[str, float] = {}
+    lines, results = [], []
+    for i, split in enumerate(splits):
+        one = zero_shot_eval(model, tokenizer, preprocess, split, device, input_dtype, batch_size=batch_size,
+                             max_images=max_images, workers=workers, as_ranks=as_ranks)
+        row.update(with_prefix(one, split_prefix(i, split)))
+        lines.append(describe(split, one))
+        results.append(one)
+    return row, lines, results
 
 
 def _patch_labels(split: ZeroShotSplit, path: str, num_patches: int):

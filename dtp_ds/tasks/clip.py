@@ -14,7 +14,7 @@ import torch
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from dtp_ds.eval.zeroshot import ZeroShotSplit, with_prefix, zero_shot_eval
+from dtp_ds.eval.zeroshot import ZeroShotSplit, evaluate_splits
 from dtp_ds.models import TowerOutput, record_forward, reducers_of
 
 from . import TaskSpec, register_task
@@ -127,23 +127,10 @@ class CLIPTask:
     def evaluate(self, splits: Iterable[ZeroShotSplit], device: torch.device, batch_size: int,
                  max_images: int | None, workers: int = 2) -> tuple[dict[str, float], list[str]]:
         """Zero-shot top-1/top-5 per split: the first split's keys ``zeroshot_*``, the others'
-        ``NAME_*``."""
-        res: dict[str, float] = {}
-        lines = []
-        for i, split in enumerate(splits):
-            one = zero_shot_eval(self.model, self.tokenizer, self.preprocess_val, split, device, self.input_dtype,
-                                 batch_size=batch_size, max_images=max_images, workers=workers)
-            res.update(with_prefix(one, "zeroshot_" if i == 0 else f"{split.name}_"))
-            line = (f"zero-shot {split.name}: top-1 {one['zeroshot_top1']:.2f}% top-5 {one['zeroshot_top5']:.2f}% "
-                    f"(chance {one['zeroshot_chance_top1']:.2f}%)")
-            if "zeroshot_compression" in one:  # what the reducer reports: groups, scores (grouping has no scores)
-                line += f", eval compression {one['zeroshot_compression']:.2f}"
-                if "zeroshot_purity" in one:
-                    line += f", purity {one['zeroshot_purity']:.3f} (even {one.get('zeroshot_purity_even', 0):.3f})"
-                if "zeroshot_prob_spread" in one:
-                    line += f", p spread {one['zeroshot_prob_spread']:.3f}"
-            lines.append(line)
-        return res, lines
+        ``NAME_*`` (:func:`dtp_ds.eval.zeroshot.evaluate_splits`, what ``tools/evaluate`` runs)."""
+        row, lines, _ = evaluate_splits(self.model, self.tokenizer, self.preprocess_val, list(splits), device,
+                                        self.input_dtype, batch_size, max_images, workers)
+        return row, lines
 
 
 register_task("clip")(CLIPTask)
