@@ -36,10 +36,10 @@ def shipped_ds_config(name: str) -> str:
 
 
 def default_ds_config(model: str, bf16: bool = True) -> str:
-    """ds_configs/<size>.json for a model's size: DRIP variants use their base ViT's
-    (DRIP-ViT-L-14-10x -> vit_l_14.json), the tiny models tiny.json; on devices without
-    bf16 (``bf16=False``: V100s) the fp16 variant (vit_l_14_fp16.json)."""
-    m = re.match(r"^(?:DRIP-)?ViT-([A-Za-z]+)-(\d+)", model)
+    """ds_configs/<size>.json for a model's trunk size, whatever its reducer family
+    (DRIP-ViT-L-14-10x, ToMe-ViT-L-14, DRIPGumbel-ViT-L-14-4x -> vit_l_14.json), the tiny models
+    tiny.json; on devices without bf16 (``bf16=False``: V100s) the fp16 variant (vit_l_14_fp16.json)."""
+    m = re.match(r"^(?:[A-Za-z]+-)?ViT-([A-Za-z]+)-(\d+)", os.path.basename(model))
     if m is None:
         raise ConfigError(f"no default DeepSpeed config for model '{model}': pass --deepspeed_config")
     size, patch = m.group(1).lower(), m.group(2)

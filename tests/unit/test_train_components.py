@@ -3,6 +3,7 @@ arithmetic, LR schedule, epoch planning, the data loader's resume position."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import open_clip
@@ -177,6 +178,13 @@ def test_default_ds_config_follows_the_model_size():
     assert default_ds_config("ViT-Tiny-8").endswith("ds_configs/tiny.json")
     with pytest.raises(ConfigError, match="pass --deepspeed_config"):
         default_ds_config("RN50")
+    # every shipped name, whatever its reducer family, gets its trunk size's config
+    import dtp_ds
+
+    for name in dtp_ds.list_models():
+        size, patch = re.search(r"ViT-([A-Za-z]+)-(\d+)", name).groups()
+        want = "tiny.json" if size == "Tiny" else f"vit_{size.lower()}_{patch}.json"
+        assert Path(default_ds_config(name)).name == want, name
     for path in sorted((REPO / "ds_configs").glob("vit_*_*.json")):  # every shipped size config is reachable
         parts = path.stem.split("_")
         if len(parts) != 3:  # variants (vit_b_32_fp16) are chosen explicitly
