@@ -179,7 +179,6 @@ def test_default_ds_config_follows_the_model_size():
     with pytest.raises(ConfigError, match="pass --deepspeed_config"):
         default_ds_config("RN50")
     # every shipped name, whatever its reducer family, gets its trunk size's config
-    import dtp_ds
 
     for name in dtp_ds.list_models():
         size, patch = re.search(r"ViT-([A-Za-z]+)-(\d+)", name).groups()
