@@ -16,6 +16,13 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = ["IMPORT_ROOT", "__version__", "create_model", "list_models"]
 
+# DeepSpeed JIT-builds its CPU ops with whichever ninja PATH finds first, and two ninja versions
+# rebuild each other's builds (a minute or more each time): every process that imports dtp_ds,
+# however it was started, uses the interpreter's own (dtp_ds.cluster.process_group).
+from dtp_ds.cluster.process_group import use_interpreter_ninja  # noqa: E402
+
+use_interpreter_ninja()
+
 # The directory dtp_ds is imported from (a checkout, or site-packages of an install): child
 # processes and remote hosts put it on PYTHONPATH to run this same code.
 IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
