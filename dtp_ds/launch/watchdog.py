@@ -49,11 +49,17 @@ class PeerWatchdog:
 
     Two daemon threads: one beats and reads the peers' counters (a store call can block for
     good when rank 0 hangs: TCPStore's ``add`` has no timeout), the other judges from what the
-    first one last saw, so a stuck store call is itself a verdict on rank 0."""
+    first one last saw, so a stuck store call is itself a verdict on rank 0.
+
+    Every age is measured on ``clock`` (seconds, monotonic) and :meth:`explain` polls with
+    ``sleep``: tests inject a fake clock and, with ``start(threads=False)``, drive
+    :meth:`beat_once` and :meth:`judge_once` themselves, one beat at a time."""
 
     def __init__(self, store: Any, rank: int, world: int, timeout_s: float, interval_s: float | None = None,
-                 on_lost: Callable[[str], None] | None = None, prefix: str = PREFIX) -> None:
+                 on_lost: Callable[[str], None] | None = None, prefix: str = PREFIX,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.store, self.rank, self.world = store, rank, world
+        self.clock, self.sleep = clock, sleep
         self.timeout_s = float(timeout_s)
         self.interval_s = interval_s or min(5.0, max(0.5, self.timeout_s / 20))
         self.on_lost = on_lost or self._exit
@@ -64,7 +70,7 @@ class PeerWatchdog:
         self._seen: dict[int, tuple[int, float]] = {}
         self._failed: dict[int, tuple[str, float]] = {}
         self._info_cache: dict[int, dict[str, Any]] = {}
-        self._last_ok = time.monotonic()
+        self._last_ok = clock()
         self._last_error = ""
         self._beater = threading.Thread(target=self._beat_loop, name="dtp_ds-watchdog-beat", daemon=True)
         self._judge = threading.Thread(target=self._judge_loop, name="dtp_ds-watchdog-judge", daemon=True)
@@ -79,14 +85,16 @@ class PeerWatchdog:
             return f"rank {rank}"
         return f"rank {rank} ({info.get('host', '?')}, pid {info.get('pid', '?')})"
 
-    def start(self) -> PeerWatchdog:
-        """Publish this rank's host and pid, then beat and judge in daemon threads."""
-        now = time.monotonic()
+    def start(self, threads: bool = True) -> PeerWatchdog:
+        """Publish this rank's host and pid, then beat and judge in daemon threads
+        (``threads=False``: the caller calls :meth:`beat_once` and :meth:`judge_once`)."""
+        now = self.clock()
         self._seen = {r: (-1, now) for r in range(self.world) if r != self.rank}
         self.store.set(self._key("info", self.rank), json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         self._last_ok = now
-        self._beater.start()
-        self._judge.start()
+        if threads:
+            self._beater.start()
+            self._judge.start()
         return self
 
     def stop(self, failed: str | None = None) -> None:
@@ -106,7 +114,7 @@ class PeerWatchdog:
         if rank not in self._info_cache and self.store.check([self._key("info", rank)]):
             self._info_cache[rank] = json.loads(self.store.get(self._key("info", rank)).decode())
 
-    def _beat_once(self) -> None:
+    def _beat(self) -> None:
         """One beat and one read of every peer's counter, O(1) store round trips once every
         peer has started (may block for good if the store hangs: the judge handles that)."""
         self.store.add(self._key("beat", self.rank), 1)
@@ -116,7 +124,7 @@ class PeerWatchdog:
             counts = [int(v) for v in self.store.multi_get(keys)]
         else:
             counts = [self.store.add(k, 0) for k in keys]
-        now = time.monotonic()
+        now = self.clock()
         failed = {r: self.store.get(self._key("failed", r)).decode(errors="replace")
                   for r, c in zip(peers, counts) if c >= FAILED}
         with self._lock:
@@ -132,18 +140,23 @@ class PeerWatchdog:
                 self._read_info(r)
         self._last_ok = now
 
+    def beat_once(self) -> None:
+        """What the beat thread does every ``interval_s``: a beat and a read of the peers'
+        counters; a store failure is kept for the verdict."""
+        try:
+            self._beat()
+        except Exception as e:  # any store failure means the same thing
+            first = str(e).splitlines()[0] if str(e) else ""
+            self._last_error = f"{type(e).__name__}: {first}"
+
     def _beat_loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                self._beat_once()
-            except Exception as e:  # any store failure means the same thing
-                first = str(e).splitlines()[0] if str(e) else ""
-                self._last_error = f"{type(e).__name__}: {first}"
+            self.beat_once()
             self._stop.wait(self.interval_s)
 
     def stalled(self) -> list[tuple[int, float]]:
         """(rank, seconds since its counter last moved) for every watched peer, slowest first."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             items = list(self._seen.items())
         return sorted(((r, now - t) for r, (_, t) in items), key=lambda x: -x[1])
@@ -151,7 +164,7 @@ class PeerWatchdog:
     def verdict(self, limit_s: float | None = None) -> str | None:
         """The ranks silent for ``limit_s`` (default: the timeout), or None."""
         limit = self.timeout_s if limit_s is None else limit_s
-        silent = time.monotonic() - self._last_ok
+        silent = self.clock() - self._last_ok
         lost = [(r, age) for r, age in self.stalled() if age >= limit]
         # Rank 0's counter can stop up to one beat before its store stops answering: when rank 0
         # is the lost one and the store is silent too, the store is what hangs.
@@ -161,7 +174,7 @@ class PeerWatchdog:
             why = self._last_error or "no answer"
             return (f"rank 0 stopped: the rendezvous store it hosts ({addr}) has not answered for {silent:.0f} s "
                     f"({why}): it died or hangs")
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             failed = [(r, why) for r, (why, t) in self._failed.items() if now - t >= min(limit, 2 * self.interval_s)]
         if failed:
@@ -170,12 +183,19 @@ class PeerWatchdog:
             return ", ".join(f"{self.describe(r)} silent for {age:.0f} s" for r, age in lost) + ": it died or hangs"
         return None
 
+    def judge_once(self) -> bool:
+        """What the judge thread does every ``interval_s``: on a verdict, call ``on_lost`` (once)
+        and return True."""
+        msg = self.verdict()
+        if msg and not self._stop.is_set() and not self.fired:
+            self.fired = True
+            self.on_lost(f"{msg} (peer timeout {self.timeout_s:.0f} s)")
+            return True
+        return False
+
     def _judge_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            msg = self.verdict()
-            if msg and not self._stop.is_set():
-                self.fired = True
-                self.on_lost(f"{msg} (peer timeout {self.timeout_s:.0f} s)")
+            if self.judge_once():
                 return
 
     def explain(self, wait_s: float | None = None) -> str | None:
@@ -184,13 +204,13 @@ class PeerWatchdog:
         peer still beats (the failure was not a lost rank)."""
         if self.fired or self._stop.is_set():
             return None
-        deadline = time.monotonic() + (2.5 * self.interval_s + 0.5 if wait_s is None else wait_s)
-        while time.monotonic() < deadline:
+        deadline = self.clock() + (2.5 * self.interval_s + 0.5 if wait_s is None else wait_s)
+        while self.clock() < deadline:
             msg = self.verdict(limit_s=2 * self.interval_s)
             if msg and not self._stop.is_set():
                 self._report(msg)
                 return msg
-            time.sleep(self.interval_s / 2)
+            self.sleep(self.interval_s / 2)
         return None
 
     def _report(self, msg: str) -> None:

@@ -410,9 +410,19 @@ def test_refused_job_shapes_name_the_rule_and_the_nearest_shape(spec, nodes, gpu
     assert rule in str(e.value) and nearest in str(e.value)
 
 
-@pytest.mark.parametrize("nodes,gpus", [(2, 2), (2, 4), (4, 2)])
-def test_accepted_job_shapes_match_context(nodes, gpus):
-    check_job_shape(resolve_target("pitzer:gpuparallel-48core"), nodes, gpus)
+@pytest.mark.parametrize("nodes,gpus,lands_on", [
+    # CONTEXT.md: gpuparallel-48core accepted 2 nodes x 2 GPUs, 2 x 4 and 4 x 2 (V100s): a 2-GPU
+    # job may land on dual or quad nodes, a 4-GPU-per-node job only on the quad ones
+    (2, 2, {"dual-v100-32g-48core", "quad-v100-32g-48core"}),
+    (2, 4, {"quad-v100-32g-48core"}),
+    (4, 2, {"dual-v100-32g-48core", "quad-v100-32g-48core"}),
+])
+def test_accepted_job_shapes_match_context(nodes, gpus, lands_on):
+    part = resolve_target("pitzer:gpuparallel-48core")
+    types = check_job_shape(part, nodes, gpus)
+    assert {n.name for n in types} == lands_on
+    assert all(n.gpus >= gpus and n.gpu.name.startswith("V100") for n in types)
+    assert sum(n.nodes for n in types) >= nodes  # enough such nodes for one job
 
 
 def test_registry_resolves_and_says_where_its_values_come_from():

@@ -500,6 +500,24 @@ def test_flops_counts_drip_at_its_prior(capsys: pytest.CaptureFixture[str]) -> N
     assert row["boundary_rate"] == 0.5 and row["tokens"] == 1 + round(0.5 * 63 + 1)
 
 
+def tiny_tower_macs(segments: int | None) -> int:
+    """Multiply-adds of one 64 px image through an image tower, worked out by hand: ViT-Tiny-8
+    (``segments=None``: open_clip's ViT, 8 px linear patches) or DRIP-ViT-Tiny-8-4x cutting its 64
+    patches into ``segments`` segments after block 2 of 6 (width 192, MLP 768, CLIP width 128)."""
+    d, mlp = 192, 768
+
+    def block(t: int) -> int:  # qkv + out projection, QK^T and AV, the MLP
+        return 4 * t * d * d + 2 * t * t * d + 2 * t * d * mlp
+
+    head = d * 128
+    if segments is None:
+        return 64 * (3 * 8 * 8) * d + 6 * block(65) + head
+    # conv stem: 3x3 stride-2 convolutions 3 -> 24 -> 48 -> 96 channels (32, 16, 8 px), then 1x1 -> 192
+    stem = 32 * 32 * 24 * 3 * 9 + 16 * 16 * 48 * 24 * 9 + 8 * 8 * 96 * 48 * 9 + 8 * 8 * d * 96
+    router = 64 * d * d  # the tied cosine router's projection of the 64 patch embeddings
+    return stem + 2 * block(65) + router + 4 * block(segments + 1) + head
+
+
 def test_bench_tool_runs() -> None:
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "tools/bench", "--models", "ViT-Tiny-8", "DRIP-ViT-Tiny-8-4x",
@@ -509,7 +527,13 @@ def test_bench_tool_runs() -> None:
     rows = json.loads(proc.stdout)["rows"]
     assert [r["model"] for r in rows] == ["ViT-Tiny-8", "DRIP-ViT-Tiny-8-4x"]
     assert rows[1]["gflops_ratio"] < 1 and rows[1]["act_mb_image_ratio"] < 1 and rows[1]["step_s"] > 0
-    assert rows[1]["gflops_run"] >= rows[1]["gflops"] * 0.5 and rows[0]["gflops_run"] == rows[0]["gflops"]
+    # against the hand count: the plain ViT, and DRIP at its configured 4x (round(63 / 4 + 1) = 17
+    # segments) and at what the timed steps ran (the top-k router cuts every image into 17)
+    assert rows[0]["gflops"] == pytest.approx(tiny_tower_macs(None) / 1e9, rel=1e-6)
+    assert rows[0]["gflops_run"] == rows[0]["gflops"]
+    assert rows[1]["compression"] == pytest.approx(64 / 17)
+    assert rows[1]["gflops"] == pytest.approx(tiny_tower_macs(17) / 1e9, rel=1e-6)
+    assert rows[1]["gflops_run"] == pytest.approx(tiny_tower_macs(17) / 1e9, rel=1e-6)
 
 
 def test_conv_stem_gives_the_patch_grid_and_refuses_odd_patches():

@@ -163,7 +163,8 @@ def test_partition_refuses_shapes(shape, spec, rule):
                                         ((4, 2), "pitzer:gpuparallel-48core"), ((1, 2), "pitzer:gpuserial"),
                                         ((2, 4), "ascend:quad")])
 def test_partition_accepts_shapes_users_ran(shape, spec):
-    check_partition([(f"n{i}", shape[1]) for i in range(shape[0])], spec)
+    # check_partition returns the label of the partition that accepted the job (it raises on refusal)
+    assert check_partition([(f"n{i}", shape[1]) for i in range(shape[0])], spec) == spec
 
 
 def _make_hostfile(*args: str, env: dict[str, str] | None = None, poison: Path | None = None):
