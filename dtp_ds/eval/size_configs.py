@@ -1,7 +1,9 @@
 """``tools/size_configs``: write each token-reduction family's model JSON at each trunk size, its
 knob solved so the image tower's measured FLOPs (:func:`dtp_ds.eval.sizing.measured_ratio`) come
 closest to a target ratio of the plain trunk's; ``--pin`` instead writes into shipped configs
-without a ``flops_target`` what they measure (so the test pins them against drift).
+without a ``flops_target`` what they measure (so the test pins them against drift);
+``--gumbel-twins`` writes the seed's DRIP (``DRIPGumbel-*``, DTP's Gumbel-Sigmoid MLP) twin of
+every DRIP router config, its target measured.
 
 A family is one monotone knob (more of it: fewer FLOPs) and the ``reducer_cfg`` (or image size)
 it gives at a trunk shape; the search is a bisection over the knob's candidates on real images.
@@ -9,10 +11,11 @@ it gives at a trunk shape; the search is a bisection over the knob's candidates 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,10 @@ import open_clip
 import torch
 
 import dtp_ds  # noqa: F401  (registers the shipped configs)
+from dtp_ds.eval import sizing
 from dtp_ds.eval.sizing import flops_target, measured_ratio
-from dtp_ds.models import CONFIG_DIR, get_model_config, get_reducer_cfg, list_models, make_reducer
+from dtp_ds.models import CONFIG_DIR, expected_segments, get_model_config, get_reducer_cfg, list_models, make_reducer
+from dtp_ds.models.reducers.drip import DripReducer
 from dtp_ds.models.registry import is_trunk_cfg
 
 # base name -> (open_clip or dtp_ds config, trunk_cfg of every family at that size)
@@ -113,6 +118,81 @@ FAMILIES: dict[str, Family] = {f.prefix: f for f in [
 ]}
 
 
+# The seed's DRIP: DTP's predictor (Nawrot et al. 2023) as the seed describes it, a twin of every
+# router config (``DRIP-ViT-...`` -> ``DRIPGumbel-ViT-...``): same trunk, layout and compression.
+GUMBEL_PREFIX = "DRIPGumbel"
+GUMBEL_TEMPERATURE = 0.5  # the seed's Gumbel-Sigmoid temperature ("about 0.5")
+GUMBEL_IMAGES = 1  # real images its flops_target is measured on (pinned: every image the same count)
+
+
+def gumbel_twin_name(router: str) -> str:
+    """``DRIP-ViT-B-32-10x-up`` -> ``DRIPGumbel-ViT-B-32-10x-up``."""
+    if not router.startswith("DRIP-ViT-"):
+        raise ValueError(f"not a DRIP router config name: {router!r}")
+    return GUMBEL_PREFIX + router[len("DRIP"):]
+
+
+def gumbel_twin_config(router: str) -> dict[str, Any]:
+    """The seed's DRIP at ``router``'s trunk, layout and compression: an MLP (Linear(D, 4D),
+    GELU, Linear(4D, 1): DTP's ``d_inner``, its transformer's feed-forward width) on the tokens
+    after the ``pre`` blocks (DTP's place), Gumbel-Sigmoid at temperature 0.5 with a
+    straight-through estimator (DTP's cumulative-sum path), the Binomial rate loss, and the
+    deterministic ``expected`` evaluation rule at the training compression. No ``flops_target``."""
+    cfg = copy.deepcopy(get_model_config(router))
+    cfg.pop("flops_target", None)
+    vision = cfg["vision_cfg"]
+    rc = vision["reducer_cfg"]
+    vision["reducer_cfg"] = {
+        **{k: rc[k] for k in ("type", "pre", "shorten", "post", "upsample", "compression")},
+        "predictor": "mlp",
+        "predictor_input": "tokens",
+        "predictor_hidden": int(vision.get("mlp_ratio", 4.0) * vision.get("width", 768)),
+        "temperature": GUMBEL_TEMPERATURE,
+        "straight_through": "cumsum",
+        "eval_rule": "expected",
+    }
+    return cfg
+
+
+@contextlib.contextmanager
+def _drip_pinned_at(segments: int) -> Iterator[None]:
+    """Every DRIP reducer :func:`measured_ratio` builds pinned to ``segments`` per image."""
+    original = sizing.make_reducer
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        reducer = original(*args, **kwargs)
+        if isinstance(reducer, DripReducer):
+            reducer.pin(segments)
+        return reducer
+
+    sizing.make_reducer = make
+    try:
+        yield
+    finally:
+        sizing.make_reducer = original
+
+
+def write_gumbel_twins(image_dir: str, out: Path, bases: list[str]) -> None:
+    """Write the twin of every shipped ``DRIP-ViT-<base>-...`` router config with its
+    ``flops_target``: measured on :data:`GUMBEL_IMAGES` real images with the segments pinned at
+    the prior's mean count (:func:`expected_segments`, whole segments, as the planned tokens are
+    counted). The twin's count is per image and its weights decide it (an untrained MLP on a
+    deep trunk's random tokens sits well off its prior), so the target is the compute of a
+    predictor trained to its prior, on average over images."""
+    for router in [n for n in list_models() if n.startswith("DRIP-ViT-")]:
+        if not any(router.startswith(f"DRIP-{b}-") for b in bases):
+            continue
+        name, cfg = gumbel_twin_name(router), gumbel_twin_config(router)
+        shape = shape_of(cfg)
+        segments = int(expected_segments(shape.patches, 1.0 / cfg["vision_cfg"]["reducer_cfg"]["compression"]))
+        with _drip_pinned_at(segments):
+            ratio = measured_ratio(name, image_dir, images=GUMBEL_IMAGES, cfg=cfg)["ratio"]
+        cfg["flops_target"] = {"ratio": round(ratio, 3), "count": "inference",
+                               "note": f"the seed's Gumbel DRIP, twin of {router}: at the prior's mean count "
+                                       f"({segments} segments; per image it varies)"}
+        print(f"{name}: {ratio:.3f} of the plain trunk  {write(name, cfg, out)}")
+
+
 def shape_of(cfg: dict[str, Any]) -> Shape:
     v = cfg["vision_cfg"]
     size = v.get("image_size", 224)
@@ -181,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(CONFIG_DIR), help="where the JSONs go (default: the shipped configs)")
     p.add_argument("--pin", action="store_true", help="instead: write the measured ratio into every shipped "
                    "config that states no flops_target")
+    p.add_argument("--gumbel-twins", action="store_true", help=f"instead: write the seed's DRIP ({GUMBEL_PREFIX}-*, "
+                   "DTP's Gumbel-Sigmoid MLP) twin of every DRIP router config of --bases, its target measured")
     a = p.parse_args(argv)
     out = Path(a.out)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if a.gumbel_twins:
+        write_gumbel_twins(a.image_dir, out, a.bases)
+        return 0
     if a.pin:
         for name in list_models():
             cfg = get_model_config(name)

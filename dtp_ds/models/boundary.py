@@ -2,7 +2,9 @@
 
 - :class:`MLPBoundaryPredictor`: DTP's MLP, Gumbel-Sigmoid in training, a deterministic rule at
   the training compression in evaluation, Binomial rate loss;
-- :class:`CosineBoundaryPredictor`: H-Net's router, the same in training and evaluation;
+- :class:`CosineBoundaryPredictor`: H-Net's router; its ``selection`` decides how many
+  boundaries: a threshold (H-Net), a fixed per-image budget (``topk``), or a batch-level budget
+  whose count follows content (``adaptive``, evaluated at a threshold calibrated in training);
 - :class:`FixedBoundaryPredictor`: evenly spaced boundaries (the control arm).
 
 Everything here runs in fp32 whatever the parameter dtype or autocast state: the users
@@ -91,7 +93,8 @@ def regular_boundaries(length: int, segments: int, device: torch.device | None =
 PREDICTORS = ("mlp", "cosine", "fixed")
 EVAL_RULES = ("expected", "threshold", "sample")
 STRAIGHT_THROUGH = ("cumsum", "confidence")
-SELECTIONS = ("threshold", "topk")
+SELECTIONS = ("threshold", "topk", "adaptive")
+THRESHOLD_MOMENTUM = 0.99  # the adaptive router's running (EMA) estimate of its batch threshold
 EVAL_SAMPLE_SEED = 0
 
 
@@ -240,6 +243,18 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
     count (:func:`expected_segments`, rounded), cut at its most dissimilar neighbouring pairs.
     The content decides where, the budget how many: compression, FLOPs and memory are fixed
     (equal lengths also skip attention padding), train and eval identical, and no rate loss.
+
+    ``selection="adaptive"``: the count follows content, the *mean* meets the rate. In training
+    the batch's ``round(B * prior * (L - 1))`` most dissimilar neighbouring pairs over all
+    ``B * (L - 1)`` candidates are boundaries (one top-k over the batch): the batch's mean
+    segment count is :func:`expected_segments` exactly, and a plain image gives up its budget
+    to a busy one. That rule is a threshold on ``p``: the midpoint between the last pair taken
+    and the first left (:attr:`threshold`, a buffer: checkpoints carry it) is tracked by a
+    running mean (bias-corrected EMA, ``threshold_momentum``), and evaluation cuts every image
+    at ``p > threshold`` on its own, so an image's segments never depend on its neighbours in a
+    batch. Before any training step (``calibration_steps == 0``) evaluation falls back to the
+    per-image top-k. No rate loss (the count is met by construction); the EMA stays fp32 under
+    ``.half()`` / ``.bfloat16()``, whose rounding would freeze its small updates.
     """
 
     straight_through = "confidence"
@@ -248,11 +263,18 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
     def same_count_per_image(self) -> bool:
         return self.selection == "topk" or self.forced_segments is not None
 
-    def __init__(self, dim: int, prior: float = 0.5, selection: str = "threshold", tied: bool = False) -> None:
+    def __init__(self, dim: int, prior: float = 0.5, selection: str = "threshold", tied: bool = False,
+                 threshold_momentum: float = THRESHOLD_MOMENTUM) -> None:
         super().__init__(prior)
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if not 0.0 <= threshold_momentum < 1.0:
+            raise ValueError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
         self.selection = selection
+        self.threshold_momentum = threshold_momentum
+        if selection == "adaptive":  # only then: the other selections' checkpoints keep their keys
+            self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float32))
+            self.register_buffer("calibration_steps", torch.tensor(0, dtype=torch.long))
         self.q = Fp32Linear(dim, dim, bias=False)
         # tied: one projection for both sides, so identical neighbours always have p = 0 and a
         # boundary needs a change in content (separate ones can learn to cut uniform regions)
@@ -276,7 +298,9 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
         probs = (0.5 * (1.0 - cos)).clamp(PROB_EPS, 1.0 - PROB_EPS)
         probs = torch.cat([probs, probs.new_ones(probs.shape[0], 1)], dim=-1)  # the sequence end
         logits = torch.logit(probs)
-        if self.selection == "topk":
+        if self.selection == "adaptive" and (self.training or int(self.calibration_steps) > 0):
+            hard = self._adaptive(probs)
+        elif self.selection in ("topk", "adaptive"):  # adaptive before calibration: the per-image budget
             length = int(probs.shape[-1])  # a tensor under fvcore's tracing
             k = min(length, max(1, round(expected_segments(length, self.prior)))) - 1
             counts = torch.full((probs.shape[0],), k, device=probs.device)
@@ -285,8 +309,42 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
             hard = (probs > 0.5).to(probs.dtype)
         return self._finish(logits, probs, hard + probs - probs.detach())
 
+    def _adaptive(self, probs: torch.Tensor) -> torch.Tensor:
+        """0/1 boundaries of the adaptive selection (see the class doc); updates the calibrated
+        threshold in training (unless the segment count is pinned)."""
+        cand = probs[:, :-1].detach()
+        ends = probs.new_ones(probs.shape[0], 1)
+        if not self.training:
+            return torch.cat([(cand > self.threshold.float()).to(probs.dtype), ends], -1)
+        batch, pairs = int(cand.shape[0]), int(cand.shape[1])  # tensors under fvcore's tracing
+        total = min(batch * pairs, max(0, round(batch * self.prior * pairs)))
+        flat = cand.reshape(1, -1)
+        hard = topk_boundaries(flat, torch.full((1,), total, device=probs.device)).reshape(cand.shape)
+        if self.forced_segments is None and flat.shape[1] > 0:
+            top = flat.topk(min(total + 1, flat.shape[1]), dim=-1).values[0]
+            taken = top[total - 1] if total > 0 else top[0].new_tensor(1.0)
+            left = top[total] if total < top.shape[0] else top[0].new_tensor(0.0)
+            self._update_threshold(0.5 * (taken + left))
+        return torch.cat([hard.to(probs.dtype), ends], -1)
+
+    @torch.no_grad()
+    def _update_threshold(self, batch_threshold: torch.Tensor) -> None:
+        """Bias-corrected running mean: a plain average over the first ``1 / (1 - momentum)``
+        steps, an EMA after."""
+        steps = int(self.calibration_steps) + 1
+        alpha = max(1.0 - self.threshold_momentum, 1.0 / steps)
+        self.threshold.lerp_(batch_threshold.to(self.threshold.dtype), alpha)
+        self.calibration_steps.fill_(steps)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        kept = self.threshold.detach().clone() if self.selection == "adaptive" else None
+        super()._apply(fn, recurse)
+        if kept is not None and self.threshold.dtype != torch.float32:  # a cast: keep the fp32 value
+            self.threshold.data = kept.to(self.threshold.device)
+        return self
+
     def rate_loss(self, bnd: Boundaries) -> torch.Tensor:
-        if self.selection == "topk":  # the count is fixed by construction: zero, still on the graph
+        if self.selection in ("topk", "adaptive"):  # the count is met by construction: zero, still on the graph
             return bnd.probs.sum() * 0.0
         n = 1.0 / self.prior
         selected = (bnd.hard[:, :-1].detach() > 0.5).float().mean(-1)
@@ -318,12 +376,13 @@ class FixedBoundaryPredictor(BoundaryPredictorBase):
 
 def make_boundary_predictor(kind: str, dim: int, hidden: int, prior: float, temperature: float = 0.5,
                             eval_rule: str = "expected", straight_through: str = "cumsum",
-                            selection: str = "threshold", tied: bool = False) -> BoundaryPredictorBase:
+                            selection: str = "threshold", tied: bool = False,
+                            threshold_momentum: float = THRESHOLD_MOMENTUM) -> BoundaryPredictorBase:
     """The predictor a model JSON's ``predictor`` names (see :data:`PREDICTORS`)."""
     if kind == "mlp":
         return MLPBoundaryPredictor(dim, hidden, temperature, prior, eval_rule, straight_through)
     if kind == "cosine":
-        return CosineBoundaryPredictor(dim, prior, selection, tied)
+        return CosineBoundaryPredictor(dim, prior, selection, tied, threshold_momentum)
     if kind == "fixed":
         return FixedBoundaryPredictor(prior)
     raise ValueError(f"predictor must be one of {PREDICTORS}, got {kind!r}")

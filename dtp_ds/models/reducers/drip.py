@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ..boundary import Boundaries, expected_segments, make_boundary_predictor
+from ..boundary import THRESHOLD_MOMENTUM, Boundaries, expected_segments, make_boundary_predictor
 from ..segments import make_packing, pack_segments, segment_ids, unpack_patches
 from ..vit import ForwardState
 from . import TokenPlan, TokenReducer, register_reducer
@@ -28,7 +28,12 @@ PREDICTOR_INPUTS = ("tokens", "embed")
 class DripReducer(TokenReducer):
     """DRIP's pooling (see module doc). Reports ``boundary_loss`` (the predictor's rate loss),
     ``boundary_rate`` and ``compression`` (patch tokens / segments), the segment of every patch
-    (``groups``) and the boundary probabilities (``scores``)."""
+    (``groups``: per-image counts follow from it) and the boundary probabilities (``scores``).
+
+    ``selection`` (cosine router): ``"topk"`` a fixed count per image, ``"adaptive"`` a count
+    that follows content at the rate on average, ``"threshold"`` H-Net's (see
+    :class:`~dtp_ds.models.boundary.CosineBoundaryPredictor`); ``threshold_momentum``: the
+    adaptive selection's calibration EMA."""
 
     def __init__(
         self,
@@ -48,6 +53,7 @@ class DripReducer(TokenReducer):
         predictor_input: str = "tokens",
         selection: str = "threshold",
         tied: bool = False,
+        threshold_momentum: float = THRESHOLD_MOMENTUM,
     ) -> None:
         super().__init__()
         if post and not upsample:
@@ -65,7 +71,7 @@ class DripReducer(TokenReducer):
         self.predictor_hidden = predictor_hidden or dim
         self.boundary_predictor = make_boundary_predictor(
             predictor, dim, predictor_hidden or dim, 1.0 / compression, temperature, eval_rule,
-            straight_through, selection, tied,
+            straight_through, selection, tied, threshold_momentum,
         )
 
     def upgrade_state_dict(self, state_dict: dict, trunk_prefix: str) -> None:

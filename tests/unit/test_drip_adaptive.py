@@ -1,0 +1,203 @@
+"""The router's count follows content (``selection: "adaptive"``): in training one top-k over the
+batch's B x (L - 1) neighbouring pairs, so the batch's mean count meets the rate while a plain
+image gives its budget to a busy one; in evaluation a threshold calibrated in training (a
+running mean of the batch's threshold, a buffer), so an image's segments are deterministic and
+never depend on the rest of the batch. The fixed count (``"topk"``) stays a named option."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from dtp_ds.models import (
+    VisionTransformer,
+    expected_segments,
+    get_model_config,
+    record_forward,
+    register_config,
+    registry,
+    trunks,
+)
+from dtp_ds.models.boundary import SELECTIONS, CosineBoundaryPredictor
+from dtp_ds.models.reducers.drip import DripReducer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PATCHES = 64  # 32 px, patch 4
+RATE = 0.25  # 4x
+TARGET = expected_segments(PATCHES, RATE)  # 16.75 segments per image on average
+
+
+def small_trunk(selection: str = "adaptive", upsample: bool = False, momentum: float = 0.9) -> VisionTransformer:
+    """The shipped router (cosine, tied, on the patch embeddings) on a 32 px, width-32 trunk."""
+    torch.manual_seed(0)
+    post = 1 if upsample else 0
+    reducer = DripReducer(dim=32, depth=3 + post, num_patches=PATCHES, pre=1, shorten=2, post=post,
+                          upsample=upsample, compression=1 / RATE, predictor="cosine", predictor_input="embed",
+                          selection=selection, tied=True, threshold_momentum=momentum)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=3 + post, num_heads=2, num_classes=16,
+                             reducer=reducer)
+
+
+def rectangles(count: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, np.ndarray]:
+    """Plain backgrounds with 0..6 random rectangles (image ``i`` has ``i % 7``)."""
+    rng = np.random.default_rng(seed)
+    out, objects = [], np.arange(count) % 7
+    for k in objects:
+        img = np.tile(rng.uniform(-1, 1, 3)[:, None, None], (1, size, size))
+        for _ in range(k):
+            x, y = rng.integers(0, size - 4, 2)
+            w, h = rng.integers(3, 12, 2)
+            img[:, y:y + h, x:x + w] = rng.uniform(-1, 1, 3)[:, None, None]
+        out.append(img)
+    return torch.tensor(np.stack(out), dtype=torch.float32), objects
+
+
+def run(trunk: VisionTransformer, images: torch.Tensor, grad: bool = False):
+    with torch.set_grad_enabled(grad), record_forward() as rec:
+        out = trunk(images)
+    (tower,) = rec
+    return out, tower, (tower.groups[:, -1] + 1).float()
+
+
+def calibrate(trunk: VisionTransformer, steps: int = 40, batch: int = 28) -> list[float]:
+    """Training forwards on fresh batches; the mean segment count of each."""
+    trunk.train()
+    return [run(trunk, rectangles(batch, seed=100 + s)[0])[2].mean().item() for s in range(steps)]
+
+
+def predictor(trunk: VisionTransformer) -> CosineBoundaryPredictor:
+    return trunk.reducer.boundary_predictor
+
+
+def test_selections_and_refusals() -> None:
+    assert SELECTIONS == ("threshold", "topk", "adaptive")
+    with pytest.raises(ValueError, match="selection must be one of"):
+        CosineBoundaryPredictor(8, 0.25, selection="batch")
+    with pytest.raises(ValueError, match="threshold_momentum"):
+        CosineBoundaryPredictor(8, 0.25, selection="adaptive", threshold_momentum=1.0)
+    # only the adaptive router carries a calibration: the others' checkpoints keep their keys
+    assert set(CosineBoundaryPredictor(8, 0.25, selection="topk", tied=True).state_dict()) == {"q.weight"}
+    assert set(CosineBoundaryPredictor(8, 0.25, selection="adaptive", tied=True).state_dict()) == \
+           {"q.weight", "threshold", "calibration_steps"}
+    adaptive = small_trunk()
+    assert not predictor(adaptive).same_count_per_image
+    assert adaptive.reducer.planned_tokens(PATCHES, 3)[1] == TARGET + 1  # the mean, not a rounded count
+
+
+def test_count_follows_content_and_the_batch_meets_the_rate() -> None:
+    trunk = small_trunk().train()
+    images, objects = rectangles(42)
+    _, tower, counts = run(trunk, images)
+    cv = (counts.std(unbiased=False) / counts.mean()).item()
+    corr = np.corrcoef(counts.numpy(), objects)[0, 1]
+    assert cv >= 0.15 and corr > 0.5, (cv, corr, counts)
+    assert counts[objects == 0].max() < counts[objects == 6].min()  # a plain image is one segment or few
+    assert counts.mean().item() == pytest.approx(TARGET, rel=0.05)
+    # the fixed count on the same images: every image the same
+    _, _, fixed = run(small_trunk("topk").train(), images)
+    assert fixed.unique().tolist() == [round(TARGET)]
+
+
+def test_every_training_batch_meets_the_rate() -> None:
+    means = calibrate(small_trunk(), steps=10)
+    assert means == pytest.approx([TARGET] * 10, rel=0.05)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_packed_variable_lengths_train_with_gradients(upsample: bool) -> None:
+    trunk = small_trunk(upsample=upsample).train()
+    images, _ = rectangles(14)
+    out, tower, counts = run(trunk, images, grad=True)
+    assert counts.unique().numel() > 3  # rows of several lengths in one packed batch
+    rate = tower.aux_losses["boundary_loss"]
+    assert rate.item() == 0.0 and rate.requires_grad  # the count is met by construction
+    (out.square().mean() + rate).backward()
+    missing = [n for n, p in trunk.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    assert predictor(trunk).q.weight.grad.abs().sum() > 0  # the confidence-weighted straight-through path
+
+
+def test_eval_is_deterministic_batch_invariant_and_near_the_training_compression() -> None:
+    trunk = small_trunk(momentum=0.9)
+    train_means = calibrate(trunk)
+    pred = predictor(trunk)
+    assert int(pred.calibration_steps) == len(train_means) and 0.0 < pred.threshold.item() < 1.0
+    trunk.eval()
+    images, objects = rectangles(70, seed=7)
+    out, _, counts = run(trunk, images)
+    out2, _, counts2 = run(trunk, images)
+    assert torch.equal(counts, counts2) and torch.equal(out, out2)
+    for i in (0, 3, 6, 13):  # an image alone, and inside a batch of others
+        alone_out, _, alone = run(trunk, images[i:i + 1])
+        assert alone.item() == counts[i].item()
+        torch.testing.assert_close(alone_out[0], out[i], rtol=1e-4, atol=1e-5)
+    # evaluation's compression within 15% of training's, and the count still follows content
+    train_compression = PATCHES / np.mean(train_means[-10:])
+    eval_compression = PATCHES / counts.mean().item()
+    assert eval_compression == pytest.approx(train_compression, rel=0.15)
+    assert (counts.std(unbiased=False) / counts.mean()).item() >= 0.15
+    assert np.corrcoef(counts.numpy(), objects)[0, 1] > 0.5
+
+
+def test_before_calibration_eval_uses_the_per_image_budget() -> None:
+    trunk = small_trunk().eval()
+    _, _, counts = run(trunk, rectangles(14)[0])
+    assert counts.unique().tolist() == [round(TARGET)]
+
+
+def test_checkpoint_carries_the_calibrated_threshold() -> None:
+    trunk = small_trunk()
+    calibrate(trunk, steps=8)
+    state = copy.deepcopy(trunk.state_dict())
+    key = "reducer.boundary_predictor.threshold"
+    assert state[key].item() == predictor(trunk).threshold.item() != 0.5
+    assert state["reducer.boundary_predictor.calibration_steps"].item() == 8
+    fresh = small_trunk()
+    fresh.load_state_dict(state)
+    images = rectangles(21, seed=5)[0]
+    trunk.eval(), fresh.eval()
+    assert torch.equal(run(fresh, images)[2], run(trunk, images)[2])
+    # the EMA stays fp32 when the model is cast (bf16 rounding would freeze its updates)
+    fresh.bfloat16()
+    assert predictor(fresh).threshold.dtype == torch.float32
+    assert predictor(fresh).threshold.item() == state[key].item()
+
+
+def test_pinned_segments_leave_the_calibration_alone() -> None:
+    trunk = small_trunk().train()
+    trunk.reducer.pin(8)
+    _, _, counts = run(trunk, rectangles(14)[0])
+    assert counts.unique().tolist() == [8.0] and int(predictor(trunk).calibration_steps) == 0
+
+
+def test_a_shipped_layout_with_adaptive_selection_trains() -> None:
+    """``DRIP-ViT-Tiny-8-4x`` (conv stem, 64 patches, upsampling off) with ``selection: adaptive``
+    through open_clip: forward, backward, eval after calibration."""
+    cfg = copy.deepcopy(get_model_config("DRIP-ViT-Tiny-8-4x"))
+    cfg["vision_cfg"]["reducer_cfg"]["selection"] = "adaptive"
+    cfg.pop("flops_target")
+    name = "test-DRIP-ViT-Tiny-8-4x-adaptive"
+    register_config(name, cfg)
+    try:
+        torch.manual_seed(0)
+        model = open_clip.create_model(name, output_dict=True)
+    finally:
+        registry._REGISTERED.pop(name, None)
+        open_clip.factory._MODEL_CONFIGS.pop(name, None)
+    images = rectangles(14, size=64)[0]
+    texts = torch.randint(1, 49407, (14, model.context_length))
+    with record_forward() as rec:
+        out = model(images, texts)
+    counts = (rec[0].groups[:, -1] + 1).float()
+    assert counts.mean().item() == pytest.approx(expected_segments(64, 0.25), rel=0.05) and counts.std() > 0
+    loss = open_clip.ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
+    (loss + rec[0].aux_losses["boundary_loss"]).backward()
+    assert trunks(model)[0].reducer.boundary_predictor.q.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model.encode_image(images)).all()
+    assert registry.get_reducer_cfg("DRIP-ViT-Tiny-8-4x")["selection"] == "topk"  # the shipped default, as was
