@@ -24,9 +24,8 @@ REPO="${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$REPO"
 [ -f "$REPO/dtp_ds/launch/check.py" ] || { echo "common.sh: $REPO is not the dtp_ds repository (submit from its root or set REPO)" >&2; exit 2; }
 VENV="${VENV:-$REPO/.venv}"
-# The venv's programs by absolute path, without activating it: an activated venv puts its own
-# pip-installed ninja first on PATH (shipped to every node with the env file), and a ninja other
-# than the one that JIT-built DeepSpeed's ops makes every rank rebuild them (a minute, under a lock).
+# The venv's programs by absolute path, without activating it. (Which ninja JIT-builds DeepSpeed's
+# ops no longer depends on PATH: import dtp_ds puts the interpreter's own first, on every node.)
 PYTHON="${PYTHON:-$VENV/bin/python}"
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
 DEEPSPEED="$(dirname "$PYTHON")/deepspeed"
