@@ -55,9 +55,10 @@ test: $(STAMP)
 	-$(PY) tools/ci_setup_ssh
 	$(PY) -m pytest tests -q --durations=15
 
-# The inner loop: the unit tier alone (no launcher, no multi-rank runs).
+# The inner loop: the unit tier (no launcher, no multi-rank runs), without its few tests that run a
+# whole tool in subprocesses (marked "run"; make test runs them).
 test-fast: $(STAMP)
-	$(PY) -m pytest tests/unit -q --durations=10
+	$(PY) -m pytest tests/unit -q -m "not run" --durations=10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dtp_ds tests tools

@@ -29,6 +29,7 @@ def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, str]:
     return proc, report, md
 
 
+@pytest.mark.run
 def test_tiny_plan_runs_every_check_on_the_cpu(tiny_run):
     proc, report, _ = tiny_run
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -40,6 +41,7 @@ def test_tiny_plan_runs_every_check_on_the_cpu(tiny_run):
         assert c["seconds"] <= c["budget_s"] and c["result"]
 
 
+@pytest.mark.run
 def test_markdown_has_a_row_per_check_and_the_memory_models_prediction(tiny_run):
     _, report, md = tiny_run
     header = next(line for line in md.splitlines() if line.startswith("| check |"))
@@ -58,6 +60,7 @@ def test_markdown_has_a_row_per_check_and_the_memory_models_prediction(tiny_run)
         assert c["prediction"]["phase"] in cells[pred_col]
 
 
+@pytest.mark.run
 def test_each_check_reports_its_figures(tiny_run):
     _, report, _ = tiny_run
     by = {c["name"]: c for c in report["checks"]}

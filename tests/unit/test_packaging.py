@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -29,6 +31,7 @@ def _install(tmp_path: Path) -> Path:
     return target
 
 
+@pytest.mark.run
 def test_installed_package_reads_its_own_data_from_any_directory(tmp_path):
     site = _install(tmp_path)
     # A partition only the installed copy has: the tuner can only find it in the installed data.
