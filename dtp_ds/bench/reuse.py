@@ -2,8 +2,8 @@
 
 :func:`reuse_hash` is a sha256 over the arm's command line, the contents of every file it reads
 (schedule, cost table, model JSON, ds_config: the names alone would let an edited file pass),
-its thread settings, and the code revision (``git rev-parse HEAD`` plus the uncommitted changes
-to ``dtp_ds/``, so editing the trainer retrains). :func:`reusable` / :func:`record` keep it in
+its thread settings, and the code revision (``git rev-parse HEAD`` plus a hash of ``dtp_ds/``'s
+sources as they are, so editing the trainer retrains). :func:`reusable` / :func:`record` keep it in
 the run directory's ``reuse.json`` beside ``metrics.jsonl``.
 """
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
+
+from dtp_ds.launch.probe import git_revision, source_hash
 
 REPO = Path(__file__).resolve().parents[2]
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -24,23 +25,11 @@ REUSE_FILE = "reuse.json"
 REVISION_VAR = "DTP_DS_CODE_REVISION"
 
 
-def _git(*args: str, cwd: Path = REPO) -> bytes:
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return b"no git"
-
-
 @lru_cache(maxsize=4)
 def code_revision(repo: Path = REPO, package: str = "dtp_ds") -> str:
-    """HEAD's commit and a hash of what differs from it under ``package`` (tracked changes and
-    untracked files)."""
-    h = hashlib.sha256(_git("rev-parse", "HEAD", cwd=repo))
-    h.update(_git("diff", "HEAD", "--", package, cwd=repo))
-    for name in sorted(_git("ls-files", "--others", "--exclude-standard", "--", package, cwd=repo).decode().split()):
-        h.update(name.encode())
-        h.update((repo / name).read_bytes())
-    return h.hexdigest()
+    """HEAD's commit and the hash of ``package``'s sources as they are, committed or not (the
+    pre-flight's :func:`dtp_ds.launch.probe.source_hash`)."""
+    return f"{git_revision(str(repo), short=False) or 'no git'}+{source_hash(str(repo), package)}"
 
 
 def thread_settings(env: Mapping[str, str] | None = None, torch_threads: int | None = None) -> dict[str, str | None]:

@@ -36,12 +36,12 @@ def _fix_path() -> None:
         sys.path.insert(0, REPO)
 
 
-def source_hash(repo: str = REPO) -> str:
+def source_hash(repo: str = REPO, package: str = "dtp_ds") -> str:
     """sha256 (16 hex) over dtp_ds's sources and configs (model JSONs, ds_configs, partitions):
     equal on two hosts means the same code runs there, committed or not."""
     h = hashlib.sha256()
     files = []
-    for top in ("dtp_ds",):  # ds_configs/ of a checkout links into it
+    for top in (package,):  # ds_configs/ of a checkout links into it
         for root, dirs, names in os.walk(os.path.join(repo, top)):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
             files += [os.path.join(root, n) for n in names if n.endswith((".py", ".json"))]
