@@ -21,9 +21,9 @@ $(STAMP): requirements.txt setup.py
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	# DeepSpeed JIT-compiles its CPU shared-memory collective and, for an optimizer offload, its
 	# CPU Adam on first use (a minute or more each); build them here rather than inside the first
-	# training run or test, with the venv's ninja as every rank uses it
-	# (dtp_ds.cluster.process_group.use_interpreter_ninja).
-	$(PY) -c "from dtp_ds.cluster.process_group import use_interpreter_ninja as n; n(); from deepspeed.accelerator import get_accelerator as g; [b.load() for b in map(g().create_op_builder, ('ShareMemCommBuilder', 'CPUAdamBuilder')) if b]"
+	# training run or test, with the venv's ninja as every rank uses it (import dtp_ds puts it first:
+	# dtp_ds.cluster.process_group.use_interpreter_ninja).
+	$(PY) -c "import dtp_ds; from deepspeed.accelerator import get_accelerator as g; [b.load() for b in map(g().create_op_builder, ('ShareMemCommBuilder', 'CPUAdamBuilder')) if b]"
 	touch $(STAMP)
 
 $(DATA)/zeroshot/classnames.json: | $(STAMP)

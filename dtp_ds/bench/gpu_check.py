@@ -834,8 +834,8 @@ def preload() -> None:
     """What every fork would import or load on its own, once (as the OOM probe's CPU server):
     DeepSpeed's optimizer check imports Muon (and torch._inductor with it), its process group
     loads the CPU shared-memory collective, ZeRO-Offload loads CPU Adam. The ops are loaded with
-    the interpreter's ninja first on PATH, as every rank loads them (another ninja would take
-    their build for stale and rebuild it: dtp_ds.cluster.process_group.use_interpreter_ninja)."""
+    the interpreter's ninja first on PATH (``import dtp_ds`` puts it there), as every rank loads them
+    (another ninja would take their build for stale and rebuild it)."""
     import deepspeed  # noqa: F401
     import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
     import open_clip  # noqa: F401
@@ -843,10 +843,8 @@ def preload() -> None:
 
     import dtp_ds.tasks  # noqa: F401
     import dtp_ds.train.guard  # noqa: F401
-    import dtp_ds.train.trainer  # noqa: F401
-    from dtp_ds.cluster.process_group import use_interpreter_ninja
+    import dtp_ds.train.trainer  # noqa: F401  (import dtp_ds put the interpreter's ninja first)
 
-    use_interpreter_ninja()
     for op in ("ShareMemCommBuilder", "CPUAdamBuilder"):
         builder = get_accelerator().create_op_builder(op)
         if builder is not None:
@@ -859,8 +857,7 @@ def preload() -> None:
 PREPARE_OPS = """
 import time
 t = time.time()
-from dtp_ds.cluster.process_group import use_interpreter_ninja
-use_interpreter_ninja()
+import dtp_ds  # puts the interpreter's ninja first on PATH
 from deepspeed.ops.op_builder import CPUAdamBuilder
 CPUAdamBuilder().load()
 print(f"CPU Adam loaded in {time.time() - t:.1f} s")

@@ -53,8 +53,6 @@ def init_process_group(timeout_minutes: float = 30.0, auto_mpi_discovery: bool =
     import deepspeed
     import torch.distributed as dist
 
-    use_interpreter_ninja()
-
     deepspeed.init_distributed(auto_mpi_discovery=auto_mpi_discovery, timeout=timedelta(minutes=timeout_minutes),
                                **kwargs)
     segment = shm_allreduce_segment(dist.get_rank())
