@@ -30,12 +30,12 @@ import sys
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtp_ds.bench import markdown_table
 from dtp_ds.bench.boundary_ablation import add_arm_run_args, reference_of, run_arm, seeds_of
 from dtp_ds.bench.stats import compare, interval_of, per_seed_table, separation_lines
+from dtp_ds.data.decode import decode_image
 from dtp_ds.eval.boundaries import list_images, val_transform
 from dtp_ds.eval.flops import fvcore_macs, torch_macs
 from dtp_ds.models import get_model_config, get_reducer_cfg
@@ -94,7 +94,7 @@ def measure(run_dir: str, images: list[str], batch: int) -> dict[str, Any]:
     """Params and GFLOPs of a trained arm, on real images (per image)."""
     model, _ = load_model_from_checkpoint(run_dir)
     transform = val_transform(model)
-    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in images[:batch]])
+    x = torch.stack([transform(decode_image(p)) for p in images[:batch]])
     visual = model.visual.eval()
     with torch.no_grad():
         row = {"gflops": torch_macs(visual, (x,)) / 1e9 / len(x),

@@ -2,6 +2,21 @@
 
 A sample's bytes become a PIL RGB image (fully decoded, not just its header read), a caption
 (``txt``: utf-8 text) and a class index (``cls``: an integer), or :class:`BadSample` is raised.
+
+:func:`decode_image` is the one decoding rule for every path that reads images (shards, class
+folders, classification and zero-shot evaluation, retrieval, pictures), so evaluation sees what
+training saw. It turns every mode into RGB the way img2dataset writes shards:
+
+- transparency (RGBA, LA, PA, a palette or a grey/RGB image with a ``tRNS`` key colour) is
+  composited onto **white** with img2dataset's formula (``rint(a/255 * rgb + 255 - a)``);
+  ``convert("RGB")`` alone drops the alpha and shows whatever colour hides under it (often
+  black), so black strokes of a transparent logo would vanish;
+- 16-bit grey (``I;16``, PNG) is scaled 0..65535 -> 0..255 (``convert`` clips at 255: all
+  white); 32-bit ``I`` is read as 16-bit data the same way (what PNG and TIFF decoders give);
+- CMYK goes through PIL's conversion (Adobe's inverted JPEGs are un-inverted by the decoder);
+- EXIF orientation is not applied (img2dataset's OpenCV decode does not either);
+- an image over PIL's decompression-bomb limit (``2 * Image.MAX_IMAGE_PIXELS`` pixels) is
+  refused with its size and the limit, before any pixel is decoded.
 Only read and decode errors of the data become :class:`BadSample`: an image that cannot be
 identified, is truncated or corrupt, is a decompression bomb, or cannot be read from disk;
 a caption that is not utf-8; a ``cls`` that is not an integer; a missing image or field.
@@ -17,6 +32,7 @@ import io
 import os
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -37,13 +53,39 @@ class BadSample(Exception):
 
 
 def decode_image(data: bytes | str | os.PathLike) -> Image.Image:
-    """Image bytes (or a file path) -> a fully decoded RGB image; :class:`BadSample` if they
-    cannot be read or decoded."""
+    """Image bytes (or a file path) -> a fully decoded RGB image (transparency on white, see the
+    module doc); :class:`BadSample` with the reason if they cannot be read or decoded."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            return im.convert("RGB")  # decodes every pixel (a copy even when already RGB)
+            return to_rgb(im)  # decodes every pixel (a copy even when already RGB)
+    except Image.DecompressionBombError as e:  # (raised by open, from the header: nothing decoded)
+        raise BadSample(f"decompression bomb: {e} Raise PIL.Image.MAX_IMAGE_PIXELS to accept such "
+                        f"images") from e
     except _IMAGE_ERRORS as e:
         raise BadSample(f"{type(e).__name__}: {e}") from e
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image in any mode -> RGB by the one rule (the module doc says which)."""
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        return _on_white(im.convert("RGBA"))
+    if im.mode in _WIDE_GREY_MODES:
+        grey = np.asarray(im, dtype=np.float64)  # (the modes PIL has no 8-bit conversion for, but clipping)
+        return Image.fromarray(np.rint(np.clip(grey, 0, 65535) / 257.0).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    """RGBA composited onto white with img2dataset's formula (its resizer's alpha matting), so a
+    transparent image decodes to the same pixels whether it comes through img2dataset or not."""
+    px = np.asarray(rgba, dtype=np.float64)
+    alpha = px[..., 3:4]
+    rgb = alpha / 255.0 * px[..., :3] + 255.0 - alpha
+    return Image.fromarray(np.rint(np.clip(rgb, 0, 255)).astype(np.uint8), "RGB")
 
 
 def decode_field(sample: dict[str, Any], key: str) -> Any:

@@ -35,6 +35,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from dtp_ds.data.decode import BadSample, decode_image
 from dtp_ds.models import VisionTransformer, record_forward, trunks
 
 log = logging.getLogger(__name__)
@@ -244,10 +245,10 @@ def visualize(model: nn.Module, name: str, paths: Sequence[str], out_dir: str, i
         tensors = []
         for i in chunk:
             try:
-                with Image.open(paths[i]) as img:
-                    tensors.append(transform(img))
-            except (OSError, ValueError) as e:  # unreadable / not an image
+                img = decode_image(paths[i])  # the one decoding rule (transparency on white)
+            except BadSample as e:  # unreadable / not an image
                 raise ValueError(f"cannot read image {paths[i]}: {e}") from e
+            tensors.append(transform(img))
         batch = torch.stack(tensors).to(device)
         for i, tensor, bnd in zip(chunk, tensors, extract_boundaries(model, batch)):
             title = f"{_segments(bnd)} / {bnd.num_patches} patches: compression {bnd.compression:.2f}x"

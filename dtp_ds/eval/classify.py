@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from torchvision.datasets import ImageFolder
 
-from dtp_ds.data.decode import BadSample, decode_sample
+from dtp_ds.data.decode import BadSample, decode_image, decode_sample
 from dtp_ds.data.shards import Bad, DataError, read_shard, resolve_shards
 from dtp_ds.data.synthetic import read_objects
 from dtp_ds.eval.boundary_quality import BoundaryQuality
@@ -102,7 +102,7 @@ def _loader(split: ClassSplit, transform: Callable, rank: int, world: int, batch
     if split.shards is not None:
         data = _ShardImages(split.shards, transform, rank, world, max_images, image_size)
         return DataLoader(data, batch_size=batch_size, num_workers=workers, generator=torch.Generator()), None
-    dataset = ImageFolder(split.image_dir, transform=transform)
+    dataset = ImageFolder(split.image_dir, transform=transform, loader=decode_image)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     # interleaved (as the zero-shot evaluation): a capped evaluation still covers every class
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()

@@ -22,9 +22,9 @@ import json
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
+from dtp_ds.data.decode import decode_image
 from dtp_ds.eval.boundaries import list_images
 from dtp_ds.eval.flops import torch_macs
 from dtp_ds.models import VisionTransformer, make_reducer
@@ -75,7 +75,7 @@ def _images(image_dir: str, size: int, count: int) -> torch.Tensor:
     from open_clip.transform import image_transform
 
     transform = image_transform(size, is_train=False)
-    return torch.stack([transform(Image.open(p).convert("RGB")) for p in list_images(image_dir, count)])
+    return torch.stack([transform(decode_image(p)) for p in list_images(image_dir, count)])
 
 
 def tower_gflops(model: VisionTransformer, images: torch.Tensor, count: str = "inference") -> float:
