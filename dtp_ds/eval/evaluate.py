@@ -15,9 +15,10 @@ What is measured is what training logs, by the same functions:
 - zero-shot classification (:func:`dtp_ds.eval.zeroshot.evaluate_splits`, the function
   behind training's periodic evaluation: row keys ``zeroshot_*`` for the first split,
   ``NAME_*`` for the others): class-folder splits with ``classnames.json`` and
-  ``templates.json`` (``--zeroshot``), ImageNet-1k val as 1000 wnid folders with open_clip's
-  class names and the OpenAI templates (``--imagenet-val``); for models whose reducer groups
-  patches (DRIP) also the groups' compression, purity and probability spread;
+  ``templates.json`` (``--zeroshot``), ImageNet-1k val as 1000 wnid folders (or flat with the
+  devkit beside it) with open_clip's class names and the OpenAI templates (``--imagenet-val``);
+  for models whose reducer groups patches (DRIP) also the groups' compression, purity and
+  probability spread;
 - image-text retrieval (:mod:`dtp_ds.eval.retrieval`): recall@1/5/10 both ways on WebDataset
   shards with one or more captions per image (``--retrieval``; keys ``retrieval_*``).
 
@@ -176,7 +177,10 @@ def _split(path: str, flag: str) -> ZeroShotSplit:
         raise EvaluateError(f"{flag} {path}: not a directory; give a class-folder split (CLASS/IMAGE.jpg folders "
                             f"with classnames.json and templates.json, as tools/make_synthetic_shards writes)")
     if flag == "--imagenet-val":
-        split = imagenet_split(path)
+        try:  # wnid folders, or flat files with the devkit beside them
+            split = imagenet_split(path)
+        except DataError as e:
+            raise EvaluateError(f"{flag}: {e}") from e
     else:
         missing = [f for f in ("classnames.json", "templates.json") if not os.path.isfile(os.path.join(path, f))]
         if missing:
@@ -187,8 +191,10 @@ def _split(path: str, flag: str) -> ZeroShotSplit:
     try:
         check_split(split)
     except ValueError as e:
-        fix = ("ImageNet-1k's val as its 1000 wnid folders (n01440764/, ...; the flat val images sorted into them "
-               "by the devkit's ground truth)" if flag == "--imagenet-val" else "one class name per class folder")
+        fix = ("ImageNet-1k's val as its 1000 wnid folders (n01440764/, ...; tools/prepare_imagenet sorts the flat "
+               "val images into them by the devkit's ground truth), or the flat ILSVRC2012_val_*.JPEG files with "
+               "ILSVRC2012_devkit_t12.tar.gz beside them" if flag == "--imagenet-val"
+               else "one class name per class folder")
         raise EvaluateError(f"{flag}: {e}; give {fix}") from e
     return split
 
@@ -366,7 +372,9 @@ def parser() -> argparse.ArgumentParser:
                    help="class-folder splits with classnames.json and templates.json (the first logged as zeroshot_*, "
                         "the others as NAME_*, as in training)")
     p.add_argument("--imagenet-val", metavar="DIR",
-                   help="ImageNet-1k val as 1000 wnid class folders: open_clip's class names, the OpenAI templates")
+                   help="ImageNet-1k val as 1000 wnid class folders (tools/prepare_imagenet makes them), or the "
+                        "flat files with ILSVRC2012_devkit_t12.tar.gz beside them: open_clip's class names, the "
+                        "OpenAI templates")
     p.add_argument("--retrieval", nargs="+", metavar="SHARDS",
                    help="image-text shards ('DIR/{00000..00004}.tar' or a directory of .tar): jpg + txt with one "
                         "caption a line, or json with a 'captions' list; recall@1/5/10 both ways")

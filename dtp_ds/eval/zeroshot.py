@@ -1,5 +1,7 @@
 """Zero-shot classification: class names x prompt templates -> text classifier, then
-top-1 / top-5 over a class-folder image set, split across ranks.
+top-1 / top-5 over a class-folder image set (or ImageNet's flat val with its devkit), split across
+ranks. Images are decoded by the one rule (:func:`dtp_ds.data.decode.decode_image`); one that
+cannot be is counted (``zeroshot_unusable``), not scored.
 
 Every rank runs the same number of forward passes (ZeRO-3 gathers parameters with
 collectives, so ranks must not diverge); correct counts are summed across ranks.
@@ -12,6 +14,7 @@ partitioned (empty) there: they are gathered for the evaluation, and only they (
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -21,14 +24,18 @@ import torch
 import torch.distributed as dist
 from open_clip import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
+from torch.utils.data import DataLoader, Dataset
 
+from dtp_ds.data.decode import BadSample, decode_image
+from dtp_ds.data.imagenet import ImageNetError, find_devkit, flat_images, labelled_flat_images, read_devkit
 from dtp_ds.data.shards import DataError
 from dtp_ds.data.synthetic import patch_labels, read_objects
 from dtp_ds.eval.boundary_quality import BoundaryQuality
 from dtp_ds.models import record_forward
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,11 +45,28 @@ class ZeroShotSplit:
     classnames: list[str]
     templates: list[Callable[[str], str]]
     objects: dict | None = None  # objects.json of a synthetic split: boundary purity is measured
+    # (image, class index) where the images are not in class folders (ImageNet's flat val + devkit)
+    samples: list[tuple[str, int]] | None = None
 
 
-def imagenet_split(image_dir: str) -> ZeroShotSplit:
-    """ImageNet-1k val in class-folder layout, with open_clip's class names and templates."""
-    return ZeroShotSplit("imagenet-val", image_dir, list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES))
+def imagenet_split(image_dir: str, devkit: str | None = None) -> ZeroShotSplit:
+    """ImageNet-1k val with open_clip's class names and templates: the 1000 wnid folders, or the
+    flat ``ILSVRC2012_val_*.JPEG`` files labelled by the devkit (``devkit``, else
+    ``ILSVRC2012_devkit_t12[.tar.gz]`` found beside them; same images, same numbers)."""
+    split = ZeroShotSplit("imagenet-val", image_dir, list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES))
+    if not os.path.isdir(image_dir) or not flat_images(image_dir):
+        return split  # class folders (check_split says when they are not)
+    devkit = devkit or find_devkit(image_dir)
+    if devkit is None:
+        raise DataError(f"ImageNet val {image_dir}: flat ILSVRC2012_val_*.JPEG files and no devkit beside them: put "
+                        f"ILSVRC2012_devkit_t12.tar.gz in {image_dir} or its parent, or sort them into wnid folders "
+                        f"with tools/prepare_imagenet --val {image_dir} --devkit ILSVRC2012_devkit_t12.tar.gz "
+                        f"--out DIR")
+    try:
+        split.samples = labelled_flat_images(image_dir, read_devkit(devkit))
+    except ImageNetError as e:
+        raise DataError(f"ImageNet val {image_dir}: {e}") from e
+    return split
 
 
 def folder_split(root: str) -> ZeroShotSplit:
@@ -56,6 +80,11 @@ def folder_split(root: str) -> ZeroShotSplit:
 
 
 def check_split(split: ZeroShotSplit) -> None:
+    if split.samples is not None:
+        if not split.samples or max(label for _, label in split.samples) >= len(split.classnames):
+            raise ValueError(f"{split.image_dir}: {len(split.samples)} labelled images, labels beyond the "
+                             f"{len(split.classnames)} class names or none")
+        return
     folders = sorted(d for d in os.listdir(split.image_dir) if os.path.isdir(os.path.join(split.image_dir, d)))
     if len(folders) != len(split.classnames):
         raise ValueError(f"{split.image_dir}: {len(folders)} class folders but {len(split.classnames)} class names")
@@ -99,32 +128,38 @@ def zero_shot_eval(
     with deepspeed.zero.GatheredParameters(list(model.parameters(recurse=False))):
         classifier = build_zero_shot_classifier(model, tokenizer, split.classnames, split.templates,
                                                 num_classes_per_batch=10, device=device, use_tqdm=False)
-        stats = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, images
+        stats = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, images, unusable images
         quality = BoundaryQuality(device)
-        for rank in ranks:
-            _evaluate(model, classifier, preprocess, split, device, input_dtype, batch_size, max_images,
-                      rank, world, workers, stats, quality)
+        failures = [_evaluate(model, classifier, preprocess, split, device, input_dtype, batch_size, max_images,
+                              rank, world, workers, stats, quality) for rank in ranks]
     model.train(was_training)
     if dist.is_initialized():
         dist.all_reduce(stats)
         dist.all_reduce(quality.sums)
-    top1, top5, count = stats.tolist()
+    top1, top5, count, unusable = stats.tolist()
     if not count:  # (the same on every rank: the counts are all-reduced)
         raise DataError(f"evaluation split {split.name} ({split.image_dir}): no usable sample (it holds none, "
                         f"or --zeroshot-max-images is 0)")
     result = {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
               "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),
               "zeroshot_chance_top1": 100 / len(split.classnames)}
+    if unusable:  # (only then: the rows of clean splits keep their keys)
+        result["zeroshot_unusable"] = int(unusable)
+        first = next((f for f in failures if f), "on another rank")
+        log.warning("zero-shot %s: %d images could not be decoded and are not scored (first: %s)", split.name,
+                    int(unusable), first)
     result.update(quality.result("zeroshot_"))
     return result
 
 
 def _evaluate(model: nn.Module, classifier: torch.Tensor, preprocess: Callable, split: ZeroShotSplit,
               device: torch.device, input_dtype: torch.dtype, batch_size: int, max_images: int | None,
-              rank: int, world: int, workers: int, stats: torch.Tensor, quality: BoundaryQuality) -> None:
-    """Rank ``rank`` of ``world``'s share of the images: adds its top-1 / top-5 hits and images
-    to ``stats`` and its groups to ``quality``."""
-    dataset = ImageFolder(split.image_dir, transform=preprocess)
+              rank: int, world: int, workers: int, stats: torch.Tensor, quality: BoundaryQuality) -> str | None:
+    """Rank ``rank`` of ``world``'s share of the images: adds its top-1 / top-5 hits, scored and
+    unusable images to ``stats`` and its groups to ``quality``; returns why its first unusable
+    image was (None: none was)."""
+    first_failure = None
+    dataset = _Images(split_samples(split), preprocess)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     # Interleave so a capped evaluation still covers every class.
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
@@ -133,7 +168,7 @@ def _evaluate(model: nn.Module, classifier: torch.Tensor, preprocess: Callable, 
     n_batches = math.ceil(per_rank / batch_size)
     batches = [mine[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
     loader = _image_loader(dataset, [idx or order[:1] for idx in batches], workers)
-    for idx, (images, labels) in zip(batches, loader):
+    for idx, (images, labels, why) in zip(batches, loader):
         real = len(idx)
         if real == 0:  # this rank ran out: a dummy batch (order[:1]) keeps the collectives in step
             idx = order[:1]
@@ -142,17 +177,50 @@ def _evaluate(model: nn.Module, classifier: torch.Tensor, preprocess: Callable, 
             feats = model.encode_image(images, normalize=True).float()
         logits = feats @ classifier.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top5 == labels[:, None]
+        usable = labels >= 0  # (an image that could not be decoded is counted, not scored)
+        hit = (top5 == labels[:, None]) & usable[:, None]
         if real:
-            stats += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), real],
-                                  dtype=torch.float64, device=device)
+            stats += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), usable.sum().item(),
+                                   real - usable.sum().item()], dtype=torch.float64, device=device)
+            first_failure = first_failure or next((w for w in why[:real] if w), None)
             for out in rec:  # the groups this forward's reducer made, if it groups patches
                 if out.groups is not None:
                     quality.add(out.groups, out.scores,
                                 [_patch_labels(split, dataset.samples[i][0], out.groups.shape[-1]) for i in idx])
+    return first_failure
 
 
-def _image_loader(dataset: ImageFolder, batches: list[list[int]], workers: int) -> DataLoader:
+def split_samples(split: ZeroShotSplit) -> list[tuple[str, int]]:
+    """(image path, class index) of a split, in ``ImageFolder``'s order for class folders
+    (torchvision's own listing, so indices and order are those of ``ImageFolder``)."""
+    if split.samples is not None:
+        return split.samples
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    return make_dataset(split.image_dir, find_classes(split.image_dir)[1], extensions=IMG_EXTENSIONS)
+
+
+class _Images(Dataset):
+    """(image, class index, "") through the one decoding rule (:func:`dtp_ds.data.decode.decode_image`);
+    an image that cannot be decoded is (a white image, -1, why): counted as unusable, not scored.
+    The transform runs outside the ``try``: an exception there is a bug and stops the evaluation."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        path, label = self.samples[i]
+        try:
+            image = decode_image(path)
+        except BadSample as e:
+            return self.transform(Image.new("RGB", (32, 32), "white")), -1, f"{path}: {e}"
+        return self.transform(image), label, ""
+
+
+def _image_loader(dataset: Dataset, batches: list[list[int]], workers: int) -> DataLoader:
     """``dataset``'s ``batches`` decoded by ``workers`` processes, in order. Its own generator:
     starting a loader draws a seed, which must not come from the training run's RNG."""
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=torch.Generator(),
