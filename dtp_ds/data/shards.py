@@ -17,9 +17,17 @@ Local shards are opened with ``open()``, never through a shell; remote URLs go t
 webdataset's openers, which hand http(s)/gs URLs to ``curl``/``gsutil`` through a shell, so
 those URLs are refused when they carry shell metacharacters (``pipe:`` sources are shell
 commands the user wrote on purpose and pass as given).
+
+Shards on object storage are read the way open_clip documents, a ``pipe:`` command per shard
+(``pipe:aws s3 cp s3://bucket/cc12m/{00000..01242}.tar -``). A remote shard's sample count
+comes from its ``*_stats.json`` fetched the same way: the command (or URL) with the shard's
+``NAME.tar`` replaced by ``NAME_stats.json`` (:func:`stats_url`), so no second configuration
+is needed. The stats are fetched in parallel once per process and cached. Resuming is the same
+for every source: the shard order and the skipped samples depend on the URLs and sample keys only.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -27,9 +35,11 @@ import os
 import random
 import re
 import stat
+import subprocess
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +67,10 @@ MAX_BAD_IN_A_ROW = 2000
 # webdataset hands remote URLs to a shell inside single quotes ('URL'): a quote (or a
 # control character) would end the quoting and run the rest as commands.
 _SHELL_UNSAFE = re.compile(r"['\x00-\x1f\x7f]")
+# A shard's name in a local path, URL or pipe: command: NAME.tar, then the end, a space, a quote or a query.
+_TAR_NAME = re.compile(r"\.tar(?=$|[\s'\"?])")
+STATS_TIMEOUT_S = 120  # one remote *_stats.json fetch (a pipe: command or a URL)
+STATS_FETCHERS = 16  # remote stats fetched at once by count_samples
 
 
 @dataclass
@@ -115,25 +129,76 @@ def resolve_shards(train_data: str) -> tuple[list[str], list[str]]:
     return present, missing
 
 
-def shard_samples(shard: str) -> int | None:
-    """Samples in one local img2dataset shard, from its ``*_stats.json`` (None if unknown)."""
-    if not _is_local(shard):
+def stats_url(shard: str) -> str | None:
+    """Where a shard's img2dataset ``*_stats.json`` is, in the shard's own form: a local path, a
+    URL, or a ``pipe:`` command with ``NAME.tar`` replaced by ``NAME_stats.json``. None when the
+    shard's name is not one ``NAME.tar`` (there is no telling which to replace)."""
+    if _is_local(shard):
+        return os.path.splitext(shard)[0] + "_stats.json"
+    found = list(_TAR_NAME.finditer(shard))
+    if len(found) != 1:
         return None
-    stats = os.path.splitext(shard)[0] + "_stats.json"
+    at = found[0].start()
+    return shard[:at] + "_stats.json" + shard[found[0].end():]
+
+
+def _stats_count(raw: bytes | str) -> int:
+    """The sample count of an img2dataset stats file (``successes``; ``count`` for older ones)."""
+    s = json.loads(raw)
+    return int(s.get("successes", s.get("count", 0)))
+
+
+def _fetch(url: str) -> bytes:
+    """The bytes a remote source gives: a ``pipe:`` command's stdout (its stderr kept for the
+    error, not the terminal), else webdataset's opener for the URL."""
+    if url.startswith("pipe:"):
+        r = subprocess.run(url[len("pipe:"):], shell=True, capture_output=True, timeout=STATS_TIMEOUT_S)
+        if r.returncode != 0:
+            raise OSError(f"exit status {r.returncode}: {r.stderr.decode(errors='replace').strip()[-300:]}")
+        return r.stdout
+    with wds.gopen(url) as f:
+        return f.read()
+
+
+@functools.cache
+def _remote_shard_samples(shard: str) -> int | None:
+    """A remote shard's count (cached: read_shard asks again after every pass over the shard)."""
+    url = stats_url(shard)
+    if url is None:
+        log.debug("%s: no NAME.tar in it, so no *_stats.json to fetch", shard)
+        return None
     try:
-        with open(stats) as f:
-            s = json.load(f)
-        return int(s.get("successes", s.get("count", 0)))
+        return _stats_count(_fetch(url))
+    except (OSError, ValueError, TypeError, AttributeError, subprocess.TimeoutExpired) as e:
+        log.debug("%s: no sample count from %s: %s: %s", shard, url, type(e).__name__, e)
+        return None
+
+
+def shard_samples(shard: str) -> int | None:
+    """Samples in one img2dataset shard, from its ``*_stats.json`` (None if unknown): beside a
+    local shard, or fetched like a remote one (:func:`stats_url`)."""
+    if not _is_local(shard):
+        return _remote_shard_samples(shard)
+    try:
+        with open(stats_url(shard)) as f:
+            return _stats_count(f.read())
     except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 
 def count_samples(shards: list[str]) -> int | None:
-    """Samples in local img2dataset shards, from their ``*_stats.json`` (None if any lacks one)."""
+    """Samples in img2dataset shards, from their ``*_stats.json`` (None if any lacks one; the
+    first such is named in a warning). Remote stats are fetched in parallel."""
+    remote = [s for s in shards if not _is_local(s)]
+    if remote:
+        with ThreadPoolExecutor(min(STATS_FETCHERS, len(remote))) as pool:
+            list(pool.map(_remote_shard_samples, remote))  # fills the cache
     total = 0
     for shard in shards:
         n = shard_samples(shard)
         if n is None:
+            log.warning("no sample count for shard %s (its *_stats.json, %s, cannot be read)", shard,
+                        stats_url(shard) or "no NAME.tar in it to derive")
             return None
         total += n
     return total
