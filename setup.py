@@ -14,5 +14,6 @@ setup(
     package_data={"dtp_ds": ["models/configs/*.json", "ds_configs/*.json", "ds_configs/README.md",
                              "cluster/partitions.json"]},
     python_requires=">=3.10",
+    extras_require={"data": ["img2dataset"]},  # tools/get_data only, not a training dependency
     scripts=[str(p) for p in sorted(Path("tools").glob("*")) if p.is_file() and not p.suffix],
 )
