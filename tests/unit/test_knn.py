@@ -18,6 +18,8 @@ from dtp_ds.cluster.ports import free_port
 from dtp_ds.eval.classify import class_split
 from dtp_ds.eval.knn import gather_rows, image_features, knn_classify, knn_eval
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 16
 
 

@@ -26,6 +26,8 @@ from dtp_ds.tasks.ssl_losses import (
     teacher_temperature,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WORLD, N, D, K = 2, 6, 8, 10  # ranks, samples per rank, feature width, DINO prototypes
 
 

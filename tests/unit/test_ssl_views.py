@@ -21,6 +21,8 @@ from dtp_ds.data.views import (
     view_transform,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 
 
