@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = launch_command(a.data, a.logs, a.name, a.nproc, a.model,
                          ["--epochs", str(a.epochs), "--train-num-samples", str(a.samples_per_epoch),
                           "--batch-size", str(a.batch_size), "--lr", "2e-3", "--warmup", "30",
-                          "--log-every-n-steps", "10", "--zeroshot-frequency", "1", *extra])
+                          "--log-every-n-steps", "10", "--eval-frequency", "1", *extra])
     print("demo:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     if rc != 0:

@@ -127,7 +127,7 @@ def run_many(runs: dict[str, list[str]], out: Path, nproc: int = 2, env: dict | 
 def base_args(synth: Path, logs: Path, name: str, *extra: str) -> list[str]:
     return ["--deepspeed_config", TINY_DS_CONFIG, "--model", "ViT-Tiny-8", "--train-data", train_data(synth),
             "--logs", str(logs), "--name", name, "--batch-size", "16", "--workers", "1", "--warmup", "2",
-            "--log-every-n-steps", "1", "--zeroshot-frequency", "0", "--seed", "0", *extra]
+            "--log-every-n-steps", "1", "--eval-frequency", "0", "--seed", "0", *extra]
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -113,7 +113,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, extra: list[str], tool:
     cmd = launch_command(a.data, logs, name, a.nproc, model,
                          ["--epochs", "1", "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
                           "--lr", str(a.lr), "--warmup", str(a.warmup), "--log-every-n-steps", "10",
-                          "--zeroshot-frequency", "1", "--seed", str(seed), *extra])
+                          "--eval-frequency", "1", "--seed", str(seed), *extra])
     run_dir = os.path.join(logs, name)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs = max(1, math.ceil(margin * a.steps / arm.mean_cost / a.eval_every))
             arm.steps = epochs * a.eval_every
             extra = ["--epochs", str(epochs), "--train-num-samples", str(a.eval_every * global_batch),
-                     "--warmup", str(max(1, round(a.warmup_fraction * arm.steps))), "--zeroshot-frequency", "1",
+                     "--warmup", str(max(1, round(a.warmup_fraction * arm.steps))), "--eval-frequency", "1",
                      "--log-every-n-steps", "1", "--keep-checkpoints", "1",
                      *(["--compression-schedule", arm.spec, "--compression-costs", costs_json] if arm.spec else [])]
             arm.load.append(os.getloadavg()[0])

@@ -119,7 +119,7 @@ def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
     started = time.perf_counter()
     pilot = train_run(a, "compress-pilot", ["--epochs", "1", "--train-num-samples", str(a.pilot_samples),
                                             "--warmup", "5", "--save-every-n-steps", str(a.pilot_save_every),
-                                            "--keep-checkpoints", "100", "--zeroshot-frequency", "0",
+                                            "--keep-checkpoints", "100", "--eval-frequency", "0",
                                             "--log-every-n-steps", "1", "--train-data",
                                             train_data(a.data, slice(None, half))])
     spent = {"pilot_wall_s": time.perf_counter() - started,
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. the scheduled run (and the uncompressed one)
     common = ["--epochs", str(a.epochs), "--train-num-samples", str(a.samples_per_epoch), "--warmup", "5",
-              "--zeroshot-frequency", str(a.epochs)]
+              "--eval-frequency", str(a.epochs)]
     runs = [("scheduled", train_run(a, "compress-scheduled", [*common, "--compression-schedule", schedule_json]))]
     if a.baseline:
         runs.append(("baseline", train_run(a, "compress-baseline", common)))

@@ -152,6 +152,7 @@ def _fetch(url: str) -> bytes:
     """The bytes a remote source gives: a ``pipe:`` command's stdout (its stderr kept for the
     error, not the terminal), else webdataset's opener for the URL."""
     if url.startswith("pipe:"):
+        # shell: the user's own pipe: command line, run as webdataset runs it for the shard itself
         r = subprocess.run(url[len("pipe:"):], shell=True, capture_output=True, timeout=STATS_TIMEOUT_S)
         if r.returncode != 0:
             raise OSError(f"exit status {r.returncode}: {r.stderr.decode(errors='replace').strip()[-300:]}")

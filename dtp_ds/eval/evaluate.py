@@ -25,7 +25,7 @@ What is measured is what training logs, by the same functions:
 Given a run (or one of its checkpoints) and no split, the run's own splits are evaluated
 (``--imagenet-val`` or ``--zeroshot-data``, then ``--zeroshot-extra``, from its ``config.json``),
 and by default as its evaluation ran: the checkpoint's precision (weights and inputs), the
-run's evaluation batch (2 x the micro-batch), its ``--zeroshot-max-images`` and, in one
+run's evaluation batch (2 x the micro-batch), its ``--eval-max-images`` and, in one
 process, its images split as its ranks split them (``--as-ranks``), so the batches are the
 run's: the last evaluation row is reproduced, not just approximated.
 
@@ -217,7 +217,10 @@ class Plan:
 def make_plan(a: argparse.Namespace, src: Source, world: int) -> Plan:
     """The splits and settings: the flags, else the run's (see the module doc)."""
     run = src.run or {}
-    run_args = (run.get("args") or {}).get("run") or {}
+    saved = run.get("args") or {}
+    # the run's settings: the task's (task_config) over the run section (where runs before the
+    # task seam kept the zero-shot splits and --zeroshot-max-images)
+    run_args = {**(saved.get("run") or {}), **(saved.get("task_config") or {})}
     notes = []
     zeroshot = ([_split(a.imagenet_val, "--imagenet-val")] if a.imagenet_val else []) + \
         [_split(d, "--zeroshot") for d in a.zeroshot or []]
@@ -249,9 +252,10 @@ def make_plan(a: argparse.Namespace, src: Source, world: int) -> Plan:
     if not a.batch_size and micro:
         notes.append(f"batch {batch_size} (the run's evaluation batch)")
     max_images = a.max_images
-    if max_images is None and run_args.get("zeroshot_max_images"):
-        max_images = run_args["zeroshot_max_images"]
-        notes.append(f"at most {max_images} images per split (the run's --zeroshot-max-images)")
+    run_max = run_args.get("eval_max_images", run_args.get("zeroshot_max_images"))
+    if max_images is None and run_max:
+        max_images = run_max
+        notes.append(f"at most {max_images} images per split (the run's --eval-max-images)")
     as_ranks = a.as_ranks
     if world > 1:
         if as_ranks not in (None, world):
@@ -385,7 +389,7 @@ def parser() -> argparse.ArgumentParser:
                         "else fp32)")
     p.add_argument("--batch-size", type=int, help="images per forward (default: the run's evaluation batch, else 64)")
     p.add_argument("--max-images", type=int,
-                   help="zero-shot images per split (default: the run's --zeroshot-max-images, else all; 0: all)")
+                   help="zero-shot images per split (default: the run's --eval-max-images, else all; 0: all)")
     p.add_argument("--retrieval-max-images", type=int, help="the first N samples of each retrieval set (default all)")
     p.add_argument("--as-ranks", type=int,
                    help="one process: split the zero-shot images as N ranks do, so the batches are a run of N ranks' "

@@ -139,7 +139,7 @@ def zero_shot_eval(
     top1, top5, count, unusable = stats.tolist()
     if not count:  # (the same on every rank: the counts are all-reduced)
         raise DataError(f"evaluation split {split.name} ({split.image_dir}): no usable sample (it holds none, "
-                        f"or --zeroshot-max-images is 0)")
+                        f"or --eval-max-images is 0)")
     result = {"zeroshot_top1": 100 * top1 / count, "zeroshot_top5": 100 * top5 / count,
               "zeroshot_images": int(count), "zeroshot_classes": len(split.classnames),
               "zeroshot_chance_top1": 100 / len(split.classnames)}

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import open_clip
@@ -24,11 +24,11 @@ from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
-from dtp_ds.eval.classify import ClassSplit, classify_eval
+from dtp_ds.data.shards import DataError
+from dtp_ds.eval.classify import ClassSplit, class_split, classify_eval
 from dtp_ds.models import record_forward, vision_tower
 
-from . import TaskSpec, register_task
-from .clip import reducer_schedules, reducer_terms
+from . import SplitsContext, TaskBase, TaskSpec, reducer_terms, register_task
 
 
 @dataclass
@@ -137,14 +137,96 @@ def make_mixup(cfg: ClassifyConfig, num_classes: int) -> Mixup | None:
                  num_classes=num_classes)
 
 
-class ClassifyTask:
-    """``--task classify``: the trunk as a classifier, evaluated top-1 / top-5."""
+def check_config(c: ClassifyConfig) -> None:
+    if c.num_classes is not None and c.num_classes < 2:
+        raise ValueError(f"--num-classes {c.num_classes}: must be >= 2")
+    if not 0.0 <= c.smoothing < 1.0:
+        raise ValueError(f"--smoothing {c.smoothing}: must be in [0, 1)")
+    if not 0.0 < c.scale[0] <= c.scale[1] <= 1.0:
+        raise ValueError(f"--scale {c.scale[0]} {c.scale[1]}: need 0 < MIN <= MAX <= 1")
+    if c.mixup < 0 or c.cutmix < 0 or not 0 <= c.mixup_prob <= 1 or not 0 <= c.mixup_switch_prob <= 1:
+        raise ValueError("--mixup and --cutmix must be >= 0, --mixup-prob and --mixup-switch-prob in [0, 1]")
+    if not 0.0 <= c.reprob <= 1.0 or not 0.0 < c.crop_pct <= 1.0:
+        raise ValueError("--reprob must be in [0, 1], --crop-pct in (0, 1]")
+    if c.drop_path is not None and not 0.0 <= c.drop_path < 1.0:
+        raise ValueError(f"--drop-path {c.drop_path}: must be in [0, 1)")
 
-    name = "classify"
+
+def classify_splits(c: ClassifyConfig, ctx: SplitsContext) -> tuple[list[ClassSplit], list[dict[str, Any]]]:
+    """The validation splits (--val-data); settles --num-classes (from the class folders of
+    --train-data, else of the first folder split: recorded as an override)."""
+    overrides = []
+    try:
+        splits = [class_split(p) for p in c.val_data or []]
+    except (ValueError, DataError) as e:
+        raise ValueError(f"--val-data: {e}") from e
+    if c.num_classes is None:
+        found = [(f"the {ctx.train_classes} class folders of --train-data", ctx.train_classes)] \
+            if ctx.train_classes else []
+        found += [(f"the {s.num_classes} class folders of --val-data {s.image_dir}", s.num_classes)
+                  for s in splits if s.num_classes]
+        if not found:
+            raise ValueError("--task classify on cls shards: give --num-classes (shards do not say how many "
+                             "classes there are; a class-folder --val-data would)")
+        why, c.num_classes = found[0]
+        overrides.append({"key": "num_classes", "flag": "--num-classes", "value": c.num_classes, "why": why})
+    named = ([("--train-data", ctx.train_classes)] if ctx.train_classes else []) + [
+        (f"--val-data {s.image_dir}", s.num_classes) for s in splits if s.num_classes]
+    for where, n in named:
+        if n > c.num_classes:
+            raise ValueError(f"{where} has {n} class folders but --num-classes is {c.num_classes}")
+    if c.mixes and ctx.micro_batch % 2:
+        raise ValueError(f"--mixup / --cutmix mix each batch with its reverse: the micro-batch ({ctx.micro_batch}) "
+                         f"must be even")
+    return splits, overrides
+
+
+@register_task("classify")
+class ClassifyTask(TaskBase):
+    """``--task classify``: the trunk as a classifier on class-labelled shards or a class-folder
+    tree, evaluated top-1 / top-5."""
+
+    Config = ClassifyConfig
+    train_layouts: ClassVar[frozenset[str]] = frozenset({"shards", "folder"})
+    couples_batch = False  # per-sample cross-entropy (mixup pairs within a micro-batch): accumulation is exact
     batch_keys = ("image", "label")
 
+    @classmethod
+    def add_flags(cls, add: Callable[..., Any]) -> None:
+        add("--num-classes", type=int,
+            help="classifier width (default: the class folders of --train-data, else of the first --val-data folder)")
+        add("--val-data", nargs="+", metavar="DIR|SHARDS",
+            help="validation splits: class-folder trees (ImageFolder layout) or shards with a cls key; evaluated "
+                 "every --eval-frequency epochs and at the end, the first logged as val_*, others as NAME_*")
+        add("--drop-path", type=float,
+            help="stochastic depth rate (default: the model config's trunk_cfg drop_path_rate)")
+        add("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment; default: none)")
+        add("--reprob", type=float, help="random erasing probability (default 0)")
+        add("--color-jitter", type=float, help="colour jitter strength (default 0.4; off under --aa)")
+        add("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+            help="random-resized-crop area range (default 0.08 1)")
+        add("--crop-pct", type=float, help="evaluation centre crop: resize to size / crop-pct, crop (default 0.875)")
+        add("--smoothing", type=float, help="label smoothing (default 0.1)")
+        add("--mixup", type=float, help="mixup alpha (default 0: off)")
+        add("--cutmix", type=float, help="cutmix alpha (default 0: off)")
+        add("--mixup-prob", type=float, help="probability of mixing a batch (default 1)")
+        add("--mixup-switch-prob", type=float,
+            help="probability of cutmix instead of mixup when both are on (default 0.5)")
+
+    @classmethod
+    def check(cls, cfg: ClassifyConfig) -> None:
+        check_config(cfg)
+
+    @classmethod
+    def eval_splits(cls, cfg: ClassifyConfig, ctx: SplitsContext) -> tuple[list[ClassSplit], list[dict[str, Any]]]:
+        return classify_splits(cfg, ctx)
+
+    @classmethod
+    def build_model(cls, model: str, client_state: dict[str, Any]) -> nn.Module:
+        return vision_tower(model, int(client_state["num_classes"]))
+
     def __init__(self, spec: TaskSpec) -> None:
-        self.cfg: ClassifyConfig = spec.options.get("classify") or ClassifyConfig()
+        self.cfg: ClassifyConfig = spec.config
         if not self.cfg.num_classes:
             raise ValueError("--task classify needs the number of classes (--num-classes)")
         overrides = {} if self.cfg.drop_path is None else {"drop_path_rate": self.cfg.drop_path}
@@ -157,8 +239,8 @@ class ClassifyTask:
     def data_stage(self) -> LabelStage:
         return LabelStage(self.preprocess_train, self.cfg.num_classes)
 
-    def schedules(self, total_steps: int) -> dict[str, Any]:
-        return reducer_schedules(self.model, total_steps)
+    def client_state(self) -> dict[str, Any]:
+        return {"num_classes": self.cfg.num_classes}
 
     def evaluate(self, splits: Iterable[ClassSplit], device: torch.device, batch_size: int,
                  max_images: int | None, workers: int = 2) -> tuple[dict[str, float], list[str]]:
@@ -178,6 +260,3 @@ class ClassifyTask:
                 line += f", {one[prefix + 'unusable']} unusable samples"
             lines.append(line)
         return res, lines
-
-
-register_task("classify")(ClassifyTask)

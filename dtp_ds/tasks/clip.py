@@ -6,18 +6,20 @@ Cross-rank work (gathering features for the contrastive loss) lives in open_clip
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from dtp_ds.eval.zeroshot import ZeroShotSplit, evaluate_splits
-from dtp_ds.models import TowerOutput, record_forward, reducers_of
+from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, evaluate_splits, folder_split, imagenet_split
+from dtp_ds.models import record_forward
 
-from . import TaskSpec, register_task
+from . import SplitsContext, TaskBase, TaskSpec, reducer_terms, register_task
 
 # open_clip clamps the learned temperature at 100 after every step (clamp_ on the
 # parameter); clamping the value in the forward does the same without touching a
@@ -25,26 +27,15 @@ from . import TaskSpec, register_task
 MAX_LOGIT_SCALE = 100.0
 
 
-def reducer_terms(records: list[TowerOutput], weight: float) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The weighted sum of the image trunk's auxiliary losses (``None`` without any), and the
-    row entries: each auxiliary loss and statistic (detached) and ``image_tokens``, averaged over
-    the trunk forwards the records hold."""
-    if not records:
-        return None, {}
-    keys = {**records[0].aux_losses, **records[0].stats}
-    row = {k: torch.stack([(r.aux_losses.get(k, r.stats.get(k))).float().reshape(()) for r in records]).mean()
-           for k in keys}
-    # mean tokens per sample over the blocks: what the trunk's compute scales with
-    row["image_tokens"] = torch.stack([r.token_counts.float().mean() for r in records]).mean()
-    aux = [row[k] for k in records[0].aux_losses]
-    total = weight * torch.stack(aux).sum() if aux else None
-    return total, {k: v.detach() for k, v in row.items()}
+@dataclass
+class CLIPConfig:
+    """``--task clip``'s settings."""
 
-
-def reducer_schedules(model: nn.Module, total_steps: int) -> dict[str, Any]:
-    """The schedules the model's token reducers need over the run, named by reducer."""
-    found = ((f"reducer{i}_{r.type_name}", r.schedule(total_steps)) for i, r in enumerate(reducers_of(model)))
-    return {name: s for name, s in found if s is not None}
+    local_loss: bool = False  # contrastive logits local x global (open_clip's --local-loss)
+    gather_with_grad: bool = False
+    zeroshot_data: str | None = None  # class-folder dir with classnames.json / templates.json
+    zeroshot_extra: list[str] | None = None  # more such splits, logged as NAME_top1, ...
+    imagenet_val: str | None = None  # ImageNet-1k val in class-folder layout
 
 
 class CLIPModule(nn.Module):
@@ -103,26 +94,73 @@ class CaptionStage:
         return self.preprocess(image), self.tokenizer(sample["txt"].decode("utf-8"))[0]
 
 
-class CLIPTask:
-    """``--task clip``: contrastive image-text pretraining, evaluated zero-shot."""
+def _folder_split(path: str, flag: str) -> ZeroShotSplit:
+    if not os.path.isfile(os.path.join(path, "classnames.json")):
+        raise ValueError(f"{flag} {path}: no classnames.json there "
+                         f"(make one with tools/make_synthetic_shards, or use --imagenet-val)")
+    return folder_split(path)
 
-    name = "clip"
+
+def _checked(split: ZeroShotSplit) -> ZeroShotSplit:
+    if not os.path.isdir(split.image_dir):
+        raise ValueError(f"zero-shot images: {split.image_dir} is not a directory")
+    try:
+        check_split(split)
+    except ValueError as e:
+        raise ValueError(f"zero-shot split: {e}; give one class name per class folder") from e
+    return split
+
+
+def zeroshot_splits(cfg: CLIPConfig) -> list[ZeroShotSplit]:
+    """The evaluation splits: ImageNet or --zeroshot-data first (its rows keep the
+    ``zeroshot_`` keys), then each --zeroshot-extra."""
+    splits = []
+    if cfg.imagenet_val:
+        splits.append(imagenet_split(cfg.imagenet_val))
+    elif cfg.zeroshot_data:
+        splits.append(_folder_split(cfg.zeroshot_data, "--zeroshot-data"))
+    splits += [_folder_split(d, "--zeroshot-extra") for d in cfg.zeroshot_extra or []]
+    return [_checked(s) for s in splits]
+
+
+@register_task("clip")
+class CLIPTask(TaskBase):
+    """``--task clip``: contrastive image-text pretraining on captioned shards, evaluated zero-shot."""
+
+    Config = CLIPConfig
+    train_layouts: ClassVar[frozenset[str]] = frozenset({"shards"})
+    contrastive_memory = True
     batch_keys = ("image", "text")
 
-    def __init__(self, spec: TaskSpec) -> None:
+    @classmethod
+    def add_flags(cls, add: Callable[..., Any]) -> None:
+        add("--local-loss", action="store_true", help="contrastive loss over local x global features only")
+        add("--gather-with-grad", action="store_true", help="gather features across ranks with gradients")
+        add("--zeroshot-data", help="class-folder split with classnames.json and templates.json")
+        add("--zeroshot-extra", nargs="+", metavar="DIR",
+            help="more class-folder splits evaluated alongside (e.g. data/synth/layout), logged as NAME_top1, ...")
+        add("--imagenet-val", help="ImageNet-1k val in class-folder layout (open_clip's class names and templates)")
+
+    @classmethod
+    def eval_splits(cls, cfg: CLIPConfig, ctx: SplitsContext) -> tuple[list[ZeroShotSplit], list[dict[str, Any]]]:
+        return zeroshot_splits(cfg), []
+
+    @classmethod
+    def build_model(cls, model: str, client_state: dict[str, Any]) -> nn.Module:
         # 0-dim params break DeepSpeed broadcasts: nonscalar_logit_scale
+        return open_clip.create_model(model, output_dict=True, nonscalar_logit_scale=True)
+
+    def __init__(self, spec: TaskSpec) -> None:
+        cfg: CLIPConfig = spec.config
         self.model, self.preprocess_train, self.preprocess_val = open_clip.create_model_and_transforms(
             spec.model, output_dict=True, nonscalar_logit_scale=True)
         self.tokenizer = open_clip.get_tokenizer(spec.model)
         self.input_dtype = spec.input_dtype
-        self.module = CLIPModule(self.model, spec.rank, spec.world, spec.options.get("local_loss", False),
-                                 spec.options.get("gather_with_grad", False), spec.aux_loss_weight, spec.input_dtype)
+        self.module = CLIPModule(self.model, spec.rank, spec.world, cfg.local_loss, cfg.gather_with_grad,
+                                 spec.aux_loss_weight, spec.input_dtype)
 
     def data_stage(self) -> CaptionStage:
         return CaptionStage(self.preprocess_train, self.tokenizer)
-
-    def schedules(self, total_steps: int) -> dict[str, Any]:
-        return reducer_schedules(self.model, total_steps)
 
     def evaluate(self, splits: Iterable[ZeroShotSplit], device: torch.device, batch_size: int,
                  max_images: int | None, workers: int = 2) -> tuple[dict[str, float], list[str]]:
@@ -131,6 +169,3 @@ class CLIPTask:
         row, lines, _ = evaluate_splits(self.model, self.tokenizer, self.preprocess_val, list(splits), device,
                                         self.input_dtype, batch_size, max_images, workers)
         return row, lines
-
-
-register_task("clip")(CLIPTask)

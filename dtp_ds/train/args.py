@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtp_ds.data.shards import DataConfig
-from dtp_ds.tasks.classify import ClassifyConfig
+from dtp_ds.tasks import TASKS, load_task_file, task_type
 from dtp_ds.train.schedule import LR_HELP, LR_SCHEDULERS
 
 
@@ -23,11 +23,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    task: str = "clip"  # dtp_ds.tasks.TASKS
+    task: str = "clip"  # a dtp_ds.tasks.TASKS name; its settings are TrainArgs.task_config
     model: str = "ViT-Tiny-8"
     grad_checkpointing: bool | None = None  # None: on iff the ds_config has "activation_checkpointing"
-    local_loss: bool = False
-    gather_with_grad: bool = False
     boundary_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss)
     compression_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.train.compression_schedule); None: uncompressed
     compression_costs: str | None = None  # a tools/compression_costs table: the cost of segments without one
@@ -62,11 +60,8 @@ class RunConfig:
     log_every_n_steps: int = 10
     report_to: str = ""  # "wandb" or ""
     wandb_project_name: str = "dtp_ds"
-    zeroshot_frequency: int = 1  # every N epochs (and at the end of training); 0 turns it off
-    zeroshot_data: str | None = None  # class-folder dir with classnames.json / templates.json
-    zeroshot_extra: list[str] | None = None  # more such splits, logged as NAME_top1, ...
-    imagenet_val: str | None = None  # ImageNet-1k val in class-folder layout
-    zeroshot_max_images: int | None = None
+    eval_frequency: int = 1  # the task's evaluation every N epochs (and at the end of training); 0 turns it off
+    eval_max_images: int | None = None  # per evaluation split
     dist_timeout_minutes: float = 5.0
     peer_timeout_seconds: float = 120.0  # dtp_ds.launch.watchdog: a silent peer is named and the job stops
     max_nonfinite_steps: int = 5  # non-finite steps in a row (each skipped) that stop the run
@@ -79,13 +74,22 @@ class TrainArgs:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    task_config: Any = None  # the --task's own settings (its Config dataclass, dtp_ds.tasks)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = (ModelConfig, OptimConfig, DataConfig, RunConfig, ClassifyConfig)
+SECTIONS = (ModelConfig, OptimConfig, DataConfig, RunConfig)
+
+# flags renamed in this version: refused with the new name, never silently aliased
+RENAMED_FLAGS = {"--zeroshot-frequency": "--eval-frequency", "--zeroshot-max-images": "--eval-max-images"}
+
+
+class _Renamed(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise ConfigError(f"{option_string} was renamed {RENAMED_FLAGS[option_string]} (it sets every task's "
+                          f"evaluation, not only zero-shot's): use {RENAMED_FLAGS[option_string]}")
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -118,14 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     # model
-    a("--task", help="what to train: clip (contrastive image-text; the default) or classify (the image trunk "
-      "with a classifier head on class-labelled data; see the flags under 'classify')")
+    a("--task", help="what to train: a task name (" + ", ".join(sorted(TASKS)) + "; default clip: contrastive "
+      "image-text) or a FILE.py that registers one (dtp_ds.tasks.register_task); each task's flags are in its group")
     a("--model",
       help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x), or a model JSON path/NAME.json")
     _bool_flag(p, "--grad-checkpointing", "activation checkpointing per transformer block "
                "(default: on iff the ds_config has an activation_checkpointing section)")
-    a("--local-loss", action="store_true", help="contrastive loss over local x global features only")
-    a("--gather-with-grad", action="store_true", help="gather features across ranks with gradients")
     a("--boundary-loss-weight", type=float,
       help="weight of the token reducer's auxiliary losses (DRIP's boundary-rate loss)")
     a("--compression-schedule", metavar="FILE|SPEC",
@@ -184,45 +186,71 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-nonfinite-steps", type=int,
       help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     a("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
-    _classify_flags(p.add_argument_group("classify", "--task classify (flag names as timm's train.py)"))
+    for old in RENAMED_FLAGS:
+        a(old, action=_Renamed, nargs="?", help=argparse.SUPPRESS)
+    task_defaults = _task_flags(p)
     # defaults are written once, in the dataclasses
-    p.set_defaults(**{f.name: f.default for cls in SECTIONS for f in dataclasses.fields(cls)
-                      if f.default is not dataclasses.MISSING})
+    p.set_defaults(**task_defaults, **{f.name: f.default for cls in SECTIONS for f in dataclasses.fields(cls)
+                                       if f.default is not dataclasses.MISSING})
     return p
 
 
+def _task_flags(p: argparse.ArgumentParser) -> dict[str, Any]:
+    """Every registered task's flags, one group per task (a flag two tasks share, e.g.
+    --val-data, is declared by the first and must mean the same with the same default); the
+    defaults of their destinations, from the tasks' Config dataclasses."""
+    defaults: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for name in sorted(TASKS):
+        cls = TASKS[name]
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        group = p.add_argument_group(f"--task {name}", (cls.__doc__ or "").strip().splitlines()[0])
+
+        def add(*flags: str, _cls=cls, _group=group, _fields=fields, _name=name, **kw: Any) -> None:
+            dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+            if dest not in _fields:
+                raise TypeError(f"task {_name}: flag {flags[0]} sets {dest}, which is not a field of "
+                                f"{_cls.Config.__name__}")
+            f = _fields[dest]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dest in owner:
+                if defaults[dest] != default:
+                    raise TypeError(f"tasks {owner[dest]} and {_name} both declare {flags[0]} with different "
+                                    f"defaults ({defaults[dest]!r}, {default!r})")
+                return
+            owner[dest], defaults[dest] = _name, default
+            _group.add_argument(*flags, **kw)
+
+        cls.add_flags(add)
+    return defaults
+
+
 def _eval_flags(a) -> None:
-    """The evaluation's flags (zero-shot for CLIP; --task classify reads the frequency and image cap too)."""
-    a("--zeroshot-frequency", type=int, help="zero-shot eval every N epochs and at the end (0: never)")
-    a("--zeroshot-data", help="class-folder split with classnames.json and templates.json")
-    a("--zeroshot-extra", nargs="+", metavar="DIR",
-      help="more class-folder splits evaluated alongside (e.g. data/synth/layout), logged as NAME_top1, ...")
-    a("--imagenet-val",
-      help="ImageNet-1k val in class-folder layout (open_clip's class names and templates)")
-    a("--zeroshot-max-images", type=int, help="evaluate on at most this many images")
+    """The evaluation's schedule (what is evaluated is the task's: its group's flags)."""
+    a("--eval-frequency", type=int, help="the task's evaluation every N epochs and at the end (0: never)")
+    a("--eval-max-images", type=int, help="evaluate on at most this many images per split")
 
 
-def _classify_flags(g: argparse._ArgumentGroup) -> None:
-    a = g.add_argument
-    a("--num-classes", type=int,
-      help="classifier width (default: the class folders of --train-data, else of the first --val-data folder)")
-    a("--val-data", nargs="+", metavar="DIR|SHARDS",
-      help="validation splits: class-folder trees (ImageFolder layout) or shards with a cls key; top-1/top-5 "
-      "every --zeroshot-frequency epochs and at the end, the first logged as val_top1, ..., others as NAME_top1")
-    a("--drop-path", type=float, help="stochastic depth rate (default: the model config's trunk_cfg drop_path_rate)")
-    a("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment; default: none)")
-    a("--reprob", type=float, help="random erasing probability (default 0)")
-    a("--color-jitter", type=float, help="colour jitter strength (default 0.4; off under --aa)")
-    a("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random-resized-crop area range (default 0.08 1)")
-    a("--crop-pct", type=float, help="evaluation centre crop: resize to size / crop-pct, crop (default 0.875)")
-    a("--smoothing", type=float, help="label smoothing (default 0.1)")
-    a("--mixup", type=float, help="mixup alpha (default 0: off)")
-    a("--cutmix", type=float, help="cutmix alpha (default 0: off)")
-    a("--mixup-prob", type=float, help="probability of mixing a batch (default 1)")
-    a("--mixup-switch-prob", type=float, help="probability of cutmix instead of mixup when both are on (default 0.5)")
+def task_from_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a ``--task FILE.py`` imported (it registers its task, flags included, before
+    the parser is built) and replaced by the name it registered."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        value, at = (argv[i + 1], i + 1) if arg == "--task" and i + 1 < len(argv) else \
+            (arg.split("=", 1)[1], i) if arg.startswith("--task=") else (None, None)
+        if value is not None and value.endswith(".py"):
+            try:
+                name = load_task_file(value)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+            argv[at] = name if at != i else f"--task={name}"
+    return argv
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
+    import sys
+
+    argv = task_from_argv(sys.argv[1:] if argv is None else argv)
     return from_namespace(build_parser().parse_args(argv))
 
 
@@ -233,9 +261,31 @@ def from_namespace(ns: argparse.Namespace) -> TrainArgs:
     def take(cls):
         return cls(**{f.name: v[f.name] for f in dataclasses.fields(cls)})
 
-    args = TrainArgs(*(take(cls) for cls in SECTIONS))
+    try:
+        cls = task_type(v["task"])
+    except ValueError as e:
+        raise ConfigError(f"--task {v['task']}: {e}") from e
+    check_foreign_flags(v, cls)
+    args = TrainArgs(*(take(c) for c in SECTIONS), task_config=take(cls.Config))
     check_args(args)
     return args
+
+
+def check_foreign_flags(v: dict[str, Any], chosen: type) -> None:
+    """A flag of another task, set to other than its default, is refused: it would do nothing."""
+    def norm(x):  # nargs=2 parses to a list, a default may be a tuple
+        return list(x) if isinstance(x, tuple | list) else x
+
+    own = {f.name for f in dataclasses.fields(chosen.Config)}
+    given = {}
+    for name, cls in TASKS.items():
+        for f in dataclasses.fields(cls.Config):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.name not in own and f.name in v and norm(v[f.name]) != norm(default):
+                given.setdefault("--" + f.name.replace("_", "-"), name)
+    if given:
+        flags = ", ".join(f"{flag} (--task {t})" for flag, t in given.items())
+        raise ConfigError(f"{flags}: not flags of --task {chosen.name}; drop them or choose that task")
 
 
 def check_args(args: TrainArgs) -> None:
@@ -261,32 +311,7 @@ def check_args(args: TrainArgs) -> None:
         raise ConfigError(f"--max-nonfinite-steps {args.run.max_nonfinite_steps}: must be >= 1")
     if not 0.0 <= args.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"--max-bad-fraction {args.data.max_bad_fraction}: must be in [0, 1]")
-    check_classify_args(args)
-
-
-def check_classify_args(args: TrainArgs) -> None:
-    c = args.classify
-    if args.model.task != "classify":
-        def norm(v):  # --scale parses to a list, its default is a tuple
-            return list(v) if isinstance(v, tuple | list) else v
-
-        given = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(c)
-                 if norm(getattr(c, f.name)) != norm(f.default)]
-        if given:
-            raise ConfigError(f"{', '.join(given)}: for --task classify (this run is --task {args.model.task})")
-        return
-    if args.run.zeroshot_data or args.run.imagenet_val or args.run.zeroshot_extra:
-        raise ConfigError("--task classify evaluates on --val-data (class folders or cls shards), not zero-shot: "
-                          "drop --zeroshot-data / --imagenet-val / --zeroshot-extra")
-    if c.num_classes is not None and c.num_classes < 2:
-        raise ConfigError(f"--num-classes {c.num_classes}: must be >= 2")
-    if not 0.0 <= c.smoothing < 1.0:
-        raise ConfigError(f"--smoothing {c.smoothing}: must be in [0, 1)")
-    if not 0.0 < c.scale[0] <= c.scale[1] <= 1.0:
-        raise ConfigError(f"--scale {c.scale[0]} {c.scale[1]}: need 0 < MIN <= MAX <= 1")
-    if c.mixup < 0 or c.cutmix < 0 or not 0 <= c.mixup_prob <= 1 or not 0 <= c.mixup_switch_prob <= 1:
-        raise ConfigError("--mixup and --cutmix must be >= 0, --mixup-prob and --mixup-switch-prob in [0, 1]")
-    if not 0.0 <= c.reprob <= 1.0 or not 0.0 < c.crop_pct <= 1.0:
-        raise ConfigError("--reprob must be in [0, 1], --crop-pct in (0, 1]")
-    if c.drop_path is not None and not 0.0 <= c.drop_path < 1.0:
-        raise ConfigError(f"--drop-path {c.drop_path}: must be in [0, 1)")
+    try:
+        task_type(args.model.task).check(args.task_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import dtp_ds  # (importing it registers the dtp_ds model configs with open_clip)
-from dtp_ds.models import get_model_config, register_config, vision_tower
+from dtp_ds.models import get_model_config, register_config
 from dtp_ds.train.checkpoint import (
     PARTIAL,
     TAG_RE,
@@ -255,11 +255,20 @@ def _register_model(name: str, cfg: dict[str, Any] | None, ckpt_dir: str) -> Non
     register_config(name, cfg)
 
 
-def build_model(name: str, task: str = "clip", num_classes: int | None = None) -> nn.Module:
-    """The model a run of ``task`` trains, as the trainer builds it (weights fresh)."""
-    if task == "classify":
-        return vision_tower(name, int(num_classes))
-    return open_clip.create_model(name, output_dict=True, nonscalar_logit_scale=True)
+def build_model(name: str, task: str = "clip", client_state: dict[str, Any] | None = None) -> nn.Module:
+    """The model a run of ``task`` trains, as the trainer builds it (weights fresh), from what the
+    task recorded in the checkpoint (:meth:`dtp_ds.tasks.Task.client_state`)."""
+    from dtp_ds.tasks import task_type
+
+    return task_type(task).build_model(name, client_state or {})
+
+
+def task_client_state(states: dict[str, Any]) -> dict[str, Any]:
+    """What the run's task recorded to rebuild its model (``task_state``; checkpoints from before
+    the task seam kept a classifier's ``num_classes`` at the top)."""
+    if "task_state" in states:
+        return dict(states["task_state"] or {})
+    return {"num_classes": states["num_classes"]} if states.get("num_classes") else {}
 
 
 def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
@@ -272,7 +281,7 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") ->
     if not name:
         raise ValueError(f"{ckpt_dir}: the checkpoint's client state has no 'model_name' (not written by dtp_ds.train)")
     _register_model(name, states.get("model_cfg"), ckpt_dir)
-    model = build_model(name, states.get("task", "clip"), states.get("num_classes"))
+    model = build_model(name, states.get("task") or "clip", task_client_state(states))
     state = fp32_state_dict(ckpt_dir, model, states)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -318,9 +327,8 @@ def export_safetensors(path: str, out: str, dtype: str = "fp32") -> tuple[str, s
     train_state = (states.get("train_state") or {})
     meta = {"format": "pt", "model_name": name, "model_cfg": json.dumps(get_model_config(name)),
             "dtype": dtype, "dtp_ds_version": dtp_ds.__version__, "checkpoint": os.path.basename(ckpt_dir),
-            "step": str(train_state.get("step", "")), "task": states.get("task") or "clip"}
-    if meta["task"] == "classify":
-        meta["num_classes"] = str(states["num_classes"])
+            "step": str(train_state.get("step", "")), "task": states.get("task") or "clip",
+            "client_state": json.dumps(task_client_state(states))}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp.{os.getpid()}"
     try:
@@ -352,10 +360,13 @@ def load_exported(file: str, **kwargs: Any) -> nn.Module:
     cfg = json.loads(meta["model_cfg"]) if meta.get("model_cfg") else None
     if name not in open_clip.list_models() or (cfg is not None and get_model_config(name) != cfg):
         _register_model(name, cfg, file)
-    if meta.get("task") == "classify":
+    if meta.get("task") not in (None, "", "clip"):
         from safetensors.torch import load_file
 
-        model = build_model(name, "classify", int(meta["num_classes"]))
+        # client_state: what the task recorded (exports before it held num_classes alone)
+        state = json.loads(meta["client_state"]) if meta.get("client_state") else \
+            {"num_classes": int(meta["num_classes"])}
+        model = build_model(name, meta["task"], state)
         model.load_state_dict(load_file(file))
         return model
     return open_clip.create_model(name, pretrained=file, **kwargs)
@@ -380,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, CheckpointError, OSError) as e:
         print(f"export_checkpoint: error: {e}", file=sys.stderr)
         return 2
-    how = (f"`from dtp_ds.train.export import load_exported; load_exported({a.out!r})` (a {meta['num_classes']}-class "
-           f"classifier)" if meta["task"] == "classify" else
+    how = (f"`from dtp_ds.train.export import load_exported; load_exported({a.out!r})` (a --task {meta['task']} "
+           f"model)" if meta["task"] != "clip" else
            f"`import dtp_ds, open_clip; open_clip.create_model({name!r}, pretrained={a.out!r})`")
     print(f"{a.out}: {name} ({meta['dtype']}) from {ckpt_dir}; load with {how}", flush=True)
     return 0

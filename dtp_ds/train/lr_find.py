@@ -91,7 +91,7 @@ def _run(argv: Sequence[str] | None) -> int:
     out = os.path.abspath(ns.out)
     # its own directory, a fresh model, no checkpoint read or written, no evaluation
     args.run.logs, args.run.name, args.run.resume = os.path.dirname(out), os.path.basename(out), None
-    args.run.zeroshot_frequency, args.optim.lr = 0, cfg.start_lr
+    args.run.eval_frequency, args.optim.lr = 0, cfg.start_lr
     rank, world, device = start_distributed(args)
     s = prepare(args, world, rank)
     task, engine = build_engine(s, rank, world, lambda opt: LambdaLR(opt, ExponentialRamp(cfg)))

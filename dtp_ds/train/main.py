@@ -1,5 +1,5 @@
-"""Training under a DeepSpeed engine (CLIP pretraining; ``--task classify``: a classifier): the
-orchestrator.
+"""Training under a DeepSpeed engine (a task of :mod:`dtp_ds.tasks`: CLIP pretraining by default):
+the orchestrator.
 
     deepspeed [--hostfile F | --num_gpus N] --module dtp_ds.train \
         --deepspeed_config ds_configs/vit_b_32.json --model DRIP-ViT-B-32-10x \
@@ -44,13 +44,11 @@ from dtp_ds.data.shards import (
     plan_epoch,
     resolve_shards,
 )
-from dtp_ds.eval.classify import ClassSplit, class_split
-from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, folder_split, imagenet_split
 from dtp_ds.launch.discovery import DiscoveryError, discover
 from dtp_ds.launch.probe import git_revision
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
 from dtp_ds.models import get_model_config, register_model_file, trunks
-from dtp_ds.tasks import TASKS, TaskSpec, build_task, param_groups
+from dtp_ds.tasks import TASKS, SplitsContext, TaskSpec, build_task, param_groups, task_type
 from dtp_ds.train import checkpoint, init_from
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
 from dtp_ds.train.checkpoint import CheckpointError, TrainState
@@ -84,63 +82,6 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _folder_split(path: str, flag: str) -> ZeroShotSplit:
-    if not os.path.isfile(os.path.join(path, "classnames.json")):
-        raise ConfigError(f"{flag} {path}: no classnames.json there "
-                          f"(make one with tools/make_synthetic_shards, or use --imagenet-val)")
-    return folder_split(path)
-
-
-def _checked(split: ZeroShotSplit) -> ZeroShotSplit:
-    if not os.path.isdir(split.image_dir):
-        raise ConfigError(f"zero-shot images: {split.image_dir} is not a directory")
-    try:
-        check_split(split)
-    except ValueError as e:
-        raise ConfigError(f"zero-shot split: {e}; give one class name per class folder") from e
-    return split
-
-
-def zeroshot_splits(args: TrainArgs) -> list[ZeroShotSplit]:
-    """The evaluation splits: ImageNet or --zeroshot-data first (its rows keep the
-    ``zeroshot_`` keys), then each --zeroshot-extra."""
-    splits = []
-    if args.run.imagenet_val:
-        splits.append(imagenet_split(args.run.imagenet_val))
-    elif args.run.zeroshot_data:
-        splits.append(_folder_split(args.run.zeroshot_data, "--zeroshot-data"))
-    splits += [_folder_split(d, "--zeroshot-extra") for d in args.run.zeroshot_extra or []]
-    return [_checked(s) for s in splits]
-
-
-def classify_splits(args: TrainArgs, folder: ClassFolder | None, micro: int,
-                    overrides: list[dict[str, Any]]) -> list[ClassSplit]:
-    """--task classify's validation splits (--val-data); settles --num-classes (from the class
-    folders of --train-data, else of the first folder split: recorded as an override)."""
-    c = args.classify
-    try:
-        splits = [class_split(p) for p in c.val_data or []]
-    except (ValueError, DataError) as e:
-        raise ConfigError(f"--val-data: {e}") from e
-    if c.num_classes is None:
-        found = [(f"the {len(folder.classes)} class folders of --train-data", len(folder.classes))] if folder else []
-        found += [(f"the {s.num_classes} class folders of --val-data {s.image_dir}", s.num_classes)
-                  for s in splits if s.num_classes]
-        if not found:
-            raise ConfigError("--task classify on cls shards: give --num-classes (shards do not say how many "
-                              "classes there are; a class-folder --val-data would)")
-        why, c.num_classes = found[0]
-        overrides.append({"key": "num_classes", "flag": "--num-classes", "value": c.num_classes, "why": why})
-    named = ([("--train-data", len(folder.classes))] if folder else []) + [
-        (f"--val-data {s.image_dir}", s.num_classes) for s in splits if s.num_classes]
-    for where, n in named:
-        if n > c.num_classes:
-            raise ConfigError(f"{where} has {n} class folders but --num-classes is {c.num_classes}")
-    if c.mixes and micro % 2:
-        raise ConfigError(f"--mixup / --cutmix mix each batch with its reverse: the micro-batch ({micro}) must be even")
-    return splits
-
-
 def default_name(args: TrainArgs, micro: int) -> str:
     stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
     return f"{stamp}-model_{args.model.model}-b_{micro}-ep_{args.optim.epochs}"
@@ -166,7 +107,7 @@ class Setup:
     accum: int  # the engine's gradient_accumulation_steps
     total_steps: int
     run_dir: str
-    splits: list[ZeroShotSplit] | list[ClassSplit]  # the task's evaluation splits
+    splits: list[Any]  # the task's evaluation splits
     missing_shards: list[str]
     folder: ClassFolder | None = None  # --train-data as a class-folder tree (else shards)
     resume_from: tuple[str, str] | None = None  # (checkpoint root, tag) that --resume names
@@ -197,12 +138,13 @@ def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list
     """On a GPU, the memory model's predicted peak at this world size must fit: where only the
     full contrastive loss's (contrastive batch)^2 logits do not, --local-loss --gather-with-grad (the
     same gradients) is turned on and recorded; otherwise the run is refused with the fixes."""
-    if not torch.cuda.is_available() or args.model.task != "clip":
+    if not torch.cuda.is_available() or not task_type(args.model.task).contrastive_memory:
         return  # (the memory model knows CLIP's towers and contrastive logits, not a classifier's)
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    cfg = args.task_config  # a contrastive task's settings have local_loss and gather_with_grad
     try:
-        changes, why = check_start_memory(args.model.model, ds_config, micro, world, total, args.model.local_loss,
-                                          args.model.gather_with_grad, grad_checkpointing_on(ds_config, args),
+        changes, why = check_start_memory(args.model.model, ds_config, micro, world, total, cfg.local_loss,
+                                          cfg.gather_with_grad, grad_checkpointing_on(ds_config, args),
                                           gradcache=gradcache_on(args))
     except PredictedOOM as e:
         raise ConfigError(str(e)) from e
@@ -211,7 +153,7 @@ def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list
                     "the run starts unchecked", args.model.model, e)
         return
     for key, value in changes.items():
-        setattr(args.model, key, value)
+        setattr(cfg, key, value)
         overrides.append({"key": key, "flag": "start-up memory check", "value": value, "why": why})
     if why:
         log.warning("%s", why)
@@ -226,8 +168,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
             raise ConfigError(f"--model {args.model.model}: {e}") from e
     if args.model.init_from:
         init_from.check_source(args.model.init_from)
-    if args.model.task not in TASKS:
-        raise ConfigError(f"--task {args.model.task}: unknown task; one of {', '.join(sorted(TASKS))}")
+    task_cls = task_type(args.model.task)  # (known: parse_args checked it)
     if args.model.model not in open_clip.list_models():
         raise ConfigError(f"unknown model '{args.model.model}'. dtp_ds models: {', '.join(dtp_ds.list_models())}; "
                           f"or any open_clip name (e.g. ViT-B-32, see open_clip.list_models())")
@@ -237,9 +178,10 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     micro, accum = resolve_batch(raw, args, world)
     folder, shards, missing = None, [], []
     if os.path.isdir(args.data.train_data):
-        if args.model.task != "classify":
-            raise ConfigError(f"--train-data {args.data.train_data} is a directory: a class-folder tree has labels, "
-                              f"not captions (--task classify trains on one); give shards for --task {args.model.task}")
+        if "folder" not in task_cls.train_layouts:
+            takes = sorted(n for n, c in TASKS.items() if "folder" in c.train_layouts)
+            raise ConfigError(f"--train-data {args.data.train_data} is a directory: --task {args.model.task} trains on "
+                              f"shards, not a class-folder tree (tasks that take one: {', '.join(takes)}); give shards")
         folder = class_folder(args.data.train_data)
         num_samples = args.data.train_num_samples or len(folder.samples)
     else:
@@ -253,14 +195,21 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         num_samples = args.data.train_num_samples or count_samples(shards)
     if not num_samples:
         raise ConfigError("the shards carry no *_stats.json sample counts: give --train-num-samples")
-    chunks = accum if gradcache_on(args) else 1  # a GradCache step's chunks come in one loader batch
+    # a GradCache step's chunks come in one loader batch; a task whose loss does not couple the
+    # batch accumulates its --accum-freq micro-batches the plain way (exact for it)
+    chunks = accum if gradcache_on(args) and task_cls.couples_batch else 1
     plan = plan_epoch(num_samples, micro * chunks, world, args.data.workers, accum // chunks)
     total_steps = plan.batches_per_rank * chunks // accum * args.optim.epochs
     on_cpu = get_accelerator().device_name() == "cpu"
     ds_config, overrides = resolve(raw, args, world, cpu_has_native_bf16() if on_cpu else None)
     check_precision_supported(precision_of(ds_config))
     check_gpu_memory(args, ds_config, overrides, micro, world)
-    splits = classify_splits(args, folder, micro, overrides) if args.model.task == "classify" else zeroshot_splits(args)
+    try:
+        splits, settled = task_cls.eval_splits(args.task_config, SplitsContext(len(folder.classes) if folder else None,
+                                                                                micro))
+    except (ValueError, DataError) as e:
+        raise ConfigError(str(e)) from e
+    overrides += settled
     compression = None
     if args.model.compression_schedule:
         try:
@@ -317,8 +266,7 @@ def build_engine(s: Setup, rank: int, world: int, lr_scheduler: Callable[[Any], 
     args = s.args
     seed_all(args.run.seed)  # identical initial weights on every rank
     spec = TaskSpec(args.model.model, rank, world, DTYPES[precision_of(s.ds_config)], args.model.boundary_loss_weight,
-                    {"local_loss": args.model.local_loss, "gather_with_grad": args.model.gather_with_grad,
-                     "classify": args.classify})
+                    args.task_config)
     task = build_task(args.model.task, spec)
     if grad_checkpointing_on(s.ds_config, args):
         task.model.set_grad_checkpointing(True)
@@ -417,12 +365,12 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
     cfg = TrainerConfig(run_dir=s.run_dir, accum=s.loader_accum, global_batch=s.micro * s.accum * world,
                         last_step=last_step, batches_per_epoch=s.plan.batches_per_rank,
                         log_every=args.run.log_every_n_steps, save_every=args.run.save_every_n_steps,
-                        keep_checkpoints=args.run.keep_checkpoints, eval_every_epochs=args.run.zeroshot_frequency,
-                        eval_batch_size=2 * s.micro, eval_max_images=args.run.zeroshot_max_images,
+                        keep_checkpoints=args.run.keep_checkpoints, eval_every_epochs=args.run.eval_frequency,
+                        eval_batch_size=2 * s.micro, eval_max_images=args.run.eval_max_images,
                         eval_workers=args.data.workers,
                         missing_shards=len(s.missing_shards))
     client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model),
-              "task": args.model.task, "num_classes": args.classify.num_classes}
+              "task": args.model.task, "task_state": task.client_state()}
     nonfinite = NonFiniteGuard(engine, precision_of(s.ds_config), args.run.max_nonfinite_steps, rank, root)
     return Trainer(cfg, task, engine, state, logger, nonfinite,
                    BadDataGuard(args.data.max_bad_fraction, s.plan.num_samples), s.splits, client, schedules,

@@ -36,7 +36,7 @@ def test_drip_classifier_trains_to_10x_chance_under_zero3(synth_cls, tmp_path):
                "--mixup-prob", "0.5", "--drop-path", "0.05", "--log-every-n-steps", "4", "--seed", "0"])
     run = tmp_path / "cls"
     conf = json.loads((run / "config.json").read_text())
-    assert conf["args"]["classify"]["num_classes"] == 56  # from the class folders of --val-data
+    assert conf["args"]["task_config"]["num_classes"] == 56  # from the class folders of --val-data
     assert conf["ds_config"]["zero_optimization"]["stage"] == 3
     steps = step_records(run)
     assert steps[-1]["step"] == 64  # 2 epochs of 2,048 samples at 2 x 32

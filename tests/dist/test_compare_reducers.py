@@ -20,7 +20,7 @@ def test_compare_two_arms(synth, tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, str(REPO / "tools" / "compare_reducers"), "--data", str(synth), "--out", str(out),
            "--arms", "plain", "dynamicvit-drop", "--steps", "3", "--batch-size", "8", "--warmup", "1",
-           "--flops-images", "4", "--workers", "1", "--zeroshot-max-images", "16"]
+           "--flops-images", "4", "--workers", "1", "--eval-max-images", "16"]
     env = {"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
            "DTP_DS_CODE_REVISION": "test"}  # other edits to the working tree while this runs retrain nothing
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)

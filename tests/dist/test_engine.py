@@ -54,7 +54,7 @@ def stage_args(synth, logs, name, stage, precision, ckpt, extra) -> list[str]:
         cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0)
         (logs / "ds3.json").write_text(json.dumps(cfg))
         args[args.index("--deepspeed_config") + 1] = str(logs / "ds3.json")
-        extra = ["--zeroshot-data", str(synth / "zeroshot"), "--zeroshot-frequency", "1"]
+        extra = ["--zeroshot-data", str(synth / "zeroshot"), "--eval-frequency", "1"]
     return args + extra
 
 
@@ -97,7 +97,7 @@ def two_ranks(synth, tmp_path_factory):
     (logs / "warm").mkdir()
     runs.update({f"warm-{k}": v for k, v in resume_runs(synth, logs / "warm", "bf16", 2, True).items()})
     runs["zs"] = base_args(synth, logs, "zs", "--epochs", "2", "--train-num-samples", "64", "--zeroshot-data",
-                           str(synth / "zeroshot"), "--zeroshot-frequency", "1", "--report-to", "wandb")
+                           str(synth / "zeroshot"), "--eval-frequency", "1", "--report-to", "wandb")
     runs.update({f"bad-{case}": bad_args(synth, logs, case) for case in BAD})
     return run_many(runs, logs / "launch", env={"DTP_DS_ALLOW_EMULATED_FP16": "1"},
                     run_env={"zs": {"WANDB_MODE": "offline", "WANDB_API_KEY": SECRET}})

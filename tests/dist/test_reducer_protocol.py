@@ -30,8 +30,8 @@ def runs(synth, tmp_path_factory):
     todo = {"toy": toy}
     for name in REDUCERS:
         args = base_args(synth, logs, name, "--zero-stage", "3", "--precision", "fp32", "--max-steps", "10",
-                         "--lr", "2e-3", "--zeroshot-data", str(synth / "zeroshot"), "--zeroshot-frequency", "1",
-                         "--zeroshot-max-images", "16")
+                         "--lr", "2e-3", "--zeroshot-data", str(synth / "zeroshot"), "--eval-frequency", "1",
+                         "--eval-max-images", "16")
         args[args.index("--model") + 1] = name
         todo[name] = args
     done = run_many(todo, logs / "launch")

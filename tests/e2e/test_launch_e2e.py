@@ -35,7 +35,7 @@ LOOPBACK = str(REPO / "hostfiles" / "loopback")
 
 def train_args(logs: Path, name: str, data: str, *extra: str) -> list[str]:
     return ["--deepspeed_config", TINY_DS_CONFIG, "--model", MODEL, "--train-data", data, "--logs", str(logs),
-            "--name", name, "--batch-size", "16", "--workers", "1", "--warmup", "2", "--zeroshot-frequency", "0",
+            "--name", name, "--batch-size", "16", "--workers", "1", "--warmup", "2", "--eval-frequency", "0",
             "--log-every-n-steps", "1", "--seed", "0", *extra]
 
 
@@ -55,7 +55,7 @@ def test_batch_script_two_nodes_over_pdsh_with_preflight(synth, tmp_path, loopba
     logs = tmp_path / "logs"
     env = job_env(LOGS=str(logs), NAME="pdsh", MASTER_PORT=str(free_port()), SLURM_JOB_ID="7001",
                   TRAIN_DATA=f"{synth}/train/{{00000..00011}}.tar")  # the brace range must survive pdsh
-    extra = ["--batch-size", "16", "--workers", "1", "--warmup", "2", "--zeroshot-frequency", "0",
+    extra = ["--batch-size", "16", "--workers", "1", "--warmup", "2", "--eval-frequency", "0",
              "--log-every-n-steps", "1", "--max-steps", "3"]
     job = Job(["bash", str(REPO / "tools" / "slurm" / "loopback_tiny.sbatch"), *extra], tmp_path / "job.log", env,
               marker=str(tmp_path))

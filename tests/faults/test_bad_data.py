@@ -49,7 +49,7 @@ def _args(train: Path, logs: Path, name: str, *extra: str) -> list[str]:
     data = f"{train}/{{00000..00011}}.tar::pipe:env API_TOKEN={ARG_SECRET} cat {train}/gone/{{00000..00001}}.tar"
     return ["--deepspeed_config", TINY_DS_CONFIG, "--model", "ViT-Tiny-8", "--train-data", data, "--logs", str(logs),
             "--name", name, "--batch-size", "16", "--workers", "1", "--warmup", "2", "--log-every-n-steps", "1",
-            "--zeroshot-frequency", "0", "--precision", "fp32", "--zero-stage", "0", "--lr", "1e-3", *extra]
+            "--eval-frequency", "0", "--precision", "fp32", "--zero-stage", "0", "--lr", "1e-3", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_too_much_bad_data_stops_the_run_with_a_clear_error(tmp_path):
     logs = tmp_path / "logs"
     args = ["--deepspeed_config", TINY_DS_CONFIG, "--model", "ViT-Tiny-8", "--train-data",
             f"{out}/train/{{00000..00005}}.tar", "--logs", str(logs), "--name", "garbage", "--batch-size", "16",
-            "--workers", "1", "--log-every-n-steps", "1", "--zeroshot-frequency", "0", "--precision", "fp32",
+            "--workers", "1", "--log-every-n-steps", "1", "--eval-frequency", "0", "--precision", "fp32",
             "--zero-stage", "0", "--max-steps", "8", "--save-every-n-steps", "1"]
     proc = run(args)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -157,22 +157,24 @@ def test_recipe_flags_and_refusals():
     from dtp_ds.train.ds_config import load_ds_config, resolve
 
     args = parse_args(RECIPE)
-    c = args.classify
+    c = args.task_config
     assert (c.mixup, c.cutmix, c.smoothing, c.drop_path, c.aa, c.reprob) == (0.8, 1.0, 0.1, 0.1,
                                                                              "rand-m9-mstd0.5-inc1", 0.25)
     ds, _ = resolve(load_ds_config(args.run.deepspeed_config), args, world_size=4)
     assert ds["train_batch_size"] == 4096 and ds["optimizer"]["type"] == "AdamW"
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.999] and ds["gradient_clipping"] == 1.0
     c.num_classes = 1000
-    task = build_task("classify", TaskSpec("ViT-B-32", options={"classify": c}))
+    task = build_task("classify", TaskSpec("ViT-B-32", config=c))
     assert task.model.num_classes == 1000 and task.model.blocks[-1].drop_path == pytest.approx(0.1)
     groups = param_groups(task.module, 0.3)
     assert {n for n, p in task.module.named_parameters() if any(p is q for q in groups[0]["params"])} >= {
         "model.pos_embed", "model.cls_token", "model.norm.weight"}
     for argv, message in [
-            (["--val-data", "x"], "for --task classify"),
-            (["--mixup", "0.2"], "--mixup: for --task classify"),
-            (["--task", "classify", "--zeroshot-data", "x"], "not zero-shot"),
+            (["--val-data", "x"], r"--val-data \(--task classify\): not flags of --task clip"),
+            (["--mixup", "0.2"], r"--mixup \(--task classify\)"),
+            (["--task", "classify", "--zeroshot-data", "x"], r"--zeroshot-data \(--task clip\): not flags of"),
+            (["--zeroshot-frequency", "2"], "--zeroshot-frequency was renamed --eval-frequency"),
+            (["--task", "nosuch"], "unknown task 'nosuch'"),
             (["--task", "classify", "--scale", "0.9", "0.5"], "--scale"),
             (["--task", "classify", "--smoothing", "1.0"], "--smoothing")]:
         with pytest.raises(ConfigError, match=message):

@@ -233,12 +233,13 @@ def test_param_groups_leave_gains_biases_embeddings_and_logit_scale_undecayed():
 def test_cli_defaults_are_the_dataclass_defaults():
     import dataclasses
 
-    from dtp_ds.train.args import TrainArgs, build_parser
+    from dtp_ds.tasks import TASKS
+    from dtp_ds.train.args import SECTIONS, build_parser
 
     parsed = vars(build_parser().parse_args([]))
-    for section in dataclasses.asdict(TrainArgs()).values():
-        for name, default in section.items():
-            assert parsed[name] == default, name
+    for section in (*SECTIONS, *(t.Config for t in TASKS.values())):  # every task's flags too
+        for name, default in dataclasses.asdict(section()).items():
+            assert parsed[name] == default, (section.__name__, name)
 
 
 def test_epoch_end_save_and_evaluation_are_not_timed_as_the_next_step(monkeypatch):
