@@ -1,5 +1,6 @@
 """Single-device model code: the shared ViT trunk, its token reducers and the model-config registry."""
 from .boundary import BoundaryPredictor, boundary_rate_loss, expected_segments
+from .protocol import ForwardState, TowerOutput
 from .reducers import REDUCERS, TokenReducer, make_reducer, pinned_tokens, reducers_of, register_reducer
 from .reducers.drip import capture_boundaries
 from .registry import (
@@ -13,7 +14,7 @@ from .registry import (
     register_model_file,
     vision_tower,
 )
-from .vit import POOL_TYPES, ForwardState, TowerOutput, VisionTransformer, record_forward, trunks
+from .vit import POOL_TYPES, VisionTransformer, record_forward, trunks
 
 __all__ = [
     "CONFIG_DIR",

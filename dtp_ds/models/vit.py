@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .compression import NONE, Compression, gather_tokens, pi_resize_kernel, token_keep_indices
+from .protocol import ForwardState, MidBlockFn, TowerOutput
 from .segments import Packing, from_padded, to_padded
 
 POOL_TYPES = ("mean_with_cls", "mean_without_cls", "cls", "last")
@@ -118,14 +118,6 @@ class Attention(nn.Module):
         return (out, k.mean(dim=1)) if want_keys else out
 
 
-# A reducer's hook between a block's attention and its MLP: (tokens, packing, token sizes or
-# None, attention keys averaged over heads) -> (tokens, packing, sizes). It may run twice per
-# forward under activation checkpointing, so it must be a pure function of its inputs (and the RNG
-# state, which checkpointing replays); what changes from block to block travels in its arguments.
-MidBlockFn = Callable[[torch.Tensor, "Packing | None", "torch.Tensor | None", torch.Tensor],
-                      "tuple[torch.Tensor, Packing | None, torch.Tensor | None]"]
-
-
 class Block(nn.Module):
     """Pre-norm transformer block (timm ``Block`` layout and parameter names) that also runs
     on packed sequences, with an optional reducer hook between attention and MLP."""
@@ -196,47 +188,6 @@ class ConvStem(nn.Module):
             raise ValueError("the conv stem cannot run at another patch size (no single kernel to PI-resize)")
         x = self.convs(x.to(self.convs[0].weight.dtype))
         return x.flatten(2).transpose(1, 2)
-
-
-@dataclass
-class ForwardState:
-    """One forward's scratch space, handed to the reducer's hooks; never kept on a module, so
-    two forwards in one step (GradCache, a teacher) each have their own and no graph outlives
-    its step."""
-
-    batch: int
-    patches: int  # the patch tokens entering the trunk (fewer under input compression in training)
-    embed: torch.Tensor  # (B, N, D) those patches' embeddings before positions (content only)
-    packing: Packing | None = None  # set while the tokens are packed rows
-    sizes: torch.Tensor | None = None  # (B, T) patches per token once tokens were merged (ToMe)
-    # (B, T) token policy in [0, 1] (DynamicViT training): attention ignores dropped keys, pooling weighs by it
-    keep: torch.Tensor | None = None
-    images: torch.Tensor | None = None  # the forward's input images (a teacher runs on them)
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # with grad, weight 1 each
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
-    groups: torch.Tensor | None = None  # (B, N) long: the group each patch ended in
-    scores: torch.Tensor | None = None  # (B, N) the reducer's per-patch score (e.g. boundary probability)
-    extras: dict[str, Any] = field(default_factory=dict)  # reducer-specific (tests, pictures)
-    memo: dict[str, Any] = field(default_factory=dict)  # the reducer's own carry between hooks
-
-    def tokens_per_sample(self, x: torch.Tensor) -> torch.Tensor | float:
-        """Mean tokens per sample of ``x`` (CLS included), without a host synchronisation."""
-        if self.packing is None:
-            return float(x.shape[1])
-        return self.packing.lengths.float().mean()
-
-
-@dataclass
-class TowerOutput:
-    """What an image trunk's forward gives besides its embeddings (:func:`record_forward`)."""
-
-    features: torch.Tensor
-    aux_losses: dict[str, torch.Tensor]
-    stats: dict[str, torch.Tensor]
-    token_counts: torch.Tensor  # (depth,) mean tokens per sample entering each block, detached
-    groups: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 _RECORDS: contextvars.ContextVar[tuple[list[TowerOutput], ...]] = contextvars.ContextVar("dtp_ds_tower_records",

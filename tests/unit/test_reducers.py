@@ -349,3 +349,19 @@ def test_dynamicvit_under_activation_checkpointing_gives_the_same_gradients(cfg)
         (out.features.square().sum() + sum(out.aux_losses.values())).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_a_reducer_without_planned_tokens_is_refused_when_defined():
+    """planned_tokens is required: FLOP counts and the memory model read it, and a forgotten one
+    used to mean "no reduction" without a word."""
+    from dtp_ds.models.protocol import TokenReducer
+
+    with pytest.raises(TypeError, match="must define planned_tokens"):
+        class Forgetful(TokenReducer):
+            def at_boundary(self, index, x, st):
+                return x[:, :2]
+
+    class Subclassed(type(make_reducer({"type": "tome", "r": 2}, 32, 2, 16))):  # inherits ToMe's: accepted
+        pass
+
+    assert Subclassed.planned_tokens is not TokenReducer.planned_tokens

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..boundary import THRESHOLD_MOMENTUM, Boundaries, expected_segments, make_boundary_predictor
+from ..protocol import ForwardState
 from ..segments import make_packing, pack_segments, segment_ids, unpack_patches
-from ..vit import ForwardState
 from . import TokenPlan, TokenReducer, register_reducer
 
 # What the boundary predictor reads: the tokens after the ``pre`` blocks (DTP's and H-Net's

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from timm.layers import PatchDropout
 
-from ..vit import ForwardState
+from ..protocol import ForwardState
 from . import TokenReducer, register_reducer
 
 

@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..vit import ConvStem, ForwardState, VisionTransformer
+from ..protocol import ForwardState
+from ..vit import ConvStem, VisionTransformer
 from . import TokenPlan, TokenReducer, register_reducer
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..vit import ForwardState
+from ..protocol import ForwardState
 from . import TokenPlan, TokenReducer, register_reducer
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..vit import ForwardState
+from ..protocol import ForwardState
 from . import TokenReducer, register_reducer
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..protocol import ForwardState, MidBlockFn
 from ..segments import Packing
-from ..vit import ForwardState, MidBlockFn
 from . import TokenReducer, register_reducer
 
 
