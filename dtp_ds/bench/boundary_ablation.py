@@ -30,7 +30,6 @@ import torch
 from dtp_ds.bench import markdown_table, reuse
 from dtp_ds.bench.stats import compare, per_seed_table, separation_lines
 from dtp_ds.cluster.ports import free_port
-from dtp_ds.demo import finished_as, launch_command
 from dtp_ds.eval.boundaries import val_transform
 from dtp_ds.eval.zeroshot import folder_split, with_prefix, zero_shot_eval
 from dtp_ds.models import get_model_config, reducers_of
@@ -38,6 +37,7 @@ from dtp_ds.models.boundary import EVAL_RULES
 from dtp_ds.models.registry import upgrade_vision_cfg
 from dtp_ds.train.export import load_model_from_checkpoint
 from dtp_ds.train.metrics import read_metrics
+from dtp_ds.train.runs import finished_as, launch_command
 
 BASE_MODEL = "DRIP-ViT-Tiny-8-4x"
 PLAIN_MODEL = "ViT-Tiny-8"

@@ -32,8 +32,8 @@ import tempfile
 import torch
 
 from dtp_ds.bench.stats import Interval, fmt, mean_ci, median_ci
-from dtp_ds.demo import deepspeed_launcher
 from dtp_ds.train.metrics import read_metrics
+from dtp_ds.train.runs import deepspeed_launcher
 
 OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 BATCH_RE = re.compile(r"Batch \(t\): ([\d.]+), ([\d.]+)/s")

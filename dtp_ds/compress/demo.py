@@ -30,8 +30,8 @@ import time
 from dtp_ds.bench import reuse
 from dtp_ds.cluster.ports import free_port
 from dtp_ds.compress.costs import patch_arg
-from dtp_ds.demo import finished_as, launch_command, summary_lines
 from dtp_ds.train.metrics import read_metrics
+from dtp_ds.train.runs import finished_as, launch_command, summary_lines
 
 MODEL = "Plain-ViT-Tiny-8"
 

@@ -160,8 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     job's own output goes to stderr)."""
     import dtp_ds
 
-    with contextlib.redirect_stdout(sys.stderr):  # dtp_ds.demo imports deepspeed (see above)
-        from dtp_ds.demo import deepspeed_launcher
+    with contextlib.redirect_stdout(sys.stderr):  # dtp_ds.train.runs imports deepspeed (see above)
+        from dtp_ds.train.runs import deepspeed_launcher
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_lr_parser()
     ns = p.parse_args(argv)

@@ -280,7 +280,7 @@ def test_cumsum_straight_through_gives_a_boundary_no_task_gradient() -> None:
 def test_demo_prints_the_boundaries_as_evaluation_placed_them(tmp_path) -> None:
     import json
 
-    from dtp_ds.demo import summary_lines
+    from dtp_ds.train.runs import summary_lines
 
     row = {"step": 237, "zeroshot_top1": 30.0, "zeroshot_top5": 90.0, "zeroshot_chance_top1": 100 / 48,
            "zeroshot_classes": 48, "zeroshot_compression": 3.76, "train_compression": 3.76,

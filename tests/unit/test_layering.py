@@ -1,5 +1,6 @@
-"""Imports run one way (models <- data/eval <- tasks <- train <- autotune/bench/tools), and the
-launch side starts without torch: read from the sources with ``ast`` and from real imports."""
+"""Imports run one way (models <- data/eval <- tasks <- train <- autotune/bench/compress <- the
+entry modules dtp_ds.demo / dtp_ds.cli <- tools/), and the launch side starts without torch: read
+from the sources with ``ast`` and from real imports."""
 from __future__ import annotations
 
 import ast
@@ -29,16 +30,27 @@ RULES = [
     ("train", "dtp_ds.bench", "train sits below bench"),
     ("train", "dtp_ds.compress", "the compression tools (costs, CA-MSE) sit above train; its schedule is train's"),
     ("launch", "dtp_ds.autotune", "launch and autotune share dtp_ds.cluster instead"),
+    ("launch", "dtp_ds.train", "train imports launch (discovery, watchdog): launch sits below it"),
     ("autotune", "dtp_ds.launch", "launch and autotune share dtp_ds.cluster instead"),
 ]
 
 
-def _imports(path: Path) -> set[str]:
-    """Absolute names of every module ``path`` imports (anywhere in it, relative ones resolved)."""
+# Modules at the top of the package: its base, which every layer may import (IMPORT_ROOT, the
+# model registration, the secret names), or an entry module, which nothing in the package imports.
+TOP_BASE = {"dtp_ds", "dtp_ds.secrets"}
+TOP_ENTRY = {
+    "dtp_ds.demo": "make demo's run (the launch helpers it shares live in dtp_ds.train.runs)",
+}
+
+
+def _imports(path: Path, source: str | None = None) -> set[str]:
+    """Absolute names of every module ``path`` imports (anywhere in it, relative ones resolved);
+    ``source``: its text, if not the file's."""
     parts = path.relative_to(REPO).with_suffix("").parts
     package = parts[:-1]  # the package a relative import starts from (also for __init__.py)
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    text = path.read_text() if source is None else source
+    for node in ast.walk(ast.parse(text, str(path))):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -58,17 +70,46 @@ def _package_sources() -> dict[str, list[Path]]:
     return by_pkg
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _refusals(pkg: str, path: Path, imported: set[str]) -> list[str]:
+    """Why each of ``imported`` (the modules ``path``, of package ``pkg``, imports) runs upward."""
+    own = f"dtp_ds.{pkg}"
+    broken = [f"{path.relative_to(REPO)} imports {m}: {why}"
+              for refused_pkg, refused, why in RULES if refused_pkg == pkg for m in sorted(imported)
+              if (m == refused.rstrip(".") or m.startswith(refused)) and not m.startswith(own)]
+    me = _module_name(path)
+    broken += [f"{path.relative_to(REPO)} imports {m}: {entry} is an entry module ({why}); nothing in dtp_ds "
+               f"imports it: move what is shared to the layer of its users" for entry, why in TOP_ENTRY.items()
+               for m in sorted(imported) if (m == entry or m.startswith(entry + ".")) and me != entry]
+    return broken
+
+
 def test_imports_follow_the_layers():
     sources = _package_sources()
     assert {"models", "launch", "autotune", "eval", "train", "cluster", "tasks"} <= set(sources)
-    broken = []
-    for pkg, refused, why in RULES:
-        own = f"dtp_ds.{pkg}"
-        for path in sources.get(pkg, []):
-            bad = sorted(m for m in _imports(path)
-                         if (m == refused.rstrip(".") or m.startswith(refused)) and not m.startswith(own))
-            broken += [f"{path.relative_to(REPO)} imports {m}: {why}" for m in bad]
+    broken = [b for pkg, paths in sources.items() for path in paths for b in _refusals(pkg, path, _imports(path))]
     assert not broken, "\n".join(broken)
+
+
+def test_every_top_level_module_is_the_base_or_an_entry_module():
+    top = {_module_name(p) for p in PKG.glob("*.py")}
+    assert top == TOP_BASE | set(TOP_ENTRY), (
+        f"unclassified top-level modules {sorted(top - TOP_BASE - set(TOP_ENTRY))}: add each to TOP_BASE "
+        f"(importable from every layer) or TOP_ENTRY (imported by nothing)")
+
+
+def test_the_rules_refuse_the_old_upward_imports():
+    """dtp_ds.train.lr_find and dtp_ds.bench.engine once took the launcher from the demo."""
+    for pkg, name in (("train", "lr_find.py"), ("bench", "engine.py"), ("compress", "demo.py")):
+        path = PKG / pkg / name
+        old = _imports(path, "def main():\n    from dtp_ds.demo import deepspeed_launcher\n")
+        assert any("dtp_ds.demo is an entry module" in b for b in _refusals(pkg, path, old)), pkg
+    launch = PKG / "launch" / "runs.py"
+    assert _refusals("launch", launch, _imports(launch, "from dtp_ds.train.metrics import read_metrics\n"))
 
 
 def test_only_train_imports_the_training_entry_point():
