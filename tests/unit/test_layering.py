@@ -40,7 +40,36 @@ RULES = [
 TOP_BASE = {"dtp_ds", "dtp_ds.secrets"}
 TOP_ENTRY = {
     "dtp_ds.demo": "make demo's run (the launch helpers it shares live in dtp_ds.train.runs)",
+    "dtp_ds.cli": "entry points that hand the evaluation tools train's checkpoint reader",
 }
+TOOLS = REPO / "tools"
+
+
+def console_scripts() -> dict[str, str]:
+    """setup.py's ``CONSOLE_SCRIPTS``, read without running setup(): {name: "module:function"}."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    found = [n.value for n in tree.body if isinstance(n, ast.Assign)
+             and any(isinstance(t, ast.Name) and t.id == "CONSOLE_SCRIPTS" for t in n.targets)]
+    assert len(found) == 1, "setup.py must assign CONSOLE_SCRIPTS once (the dtp- commands)"
+    return dict((part.strip() for part in line.split("=")) for line in ast.literal_eval(found[0]))
+
+
+def tool_scripts() -> list[Path]:
+    """The Python files of tools/: its scripts (no suffix, a python shebang) and the .py files below it."""
+    scripts = [p for p in sorted(TOOLS.iterdir()) if p.is_file() and not p.suffix]
+    return scripts + sorted(TOOLS.rglob("*.py"))
+
+
+def dtp_ds_imports(path: Path) -> list[tuple[str, str]]:
+    """``(module, name)`` of every ``from dtp_ds... import name`` in ``path``; a plain ``import
+    dtp_ds...`` as ``(module, "")``."""
+    out: list[tuple[str, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, "") for a in node.names if a.name.split(".")[0] == "dtp_ds"]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "dtp_ds":
+            out += [(node.module, a.name) for a in node.names]
+    return out
 
 
 def _imports(path: Path, source: str | None = None) -> set[str]:
@@ -110,6 +139,16 @@ def test_the_rules_refuse_the_old_upward_imports():
         assert any("dtp_ds.demo is an entry module" in b for b in _refusals(pkg, path, old)), pkg
     launch = PKG / "launch" / "runs.py"
     assert _refusals("launch", launch, _imports(launch, "from dtp_ds.train.metrics import read_metrics\n"))
+
+
+def test_tools_import_only_entry_points():
+    """A tools/ script is a name for an entry function (setup.py's console scripts): the code it
+    runs lives in the package, where the layering rules above see it."""
+    entries = set(console_scripts().values())
+    broken = [f"{p.relative_to(REPO)} imports {m}{':' + n if n else ''}" for p in tool_scripts()
+              for m, n in dtp_ds_imports(p) if f"{m}:{n}" not in entries]
+    assert not broken, ("tools/ scripts import only the entry functions in setup.py's CONSOLE_SCRIPTS (move the "
+                        "code into dtp_ds, or add its entry function there):\n" + "\n".join(broken))
 
 
 def test_only_train_imports_the_training_entry_point():

@@ -1,7 +1,9 @@
 """A non-editable install works from any directory: partitions, the shipped ds_configs and the
-model JSONs are package data, read from the installed copy rather than from a source tree."""
+model JSONs are package data, read from the installed copy rather than from a source tree; the
+tools are on PATH as ``dtp-`` commands running the functions the tools/ scripts run."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -12,6 +14,28 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.unit.test_layering import TOOLS, console_scripts, dtp_ds_imports
+
+# tools/ scripts that are not installed: the checkout's own helpers
+CHECKOUT_ONLY = {"ci_setup_ssh": "sets up sshd + pdsh for tests/e2e (apt-get, root): the CI's, not a user command"}
+
+
+def test_every_tool_is_installed_as_a_dtp_command_running_the_same_function():
+    scripts = console_scripts()
+    tools = {p.name: p for p in TOOLS.iterdir() if p.is_file() and not p.suffix and p.name not in CHECKOUT_ONLY}
+    expected = {f"dtp-{name.replace('_', '-')}": name for name in tools}
+    assert set(scripts) == set(expected), (
+        f"setup.py CONSOLE_SCRIPTS: missing {sorted(set(expected) - set(scripts))}, "
+        f"without a tools/ script {sorted(set(scripts) - set(expected))}")
+    assert all(name.startswith("dtp-") for name in scripts)
+    for command, tool in expected.items():
+        imported = dtp_ds_imports(tools[tool])
+        assert [f"{m}:{n}" for m, n in imported] == [scripts[command]], (
+            f"tools/{tool} runs {imported}, {command} runs {scripts[command]}: one function for both")
+        # called without arguments, as a console script calls it
+        calls = [n for n in ast.walk(ast.parse(tools[tool].read_text())) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Name) and n.func.id == "main"]
+        assert calls and all(not c.args and not c.keywords for c in calls), f"tools/{tool}: main() takes no arguments"
 
 
 def _install(tmp_path: Path) -> Path:
@@ -21,7 +45,7 @@ def _install(tmp_path: Path) -> Path:
     src.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for name in ("dtp_ds", "tools"):
+    for name in ("dtp_ds",):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
     p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
@@ -51,7 +75,8 @@ def test_installed_package_reads_its_own_data_from_any_directory(tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         return p.stdout
 
-    out = json.loads(run(str(site / "bin" / "autotune_batch"), "--model", "DRIP-ViT-B-32-10x", "--partition",
+    assert sorted(p.name for p in (site / "bin").iterdir()) == sorted(console_scripts())
+    out = json.loads(run(str(site / "bin" / "dtp-autotune-batch"), "--model", "DRIP-ViT-B-32-10x", "--partition",
                          "pitzer:installed-only", "--nodes", "2", "--gpus-per-node", "4", "--json"))
     assert out["target"]["partition"] == "pitzer:installed-only" and out["target"]["world_size"] == 8
     where = json.loads(run("-c", "import json, dtp_ds, open_clip\n"
