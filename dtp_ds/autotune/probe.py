@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dtp_ds import IMPORT_ROOT
+from dtp_ds.autotune.memory import search_max
 from dtp_ds.cluster.ports import free_port
 from dtp_ds.cluster.process_group import init_process_group
-from dtp_ds.train.memory import search_max
 
 GiB = 2**30
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")

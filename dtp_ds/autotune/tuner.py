@@ -23,9 +23,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dtp_ds.cluster.partitions import GpuType, JobShapeError, NodeType, Partition, check_job_shape, resolve_target
-from dtp_ds.eval.run_metrics import boundary_rate_arg
-from dtp_ds.train.memory import (
+from dtp_ds.autotune.memory import (
     Estimate,
     GiB,
     ModelShape,
@@ -35,6 +33,8 @@ from dtp_ds.train.memory import (
     model_shape,
     setup_from_ds_config,
 )
+from dtp_ds.cluster.partitions import GpuType, JobShapeError, NodeType, Partition, check_job_shape, resolve_target
+from dtp_ds.eval.run_metrics import boundary_rate_arg
 
 SAFETY_MARGIN = 0.10
 TUNED_BUCKET = int(5e7)  # reduce/allgather buckets in written configs: 100 MB in 16 bits, not DeepSpeed's 1 GB

@@ -202,7 +202,7 @@ def _clean_config(cfg: dict[str, Any], micro: int) -> dict[str, Any]:
 def auto_micro(model: str, cfg: dict[str, Any], device_bytes: float, cap: int) -> int:
     """The largest micro-batch (a multiple of 8, at most ``cap``) whose predicted peak fits in
     ``device_bytes`` (the memory model at world size 1)."""
-    from dtp_ds.train.memory import max_micro_batch, model_shape, setup_from_ds_config
+    from dtp_ds.autotune.memory import max_micro_batch, model_shape, setup_from_ds_config
 
     m = max_micro_batch(model_shape(model), setup_from_ds_config(cfg, 1), device_bytes, upper=cap)
     return max(1, m - m % 8 if m >= 16 else m)
@@ -483,7 +483,7 @@ def _cpu_precision(cfg: dict[str, Any], device: str) -> tuple[dict[str, Any], st
 def prediction(model: str, cfg: dict[str, Any], micro: int, device: str) -> dict[str, Any]:
     """The memory model's peak for ``cfg`` at ``micro`` (world size 1); a CPU process has no
     CUDA context (as the tuner's probe predicts it there)."""
-    from dtp_ds.train.memory import estimate, model_shape, setup_from_ds_config
+    from dtp_ds.autotune.memory import estimate, model_shape, setup_from_ds_config
 
     setup = setup_from_ds_config(cfg, 1)
     est = estimate(model_shape(model), setup, micro, **({"context_bytes": 0} if device == "cpu" else {}))
@@ -540,16 +540,16 @@ class Runner:
         return res, row
 
     def _memory(self, check: Check, timeout: float) -> dict[str, Any]:
+        from dtp_ds.autotune.memory import estimate, model_shape, setup_from_ds_config
         from dtp_ds.autotune.tuner import tune
         from dtp_ds.cluster.partitions import load_registry
-        from dtp_ds.train.memory import estimate, model_shape, setup_from_ds_config
 
         p = check.params
         model = p["model"]
         card = load_registry()["gpu_types"][p["gpu_type"]]["gpu_mem_gib"]
         row: dict[str, Any] = {"model": model, "stand_in_for": p["full_model"], "card": p["gpu_type"]}
         if self.tiny:  # a tiny card: the memory model's peak at a small batch, scaled by the card's size
-            from dtp_ds.train.memory import TrainSetup
+            from dtp_ds.autotune.memory import TrainSetup
 
             base = estimate(model_shape(model), TrainSetup(precision="bf16"), TINY_CARD_MICRO).peak / GiB
             card = round(base / 0.9 * card / load_registry()["gpu_types"][CARDS[0][1]]["gpu_mem_gib"], 3)
@@ -623,8 +623,8 @@ class Runner:
         return row
 
     def _zero3(self, check: Check, timeout: float) -> dict[str, Any]:
+        from dtp_ds.autotune.memory import TrainSetup
         from dtp_ds.autotune.tuner import TUNED_BUCKET, Candidate, build_ds_config
-        from dtp_ds.train.memory import TrainSetup
 
         model = check.params["model"]
         micro = 8 if self.tiny else BENCH_BATCH

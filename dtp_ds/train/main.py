@@ -34,6 +34,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 import dtp_ds
+from dtp_ds.autotune.memory import PredictedOOM, check_start_memory
 from dtp_ds.cluster.process_group import init_process_group
 from dtp_ds.data.folder import ClassFolder, class_folder, make_folder_loader
 from dtp_ds.data.shards import (
@@ -64,7 +65,6 @@ from dtp_ds.train.ds_config import (
 )
 from dtp_ds.train.gradcache import GradCacheStep
 from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError
-from dtp_ds.train.memory import PredictedOOM, check_start_memory
 from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
 from dtp_ds.train.precision import DTYPES, check_precision_supported
 from dtp_ds.train.redact import install_log_filter, one_line, redact

@@ -16,16 +16,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dtp_ds  # noqa: F401
-from dtp_ds.autotune.tuner import main as tuner_main
-from dtp_ds.autotune.tuner import tune
-from dtp_ds.cluster.partitions import JobShapeError, check_job_shape, registry_partition, resolve_target
-from dtp_ds.models import pinned_tokens
-from dtp_ds.models.segments import make_packing, pack_segments, segment_ids
-from dtp_ds.models.vit import Block
-from dtp_ds.tasks.clip import CLIPModule
-from dtp_ds.train.args import parse_args
-from dtp_ds.train.ds_config import load_ds_config, resolve
-from dtp_ds.train.memory import (
+from dtp_ds.autotune.memory import (
     BlockDtypes,
     GiB,
     TrainSetup,
@@ -40,6 +31,15 @@ from dtp_ds.train.memory import (
     packed_block_bytes,
     predict_peak_gib,
 )
+from dtp_ds.autotune.tuner import main as tuner_main
+from dtp_ds.autotune.tuner import tune
+from dtp_ds.cluster.partitions import JobShapeError, check_job_shape, registry_partition, resolve_target
+from dtp_ds.models import pinned_tokens
+from dtp_ds.models.segments import make_packing, pack_segments, segment_ids
+from dtp_ds.models.vit import Block
+from dtp_ds.tasks.clip import CLIPModule
+from dtp_ds.train.args import parse_args
+from dtp_ds.train.ds_config import load_ds_config, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 V100_16, V100_32, A100_80 = 15.78 * GiB, 31.75 * GiB, 79.15 * GiB
