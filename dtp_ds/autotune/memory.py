@@ -543,9 +543,12 @@ def setup_from_ds_config(cfg: dict[str, Any], world: int, local_loss: bool = Fal
                          ckpt: bool | None = None, gradcache: bool = False) -> TrainSetup:
     """The :class:`TrainSetup` a (resolved) ds_config trains with at ``world`` ranks;
     ``ckpt=None``: activation checkpointing iff the config has that section (as the trainer);
-    ``gradcache``: its accumulation steps are GradCache chunks (``--accum-freq``)."""
-    from dtp_ds.train.ds_config import precision_of
+    ``gradcache``: its accumulation steps are GradCache chunks (``--accum-freq``). A checkpointing
+    option the trainer refuses (``cpu_checkpointing`` ...) is refused here too: the model counts
+    block inputs kept on the device."""
+    from dtp_ds.train.ds_config import check_activation_checkpointing, precision_of
 
+    check_activation_checkpointing(cfg, "the ds_config")
     z = cfg.get("zero_optimization", {})
     return TrainSetup(precision=precision_of(cfg), stage=z.get("stage", 0), offload=offload_of(cfg),
                       ckpt=("activation_checkpointing" in cfg) if ckpt is None else ckpt, world=world,

@@ -51,7 +51,57 @@ def default_ds_config(model: str, bf16: bool = True) -> str:
     return path
 
 
+# The keys of DeepSpeed's ``activation_checkpointing`` section: what each asks for that dtp_ds does
+# not do, and what to do instead where there is something. dtp_ds checkpoints every ViT block with
+# torch.utils.checkpoint (non-reentrant; ``VisionTransformer.set_grad_checkpointing``), keeping each
+# block's input on the device: the section switches that on and nothing else, so an option that
+# asks for more is refused rather than ignored. Off (false; null for number_checkpoints) is accepted.
+CHECKPOINTING_OPTIONS: dict[str, tuple[str, str]] = {
+    "partition_activations": ("splitting the saved activations over model-parallel ranks (dtp_ds has no model "
+                              "parallelism)", ""),
+    "cpu_checkpointing": ("moving the saved block inputs to CPU memory",
+                          "to fit a larger tower, lower train_micro_batch_size_per_gpu and raise --accum-freq, or "
+                          "offload the optimizer with ZeRO: tools/autotune_batch finds a setup that fits"),
+    "contiguous_memory_optimization": ("copying the checkpoints into one preallocated buffer", ""),
+    "number_checkpoints": ("sizing that buffer (every block is checkpointed)", ""),
+    "synchronize_checkpoint_boundary": ("synchronising the device at every checkpoint", ""),
+    "profile": ("timing DeepSpeed's checkpoint calls", "time a training step with tools/bench"),
+}
+
+
+def _checkpointing_option_on(value: Any) -> bool:
+    """Whether an ``activation_checkpointing`` option asks for something (false and null do not)."""
+    return value is not None and value is not False
+
+
+def _option_problem(key: str, value: Any) -> str:
+    what, instead = CHECKPOINTING_OPTIONS[key]
+    off = "null" if key == "number_checkpoints" else "false"
+    return (f"activation_checkpointing.{key} is {json.dumps(value)}: {what} is not done by dtp_ds, which would "
+            f"ignore it; remove it or set it to {off}" + (f"; {instead}" if instead else ""))
+
+
+def check_activation_checkpointing(cfg: dict[str, Any], where: str) -> None:
+    """Refuse an ``activation_checkpointing`` section with options dtp_ds would otherwise ignore
+    (see :data:`CHECKPOINTING_OPTIONS`), naming each; ``where``: the config, for the message."""
+    section = cfg.get("activation_checkpointing")
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: activation_checkpointing must be a JSON object (an empty one, {{}}, turns "
+                          f"per-block checkpointing on), not {section!r}")
+    unknown = sorted(set(section) - set(CHECKPOINTING_OPTIONS))
+    problems = [f"activation_checkpointing.{key} is not a DeepSpeed option (known: "
+                f"{', '.join(CHECKPOINTING_OPTIONS)}): remove it" for key in unknown]
+    problems += [_option_problem(key, section[key]) for key in CHECKPOINTING_OPTIONS
+                 if _checkpointing_option_on(section.get(key))]
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems) + ". The section alone turns on activation "
+                          "checkpointing of every block, inputs kept on the device.")
+
+
 def load_ds_config(path: str) -> dict[str, Any]:
+    """The ``--deepspeed_config`` JSON, checked for what dtp_ds would otherwise ignore."""
     if not os.path.isfile(path):
         raise ConfigError(f"--deepspeed_config {path}: no such file (the shipped ones are in ds_configs/)")
     try:
@@ -61,6 +111,7 @@ def load_ds_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise ConfigError(f"--deepspeed_config {path} must hold a JSON object")
+    check_activation_checkpointing(cfg, f"--deepspeed_config {path}")
     return cfg
 
 
