@@ -10,7 +10,7 @@ plan of checks in about 8 minutes and writes ``gpu_check.json`` and ``gpu_check.
   measured at start-up: on a real card the context lies inside it); the peak
   (``max_memory_allocated`` / ``max_memory_reserved`` after ``reset_peak_memory_stats`` past
   the engine's set-up, plus the memory outside the allocator) is set against the memory model's
-  prediction (:mod:`dtp_ds.train.memory`) at that batch. An out-of-memory is a result: "OOM
+  prediction (:mod:`dtp_ds.autotune.memory`) at that batch. An out-of-memory is a result: "OOM
   at fraction F".
 * **drip-bench-bf16**: ``tools/bench`` (ViT-B-32, DRIP-ViT-B-32-4x, -10x, bf16, batch 256):
   step time against training FLOPs counted on the step as it ran, each as a ratio to ViT-B-32,
@@ -674,7 +674,7 @@ class Runner:
         from dtp_ds.bench.stats import median_ci
 
         tool = Path(IMPORT_ROOT) / "tools" / "bench"
-        exe = str(tool) if tool.is_file() else shutil.which("dtp-bench") or shutil.which("bench")
+        exe = str(tool) if tool.is_file() else shutil.which("dtp-bench")
         models = check.params["models"]
         row: dict[str, Any] = {"model": ", ".join(models), "stand_in_for": ", ".join(check.params["full_models"]),
                                "setup": "bf16 autocast, plain PyTorch (tools/bench)"}
@@ -751,7 +751,7 @@ def markdown(report: dict[str, Any]) -> str:
                  ratio, c.get("result")]
         lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
     notes = ["", "## Reading it", "",
-             "- predicted peak: `dtp_ds/train/memory.py` at the batch that ran (world size 1): CUDA context 0.5 GiB + "
+             "- predicted peak: `dtp_ds/autotune/memory.py` at the batch that ran (world size 1): CUDA context 0.5 GiB + "
              "1.05 x the larger phase; measured peak: `max_memory_reserved` + the memory outside the allocator "
              "(context, NCCL, libraries; device-wide) after the engine's set-up; the JSON has `max_memory_allocated` "
              "against the model's allocated part (its parts without context and fragmentation).",

@@ -16,7 +16,7 @@ K chunks of the engine's micro-batch, exactly the step one batch of K x micro wo
    skips) one optimizer step after the last chunk.
 
 Memory: one chunk's activations, the whole batch's features and their gradients, and the
-whole batch's logits while step 2 runs (``dtp_ds.train.memory``). Cost: one more forward.
+whole batch's logits while step 2 runs (``dtp_ds.autotune.memory``). Cost: one more forward.
 """
 from __future__ import annotations
 
