@@ -1,21 +1,31 @@
 """``tools/compression_schedule``: the CA-MSE (cost-adjusted mean squared error of the gradient)
 schedule estimator ("Accelerating Augmentation Invariance Pretraining", Lin et al. 2024).
 
-Inputs: checkpoints of a pilot run, one per **stage** (e.g. at 0/25/50/75/100% of it: run
-directories, ``checkpoints/step_N`` directories, exported ``*.safetensors`` files, or
-``init:MODEL`` for a freshly built model at step 0), the training shards, the global batch, a
+Inputs: the task (``--task``, default ``clip``; its own flags, as ``python -m dtp_ds.train
+--help`` lists them, may follow), checkpoints of a pilot run of it, one per **stage** (e.g. at
+0/25/50/75/100% of it: run directories, ``checkpoints/step_N`` directories, exported
+``*.safetensors`` files, or ``init:MODEL`` for a freshly built task at step 0), the training
+shards, the global batch, a
 candidate grid of strategies (``--rates`` x ``--patches``) and the cost table of
 ``tools/compression_costs`` (``--costs``; each strategy's ``cost`` in units of an uncompressed
 step; a strategy the table lacks falls back to the image tower's estimated FLOP fraction, with a
-warning: it ignores the text tower, so it flatters compression).
+warning: it ignores the text tower and the heads, so it flatters compression). A checkpoint
+directory rebuilds the task's whole module (the trunk, its heads, a momentum encoder: their
+gradients and the loss depend on them), with the task settings its run recorded (``RUN/config.json``;
+else the flags given); an exported file holds the model alone (an SSL task's heads and momentum
+encoder are then fresh, with a warning).
 
-Per stage, every strategy ``s`` runs on the same ``K`` global batches (read once, the train
-augmentation seeded per sample: paired samples, so the bias estimate is a paired difference)
-through the same compressed forward as training (the trunk's ``set_compression``, train mode,
-the token dropout seeded per batch), and the whole-batch CLIP loss (contrastive + the reducer's
-auxiliary losses, :class:`~dtp_ds.tasks.clip.CLIPModule`) is back-propagated in fp32 in one
-process. From running sums only (per parameter group: ``sum g``, ``sum ||g||^2``, and of the
-paired difference ``d = g_s - g_0``: ``sum d``, ``sum ||d||^2``; never a K x P matrix):
+Per stage, every strategy ``s`` runs on the same ``K`` global batches (read once through the
+task's data stage, the train augmentation seeded per sample, then kept: a two-view task's views
+are the same tensors for every strategy; paired samples, so the bias estimate is a paired
+difference) through the same compressed forward as training (every trunk's ``set_compression``,
+a momentum encoder's included, train mode, the token dropout and any other random draw seeded
+per batch, the module's buffers, e.g. DINO's centre and BatchNorm statistics, restored after each
+gradient), and the task module's whole-batch loss (CLIP: contrastive + the reducer's auxiliary
+losses; MoCo v3: the symmetric InfoNCE against the momentum encoder's keys; ...) is
+back-propagated in fp32 in one process: at r = 0 the gradient is the uncompressed one exactly.
+From running sums only (per parameter group: ``sum g``, ``sum ||g||^2``, and of the paired
+difference ``d = g_s - g_0``: ``sum d``, ``sum ||d||^2``; never a K x P matrix):
 
 - ``var`` = tr Cov(g_s) = (sum ||g||^2 - K ||mean g||^2) / (K - 1): the variance of one
   minibatch gradient at the global batch;
@@ -27,8 +37,9 @@ paired difference ``d = g_s - g_0``: ``sum d``, ``sum ||d||^2``; never a K x P m
 - ``camse`` = bias2 + cost_var.
 
 Figures are reported per parameter group (``image`` tower, ``text`` tower, ``logit_scale``,
-``reducer``: a boundary predictor / token reducer's own parameters) and in ``total`` (their
-sum: squared norms add over disjoint groups). The standard error ``se`` of the total CA-MSE
+``reducer``: a boundary predictor / token reducer's own parameters; ``head``: an SSL task's
+projector, predictor or DINO head) and in ``total`` (their sum: squared norms add over
+disjoint groups; a momentum encoder is not trained and has no gradient). The standard error ``se`` of the total CA-MSE
 comes from ``--replicates`` disjoint groups of the K batches (the spread of their estimates
 over sqrt(replicates)); it only decides ties.
 
@@ -66,7 +77,7 @@ from dtp_ds.models.compression import NONE, Compression, image_tower_cost
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("image", "text", "logit_scale", "reducer")
+GROUPS = ("image", "text", "logit_scale", "reducer", "head")
 
 
 def param_group(name: str) -> str:
@@ -78,6 +89,35 @@ def param_group(name: str) -> str:
     if name.startswith("visual."):
         return "image"
     return "text"
+
+
+def module_groups(module: nn.Module) -> dict[str, str]:
+    """The reported group of every trained parameter of a task's module, by its name there: a
+    trunk's reducer's -> ``reducer``, the rest of a trunk -> ``image``; the others by
+    :func:`param_group` on their model's names (CLIP's image tower around the trunk, its logit
+    scale, its text tower), ``text`` becoming ``head`` in a module without a text tower (an SSL
+    task's projector, predictor, DINO head). A momentum encoder (``requires_grad`` off) has none."""
+    from dtp_ds.models import trunks
+
+    in_trunk, in_reducer = set(), set()
+    for t in trunks(module):
+        in_trunk |= {id(p) for p in t.parameters()}
+        reducer = getattr(t, "reducer", None)
+        if isinstance(reducer, nn.Module):
+            in_reducer |= {id(p) for p in reducer.parameters()}
+    has_text = any(callable(getattr(m, "encode_text", None)) for m in module.modules())
+    out = {}
+    for n, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in in_reducer:
+            out[n] = "reducer"
+        elif id(p) in in_trunk:
+            out[n] = "image"
+        else:
+            g = param_group(n.removeprefix("model."))
+            out[n] = "head" if g == "text" and not has_text else g
+    return out
 
 
 # --- running moments --------------------------------------------------------------------------
@@ -208,47 +248,101 @@ def schedule_segments(fractions: Sequence[float], chosen: Sequence[Candidate], f
 
 # --- gradients of a loaded model --------------------------------------------------------------
 
-def load_stage_model(spec: str, seed: int = 0) -> tuple[nn.Module, str, int | None]:
-    """(fp32 CLIP model, model name, training step or None) for one stage: ``init:MODEL`` (built
-    fresh, seeded: step 0), an exported ``*.safetensors``, or a dtp_ds checkpoint / run dir."""
-    import dtp_ds
+def recorded_task_config(spec: str) -> dict[str, Any] | None:
+    """The task settings the run of checkpoint ``spec`` recorded (``RUN/config.json``), or None."""
+    from dtp_ds.train.export import resolve_checkpoint_dir
+
+    ckpt = resolve_checkpoint_dir(spec)
+    for run_dir in (os.path.dirname(os.path.dirname(ckpt)), os.path.dirname(ckpt)):
+        path = os.path.join(run_dir, "config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return ((json.load(f).get("args") or {}).get("task_config")) or None
+    return None
+
+
+def _fit(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tensor reshaped to ``target``'s where only the shape differs (an
+    export's 0-dim logit scale, the trainer's 1-element one)."""
+    return {k: v.reshape(target[k].shape) if k in target and v.shape != target[k].shape
+            and v.numel() == target[k].numel() else v for k, v in state.items()}
+
+
+def load_stage(spec: str, task: str = "clip", config: Any = None, seed: int = 0) -> tuple[Any, str, int | None]:
+    """(the built ``task``, its weights the stage's, in fp32; model name; training step or None)
+    for one stage: ``init:MODEL`` (built fresh, seeded: step 0), an exported ``*.safetensors``
+    (the model's weights; the module's other parts fresh), or a dtp_ds checkpoint / run dir (the
+    whole module, built with the task settings its run recorded, else ``config``)."""
+    import dataclasses
+
+    from dtp_ds.tasks import TaskSpec, build_task, task_type
+
+    def build(name: str, cfg: Any) -> Any:
+        torch.manual_seed(seed)
+        return build_task(task, TaskSpec(name, config=cfg))
 
     if spec.startswith("init:"):
         name = spec[len("init:"):]
-        torch.manual_seed(seed)
-        return dtp_ds.create_model(name, output_dict=True, nonscalar_logit_scale=True).float(), name, 0
+        return build(name, config), name, 0
     if spec.endswith(".safetensors"):
         from dtp_ds.train.export import exported_metadata, load_exported
 
         meta = exported_metadata(spec)
+        if (meta.get("task") or "clip") != task:
+            raise ValueError(f"{spec}: exported from a --task {meta.get('task') or 'clip'} run, not --task {task}")
+        built = build(meta["model_name"], config)
+        target = built.model.state_dict()
+        built.model.load_state_dict(_fit(load_exported(spec, output_dict=True).state_dict(), target))
+        if sum(p.numel() for p in built.module.parameters()) > sum(p.numel() for p in built.model.parameters()):
+            log.warning("%s: an export holds the model alone; the task's other parts (heads, a momentum encoder) "
+                        "are fresh: give the checkpoint directory for their trained weights", spec)
         step = meta.get("step")
-        return load_exported(spec, output_dict=True).float(), meta["model_name"], int(step) if step else None
-    from dtp_ds.train.export import load_model_from_checkpoint, read_model_states, resolve_checkpoint_dir
+        return built, meta["model_name"], int(step) if step else None
+    from dtp_ds.train.export import _register_model, fp32_state_dict, read_model_states, resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(spec)
-    model, name = load_model_from_checkpoint(ckpt)
-    step = (read_model_states(ckpt).get("train_state") or {}).get("step")
-    return model, name, None if step is None else int(step)
+    states = read_model_states(ckpt)
+    if (states.get("task") or "clip") != task:
+        raise ValueError(f"{spec}: a checkpoint of --task {states.get('task') or 'clip'}, not --task {task}")
+    name = states.get("model_name")
+    if not name:
+        raise ValueError(f"{ckpt}: the checkpoint's client state has no 'model_name' (not written by dtp_ds.train)")
+    _register_model(name, states.get("model_cfg"), ckpt)  # the checkpoint's model config, as the export does
+    recorded = recorded_task_config(spec)
+    if recorded is not None:
+        fields = {f.name for f in dataclasses.fields(task_type(task).Config)}
+        config = task_type(task).Config(**{k: v for k, v in recorded.items() if k in fields})
+    built = build(name, config)
+    module = built.module
+    # the trainer's module state with its model's "model." prefix stripped: put it back
+    saved = fp32_state_dict(ckpt, built.model, states)
+    target = module.state_dict()
+    state = {k: saved[k.removeprefix("model.") if k.startswith("model.") else k] for k in target
+             if (k.removeprefix("model.") if k.startswith("model.") else k) in saved}
+    missing = sorted(set(target) - set(state))
+    if missing:
+        raise ValueError(f"{ckpt}: weights do not fit --task {task}'s module of model '{name}': missing "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    module.load_state_dict(_fit(state, target), strict=True)
+    step = (states.get("train_state") or {}).get("step")
+    return built, name, None if step is None else int(step)
 
 
-def load_batches(train_data: str, model_name: str, global_batch: int, count: int, seed: int = 0
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` global batches of (images, tokens) from the shards, with the train
-    augmentation (seeded per sample, as the trainer's loader does), read once."""
-    import open_clip
-
+def load_batches(train_data: str, task: Any, global_batch: int, count: int, seed: int = 0
+                 ) -> list[dict[str, torch.Tensor]]:
+    """``count`` global batches (dicts of the built ``task``'s batch keys) from the shards, through
+    its data stage with the train augmentation (seeded per sample, as the trainer's loader
+    does), read once: every strategy then sees the same tensors (two views: the same views)."""
     from dtp_ds.data.shards import DataConfig, make_train_loader, plan_epoch, resolve_shards
-    from dtp_ds.tasks.clip import CaptionStage
 
-    _, preprocess, _ = open_clip.create_model_and_transforms(model_name)
-    stage = CaptionStage(preprocess, open_clip.get_tokenizer(model_name))
     shards, _ = resolve_shards(train_data)
     plan = plan_epoch(count * global_batch, global_batch, 1, 1, 1)
     loader = make_train_loader(DataConfig(train_data=train_data, workers=0, dataset_resampled=False), shards, plan,
-                               stage, global_batch, epoch=0, seed=seed, rank=0, world_size=1)
+                               task.data_stage(), global_batch, epoch=0, seed=seed, rank=0, world_size=1)
+    keys = task.batch_keys
     out = []
-    for image, text, *_ in loader:
-        out.append((image, text))
+    for batch in loader:
+        out.append(dict(zip(keys, batch[:len(keys)])))
         if len(out) == count:
             break
     if len(out) < count:
@@ -257,22 +351,20 @@ def load_batches(train_data: str, model_name: str, global_batch: int, count: int
 
 
 class GradientProbe:
-    """Whole-batch CLIP-loss gradients of ``model`` per parameter group under a strategy."""
+    """Whole-batch loss gradients of a task's ``module`` per parameter group under a strategy."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, module: nn.Module) -> None:
         from dtp_ds.models import trunks
-        from dtp_ds.tasks.clip import CLIPModule
 
-        self.model = model.float().train()
-        self.module = CLIPModule(self.model)
-        self.trunks = trunks(self.model)
+        self.module = module.float().train()
+        self.trunks = trunks(self.module)  # every trunk the trainer compresses (a momentum encoder's too)
         if not self.trunks:
             raise ValueError("no dtp_ds image trunk to compress (open_clip's own ViT has none)")
-        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.groups = module_groups(self.module)
+        self.params = [(n, p) for n, p in self.module.named_parameters() if n in self.groups]
         self.sizes: dict[str, int] = {}
         for n, p in self.params:
-            g = param_group(n)
-            self.sizes[g] = self.sizes.get(g, 0) + p.numel()
+            self.sizes[self.groups[n]] = self.sizes.get(self.groups[n], 0) + p.numel()
 
     @property
     def stored_patch(self) -> int:
@@ -282,35 +374,41 @@ class GradientProbe:
         for t in self.trunks:
             t.check_compression(s)
 
-    def grads(self, s: Compression, image: torch.Tensor, text: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    def grads(self, s: Compression, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """The gradient under ``s`` on ``batch``, every random draw from ``seed``; the module's
+        buffers (BatchNorm statistics, DINO's centre) as they were before, after it."""
+        buffers = {n: b.detach().clone() for n, b in self.module.named_buffers()}
         for t in self.trunks:
             t.set_compression(s)
         try:
-            self.model.zero_grad(set_to_none=True)
-            torch.manual_seed(seed)  # the token dropout's draw
-            self.module({"image": image, "text": text})["loss"].backward()
+            self.module.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)  # the token dropout's draw (and any other)
+            self.module(batch)["loss"].backward()
         finally:
             for t in self.trunks:
                 t.set_compression(NONE)
+            with torch.no_grad():
+                for n, b in self.module.named_buffers():
+                    b.copy_(buffers[n])
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.sizes}
         for n, p in self.params:
-            parts[param_group(n)].append(torch.zeros(p.numel()) if p.grad is None else p.grad.detach().reshape(-1))
+            parts[self.groups[n]].append(torch.zeros(p.numel()) if p.grad is None else p.grad.detach().reshape(-1))
         return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def estimate_stage(model: nn.Module, strategies: Sequence[Compression], costs: Sequence[float],
-                   batches: Sequence[tuple[torch.Tensor, torch.Tensor]], replicates: int = 1, seed: int = 0
+def estimate_stage(module: nn.Module, strategies: Sequence[Compression], costs: Sequence[float],
+                   batches: Sequence[dict[str, torch.Tensor]], replicates: int = 1, seed: int = 0
                    ) -> list[dict[str, Any]]:
-    """One stage: per strategy, :meth:`Moments.estimate` over ``batches`` (paired: every
-    strategy sees the same batches and, per batch, the same dropout seed)."""
-    probe = GradientProbe(model)
+    """One stage of a task's ``module``: per strategy, :meth:`Moments.estimate` over ``batches``
+    (paired: every strategy sees the same batches and, per batch, the same seed)."""
+    probe = GradientProbe(module)
     for s in strategies:
         probe.check(s)
     moments = [Moments(probe.sizes, replicates) for _ in strategies]
-    for k, (image, text) in enumerate(batches):
-        g0 = probe.grads(NONE, image, text, seed + k)
+    for k, batch in enumerate(batches):
+        g0 = probe.grads(NONE, batch, seed + k)
         for s, m in zip(strategies, moments):
-            g = g0 if s.is_identity(probe.stored_patch) else probe.grads(s, image, text, seed + k)
+            g = g0 if s.is_identity(probe.stored_patch) else probe.grads(s, batch, seed + k)
             m.add(g, g0, k)
     return [m.estimate(c) for m, c in zip(moments, costs)]
 
@@ -320,8 +418,8 @@ def estimate_stage(model: nn.Module, strategies: Sequence[Compression], costs: S
 def markdown(result: dict[str, Any]) -> str:
     from dtp_ds.bench import markdown_table
 
-    lines = [f"# CA-MSE schedule: {result['model']}, global batch {result['global_batch']}, "
-             f"{result['batches']} batches per stage", "",
+    lines = [f"# CA-MSE schedule: {result['model']} (--task {result.get('task', 'clip')}), global batch "
+             f"{result['global_batch']}, {result['batches']} batches per stage", "",
              "CA-MSE = bias^2 + cost x Var (total over parameter groups; se: one standard error of CA-MSE, from "
              f"{result.get('replicates', '?')} batch groups, {max(0, result.get('replicates', 1) - 1)} degrees of "
              "freedom; * = chosen)", ""]
@@ -403,8 +501,9 @@ def default_replicates(batches: int) -> int:
 def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compression], global_batch: int,
         batches: int, costs_path: str | None = None, fractions: Sequence[float] | None = None,
         replicates: int | None = None, monotone: bool = False, final_fraction: float = 0.1, seed: int = 0,
-        progress: bool = True) -> dict[str, Any]:
-    """The estimator end to end (no files written): ``{"segments": ..., "stages": ...}``."""
+        progress: bool = True, task: str = "clip", config: Any = None) -> dict[str, Any]:
+    """The estimator end to end (no files written): ``{"segments": ..., "stages": ...}``;
+    ``task`` and its settings ``config`` (its Config; None: the defaults) as :func:`load_stage`."""
     from dtp_ds.models import trunks
     from dtp_ds.train.compression_schedule import cost_of, load_costs
 
@@ -415,13 +514,13 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
         strategies = [NONE, *strategies]
     stages, name0, data = [], None, None
     for i, spec in enumerate(checkpoints):
-        model, name, step = load_stage_model(spec, seed)
+        built, name, step = load_stage(spec, task, config, seed)
         if name0 is None:
             name0 = name
-            data = load_batches(train_data, name, global_batch, batches, seed)
+            data = load_batches(train_data, built, global_batch, batches, seed)
         elif name != name0:
             raise ValueError(f"{spec}: model {name}, the first stage's is {name0}: give one pilot run's checkpoints")
-        found = trunks(model)
+        found = trunks(built.module)
         if not found:
             raise ValueError(f"{spec}: model {name} has no dtp_ds image trunk to compress (open_clip's own ViT has "
                              f"none); use e.g. Plain-ViT-Tiny-8 or a DRIP model")
@@ -433,10 +532,10 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
             if c is None:
                 c = image_tower_cost(found[0], s)
                 log.warning("%s: not in the cost table%s; using the image tower's FLOP estimate %.3f (it leaves out "
-                            "the text tower: compression looks cheaper than it is)", s.describe(),
+                            "the text tower and the heads: compression looks cheaper than it is)", s.describe(),
                             f" {costs_path}" if costs_path else "", c)
             cs.append(c)
-        est = estimate_stage(model, strategies, cs, data, replicates, seed)
+        est = estimate_stage(built.module, strategies, cs, data, replicates, seed)
         stages.append({"checkpoint": spec, "step": step, "strategies": [
             {"strategy": s.describe(), "r": s.rate, "p": s.patch, "cost": c, "cost_source": src, "groups": e}
             for s, c, src, e in zip(strategies, cs, sources, est)]})
@@ -444,7 +543,7 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
             best = min(stages[-1]["strategies"], key=lambda r: r["groups"]["total"]["camse"])
             print(f"compression_schedule: stage {i + 1}/{len(checkpoints)} ({spec}, step {step}): least CA-MSE "
                   f"{best['strategy']}", flush=True)
-        del model
+        del built
     if fractions is None:
         steps = [st["step"] for st in stages]
         if all(s is not None for s in steps) and max(steps) > 0:
@@ -462,7 +561,7 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
         for r, cand in zip(st["strategies"], cs_):
             r["chosen"] = cand is c
         st["chosen"] = c.strategy.describe()
-    return {"segments": schedule_segments(fractions, chosen, final_fraction), "model": name0,
+    return {"segments": schedule_segments(fractions, chosen, final_fraction), "model": name0, "task": task,
             "global_batch": global_batch, "batches": batches, "replicates": replicates, "monotone": monotone,
             "final_fraction": final_fraction, "cost_table": costs_path, "seed": seed, "stages": stages}
 
@@ -480,13 +579,16 @@ def write_outputs(result: dict[str, Any], out: str) -> list[str]:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from dtp_ds.compress.costs import patch_arg, strategy_grid
+    from dtp_ds.compress.costs import add_task_args, patch_arg, strategy_grid, task_config
 
     p = argparse.ArgumentParser(prog="compression_schedule", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", nargs="+", required=True,
                    help="one per stage, in training order: run dir, checkpoints/step_N, *.safetensors or init:MODEL")
-    p.add_argument("--train-data", required=True, help="shards, e.g. 'data/synth/train/{00000..00039}.tar'")
+    add_task_args(p)
+    p.add_argument("--train-data", required=True,
+                   help="shards the task's data stage reads, e.g. 'data/synth/train/{00000..00039}.tar' (clip) or "
+                        "'data/synth/classify/train/{00000..00019}.tar' (an SSL task: any images)")
     p.add_argument("--global-batch", type=int, default=64, help="the batch the gradients are taken at")
     p.add_argument("--batches", type=int, default=10,
                    help="K batches per stage (>= 2; 10 or more: the standard error has 4 degrees of freedom)")
@@ -502,9 +604,13 @@ def main(argv: Iterable[str] | None = None) -> int:
                    help="the last fraction of training left uncompressed (0: the last stage's choice to the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="logs/compression_schedule.json")
-    a = p.parse_args(list(argv) if argv is not None else None)
+    a, rest = p.parse_known_args(list(argv) if argv is not None else None)
+    try:
+        config = task_config(a.task, rest)
+    except ValueError as e:
+        p.error(str(e))
     result = run(a.checkpoints, a.train_data, strategy_grid(a.rates, a.patches), a.global_batch, a.batches, a.costs,
-                 a.fractions, a.replicates, a.monotone, a.final_fraction, a.seed)
+                 a.fractions, a.replicates, a.monotone, a.final_fraction, a.seed, task=a.task, config=config)
     files = write_outputs(result, a.out)
     print(markdown(result))
     from dtp_ds.train.compression_schedule import load_schedule

@@ -1,24 +1,30 @@
 """``tools/compression_costs``: the measured cost table of input-compression strategies.
 
-For one model and a grid of strategies (``--rates`` x ``--patches``), times a whole CLIP
-training step (both towers, contrastive loss, backward, AdamW step; plain PyTorch in one
-process as ``tools/bench`` does; ``--warmup`` steps excluded; median of ``--steps``) at a fixed
-batch, in the trainer's compressed forward (the trunk's ``set_compression``, train mode, the
-token dropout seeded), and counts its FLOPs (``FlopCounterMode``, forward + backward of the
-step, 1 multiply-add = 1 FLOP). Each row has:
+For one model, one task (``--task``, default ``clip``; the task's own flags, as
+``python -m dtp_ds.train --help`` lists them, may follow) and a grid of strategies (``--rates`` x
+``--patches``), times a whole training step of the task's module (CLIP: both towers, the
+contrastive loss; MoCo v3: both views through the student and the momentum encoder; then
+backward and an AdamW step; plain PyTorch in one process as ``tools/bench`` does; ``--warmup``
+steps excluded; median of ``--steps``) at a fixed batch, in the trainer's compressed forward
+(every trunk's ``set_compression``, the momentum encoder's included, train mode, the token
+dropout seeded), and counts its FLOPs (``FlopCounterMode``, forward + backward of the step, 1
+multiply-add = 1 FLOP). The batch is synthetic, of the task's shapes (its data stage run once on
+a generated image: each float tensor, an image or view, filled with N(0, 1) noise, the others
+such as CLIP's tokens the stage's own, repeated). Each row has:
 
 - ``step_s`` / ``per_sample_s``: the median step time and the time per sample;
 - ``step_per_forward``: the step time over the time of one **uncompressed forward** of the
-  whole model (train mode, no grad) at the same batch (the issue's normalisation; an
+  task's whole module (train mode, no grad) at the same batch (the issue's normalisation; an
   uncompressed step is ~3-4 forwards);
 - ``cost``: the step time over the uncompressed step's (r = 0, p = stored: 1 by construction):
   the unit ``--compression-schedule`` counts in (an uncompressed step = 1), so the estimator
   (``tools/compression_schedule``) and the schedule file carry it as each strategy's ``cost``;
 - ``gflops_step`` and ``flops_cost`` (its ratio to the uncompressed step's) beside them: the
-  text tower and the optimizer do not compress, so neither falls as fast as the image tower's
-  FLOPs (the Amdahl limit).
+  text tower (CLIP), the heads (the SSL tasks' projectors, predictor, DINO's head) and the
+  optimizer do not compress, so neither falls as fast as the image tower's FLOPs (the Amdahl
+  limit).
 
-The JSON (``--out``): ``{"model", "device", "batch_size", "warmup", "steps", "forward_s",
+The JSON (``--out``): ``{"model", "task", "device", "batch_size", "warmup", "steps", "forward_s",
 "uncompressed_step_s", "patch_size", "strategies": [{"r", "p", "cost", ...}, ...]}``;
 :func:`~dtp_ds.train.compression_schedule.load_costs` reads it back (the estimator's costs;
 ``--compression-costs`` fills the cost of schedule segments that give none). Timings on a
@@ -28,6 +34,7 @@ schedule will train (``--device cuda``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -36,11 +43,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import dtp_ds
 from dtp_ds.models import trunks
 from dtp_ds.models.compression import NONE, Compression, image_tower_cost
 from dtp_ds.train.compression_schedule import cost_of, load_costs  # noqa: F401  (the table's readers, re-exported)
@@ -83,10 +88,64 @@ def _flops(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 2
 
 
+def task_config(task: str, argv: Sequence[str] = ()) -> Any:
+    """The ``task``'s settings (its ``Config``) from its own flags in ``argv`` (as ``python -m
+    dtp_ds.train`` takes them; unset flags keep the Config's defaults), checked by the task;
+    ``ValueError`` naming a flag it does not have."""
+    from dtp_ds.tasks import task_type
+
+    cls = task_type(task)
+    p = argparse.ArgumentParser(prog=f"--task {task}", add_help=False, exit_on_error=False)
+    cls.add_flags(lambda *flags, **kw: p.add_argument(*flags, **kw))
+    try:
+        ns, unknown = p.parse_known_args(list(argv))
+    except argparse.ArgumentError as e:
+        raise ValueError(f"--task {task}: {e}") from e
+    if unknown:
+        raise ValueError(f"{' '.join(unknown)}: not flags of this tool nor of --task {task}")
+    given = {k: v for k, v in vars(ns).items() if v is not None}
+    cfg = dataclasses.replace(cls.Config(), **given)
+    cls.check(cfg)
+    return cfg
+
+
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="clip",
+                   help="the task whose training step is measured (a dtp_ds.tasks name: clip, classify, mocov3, "
+                        "simclr, dino, ...); its own flags (python -m dtp_ds.train --help, group --task NAME) may "
+                        "follow, e.g. --moco-mlp-dim 1024 (default: %(default)s)")
+
+
+def synthetic_batch(task: Any, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of the task's keys and shapes: its data stage run on a generated image (its own
+    random state left as it was); each float tensor (image, view) drawn as N(0, 1) noise, each
+    other tensor (tokens, labels) the stage's value repeated ``batch_size`` times."""
+    from PIL import Image
+
+    stage = task.data_stage()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        one = stage(Image.new("RGB", (256, 256), (120, 90, 60)), {k: b"0" for k in stage.keys})
+    if len(one) < len(task.batch_keys):
+        raise ValueError(f"--task {task.name}: its data stage gives {len(one)} tensors for the batch keys "
+                         f"{task.batch_keys}")
+    out = {}
+    for key, t in zip(task.batch_keys, one):
+        t = torch.as_tensor(t)
+        if t.is_floating_point():
+            out[key] = torch.randn(batch_size, *t.shape, device=device)
+        else:
+            out[key] = t.unsqueeze(0).expand(batch_size, *t.shape).clone().to(device)
+    return out
+
+
 def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size: int = 16, warmup: int = 2,
-                  steps: int = 5, device: str = "cpu", seed: int = 0, clock: str = "wall") -> dict[str, Any]:
-    """The cost table (module doc) of ``strategies`` on a freshly built ``model_name``, timed by
-    ``clock`` (:data:`CLOCKS`)."""
+                  steps: int = 5, device: str = "cpu", seed: int = 0, clock: str = "wall", task: str = "clip",
+                  config: Any = None) -> dict[str, Any]:
+    """The cost table (module doc) of ``strategies`` on a freshly built ``model_name`` trained as
+    ``task`` (settings ``config``, its Config; None: the defaults), timed by ``clock`` (:data:`CLOCKS`)."""
+    from dtp_ds.tasks import TaskSpec, build_task
+
     dev = torch.device(device)
     if clock == "cpu" and dev.type != "cpu":
         raise ValueError(f"--clock cpu times the host process; on {device} use --clock wall")
@@ -94,22 +153,20 @@ def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size
     if clock == "cpu":  # one thread: a thread spinning while it waits for another would count as work
         torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = dtp_ds.create_model(model_name, device=dev, output_dict=True)
-    found = trunks(model)
+    built = build_task(task, TaskSpec(model_name, config=config))
+    module = built.module.to(dev)
+    found = trunks(module)  # every trunk the trainer compresses (a momentum encoder's too)
     if not found:
         raise ValueError(f"{model_name}: no dtp_ds image trunk to compress (open_clip's own ViT has none); use e.g. "
                          f"Plain-ViT-Tiny-8 or a DRIP model")
     trunk = found[0]
     for s in strategies:
         trunk.check_compression(s)
-    size = model.visual.image_size
-    image_size = (size, size) if isinstance(size, int) else tuple(size)
-    images = torch.randn(batch_size, 3, *image_size, device=dev)
-    text = torch.randint(1, 49407, (batch_size, model.context_length), device=dev)
-    loss_fn = open_clip.ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.2)  # tiny lr: the weights barely move
+    batch = synthetic_batch(built, batch_size, dev)
+    params = [p for p in module.parameters() if p.requires_grad]  # a momentum encoder is not trained
+    opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.2)  # tiny lr: the weights barely move
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    model.train()
+    module.train()
 
     def set_all(s: Compression) -> None:
         for t in found:
@@ -117,13 +174,11 @@ def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size
 
     def forward() -> None:
         with torch.no_grad():
-            model(images, text)
+            module(batch)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        out = model(images, text)
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        loss.backward()
+        module(batch)["loss"].backward()
         opt.step()
 
     set_all(NONE)
@@ -146,9 +201,10 @@ def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size
     for r in rows:
         r["cost"] = r["step_s"] / base["step_s"]
         r["flops_cost"] = r["gflops_step"] / base["gflops_step"]
-    return {"model": model_name, "device": str(dev), "clock": clock, "threads": torch.get_num_threads(),
+    image_size = list(trunk.img_size) if isinstance(trunk.img_size, tuple | list) else [trunk.img_size] * 2
+    return {"model": model_name, "task": task, "device": str(dev), "clock": clock, "threads": torch.get_num_threads(),
             "batch_size": batch_size, "warmup": warmup, "steps": steps,
-            "patch_size": trunk.patch_size, "image_size": list(image_size), "forward_s": forward_s,
+            "patch_size": trunk.patch_size, "image_size": image_size, "forward_s": forward_s,
             "uncompressed_step_s": base["step_s"], "torch": torch.__version__, "strategies": rows}
 
 
@@ -171,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="compression_costs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Plain-ViT-Tiny-8")
+    add_task_args(p)
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     p.add_argument("--patches", type=patch_arg, nargs="+", default=[None],
                    help="patch sizes ('stored': the model's own; default: %(default)s)")
@@ -182,15 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: the process's CPU time (a shared CPU: set OMP_NUM_THREADS=1)")
     p.add_argument("--out", default="logs/compression_costs.json")
-    a = p.parse_args(argv)
+    a, rest = p.parse_known_args(argv)
+    try:
+        config = task_config(a.task, rest)
+    except ValueError as e:
+        p.error(str(e))
     data = measure_costs(a.model, strategy_grid(a.rates, a.patches), a.batch_size, a.warmup, a.steps, a.device, a.seed,
-                         a.clock)
+                         a.clock, a.task, config)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(data, f, indent=1)
     print(format_table(data))
-    print(f"compression_costs: {data['model']} on {data['device']}, batch {data['batch_size']}: uncompressed forward "
-          f"{data['forward_s']:.4f} s, step {data['uncompressed_step_s']:.4f} s; wrote {a.out}")
+    print(f"compression_costs: {data['model']} (--task {data['task']}) on {data['device']}, batch "
+          f"{data['batch_size']}: uncompressed forward {data['forward_s']:.4f} s, step "
+          f"{data['uncompressed_step_s']:.4f} s; wrote {a.out}")
     return 0
 
 

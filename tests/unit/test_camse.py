@@ -241,13 +241,14 @@ def test_a_token_reducers_parameters_are_their_own_group():
     parameters are reported apart, and the identity strategy has no bias in any group."""
     import dtp_ds
     from dtp_ds.compress.camse import estimate_stage
+    from dtp_ds.tasks.clip import CLIPModule
 
     torch.manual_seed(0)
     model = dtp_ds.create_model("DRIP-ViT-Tiny-8-4x", output_dict=True, nonscalar_logit_scale=True)
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(6, 3, 64, 64, generator=gen), torch.randint(1, 400, (6, model.context_length),
-                                                                        generator=gen)) for _ in range(3)]
-    none, half = estimate_stage(model, [NONE, Compression(0.5)], [1.0, 0.6], batches)
+    batches = [{"image": torch.randn(6, 3, 64, 64, generator=gen),
+                "text": torch.randint(1, 400, (6, model.context_length), generator=gen)} for _ in range(3)]
+    none, half = estimate_stage(CLIPModule(model), [NONE, Compression(0.5)], [1.0, 0.6], batches)
     assert set(none) == {"image", "text", "logit_scale", "reducer", "total"}
     assert all(none[g]["bias2"] == 0.0 for g in none)
     assert half["reducer"]["var"] > 0 and half["reducer"]["bias2_raw"] > 0
@@ -286,3 +287,81 @@ def test_bench_compression_time_to_the_baselines_accuracy():
     assert result["target_top1"] == 11.0 and result["baseline_time_to_target_s"] == 20
     assert rows["baseline"]["ratio"] == 1.0 and rows["dropout"]["ratio"] == pytest.approx(14 / 20)
     assert rows["patch"]["ratio"] is None and rows["patch"]["best_top1"] == 9.0
+
+
+def test_compression_costs_time_an_ssl_tasks_own_step(tmp_path):
+    """``--task mocov3``: the step timed is MoCo v3's (both views through the student and the momentum
+    encoder, the task's own flags passed through); compressing every trunk costs less than the
+    uncompressed step, in FLOPs and in CPU time; another task's flag is refused by name."""
+    from dtp_ds.compress.costs import main
+
+    out = tmp_path / "costs.json"
+    common = ["--task", "mocov3", "--model", "Plain-ViT-Tiny-8", "--batch-size", "4", "--clock", "cpu",
+              "--moco-mlp-dim", "64", "--moco-dim", "32", "--out", str(out)]
+    assert main([*common, "--rates", "0", "0.75", "--patches", "stored", "16", "--warmup", "1", "--steps", "2"]) == 0
+    data = json.loads(out.read_text())
+    assert data["task"] == "mocov3" and data["model"] == "Plain-ViT-Tiny-8"
+    rows = {(r["r"], r["p"]): r for r in data["strategies"]}
+    assert rows[(0.0, 8)]["cost"] == 1.0 == rows[(0.0, 8)]["flops_cost"]
+    for key in ((0.75, 8), (0.0, 16), (0.75, 16)):
+        assert 0 < rows[key]["flops_cost"] < 0.5 and 0 < rows[key]["cost"] < 1.0, rows[key]
+    with pytest.raises(SystemExit):
+        main([*common, "--rates", "0", "--num-classes", "3"])
+
+
+def _tiny_ssl(task: str, seed: int = 0):
+    from dtp_ds.compress.costs import task_config
+    from dtp_ds.tasks import TaskSpec, build_task
+
+    flags = {"mocov3": ["--moco-mlp-dim", "64", "--moco-dim", "32"], "simclr": ["--simclr-mlp-dim", "64"],
+             "dino": ["--dino-out-dim", "64"]}[task]
+    torch.manual_seed(seed)
+    return build_task(task, TaskSpec("ViT-Tiny-8", config=task_config(task, flags)))
+
+
+@pytest.mark.parametrize("task", ["mocov3", "simclr", "dino"])
+def test_the_paired_gradients_of_a_two_view_loss_are_exact(task):
+    """Same batch (the same two views), same seed: the uncompressed gradient is reproduced bit for bit
+    (r = 0 is the uncompressed gradient; the module's buffers, BatchNorm statistics and DINO's centre,
+    are restored after each), and so is a compressed one; the momentum encoder has no gradient."""
+    from dtp_ds.compress.camse import GradientProbe
+
+    built = _tiny_ssl(task)
+    gen = torch.Generator().manual_seed(0)
+    batch = {k: torch.randn(4, 3, 64, 64, generator=gen) for k in built.batch_keys}
+    probe = GradientProbe(built.module)
+    assert set(probe.sizes) == {"image", "head"}
+    assert not any(n.startswith("teacher.") for n in probe.groups)
+    buffers = {n: b.clone() for n, b in built.module.named_buffers()}
+    g0 = probe.grads(NONE, batch, 3)
+    assert all(torch.equal(b, buffers[n]) for n, b in built.module.named_buffers())
+    for s in (Compression(0.0), NONE):
+        assert all(torch.equal(g0[k], v) for k, v in probe.grads(s, batch, 3).items())
+    g1, g2 = probe.grads(Compression(0.5), batch, 3), probe.grads(Compression(0.5), batch, 3)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+    assert not torch.equal(g0["image"], g1["image"])
+
+
+def test_the_estimator_runs_on_mocov3_from_a_fresh_model(small_synth):
+    """``tools/compression_schedule --task mocov3 --checkpoints init:ViT-Tiny-8``: two batches of the
+    task's two views from the shards; the uncompressed strategy has no bias in any group, token
+    dropout has some in the trunk's gradient."""
+    from dtp_ds.compress.camse import main, run
+    from dtp_ds.compress.costs import task_config
+
+    result = run(["init:ViT-Tiny-8"], f"{small_synth}/train/{{00000..00001}}.tar", [NONE, Compression(0.5)],
+                 global_batch=8, batches=2, fractions=[0.0], progress=False, task="mocov3",
+                 config=task_config("mocov3", ["--moco-mlp-dim", "64", "--moco-dim", "32"]))
+    assert result["task"] == "mocov3" and result["model"] == "ViT-Tiny-8"
+    (stage,) = result["stages"]
+    rows = {r["strategy"]: r for r in stage["strategies"]}
+    assert set(rows) == {"none", "r=0.5"}
+    for r in rows.values():
+        assert set(r["groups"]) == {"image", "head", "total"}
+        assert r["groups"]["total"]["var"] > 0 and math.isfinite(r["groups"]["total"]["camse"])
+    assert all(rows["none"]["groups"][g]["bias2"] == 0.0 == rows["none"]["groups"][g]["bias2_raw"]
+               for g in rows["none"]["groups"])
+    assert rows["r=0.5"]["groups"]["image"]["bias2_raw"] > 0
+    # a flag of another task is refused by name, before anything is read
+    with pytest.raises(SystemExit):
+        main(["--checkpoints", "init:ViT-Tiny-8", "--train-data", "x.tar", "--task", "mocov3", "--zeroshot-data", "z"])
