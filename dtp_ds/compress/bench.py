@@ -1,9 +1,13 @@
 """``tools/bench_compression``: time to the uncompressed run's accuracy, per compression strategy,
 with every cost the method needs counted.
 
-Arms, all the same model, data order, global batch and LR recipe, each run under the
-``deepspeed`` launcher at every seed of ``--seeds`` (a seed changes initialisation and data
-order; all arms share each seed) and zero-shot evaluated every ``--eval-every`` steps:
+Arms, all the same model, task (``--task``, default ``clip``), data order, global batch and LR
+recipe, each run under the ``deepspeed`` launcher at every seed of ``--seeds`` (a seed changes
+initialisation and data order; all arms share each seed) and evaluated by the task every
+``--eval-every`` steps (its data and evaluation in ``--data``: :mod:`dtp_ds.compress.task_data`;
+CLIP zero-shot on the captioned shards, an SSL task kNN on the class-labelled split, with
+``--knn-bank-max-images`` of the training shards as the bank; the accuracy is the first of
+:data:`ACCURACY_KEYS` the evaluation rows log: ``zeroshot_top1``, ``knn_top1``, ``val_top1``):
 
 - ``baseline``: uncompressed, ``--steps`` steps;
 - ``dropout``: token dropout at ``--constant-rate`` for the whole run;
@@ -24,10 +28,10 @@ the same seed count: each arm trains until its measured time reaches the baselin
 ``budget used`` is the share of the baseline's time an arm really trained (below 1: the cost
 table promised more steps than fit).
 
-**Target** = the baseline's final top-1, mean over seeds. **Time to target** is *sustained*: the
-time of the first evaluation after which the arm stays at or above the target for the rest of
-its budget (per seed; never: ``-``); the first evaluation touching it stands beside it,
-labelled. The baseline's own time to target on a seed is its sustained time, or its whole
+**Target** = the baseline's final top-1 (of the task's accuracy), mean over seeds. **Time to
+target** is *sustained*: the time of the first evaluation after which the arm stays at or above
+the target for the rest of its budget (per seed; never: ``-``); the first evaluation touching it
+stands beside it, labelled. The baseline's own time to target on a seed is its sustained time, or its whole
 training time where it ends below the mean (the target is where its run ends).
 
 **Every cost counted**: what choosing the schedule took (the pilot's training time, the cost
@@ -39,7 +43,8 @@ at which the overhead is paid back (overhead / (1 - ratio without it)).
 Printed per arm: ``mean +- half-width (n)`` over seeds (95% t interval, :mod:`dtp_ds.bench.stats`)
 of each column, then each arm's paired difference to the baseline in ratio and final top-1 and
 whether it separates. Writes ``bench.{json,md,png}`` to ``--out`` (the PNG: mean top-1 against
-mean training time with 95% error bars across seeds). An arm whose run directory holds a
+mean training time, or with ``--x forward_passes`` against the image forward passes, in millions,
+as the paper plots, with 95% error bars across seeds). An arm whose run directory holds a
 finished run with the same reuse hash (arguments, the contents of the schedule, cost, model and
 ds_config files, threads, code revision: :mod:`dtp_ds.bench.reuse`) is not trained again. The
 machine's load average at each arm's start and end goes in the JSON.
@@ -56,7 +61,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dtp_ds.bench.stats import compare, fmt, interval_of, mean_ci, overhead_ratios, separation_lines, time_to_target
-from dtp_ds.compress.demo import add_pipeline_args, choose_schedule, train_run
+from dtp_ds.compress.demo import add_pipeline_args, choose_schedule, parse_pipeline_args, train_run
+from dtp_ds.compress.task_data import task_data
 from dtp_ds.train.metrics import read_metrics
 
 
@@ -70,7 +76,8 @@ class Arm:
     schedule: str = "none"  # the segments (SPEC form, without costs)
     steps: int = 0
     load: list[float] = field(default_factory=list)  # 1-min load average at start and end
-    curve: list[dict[str, float]] = field(default_factory=list)  # per evaluation: step, time_s, top1, top5
+    # per evaluation: step, time_s, top1, top5 (of the task's accuracy key), forward_passes
+    curve: list[dict[str, float]] = field(default_factory=list)
     train_time_s: float = float("nan")
     seed: int = 0
 
@@ -88,9 +95,26 @@ def mean_cost(spec: str, costs_json: str) -> tuple[float, str]:
     return sum(s.fraction * s.cost for s in segments) + (1.0 - covered), text
 
 
-def curve(run_dir: str, key: str = "step_time") -> tuple[list[dict[str, float]], float]:
-    """(step, cumulative training time, top-1, top-5) at every evaluation; the whole training time.
-    ``key``: the row's step time (``step_time`` or ``step_cpu_time``)."""
+# the evaluation rows' accuracy, by task: CLIP's zero-shot, the SSL tasks' kNN, classify's validation
+ACCURACY_KEYS = ("zeroshot_top1", "knn_top1", "val_top1")
+ACCURACY_NAMES = {"zeroshot_top1": "zero-shot", "knn_top1": "kNN", "val_top1": "validation"}
+
+
+def accuracy_key(rows: Sequence[dict[str, Any]]) -> str:
+    """The accuracy the arms are timed to: the first of :data:`ACCURACY_KEYS` in the first
+    evaluation row (a row with any of them)."""
+    for r in rows:
+        found = [k for k in ACCURACY_KEYS if k in r]
+        if found:
+            return found[0]
+    raise SystemExit(f"bench_compression: no evaluation row with any of {', '.join(ACCURACY_KEYS)}: the arms must "
+                     f"be evaluated (the task's evaluation flags, --eval-frequency 1)")
+
+
+def curve(run_dir: str, key: str = "step_time") -> tuple[list[dict[str, float]], float, str]:
+    """(step, cumulative training time, top-1, top-5, forward passes) at every evaluation; the
+    whole training time; the accuracy key (:func:`accuracy_key`). ``key``: the row's step time
+    (``step_time`` or ``step_cpu_time``)."""
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     step_time = {r["step"]: r[key] for r in rows if key in r}
     last = max(step_time)
@@ -102,9 +126,11 @@ def curve(run_dir: str, key: str = "step_time") -> tuple[list[dict[str, float]],
     for s in range(1, last + 1):
         t += step_time[s]
         cum[s] = t
-    evals = [{"step": r["step"], "time_s": cum[r["step"]], "top1": r["zeroshot_top1"], "top5": r["zeroshot_top5"]}
-             for r in rows if "zeroshot_top1" in r]
-    return evals, t
+    acc = accuracy_key(rows)
+    passes = {r["step"]: r["forward_passes"] for r in rows if "forward_passes" in r}
+    evals = [{"step": r["step"], "time_s": cum[r["step"]], "top1": r[acc], "top5": r.get(acc.replace("top1", "top5")),
+              "forward_passes": passes.get(r["step"])} for r in rows if acc in r]
+    return evals, t, acc
 
 
 def time_to(points: list[dict[str, float]], target: float) -> float | None:
@@ -191,7 +217,8 @@ SEPARATION = [("ratio", "ratio (with overhead)", "{:.2f}"), ("final_top1", "fina
 def markdown(result: dict[str, Any]) -> str:
     head = ["arm", "schedule", "steps", "mean cost", "overhead s", *[h for _, h, _ in COLUMNS], "reached"]
     n = len(result.get("seeds", [])) or 1
-    lines = [f"target: the baseline's final zero-shot top-1, mean over {n} seed(s): {result['target_top1']:.1f}%; "
+    name = ACCURACY_NAMES.get(result.get("accuracy_key", "zeroshot_top1"), result.get("accuracy_key"))
+    lines = [f"target: the baseline's final {name} top-1, mean over {n} seed(s): {result['target_top1']:.1f}%; "
              "cells: mean +- half-width of the 95% t interval (seeds); time to target: sustained (the first "
              "evaluation after which the arm stays at or above the target); ratio: (time to target + overhead) / "
              "the baseline's time to target", "",
@@ -218,37 +245,61 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mean_curve(arm_curves: list[list[dict[str, float]]]) -> list[tuple[float, float, float, float]]:
-    """Per evaluation index every seed reached: (mean time, its half-width, mean top-1, its half-width)."""
+def mean_curve(arm_curves: list[list[dict[str, float]]], x: str = "time_s") -> list[tuple[float, float, float, float]]:
+    """Per evaluation index every seed reached: (mean ``x``, its half-width, mean top-1, its
+    half-width); ``x``: ``time_s`` or ``forward_passes``."""
     out = []
     for i in range(min(len(c) for c in arm_curves)):
-        t, a = mean_ci([c[i]["time_s"] for c in arm_curves]), mean_ci([c[i]["top1"] for c in arm_curves])
+        t, a = mean_ci([c[i][x] for c in arm_curves]), mean_ci([c[i]["top1"] for c in arm_curves])
         out.append((t.mean, 0.0 if math.isnan(t.half_width) else t.half_width, a.mean,
                     0.0 if math.isnan(a.half_width) else a.half_width))
     return out
 
 
-def plot(result: dict[str, Any], path: str) -> None:
+X_AXES = {"time_s": ("training time (s)", 1.0), "forward_passes": ("forward passes (millions)", 1e-6)}
+
+
+def plot(result: dict[str, Any], path: str, x: str = "time_s") -> None:
+    """Mean top-1 against ``x`` (:data:`X_AXES`: training time, or the image forward passes, as the
+    paper plots), 95% intervals over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    label, scale = X_AXES[x]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     by_name: dict[str, list[dict[str, Any]]] = {}
     for arm in result["arms"]:
         by_name.setdefault(arm["name"], []).append(arm)
     for name, arms in by_name.items():
-        pts = mean_curve([a["curve"] for a in arms if a["curve"]])
-        ax.errorbar([p[0] for p in pts], [p[2] for p in pts], xerr=[p[1] for p in pts], yerr=[p[3] for p in pts],
+        pts = mean_curve([a["curve"] for a in arms if a["curve"]], x)
+        ax.errorbar([p[0] * scale for p in pts], [p[2] for p in pts], xerr=[p[1] * scale for p in pts],
+                    yerr=[p[3] for p in pts],
                     marker="o", ms=3, capsize=2, label=f"{name} ({arms[0]['schedule']}, {len(arms)} seeds)"[:60])
     ax.axhline(result["target_top1"], color="grey", ls="--", lw=1, label="baseline final top-1 (mean)")
-    ax.set_xlabel("training time (s), mean over seeds, 95% interval")
-    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.set_xlabel(f"{label}, mean over seeds, 95% interval")
+    key = result.get("accuracy_key", "zeroshot_top1")
+    ax.set_ylabel(f"{ACCURACY_NAMES.get(key, key)} top-1 (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def arm_flags(a: argparse.Namespace, arm: Arm, costs_json: str) -> list[str]:
+    """The training flags of ``arm`` (besides the model, task, data and seed of every run): its
+    planned steps (``arm.steps``, set here: ``--budget-margin`` past what the cost table says the
+    baseline's time allows) in epochs of ``--eval-every`` steps, each evaluated, every step logged,
+    its schedule."""
+    global_batch = a.batch_size * a.nproc
+    margin = 1.0 if arm.name == "baseline" else a.budget_margin
+    epochs = max(1, math.ceil(margin * a.steps / arm.mean_cost / a.eval_every))
+    arm.steps = epochs * a.eval_every
+    return ["--epochs", str(epochs), "--train-num-samples", str(a.eval_every * global_batch),
+            "--warmup", str(max(1, round(a.warmup_fraction * arm.steps))), "--eval-frequency", "1",
+            "--log-every-n-steps", "1", "--keep-checkpoints", "1",
+            *(["--compression-schedule", arm.spec, "--compression-costs", costs_json] if arm.spec else [])]
 
 
 def overhead_of(a: argparse.Namespace, schedule_json: str, p: argparse.ArgumentParser) -> float:
@@ -278,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-margin", type=float, default=1.15,
                    help="arms are planned this much longer than the cost table says the baseline's time allows, "
                         "then cut at the baseline's measured time (default: %(default)s)")
-    p.add_argument("--eval-every", type=int, default=20, help="steps between zero-shot evaluations (one epoch)")
+    p.add_argument("--eval-every", type=int, default=20, help="steps between the task's evaluations (one epoch)")
+    p.add_argument("--x", choices=sorted(X_AXES), default="time_s",
+                   help="the PNG's x-axis: training time, or image forward passes (samples x views, as the paper "
+                        "plots; the table's times are training time either way)")
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--constant-rate", type=float, default=0.5)
     p.add_argument("--constant-patch", type=int, default=16)
@@ -289,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                         "beside the schedule)")
     p.add_argument("--arms", nargs="+", default=["baseline", "dropout", "patch", "schedule"],
                    choices=["baseline", "dropout", "patch", "schedule"], help="baseline is always run first")
-    a = p.parse_args(argv)
+    a = parse_pipeline_args(p, argv)
     out = a.out or a.logs
     if a.clock == "cpu":
         os.environ["OMP_NUM_THREADS"] = "1"  # the runs' ranks and the cost table: one thread each
@@ -309,29 +363,25 @@ def main(argv: list[str] | None = None) -> int:
     names = ["baseline", *[n for n in a.arms if n != "baseline"]]
     costs = {name: mean_cost(specs[name], costs_json) for name in names}
     global_batch = a.batch_size * a.nproc
-    first_seed, arms = a.seed, []
+    data_flags = task_data(a.task, a.data, a.knn_bank_max_images).flags()
+    first_seed, arms, acc = a.seed, [], None
     key = "step_cpu_time" if a.clock == "cpu" else "step_time"
     for seed in range(first_seed, first_seed + a.seeds):
         a.seed = seed  # train_run's --seed
         for name in names:
             arm = Arm(name, specs[name], *costs[name], seed=seed)
-            margin = 1.0 if name == "baseline" else a.budget_margin
-            epochs = max(1, math.ceil(margin * a.steps / arm.mean_cost / a.eval_every))
-            arm.steps = epochs * a.eval_every
-            extra = ["--epochs", str(epochs), "--train-num-samples", str(a.eval_every * global_batch),
-                     "--warmup", str(max(1, round(a.warmup_fraction * arm.steps))), "--eval-frequency", "1",
-                     "--log-every-n-steps", "1", "--keep-checkpoints", "1",
-                     *(["--compression-schedule", arm.spec, "--compression-costs", costs_json] if arm.spec else [])]
+            extra = [*arm_flags(a, arm, costs_json), *a.task_flags]
             arm.load.append(os.getloadavg()[0])
-            run_dir = train_run(a, f"bench-{name}-s{seed}", extra, reuse_run=True)
+            run_dir = train_run(a, f"bench-{name}-s{seed}", extra, reuse_run=True, data_flags=data_flags)
             arm.load.append(os.getloadavg()[0])
-            arm.curve, arm.train_time_s = curve(run_dir, key)
+            arm.curve, arm.train_time_s, acc = curve(run_dir, key)
             arms.append(arm)
             print(f"bench_compression: {name} seed {seed}: {arm.steps} steps, {arm.train_time_s:.1f} s training, "
                   f"final top-1 {arm.curve[-1]['top1']:.1f}%", flush=True)
     a.seed = first_seed
     result = summarize(arms, overhead_s)
-    result.update(model=a.model, clock=a.clock, nproc=a.nproc, global_batch=global_batch, baseline_steps=a.steps,
+    result.update(model=a.model, task=a.task, accuracy_key=acc, x=a.x,
+                  clock=a.clock, nproc=a.nproc, global_batch=global_batch, baseline_steps=a.steps,
                   budget_margin=a.budget_margin, costs=costs_json, schedule=schedule_json,
                   command=" ".join(sys.argv if argv is None else ["bench_compression", *argv]))
     with open(os.path.join(out, "bench.json"), "w") as f:
@@ -339,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(result)
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write(table)
-    plot(result, os.path.join(out, "bench.png"))
+    plot(result, os.path.join(out, "bench.png"), a.x)
     print(table + f"bench_compression: {out}/bench.{{json,md,png}}", flush=True)
     return 0
 

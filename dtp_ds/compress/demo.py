@@ -15,11 +15,14 @@
 What choosing the schedule cost (the pilot's training time on the runs' clock, the cost table's
 and the estimator's time) goes to ``LOGS/compress/overhead.json``: ``tools/bench_compression``
 charges it to the schedule. The defaults take a few minutes on a 2-core CPU; every size is a flag.
+
+Every run, the cost table and the estimator take ``--task`` (default ``clip``) and the task's own
+flags given after the others; its training shards and evaluation in ``--data`` follow the task
+(:mod:`dtp_ds.compress.task_data`: an SSL task trains on the class-labelled split and is kNN-evaluated).
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -36,15 +39,27 @@ from dtp_ds.train.runs import finished_as, launch_command, summary_lines
 MODEL = "Plain-ViT-Tiny-8"
 
 
-def train_run(a: argparse.Namespace, name: str, extra: list[str], reuse_run: bool = False) -> str:
-    """Train ``name`` under the launcher (``reuse``: not if a finished run is there whose reuse hash
-    matches: the same arguments, contents of the files they name, threads and code)."""
+def run_command(a: argparse.Namespace, name: str, extra: list[str], data_flags: list[str] | None = None
+                ) -> list[str]:
+    """The launcher command of run ``name``: ``data_flags`` (:meth:`dtp_ds.compress.task_data.TaskData.flags`:
+    the task, its training data and evaluation) in place of the launcher's CLIP data."""
+    from dtp_ds.compress.task_data import with_data_flags
+
+    cmd = launch_command(a.data, a.logs, name, a.nproc, a.model,
+                         ["--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(a.seed),
+                          "--log-every-n-steps", "5", *(["--precision", a.precision] if a.precision else []), *extra])
+    return cmd if data_flags is None else with_data_flags(cmd, data_flags)
+
+
+def train_run(a: argparse.Namespace, name: str, extra: list[str], reuse_run: bool = False,
+              data_flags: list[str] | None = None) -> str:
+    """Train ``name`` (:func:`run_command`) under the launcher (``reuse``: not if a finished run is
+    there whose reuse hash matches: the same arguments, contents of the files they name, threads
+    and code)."""
     run_dir = os.path.join(a.logs, name)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
-    cmd = launch_command(a.data, a.logs, name, a.nproc, a.model,
-                         ["--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(a.seed),
-                          "--log-every-n-steps", "5", *extra])
+    cmd = run_command(a, name, extra, data_flags)
     digest = reuse.reuse_hash(cmd[1:], reuse.files_in(cmd), reuse.thread_settings(env))
     if reuse_run and finished_as(run_dir, a.model, cmd) and reuse.reusable(run_dir, digest):
         print(f"demo-compress: {run_dir}: finished with these arguments and files: not trained again", flush=True)
@@ -60,13 +75,6 @@ def train_run(a: argparse.Namespace, name: str, extra: list[str], reuse_run: boo
     return run_dir
 
 
-def train_data(data: str, part: slice = slice(None)) -> str:
-    """The brace pattern of ``data``'s training shards (``part``: of those shards, in name order)."""
-    shards = sorted(glob.glob(os.path.join(data, "train", "*.tar")))[part]
-    first, last = (os.path.basename(s)[: -len(".tar")] for s in (shards[0], shards[-1]))
-    return os.path.join(data, "train", f"{{{first}..{last}}}.tar")
-
-
 def run_seconds(run_dir: str, key: str = "step_time") -> float:
     """A run's training time: the sum of its rows' ``key`` (``step_time`` or ``step_cpu_time``)
     over its steps (it must log every step)."""
@@ -80,6 +88,15 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/synth")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--model", default=MODEL)
+    p.add_argument("--task", default="clip",
+                   help="what every run trains (clip, mocov3, simclr, dino, classify): its data and evaluation in "
+                        "--data follow (dtp_ds/compress/task_data.py; an SSL task: the class-labelled split "
+                        "DATA/classify, evaluated by kNN); the task's own flags (e.g. --moco-mlp-dim 1024) may "
+                        "follow: every run, the cost table and the estimator get them")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="every run's (default: ds_configs/tiny.json's, bf16)")
+    p.add_argument("--knn-bank-max-images", type=int, default=1000,
+                   help="a kNN-evaluated task: the first N bank images (the training shards)")
     p.add_argument("--batch-size", type=int, default=32, help="micro-batch per rank")
     p.add_argument("--lr", type=float, default=2e-3, help="of every run")
     p.add_argument("--seed", type=int, default=0)
@@ -96,21 +113,37 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="the cost table's clock (cpu: CPU time, which other jobs on a shared CPU do not inflate)")
 
 
+def parse_pipeline_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``p``'s arguments; the rest, the task's own flags (as ``python -m dtp_ds.train`` takes them,
+    checked here), in ``task_flags``: every run, the cost table and the estimator get them."""
+    from dtp_ds.compress.costs import task_config
+
+    a, rest = p.parse_known_args(argv)
+    try:
+        task_config(a.task, rest)
+    except ValueError as e:
+        p.error(str(e))
+    a.task_flags = rest
+    return a
+
+
 def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
     """Pilot run -> cost table -> CA-MSE schedule; the schedule's and the cost table's paths in
     ``out``, and what each step cost in ``out/overhead.json`` (``clock``: the runs' step times,
     wall or rank 0's CPU; the pilot's training time on it, the cost table's and the estimator's
     time in this process on it; ``overhead_s`` their sum)."""
     from dtp_ds.compress import camse, costs
+    from dtp_ds.compress.task_data import task_data
     from dtp_ds.train.checkpoint import list_checkpoints
 
-    if not glob.glob(os.path.join(a.data, "train", "*.tar")):
-        raise SystemExit(f"demo-compress: no shards in {a.data}/train: run tools/make_synthetic_shards --out {a.data}")
+    data = task_data(a.task, a.data, a.knn_bank_max_images)
+    shards = data.shards()
+    if not shards:
+        raise SystemExit(f"demo-compress: no shards in {data.train_dir}: run tools/make_synthetic_shards --out "
+                         f"{a.data}")
     os.makedirs(out, exist_ok=True)
-
-    shards = glob.glob(os.path.join(a.data, "train", "*.tar"))
     if len(shards) < 2:
-        raise SystemExit(f"demo-compress: {a.data}/train has {len(shards)} shard(s): the pilot trains on the first "
+        raise SystemExit(f"demo-compress: {data.train_dir} has {len(shards)} shard(s): the pilot trains on the first "
                          f"half and the estimator reads the other half; make at least 2")
     half = len(shards) // 2
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
@@ -120,8 +153,8 @@ def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
     pilot = train_run(a, "compress-pilot", ["--epochs", "1", "--train-num-samples", str(a.pilot_samples),
                                             "--warmup", "5", "--save-every-n-steps", str(a.pilot_save_every),
                                             "--keep-checkpoints", "100", "--eval-frequency", "0",
-                                            "--log-every-n-steps", "1", "--train-data",
-                                            train_data(a.data, slice(None, half))])
+                                            "--log-every-n-steps", "1", *a.task_flags],
+                      data_flags=data.flags(slice(None, half)))
     spent = {"pilot_wall_s": time.perf_counter() - started,
              "pilot_s": run_seconds(pilot, "step_cpu_time" if a.clock == "cpu" else "step_time")}
     ckpts = [d for _, d in list_checkpoints(os.path.join(pilot, "checkpoints"))]
@@ -132,19 +165,20 @@ def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
     costs_json = os.path.join(out, "costs.json")
     patch_args = ["stored" if x is None else str(x) for x in a.patches]
     started = clock()
-    costs.main(["--model", a.model, "--rates", *map(str, a.rates), "--patches", *patch_args, "--batch-size",
-                str(a.batch_size), "--steps", str(a.cost_steps), "--warmup", "1", "--clock", a.clock,
-                "--out", costs_json])
+    costs.main(["--model", a.model, "--task", a.task, "--rates", *map(str, a.rates), "--patches", *patch_args,
+                "--batch-size", str(a.batch_size), "--steps", str(a.cost_steps), "--warmup", "1", "--clock", a.clock,
+                "--out", costs_json, *a.task_flags])
     spent["costs_s"] = clock() - started
 
     # 3. CA-MSE schedule at the runs' global batch
     # on the shards the pilot did not read
     schedule_json = os.path.join(out, "schedule.json")
     started = clock()
-    camse.main(["--checkpoints", *stages, "--train-data", train_data(a.data, slice(half, None)), "--global-batch",
+    camse.main(["--checkpoints", *stages, "--task", a.task, "--train-data", data.train_pattern(slice(half, None)),
+                "--global-batch",
                 str(a.batch_size * a.nproc), "--batches", str(a.batches), "--rates", *map(str, a.rates),
                 "--patches", *patch_args, "--costs", costs_json, "--seed", str(a.seed), "--out", schedule_json,
-                *(["--monotone"] if a.monotone else [])])
+                *(["--monotone"] if a.monotone else []), *a.task_flags])
     spent["estimator_s"] = clock() - started
     overhead = {"clock": a.clock, **spent, "overhead_s": spent["pilot_s"] + spent["costs_s"] + spent["estimator_s"]}
     with open(os.path.join(out, "overhead.json"), "w") as f:
@@ -165,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", action="store_true", help="also train the uncompressed run and compare")
     p.add_argument("--schedule-only", action="store_true",
                    help="stop after step 3: the schedule, the cost table and overhead.json, no run trained")
-    a = p.parse_args(argv)
+    a = parse_pipeline_args(p, argv)
+    from dtp_ds.compress.task_data import task_data
+
     out = os.path.join(a.logs, "compress")
     schedule_json, costs_json = choose_schedule(a, out)
     if a.schedule_only:
@@ -173,11 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # 4. the scheduled run (and the uncompressed one)
-    common = ["--epochs", str(a.epochs), "--train-num-samples", str(a.samples_per_epoch), "--warmup", "5",
-              "--eval-frequency", str(a.epochs)]
-    runs = [("scheduled", train_run(a, "compress-scheduled", [*common, "--compression-schedule", schedule_json]))]
+    common = [*a.task_flags, "--epochs", str(a.epochs), "--train-num-samples", str(a.samples_per_epoch),
+              "--warmup", "5", "--eval-frequency", str(a.epochs)]
+    flags = task_data(a.task, a.data, a.knn_bank_max_images).flags()
+    runs = [("scheduled", train_run(a, "compress-scheduled", [*common, "--compression-schedule", schedule_json],
+                                    data_flags=flags))]
     if a.baseline:
-        runs.append(("baseline", train_run(a, "compress-baseline", common)))
+        runs.append(("baseline", train_run(a, "compress-baseline", common, data_flags=flags)))
     for label, run_dir in runs:
         rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
         steps = [r for r in rows if "loss" in r]

@@ -65,3 +65,96 @@ def test_the_table_labels_the_rules_and_the_figure_is_written(tmp_path):
     assert "30.0 s of overhead counted" in table and "paid back at a baseline time to target of 77 s" in table
     plot(result, str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_the_accuracy_is_the_tasks_own_and_forward_passes_are_an_axis(tmp_path):
+    """The arms are timed to the accuracy their evaluation rows log (kNN for an SSL task), each point
+    carries the forward passes at its step, and the figure can plot against them."""
+    import json
+
+    from dtp_ds.compress.bench import accuracy_key, curve
+
+    assert accuracy_key([{"step": 1, "loss": 1.0}, {"step": 2, "zeroshot_top1": 5.0, "layout_top1": 3.0}]) == \
+        "zeroshot_top1"
+    assert accuracy_key([{"step": 2, "knn_top1": 9.0, "knn_top5": 20.0, "val_knn_top1": 1.0}]) == "knn_top1"
+    assert accuracy_key([{"step": 2, "val_top1": 9.0}]) == "val_top1"
+    with pytest.raises(SystemExit, match="no evaluation row"):
+        accuracy_key([{"step": 1, "loss": 1.0}])
+    rows = [{"step": s, "loss": 1.0, "step_time": 0.5, "forward_passes": 2 * 8 * s} for s in (1, 2, 3, 4)]
+    rows += [{"step": 2, "knn_top1": 10.0, "knn_top5": 30.0}, {"step": 4, "knn_top1": 20.0, "knn_top5": 50.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    points, total, key = curve(str(tmp_path))
+    assert key == "knn_top1" and total == 2.0
+    assert points == [{"step": 2, "time_s": 1.0, "top1": 10.0, "top5": 30.0, "forward_passes": 32},
+                      {"step": 4, "time_s": 2.0, "top1": 20.0, "top5": 50.0, "forward_passes": 64}]
+    base = Arm("baseline", "", curve=points, steps=4, train_time_s=total, seed=0)
+    result = summarize([base])
+    result["accuracy_key"] = key
+    assert "the baseline's final kNN top-1" in markdown(result)
+    plot(result, str(tmp_path / "bench.png"), "forward_passes")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def _fake_data(root):
+    for d in ("train", "classify/train"):
+        (root / d).mkdir(parents=True)
+        for i in range(4):
+            (root / d / f"{i:05d}.tar").write_bytes(b"")
+    (root / "classify" / "val").mkdir()
+    (root / "zeroshot").mkdir()
+    return root
+
+
+def _arm_command(tmp_path, *flags):
+    import argparse
+
+    from dtp_ds.compress.bench import arm_flags
+    from dtp_ds.compress.demo import add_pipeline_args, parse_pipeline_args, run_command
+    from dtp_ds.compress.task_data import task_data
+
+    data = _fake_data(tmp_path / "data")
+    p = argparse.ArgumentParser()
+    add_pipeline_args(p)
+    a = parse_pipeline_args(p, ["--data", str(data), "--nproc", "2", "--batch-size", "8", *flags])
+    a.logs, a.steps, a.eval_every, a.budget_margin, a.warmup_fraction = str(tmp_path / "logs"), 40, 10, 1.15, 0.05
+    arm = Arm("dropout", "1:r=0.5", 0.6)
+    cmd = run_command(a, "bench-dropout-s0", [*arm_flags(a, arm, "costs.json"), *a.task_flags],
+                      task_data(a.task, a.data, a.knn_bank_max_images).flags())
+    return cmd, data, arm
+
+
+def test_an_ssl_arms_command_trains_the_task_on_the_class_split_evaluated_by_knn(tmp_path):
+    """``--task mocov3``: every arm's dtp_ds.train command names the task, trains on the class-labelled
+    shards, evaluates kNN (--val-data, a --knn-bank of the training shards) instead of zero-shot,
+    passes the task's own flags through, and is a command dtp_ds.train accepts."""
+    from dtp_ds.train.args import parse_args
+
+    cmd, data, arm = _arm_command(tmp_path, "--task", "mocov3", "--moco-mlp-dim", "64",
+                                  "--knn-bank-max-images", "200")
+    train = cmd[cmd.index("dtp_ds.train") + 1:]
+    pattern = f"{data}/classify/train/{{00000..00003}}.tar"
+    assert train.count("--train-data") == 1 and train[train.index("--train-data") + 1] == pattern
+    assert not any(f.startswith("--zeroshot") for f in train)
+    assert train[train.index("--val-data") + 1] == f"{data}/classify/val"
+    assert train[train.index("--knn-bank") + 1] == pattern
+    # 40 steps at cost 0.6, 15% margin: 77 steps, planned in epochs of 10
+    assert arm.steps == 80 and train[train.index("--epochs") + 1] == "8"
+    assert train[train.index("--compression-schedule") + 1] == "1:r=0.5"
+    args = parse_args(train)
+    assert args.model.task == "mocov3" and args.data.train_data == pattern
+    cfg = args.task_config
+    assert cfg.moco_mlp_dim == 64 and cfg.knn_bank == pattern and cfg.knn_bank_max_images == 200
+    assert cfg.val_data == [f"{data}/classify/val"]
+
+
+def test_a_clip_arms_command_keeps_the_zero_shot_data_and_another_tasks_flag_is_refused(tmp_path):
+    from dtp_ds.train.args import parse_args
+
+    cmd, data, _ = _arm_command(tmp_path)
+    train = cmd[cmd.index("dtp_ds.train") + 1:]
+    assert train[train.index("--task") + 1] == "clip"
+    assert train[train.index("--train-data") + 1] == f"{data}/train/{{00000..00003}}.tar"
+    assert train[train.index("--zeroshot-data") + 1] == f"{data}/zeroshot" and "--knn-bank" not in train
+    assert parse_args(train).task_config.zeroshot_data == f"{data}/zeroshot"
+    with pytest.raises(SystemExit):
+        _arm_command(tmp_path / "other", "--moco-mlp-dim", "64")
