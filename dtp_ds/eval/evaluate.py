@@ -1,4 +1,4 @@
-"""``tools/evaluate``: score a trained CLIP model without training.
+"""``tools/evaluate``: score a trained model without training.
 
     tools/evaluate LOGS/NAME --zeroshot data/synth/zeroshot [--retrieval 'coco/{00000..00004}.tar'] [--out r.json]
     tools/evaluate LOGS/NAME/checkpoints/step_N --imagenet-val /data/imagenet/val
@@ -20,7 +20,10 @@ What is measured is what training logs, by the same functions:
   for models whose reducer groups patches (DRIP) also the groups' compression, purity and
   probability spread;
 - image-text retrieval (:mod:`dtp_ds.eval.retrieval`): recall@1/5/10 both ways on WebDataset
-  shards with one or more captions per image (``--retrieval``; keys ``retrieval_*``).
+  shards with one or more captions per image (``--retrieval``; keys ``retrieval_*``);
+- kNN classification (:func:`dtp_ds.eval.knn.knn_eval`, the SSL tasks' evaluation: keys
+  ``knn_*``) of ``--knn`` splits against ``--knn-bank``; for kNN alone any task's run,
+  checkpoint or export is accepted (its image model's pooled embedding).
 
 Given a run (or one of its checkpoints) and no split, the run's own splits are evaluated
 (``--imagenet-val`` or ``--zeroshot-data``, then ``--zeroshot-extra``, from its ``config.json``),
@@ -56,6 +59,9 @@ from torch import nn
 import dtp_ds  # noqa: F401  (registers the dtp_ds model names with open_clip)
 from dtp_ds.data.shards import DataError
 from dtp_ds.eval.boundaries import val_transform
+from dtp_ds.eval.classify import ClassSplit, class_split
+from dtp_ds.eval.knn import knn_eval
+from dtp_ds.eval.linear_probe import eval_transform
 from dtp_ds.eval.retrieval import KS, RetrievalSet, retrieval_eval, retrieval_set
 from dtp_ds.eval.retrieval import describe as describe_retrieval
 from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, evaluate_splits, folder_split, imagenet_split
@@ -110,11 +116,11 @@ class _QuietFreshInit(logging.Filter):
         return not record.getMessage().startswith("No pretrained weights loaded")
 
 
-def _load_checkpoint(path: str, checkpoints: ModuleType) -> Source:
+def _load_checkpoint(path: str, checkpoints: ModuleType, any_task: bool = False) -> Source:
     ckpt_dir = checkpoints.resolve_checkpoint_dir(path)
     states = checkpoints.read_model_states(ckpt_dir)
     task = states.get("task") or "clip"
-    if task != "clip":
+    if task != "clip" and not any_task:
         raise EvaluateError(f"{ckpt_dir}: a --task {task} checkpoint (an image classifier, no text tower): tools/"
                             f"evaluate scores CLIP models; its validation top-1 is in the run's metrics.jsonl "
                             f"(val_top1), and tools/export_checkpoint exports it")
@@ -132,9 +138,9 @@ def _load_checkpoint(path: str, checkpoints: ModuleType) -> Source:
     return Source(model, name, "checkpoint" if given == ckpt_dir else "run", ckpt_dir, step, precision, run)
 
 
-def _load_export(path: str, checkpoints: ModuleType) -> Source:
+def _load_export(path: str, checkpoints: ModuleType, any_task: bool = False) -> Source:
     meta = checkpoints.exported_metadata(path)
-    if meta.get("task") not in (None, "", "clip"):
+    if meta.get("task") not in (None, "", "clip") and not any_task:
         raise EvaluateError(f"{path}: an exported --task {meta['task']} model (an image classifier, no text tower): "
                             f"tools/evaluate scores CLIP models")
     model = checkpoints.load_exported(path)
@@ -143,8 +149,10 @@ def _load_export(path: str, checkpoints: ModuleType) -> Source:
                   info={"checkpoint": meta.get("checkpoint")})
 
 
-def load_source(source: str, pretrained: str | None, checkpoints: ModuleType) -> Source:
-    """The model ``source`` names (see the module doc), fp32, in eval mode, on the CPU."""
+def load_source(source: str, pretrained: str | None, checkpoints: ModuleType, any_task: bool = False) -> Source:
+    """The model ``source`` names (see the module doc), fp32, in eval mode, on the CPU.
+    ``any_task``: a checkpoint or export of any task (its model as the task built it: an image
+    trunk for classify and the SSL tasks), not only CLIP's (for image-only evaluations)."""
     if pretrained is not None:
         if os.path.exists(source):
             raise EvaluateError(f"{source} is a file or directory: --pretrained goes with an open_clip model name "
@@ -160,12 +168,12 @@ def load_source(source: str, pretrained: str | None, checkpoints: ModuleType) ->
                                 f"model's pretrained tags (open_clip.list_pretrained_tags_by_model)") from e
         return Source(model.eval(), source, "open_clip", pretrained)
     if os.path.isdir(source):
-        return _load_checkpoint(source, checkpoints)
+        return _load_checkpoint(source, checkpoints, any_task)
     if os.path.isfile(source):
         if not source.endswith(".safetensors"):
             raise EvaluateError(f"{source}: a file that is not a .safetensors export; for open_clip weights give the "
                                 f"model name and --pretrained {source} (e.g. `ViT-B-32 --pretrained {source}`)")
-        return _load_export(source, checkpoints)
+        return _load_export(source, checkpoints, any_task)
     if source in open_clip.list_models() or source.startswith(("hf-hub:", "local-dir:")):
         raise EvaluateError(f"{source} is a model name without weights: give them with --pretrained FILE (or an "
                             f"open_clip pretrained tag), or evaluate a run directory, checkpoint or export instead")
@@ -212,6 +220,9 @@ class Plan:
     as_ranks: int | None
     workers: int
     notes: list[str]
+    knn: list[ClassSplit] = field(default_factory=list)  # splits kNN-classified against knn_bank
+    knn_bank: ClassSplit | None = None
+    knn_bank_max_images: int | None = None
 
 
 def make_plan(a: argparse.Namespace, src: Source, world: int) -> Plan:
@@ -228,7 +239,17 @@ def make_plan(a: argparse.Namespace, src: Source, world: int) -> Plan:
         retrieval = [retrieval_set(s) for s in a.retrieval or []]
     except DataError as e:
         raise EvaluateError(f"--retrieval: {e}") from e
-    own = not zeroshot and not retrieval and bool(run)
+    knn, knn_bank = [], None
+    if a.knn:
+        if not a.knn_bank:
+            raise EvaluateError("--knn needs --knn-bank: the labelled training images the splits are compared with")
+        try:
+            knn, knn_bank = [class_split(p) for p in a.knn], class_split(a.knn_bank)
+        except (ValueError, DataError) as e:
+            raise EvaluateError(f"--knn / --knn-bank: {e}") from e
+    elif a.knn_bank:
+        raise EvaluateError("--knn-bank without --knn: give the splits to classify with --knn DIR|SHARDS ...")
+    own = not zeroshot and not retrieval and not knn and bool(run)
     if own:
         first = ([("--imagenet-val", run_args["imagenet_val"])] if run_args.get("imagenet_val") else
                  [("--zeroshot", run_args["zeroshot_data"])] if run_args.get("zeroshot_data") else [])
@@ -240,8 +261,9 @@ def make_plan(a: argparse.Namespace, src: Source, world: int) -> Plan:
         zeroshot = [_split(d, flag) for flag, d in wanted]
         if zeroshot:
             notes.append("the run's splits: " + ", ".join(d for _, d in wanted))
-    if not zeroshot and not retrieval:
-        raise EvaluateError("nothing to evaluate: give --zeroshot DIR, --imagenet-val DIR or --retrieval SHARDS")
+    if not zeroshot and not retrieval and not knn:
+        raise EvaluateError("nothing to evaluate: give --zeroshot DIR, --imagenet-val DIR, --retrieval SHARDS or "
+                            "--knn DIR --knn-bank DIR")
     precision = a.precision
     if precision == "auto":
         precision = src.precision if src.precision in PRECISIONS else "fp32"
@@ -266,15 +288,17 @@ def make_plan(a: argparse.Namespace, src: Source, world: int) -> Plan:
         as_ranks = int(run["world_size"])
         notes.append(f"images split as the run's {as_ranks} ranks split them")
     return Plan(zeroshot, retrieval, precision, batch_size, max_images or None,
-                a.retrieval_max_images or None, as_ranks if (as_ranks or 1) > 1 else None, a.workers, notes)
+                a.retrieval_max_images or None, as_ranks if (as_ranks or 1) > 1 else None, a.workers, notes,
+                knn, knn_bank, a.knn_bank_max_images)
 
 
 def evaluate(src: Source, plan: Plan, device: torch.device) -> dict[str, Any]:
     """Run the plan on every rank: the report (``row``: the flat metrics with training's keys)."""
     dtype = PRECISIONS[plan.precision]
     model = src.model.to(device=device, dtype=dtype).eval()
-    tokenizer = open_clip.get_tokenizer(src.name)
-    preprocess = val_transform(model)
+    text = plan.zeroshot or plan.retrieval  # (an image trunk of another task has no text tower)
+    tokenizer = open_clip.get_tokenizer(src.name) if text else None
+    preprocess = val_transform(model) if text else None
     row: dict[str, Any] = {}
     lines: list[str] = []
     zeroshot: dict[str, Any] = {}
@@ -292,10 +316,19 @@ def evaluate(src: Source, plan: Plan, device: torch.device) -> dict[str, Any]:
         row.update(one)
         lines.append(describe_retrieval(rset.name, one, prefix))
         retrieval[rset.name] = {"shards": len(rset.shards), **{k.removeprefix(prefix): v for k, v in one.items()}}
+    knn: dict[str, Any] = {}
+    for i, split in enumerate(plan.knn):  # the SSL tasks' evaluation (dtp_ds.tasks.ssl: SSLTask.evaluate)
+        prefix = "knn_" if i == 0 else f"{split.name}_knn_"
+        one = knn_eval(model, eval_transform(model), plan.knn_bank, split, device, dtype, plan.batch_size,
+                       plan.max_images, plan.workers, bank_max_images=plan.knn_bank_max_images, prefix=prefix)
+        row.update(one)
+        lines.append(f"knn {split.name}: top-1 {one[prefix + 'top1']:.2f}% top-5 {one[prefix + 'top5']:.2f}% "
+                     f"(chance {one[prefix + 'chance_top1']:.2f}%; bank of {one[prefix + 'bank']})")
+        knn[split.name] = {k.removeprefix(prefix): v for k, v in one.items()}
     return {"model": src.name, "source": src.kind, "path": src.path, "step": src.step, **src.info,
             "precision": plan.precision, "batch_size": plan.batch_size, "max_images": plan.max_images,
             "as_ranks": plan.as_ranks, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "device": str(device), "notes": plan.notes, "zeroshot": zeroshot, "retrieval": retrieval,
+            "device": str(device), "notes": plan.notes, "zeroshot": zeroshot, "retrieval": retrieval, "knn": knn,
             "row": row, "lines": lines}
 
 
@@ -337,6 +370,10 @@ def format_report(report: dict[str, Any]) -> str:
                  *[_fmt(r[f"text_to_image_r{k}"]) for k in KS], _fmt(r["mean_recall"]), str(r["unusable"]),
                  *([_fmt(r.get("compression"))] if drip else [])] for name, r in report["retrieval"].items()]
         out += [""] + _table(header, rows)
+    if report.get("knn"):
+        rows = [[name, _fmt(r["top1"]), _fmt(r["top5"]), _fmt(r["chance_top1"]), str(r["images"]), str(r["bank"])]
+                for name, r in report["knn"].items()]
+        out += [""] + _table(["kNN (k 20, T 0.07)", "top-1", "top-5", "chance", "images", "bank"], rows)
     return "\n".join(out)
 
 
@@ -379,6 +416,12 @@ def parser() -> argparse.ArgumentParser:
                    help="ImageNet-1k val as 1000 wnid class folders (tools/prepare_imagenet makes them), or the "
                         "flat files with ILSVRC2012_devkit_t12.tar.gz beside them: open_clip's class names, the "
                         "OpenAI templates")
+    p.add_argument("--knn", nargs="+", metavar="DIR|SHARDS",
+                   help="splits (class folders or cls shards) classified by their nearest neighbours in --knn-bank "
+                        "(DINO's weighted kNN, k 20, T 0.07: what the SSL tasks log as knn_top1); any task's run, "
+                        "checkpoint or export (its image model's pooled embedding)")
+    p.add_argument("--knn-bank", metavar="DIR|SHARDS", help="the labelled training images --knn compares with")
+    p.add_argument("--knn-bank-max-images", type=int, help="the first N images of --knn-bank (default all)")
     p.add_argument("--retrieval", nargs="+", metavar="SHARDS",
                    help="image-text shards ('DIR/{00000..00004}.tar' or a directory of .tar): jpg + txt with one "
                         "caption a line, or json with a 'captions' list; recall@1/5/10 both ways")
@@ -416,7 +459,8 @@ def main(argv: list[str] | None = None, checkpoints: ModuleType | None = None) -
             raise EvaluateError(f"{a.source}: reading checkpoints needs dtp_ds.train's reader: run tools/evaluate "
                                 f"(or deepspeed tools/evaluate on several ranks)")
         rank, world, device = start_ranks(a.device)
-        src = load_source(a.source, a.pretrained, checkpoints)
+        image_only = bool(a.knn) and not (a.zeroshot or a.imagenet_val or a.retrieval)
+        src = load_source(a.source, a.pretrained, checkpoints, any_task=image_only)
         plan = make_plan(a, src, world)
         with contextlib.redirect_stdout(sys.stderr):  # a first deepspeed import prints: stdout is the report's
             import deepspeed  # noqa: F401  (the zero-shot evaluation imports it)

@@ -149,7 +149,7 @@ class ProbeError(Exception):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/linear_probe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="a run directory, checkpoint directory or .safetensors export of a CLIP run, or an "
+    p.add_argument("source", help="a run directory, checkpoint directory or .safetensors export of any task, or an "
                                   "open_clip / dtp_ds model name with --pretrained FILE or --random-init")
     p.add_argument("--pretrained", help="with a model name: its weights (a file or an open_clip pretrained tag)")
     p.add_argument("--random-init", action="store_true", help="with a model name: untrained weights (a baseline)")
@@ -183,7 +183,7 @@ def load_model(a: argparse.Namespace, checkpoints: ModuleType | None) -> tuple[n
     if checkpoints is None and os.path.exists(a.source):
         raise ProbeError(f"{a.source}: reading checkpoints needs dtp_ds.train's reader: run tools/linear_probe")
     try:
-        src = load_source(a.source, a.pretrained, checkpoints)
+        src = load_source(a.source, a.pretrained, checkpoints, any_task=True)
     except EvaluateError as e:
         raise ProbeError(str(e)) from e
     return src.model.eval(), f"{src.name} ({src.kind} {src.path})"

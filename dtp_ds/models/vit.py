@@ -238,6 +238,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
         self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
+        self.any_input_size = False  # True: other image sizes run with resampled positions (multi-crop)
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.embed_dim = self.num_features = embed_dim
@@ -353,7 +354,11 @@ class VisionTransformer(nn.Module):
             embed, pos = self._embed_scaled(x, comp.patch)
         else:
             embed, pos = self.patch_embed(x), self.pos_embed
-            if embed.shape[1] != self.num_patches:
+            grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+            if embed.shape[1] != self.num_patches and self.any_input_size and grid[0] * grid[1] == embed.shape[1]:
+                # another image size (DINO's local crops): the position table resampled to its grid
+                pos = resample_abs_pos_embed(self.pos_embed, list(grid), list(self.grid_size), num_prefix_tokens=1)
+            elif embed.shape[1] != self.num_patches:
                 raise ValueError(
                     f"got {embed.shape[1]} patches, model built for {self.num_patches} "
                     f"({self.img_size} px); call set_input_size() for another resolution"

@@ -50,6 +50,7 @@ class SplitsContext:
 
     train_classes: int | None = None  # class folders of a class-folder --train-data (None: shards)
     micro_batch: int = 1  # the engine's micro-batch per rank
+    train_data: str | None = None  # --train-data as given (a kNN bank may be drawn from it)
 
 
 class DataStage(Protocol):
@@ -121,6 +122,8 @@ class TaskType(Protocol):
     # its loss compares the samples of a batch: --accum-freq needs a SplitLoss module (GradCache);
     # without coupling, --accum-freq K is plain accumulation of K micro-batches (exact)
     couples_batch: ClassVar[bool]
+    # image views one sample becomes (the rows' forward_passes = samples seen x this)
+    views_per_sample: ClassVar[int]
 
     def __call__(self, spec: TaskSpec) -> Task: ...
 
@@ -156,6 +159,7 @@ class TaskBase:
     train_layouts: ClassVar[frozenset[str]] = frozenset({"shards"})
     contrastive_memory: ClassVar[bool] = False
     couples_batch: ClassVar[bool] = True  # (the safe default: --accum-freq refused unless a SplitLoss)
+    views_per_sample: ClassVar[int] = 1
     model: nn.Module
 
     @classmethod
@@ -268,7 +272,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-from . import classify, clip  # noqa: E402,F401  (registers "classify", "clip")
+from . import classify, clip, dino, mocov3, simclr  # noqa: E402,F401  (each registers its task)
 
 __all__ = ["TASKS", "DataStage", "NoSettings", "SplitLoss", "SplitsContext", "Task", "TaskBase", "TaskSpec", "TaskType",
            "build_task", "load_task_file", "no_weight_decay_names", "param_groups", "reducer_terms", "register_task",

@@ -196,8 +196,9 @@ class ClassifyTask(TaskBase):
         add("--num-classes", type=int,
             help="classifier width (default: the class folders of --train-data, else of the first --val-data folder)")
         add("--val-data", nargs="+", metavar="DIR|SHARDS",
-            help="validation splits: class-folder trees (ImageFolder layout) or shards with a cls key; evaluated "
-                 "every --eval-frequency epochs and at the end, the first logged as val_*, others as NAME_*")
+            help="validation splits: class-folder trees (ImageFolder layout) or shards with a cls key, evaluated "
+                 "every --eval-frequency epochs and at the end by the task (classify: top-1 / top-5 as val_*; "
+                 "mocov3, simclr, dino: kNN as knn_*), the first split under those keys, others as NAME_*")
         add("--drop-path", type=float,
             help="stochastic depth rate (default: the model config's trunk_cfg drop_path_rate)")
         add("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment; default: none)")

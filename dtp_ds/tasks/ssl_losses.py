@@ -101,8 +101,16 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     unbiased variance of the global batch)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or rank_world()[1] == 1:
-            return super().forward(x)
+        if not self.training or not self.track_running_stats and rank_world()[1] == 1:
+            # fp32 whatever the module's dtype: a 16-bit module may hold fp32 buffers (DeepSpeed
+            # casts the parameters), which torch's CPU batch_norm refuses to mix
+            def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t.float()
+
+            use_batch = self.training or not self.track_running_stats
+            return F.batch_norm(x.float(), f32(self.running_mean) if not use_batch else None,
+                                f32(self.running_var) if not use_batch else None, f32(self.weight), f32(self.bias),
+                                use_batch, 0.0, self.eps).to(x.dtype)
         if x.dim() not in (2, 3):
             raise ValueError(f"SyncBatchNorm1d expects (N, C) or (N, C, L) input, got {tuple(x.shape)}")
         flat = x.float().transpose(0, 1).reshape(x.shape[1], -1) if x.dim() == 3 else x.float().t()  # (C, M)
@@ -129,11 +137,9 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
 
 def sync_batchnorm(module: nn.Module) -> nn.Module:
     """``module`` with every ``nn.BatchNorm1d`` replaced by a :class:`SyncBatchNorm1d` holding the
-    same parameters and buffers, when a process group of more than one rank is up (else
-    unchanged). Call before the engine wraps the module. The state dict keys do not change, so a
+    same parameters and buffers (on one rank too: its fp32 arithmetic is what a 16-bit module
+    needs). Call before the engine wraps the module. The state dict keys do not change, so a
     checkpoint resumes at any world size."""
-    if rank_world()[1] == 1:
-        return module
     if isinstance(module, nn.BatchNorm1d) and not isinstance(module, SyncBatchNorm1d):
         sync = SyncBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine,
                                module.track_running_stats)

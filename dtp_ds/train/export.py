@@ -131,7 +131,9 @@ def zero_stage(ckpt_dir: str, states: dict[str, Any]) -> int:
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(MODEL_PREFIX): v for k, v in state.items()}
+    """The task's model's weights: the module's ``model.`` entries, prefix stripped (the rest of
+    a task's module, e.g. an SSL task's heads and momentum encoder, is not the exported model)."""
+    return {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
 def _zero_fp32_state(ckpt_dir: str) -> dict[str, torch.Tensor]:

@@ -148,7 +148,7 @@ def check_gpu_memory(args: TrainArgs, ds_config: dict[str, Any], overrides: list
                                           gradcache=gradcache_on(args))
     except PredictedOOM as e:
         raise ConfigError(str(e)) from e
-    except ValueError as e:  # the memory model has no shape for this model (dtp_ds.train.memory.model_shape)
+    except ValueError as e:  # the memory model has no shape for this model (dtp_ds.autotune.memory.model_shape)
         log.warning("start-up GPU memory check skipped: the memory model cannot predict %s's peak (%s); "
                     "the run starts unchecked", args.model.model, e)
         return
@@ -205,8 +205,8 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     check_precision_supported(precision_of(ds_config))
     check_gpu_memory(args, ds_config, overrides, micro, world)
     try:
-        splits, settled = task_cls.eval_splits(args.task_config, SplitsContext(len(folder.classes) if folder else None,
-                                                                                micro))
+        ctx = SplitsContext(len(folder.classes) if folder else None, micro, args.data.train_data)
+        splits, settled = task_cls.eval_splits(args.task_config, ctx)
     except (ValueError, DataError) as e:
         raise ConfigError(str(e)) from e
     overrides += settled
@@ -347,7 +347,7 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
     schedules = Schedules(task.schedules(s.total_steps))
     if s.compression:
         try:
-            schedules.items["compression"] = CompressionSchedule(s.compression, trunks(task.model), s.total_steps)
+            schedules.items["compression"] = CompressionSchedule(s.compression, trunks(task.module), s.total_steps)
         except ValueError as e:
             raise ConfigError(f"--compression-schedule {args.model.compression_schedule}: {e}") from e
     state, resumed_from, t_load, own = resume(s, engine, schedules, rank)
@@ -367,7 +367,7 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
                         log_every=args.run.log_every_n_steps, save_every=args.run.save_every_n_steps,
                         keep_checkpoints=args.run.keep_checkpoints, eval_every_epochs=args.run.eval_frequency,
                         eval_batch_size=2 * s.micro, eval_max_images=args.run.eval_max_images,
-                        eval_workers=args.data.workers,
+                        eval_workers=args.data.workers, views_per_sample=task.views_per_sample,
                         missing_shards=len(s.missing_shards))
     client = {"model_name": args.model.model, "model_cfg": get_model_config(args.model.model),
               "task": args.model.task, "task_state": task.client_state()}

@@ -54,6 +54,7 @@ class TrainerConfig:
     eval_max_images: int | None
     eval_workers: int  # image-decoding processes of the evaluation
     missing_shards: int
+    views_per_sample: int = 1  # the task's image views per sample: forward_passes = samples seen x this
 
 
 def engine_step(engine) -> None:
@@ -163,6 +164,7 @@ class Trainer:
                "samples_per_s": self.cfg.global_batch / step_time, "step_time": step_time,
                "step_cpu_time": step_cpu_time,
                "data_time": self.t_data, "peak_mem_gb": peak_memory_gb(), "samples_seen": st.samples_seen,
+               "forward_passes": st.samples_seen * self.cfg.views_per_sample,
                "bad_samples": st.bad_samples, "bad_by_kind": dict(st.bad_by_kind),
                "missing_shards": self.cfg.missing_shards, **self.schedules.metrics(st.step)}
         scale = loss_scale(self.engine)

@@ -3,6 +3,7 @@
 against one rank on the concatenated batch (losses, outputs, running statistics, gradients)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -153,9 +154,15 @@ def test_teacher_temperature_warm_up_and_resume():
         TeacherTemperature(DINOLoss(K), warmup_steps=5).load_state_dict(sched.state_dict())
 
 
-def test_sync_batchnorm_is_a_no_op_without_a_process_group():
-    m = mocov3_projector(8, 16, 4)
-    assert sync_batchnorm(m) is m and not any(isinstance(x, SyncBatchNorm1d) for x in m.modules())
+def test_sync_batchnorm_on_one_rank_is_batchnorm():
+    """Converted on one rank too (its fp32 arithmetic serves 16-bit modules): the same outputs,
+    running statistics and state-dict keys as torch's BatchNorm1d."""
+    ref = mocov3_projector(8, 16, 4)
+    m = sync_batchnorm(copy.deepcopy(ref))
+    assert any(isinstance(x, SyncBatchNorm1d) for x in m.modules()) and m.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(12, 8)
+    torch.testing.assert_close(m(x), ref(x))
+    torch.testing.assert_close(m[1].running_var, ref[1].running_var)
 
 
 # --- two gloo ranks against one rank on the concatenated batch
@@ -256,3 +263,25 @@ def test_the_two_rank_comparison_can_fail(two_ranks):
     whole = torch.cat([r["bn_y"] for r in two_ranks])
     assert not torch.allclose(local, whole, atol=1e-3)
     assert math.isfinite(float(two_ranks[0]["moco"]))
+
+
+def test_heads_run_in_16_bit_with_fp32_buffers():
+    """DeepSpeed's bf16 casts a module's parameters, not always its buffers: the heads' BatchNorm
+    computes in fp32 (torch's CPU batch_norm refuses bf16 input with fp32 running statistics) and
+    returns the input's dtype, in training (running statistics updated) and in evaluation."""
+    from dtp_ds.models.ssl_heads import mocov3_projector
+    from dtp_ds.tasks.ssl_losses import sync_batchnorm
+
+    ref = mocov3_projector(8, 16, 4)
+    head = sync_batchnorm(copy.deepcopy(ref))
+    for p in head.parameters():
+        p.data = p.data.bfloat16()
+    x = torch.randn(6, 8)
+    out = head(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref(x), atol=0.1, rtol=0.05)
+    bn, bn_ref = head[1], ref[1]
+    assert bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, atol=0.02, rtol=0.05)
+    head.eval(), ref.eval()
+    torch.testing.assert_close(head(x.bfloat16()).float(), ref(x), atol=0.1, rtol=0.05)
