@@ -67,7 +67,7 @@ def run_open_clip(a: argparse.Namespace, workdir: str, tag: str) -> list[float]:
     oc_args = ["--model", a.model, "--train-data", a.train_data,
            "--train-num-samples", str(samples), "--dataset-type", "webdataset", "--batch-size", str(a.batch_size),
            "--workers", str(a.workers), "--precision", OPEN_CLIP_PRECISION[a.precision], "--epochs", "1",
-           "--lr", "1e-4", "--warmup", "1", "--log-every-n-steps", "1", "--eval-frequency", "0",
+           "--lr", "1e-4", "--warmup", "1", "--log-every-n-steps", "1", "--zeroshot-frequency", "0",
            "--save-frequency", "0", "--logs", workdir, "--name", tag, "--dist-backend",
            "nccl" if torch.cuda.is_available() else "gloo", "--grad-clip-norm", "1.0"]
     if not torch.cuda.is_available():
