@@ -418,7 +418,12 @@ class VisionTransformer(nn.Module):
         features = self.head(self._pool(x, st.packing, st.sizes, st.keep))
         return TowerOutput(features, st.aux_losses, st.stats, token_counts.detach(), st.groups, st.scores, st.extras)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> final tokens (B, T, D), timm's contract (packed sequences padded to the
+        longest with zeros; :meth:`forward_tokens_valid` says which tokens are real)."""
+        return self.forward_tokens_valid(x)[0]
+
+    def forward_tokens_valid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (final tokens (B, T, D), valid (B, T) bool): packed sequences are padded
         to the longest (zeros at padding)."""
         x, st, _ = self._forward_tokens(x)

@@ -244,7 +244,7 @@ def test_short_sequences_packed_attention_padded_to_batch_max() -> None:
     trunk = small_trunk().eval()
     spread_predictor(trunk)
     images = torch.randn(6, 3, 32, 32)
-    tokens, valid = trunk.forward_features(images)
+    tokens, valid = trunk.forward_tokens_valid(images)
     lengths = valid.sum(1)
     assert lengths.min() < lengths.max() < 1 + trunk.num_patches
     assert tokens.shape[1] == lengths.max()  # padded to the batch's largest count, not L
@@ -267,7 +267,7 @@ def test_eval_batch_invariance_and_determinism(upsample: bool, pool: str) -> Non
     images = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         batched = trunk(images)
-        lengths = trunk.forward_features(images)[1].sum(1)
+        lengths = trunk.forward_tokens_valid(images)[1].sum(1)
         assert upsample or lengths.min() < lengths.max()  # padding is really exercised
         alone = torch.cat([trunk(images[i : i + 1]) for i in range(5)])
         again = trunk(images)

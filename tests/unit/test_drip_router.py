@@ -99,7 +99,9 @@ def test_eval_batch_invariance_and_determinism(selection: str, upsample: bool, p
     images = blocky_images(6)
     with torch.no_grad():
         batched = trunk(images)
-        lengths = trunk.forward_features(images)[1].sum(1)
+        tokens, valid = trunk.forward_tokens_valid(images)
+        lengths = valid.sum(1)
+        assert torch.equal(trunk.forward_features(images), tokens)  # timm's contract: the tokens alone
         alone = torch.cat([trunk(images[i:i + 1]) for i in range(len(images))])
         again = trunk(images)
     if selection == "threshold" and not upsample:
