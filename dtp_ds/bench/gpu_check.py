@@ -751,10 +751,11 @@ def markdown(report: dict[str, Any]) -> str:
                  ratio, c.get("result")]
         lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
     notes = ["", "## Reading it", "",
-             "- predicted peak: `dtp_ds/autotune/memory.py` at the batch that ran (world size 1): CUDA context 0.5 GiB + "
-             "1.05 x the larger phase; measured peak: `max_memory_reserved` + the memory outside the allocator "
-             "(context, NCCL, libraries; device-wide) after the engine's set-up; the JSON has `max_memory_allocated` "
-             "against the model's allocated part (its parts without context and fragmentation).",
+             "- predicted peak: `dtp_ds/autotune/memory.py` at the batch that ran (world size 1): CUDA context "
+             "0.5 GiB + 1.05 x the larger phase; measured peak: `max_memory_reserved` + the memory outside the "
+             "allocator (context, NCCL, libraries; device-wide) after the engine's set-up; the JSON has "
+             "`max_memory_allocated` against the model's allocated part (its parts without context and "
+             "fragmentation).",
              "- memory checks: the tuner's ds_config and micro-batch for the card (`tuner` in the JSON), the cap "
              "`set_per_process_memory_fraction((card - context at start-up) / device memory)`; an OOM is a result.",
              "- drip-bench-bf16: one `tools/bench` process; step s is the median of its timed steps with a bootstrap "
