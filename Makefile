@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.dtp_ds-installed
 DATA   ?= data/synth
 NPROC  ?= 2
 
-.PHONY: venv demo demo-compress test test-fast lint bench clean-demo compare
+.PHONY: venv demo demo-seqcomp demo-compress test test-fast lint bench clean-demo compare
 
 venv: $(STAMP)
 
@@ -42,12 +42,16 @@ compare: $(STAMP) $(DATA)/zeroshot/classnames.json
 	$(PY) tools/compare_reducers --data $(DATA) --nproc $(NPROC) --seeds 3 \
 		--arms plain drip drip-uniform tokenlearner low-res --pairs drip-uniform:drip
 
-# Sequence compression with a CA-MSE schedule: a short pilot run of the tiny patch-stem trunk
-# (checkpoints every 10 steps) -> tools/compression_costs on this CPU -> tools/compression_schedule
-# (gradient bias, variance, cost-adjusted variance per stage) -> a run trained under the schedule it
-# wrote; costs, schedule.{json,md,png} in logs/compress/. A few minutes on 2 CPU cores.
-demo-compress: $(STAMP) $(DATA)/zeroshot/classnames.json
-	$(PY) -m dtp_ds.compress.demo --data $(DATA) --nproc $(NPROC)
+# Seqcomp (sequence compression of the training input) with a CA-MSE schedule: a short pilot run of
+# the tiny patch-stem trunk (checkpoints every 10 steps) -> tools/seqcomp_costs on this CPU ->
+# tools/seqcomp_schedule (gradient bias, variance, cost-adjusted variance per stage) -> a run trained
+# under the schedule it wrote; costs, schedule.{json,md,png} in logs/seqcomp/. A few minutes on 2 CPU cores.
+demo-seqcomp: $(STAMP) $(DATA)/zeroshot/classnames.json
+	$(PY) -m dtp_ds.seqcomp.demo --data $(DATA) --nproc $(NPROC)
+
+# the old name, refused with the new one
+demo-compress:
+	@echo "make demo-compress was renamed make demo-seqcomp: use make demo-seqcomp" >&2; exit 2
 
 # tools/ci_setup_ssh installs and starts sshd (127.0.0.1 only) + pdsh for tests/e2e; where it
 # cannot (no apt, not root) it says why and the e2e tests skip with that reason.

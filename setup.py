@@ -8,12 +8,10 @@ from setuptools import find_packages, setup
 CONSOLE_SCRIPTS = [
     "dtp-autotune-batch = dtp_ds.autotune.tuner:main",
     "dtp-bench = dtp_ds.bench.train_step:main",
-    "dtp-bench-compression = dtp_ds.compress.bench:main",
     "dtp-bench-engine = dtp_ds.bench.engine:main",
+    "dtp-bench-seqcomp = dtp_ds.seqcomp.bench:main",
     "dtp-boundary-ablation = dtp_ds.bench.boundary_ablation:main",
     "dtp-compare-reducers = dtp_ds.bench.compare_reducers:main",
-    "dtp-compression-costs = dtp_ds.compress.costs:main",
-    "dtp-compression-schedule = dtp_ds.compress.camse:main",
     "dtp-evaluate = dtp_ds.cli:evaluate",
     "dtp-export-checkpoint = dtp_ds.train.export:main",
     "dtp-flops = dtp_ds.eval.flops:main",
@@ -24,6 +22,8 @@ CONSOLE_SCRIPTS = [
     "dtp-make-hostfile = dtp_ds.launch.hostfile:main",
     "dtp-make-synthetic-shards = dtp_ds.data.synthetic:main",
     "dtp-prepare-imagenet = dtp_ds.data.imagenet:main",
+    "dtp-seqcomp-costs = dtp_ds.seqcomp.costs:main",
+    "dtp-seqcomp-schedule = dtp_ds.seqcomp.camse:main",
     "dtp-size-configs = dtp_ds.eval.size_configs:main",
     "dtp-visualize-boundaries = dtp_ds.train.visualize:main",
 ]

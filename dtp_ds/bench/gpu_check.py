@@ -71,9 +71,9 @@ BENCH_MODELS = ("ViT-B-32", "DRIP-ViT-B-32-4x", "DRIP-ViT-B-32-10x")
 # else any registered plain tiny model). No 10x tiny DRIP is registered: the 4x upsampling
 # variant keeps the bench's three distinct rows.
 TINY = {
-    "ViT-B-32": ("ViT-Tiny-8", "Plain-ViT-Tiny-8"),
-    "ViT-L-14": ("Plain-ViT-Tiny-8", "ViT-Tiny-8"),
-    "ViT-H-14": ("ViT-Tiny-8", "Plain-ViT-Tiny-8"),
+    "ViT-B-32": ("ViT-Tiny-8", "PatchStem-ViT-Tiny-8"),
+    "ViT-L-14": ("PatchStem-ViT-Tiny-8", "ViT-Tiny-8"),
+    "ViT-H-14": ("ViT-Tiny-8", "PatchStem-ViT-Tiny-8"),
     "DRIP-ViT-B-32-4x": ("DRIP-ViT-Tiny-8-4x",),
     "DRIP-ViT-B-32-10x": ("DRIP-ViT-Tiny-8-4x-up", "DRIP-ViT-Tiny-8-4x"),
 }

@@ -59,8 +59,8 @@ def reuse_hash(argv: Sequence[str], files: Iterable[str | os.PathLike[str]],
     return h.hexdigest()
 
 
-def files_in(argv: Sequence[str], flags: Sequence[str] = ("--model", "--deepspeed_config", "--compression-schedule",
-                                                          "--compression-costs", "--init-from")) -> list[str]:
+def files_in(argv: Sequence[str], flags: Sequence[str] = ("--model", "--deepspeed_config", "--seqcomp-schedule",
+                                                          "--seqcomp-costs", "--init-from")) -> list[str]:
     """The files a training command line names after ``flags`` (those that are files)."""
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in flags and os.path.isfile(argv[i + 1])]
 

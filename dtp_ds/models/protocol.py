@@ -9,8 +9,8 @@ Required
   does not define it is refused when it is defined (no silent "no reduction").
 
 Hooks (each does nothing unless overridden)
-  ``on_input(x, st)``: the tokens (B, 1 + N, D) after positions (a training-time input
-  compression has already acted; ``check_input`` refuses one the reducer cannot train on);
+  ``on_input(x, st)``: the tokens (B, 1 + N, D) after positions (a training-time seqcomp
+  has already acted; ``check_input`` refuses one the reducer cannot train on);
   ``at_boundary(i, x, st)``: before block ``i`` (``i = depth``: after the last block); may switch
   to packed rows by setting ``st.packing`` (DRIP, TokenLearner, grouping);
   ``mid_block(i, st)``: a :data:`MidBlockFn` run between block ``i``'s attention and MLP, or
@@ -60,7 +60,7 @@ class ForwardState:
     its step."""
 
     batch: int
-    patches: int  # the patch tokens entering the trunk (fewer under input compression in training)
+    patches: int  # the patch tokens entering the trunk (fewer under seqcomp's token dropout in training)
     embed: torch.Tensor  # (B, N, D) those patches' embeddings before positions (content only)
     packing: Packing | None = None  # set while the tokens are packed rows
     sizes: torch.Tensor | None = None  # (B, T) patches per token once tokens were merged (ToMe)
@@ -132,8 +132,8 @@ class TokenReducer(nn.Module):
 
     def check_input(self, patches: int, grid: tuple[int, int] | None, strategy: str) -> None:
         """Raise ``ValueError`` (naming this reducer) if it cannot train on ``patches`` patch tokens
-        arranged as ``grid`` (``None``: a random subset in raster order, no grid) under the input
-        compression ``strategy`` (:mod:`dtp_ds.models.compression`). The default: any input."""
+        arranged as ``grid`` (``None``: a random subset in raster order, no grid) under the seqcomp
+        ``strategy`` (:mod:`dtp_ds.models.seqcomp`). The default: any input."""
 
     def on_input(self, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         return x

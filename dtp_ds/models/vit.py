@@ -26,9 +26,9 @@ from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .compression import NONE, Compression, gather_tokens, pi_resize_kernel, token_keep_indices
 from .protocol import ForwardState, MidBlockFn, TowerOutput
 from .segments import Packing, from_padded, to_padded
+from .seqcomp import NONE, SeqComp, gather_tokens, pi_resize_kernel, token_keep_indices
 
 POOL_TYPES = ("mean_with_cls", "mean_without_cls", "cls", "last")
 STEMS = ("patch", "conv")
@@ -246,8 +246,8 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.grad_checkpointing = False
-        # the training-time input compression a schedule sets (set_compression); not module state
-        self.compression: Compression = NONE
+        # the training-time seqcomp strategy a schedule sets (set_seqcomp); not module state
+        self.seqcomp: SeqComp = NONE
 
         self.patch_embed = (ConvStem if stem == "conv" else PatchEmbed)(patch_size, in_chans, embed_dim)
         scale = embed_dim**-0.5
@@ -326,30 +326,30 @@ class VisionTransformer(nn.Module):
             self.grid_size = new_grid
             self.num_patches = new_grid[0] * new_grid[1]
 
-    # --- input compression (training only; see models/compression.py) ----------------------
-    def check_compression(self, strategy: Compression) -> None:
+    # --- seqcomp (training only; see models/seqcomp.py) ----------------------------------
+    def check_seqcomp(self, strategy: SeqComp) -> None:
         """``ValueError`` naming the problem when this trunk cannot train under ``strategy``."""
         if strategy.scales(self.patch_size):
             if not isinstance(self.patch_embed, PatchEmbed):
                 raise ValueError(f"patch scaling p={strategy.patch}: this trunk has a conv stem (trunk_cfg stem "
                                  f"'conv'), which cannot be PI-resized; use token dropout (r) only with it, or a "
-                                 f"model with the linear patch stem (e.g. Plain-ViT-Tiny-8)")
+                                 f"model with the linear patch stem (e.g. PatchStem-ViT-Tiny-8)")
             if min(self.img_size) < strategy.patch:
                 raise ValueError(f"patch scaling p={strategy.patch}: larger than the {self.img_size} px image")
         gh, gw = strategy.grid(self.img_size, self.patch_size)
         self.reducer.check_input(gh * gw, None if strategy.rate else (gh, gw), strategy.describe())
 
-    def set_compression(self, strategy: Compression) -> None:
-        """Compress the input of every training forward from now on (evaluation never is)."""
-        self.check_compression(strategy)
-        self.compression = strategy
+    def set_seqcomp(self, strategy: SeqComp) -> None:
+        """Apply ``strategy`` to every training forward from now on (evaluation never has it)."""
+        self.check_seqcomp(strategy)
+        self.seqcomp = strategy
 
     # --- forward --------------------------------------------------------------------------
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Images -> (tokens (B, 1 + N, D) after positions and ``norm_pre``, patch embeddings,
         the kept patch indices (B, K) under token dropout or None). In training, under
-        :attr:`compression`; the identity strategy runs exactly the uncompressed path."""
-        comp = self.compression if self.training else NONE
+        :attr:`seqcomp`; the identity strategy runs exactly the path without it."""
+        comp = self.seqcomp if self.training else NONE
         if comp.scales(self.patch_size):
             embed, pos = self._embed_scaled(x, comp.patch)
         else:
@@ -376,7 +376,7 @@ class VisionTransformer(nn.Module):
     def _embed_scaled(self, x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch embeddings at patch size ``patch`` and the position table resampled to its grid;
         image sides that ``patch`` does not divide are resized to ``floor(side / patch) * patch``
-        (see models/compression.py for why resize, not crop)."""
+        (see models/seqcomp.py for why resize, not crop)."""
         h, w = x.shape[-2:]
         grid = (max(1, h // patch), max(1, w // patch))
         if (grid[0] * patch, grid[1] * patch) != (h, w):

@@ -5,7 +5,7 @@ projector and a 2-layer predictor with BatchNorm synchronised across ranks, a mo
 :class:`dtp_ds.models.momentum.MomentumTeacher`: a run schedule, checkpointed) and the symmetric
 InfoNCE loss with temperature 0.2 over keys gathered from every rank. Evaluated by kNN.
 
-A ``--compression-schedule`` compresses both encoders' training inputs (each view's tokens
+A ``--seqcomp-schedule`` applies seqcomp to both encoders' training inputs (each view's tokens
 dropped or its patches scaled independently): the momentum encoder's forward is half the cost.
 """
 from __future__ import annotations

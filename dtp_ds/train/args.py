@@ -27,8 +27,8 @@ class ModelConfig:
     model: str = "ViT-Tiny-8"
     grad_checkpointing: bool | None = None  # None: on iff the ds_config has "activation_checkpointing"
     boundary_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss)
-    compression_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.train.compression_schedule); None: uncompressed
-    compression_costs: str | None = None  # a tools/compression_costs table: the cost of segments without one
+    seqcomp_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.train.seqcomp_schedule); None: full-sequence
+    seqcomp_costs: str | None = None  # a tools/seqcomp_costs table: the cost of segments without one
     init_from: str | None = None  # warm start: weights file or dtp_ds run (dtp_ds.train.init_from); a resume wins
 
 
@@ -82,30 +82,35 @@ class TrainArgs:
 
 SECTIONS = (ModelConfig, OptimConfig, DataConfig, RunConfig)
 
-# flags renamed in this version: refused with the new name, never silently aliased
-RENAMED_FLAGS = {"--zeroshot-frequency": "--eval-frequency", "--zeroshot-max-images": "--eval-max-images"}
+# flags renamed in this version: refused with the new name, never silently aliased; old -> (new, why)
+_EVAL = "it sets every task's evaluation, not only zero-shot's"
+_SEQCOMP = "'compression' is the token reducer's ratio; the training-input strategy is seqcomp"
+RENAMED_FLAGS = {"--zeroshot-frequency": ("--eval-frequency", _EVAL),
+                 "--zeroshot-max-images": ("--eval-max-images", _EVAL),
+                 "--compression-schedule": ("--seqcomp-schedule", _SEQCOMP),
+                 "--compression-costs": ("--seqcomp-costs", _SEQCOMP)}
 
 
 class _Renamed(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
-        raise ConfigError(f"{option_string} was renamed {RENAMED_FLAGS[option_string]} (it sets every task's "
-                          f"evaluation, not only zero-shot's): use {RENAMED_FLAGS[option_string]}")
+        new, why = RENAMED_FLAGS[option_string]
+        raise ConfigError(f"{option_string} was renamed {new} ({why}): use {new}")
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
-COMPRESSION_SCHEDULE_HELP = (
-    "compress the image trunk's input in training (evaluation never is) by stage of training: a schedule "
+SEQCOMP_SCHEDULE_HELP = (
+    "seqcomp on the image trunk's input in training (never in evaluation) by stage of training: a schedule "
     "JSON ({\"segments\": [{\"fraction\": F, \"r\": R, \"p\": P, \"cost\": C}, ...]}, what the schedule "
     "estimator writes) or a SPEC of FRACTION:STRATEGY joined by ';', a STRATEGY being 'none' or comma-joined "
     "r=RATE (token-drop rate in [0, 1): keep max(1, floor((1 - r) N)) random patches, CLS kept, raster order), "
     "p=PATCH (patch size: the stored kernel PI-resized, positions resampled, images resized to a multiple of "
-    "it; linear patch stems only), cost=C (step cost, uncompressed = 1; default: the image tower's estimated "
+    "it; linear patch stems only), cost=C (step cost, full-sequence = 1; default: the image tower's estimated "
     "FLOP fraction), e.g. '0.5:r=0.5,p=16;0.3:r=0.25;0.2:none'. Fractions are of the run's steps (--epochs) "
-    "and sum to at most 1; what they leave trains uncompressed. Each row of metrics.jsonl logs the step's "
-    "compression_r, compression_p, compression_cost and the cumulative cost_units")
+    "and sum to at most 1; what they leave trains full-sequence. Each row of metrics.jsonl logs the step's "
+    "seqcomp_r, seqcomp_p, seqcomp_cost and the cumulative cost_units")
 
 ACCUM_FREQ_HELP = (
     "K > 1: each optimizer step trains one contrastive batch of K x --batch-size x world samples in K chunks "
@@ -130,11 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                "(default: on iff the ds_config has an activation_checkpointing section)")
     a("--boundary-loss-weight", type=float,
       help="weight of the token reducer's auxiliary losses (DRIP's boundary-rate loss)")
-    a("--compression-schedule", metavar="FILE|SPEC",
-      help=COMPRESSION_SCHEDULE_HELP)
-    a("--compression-costs", metavar="FILE",
-      help="a cost table of tools/compression_costs (JSON): each --compression-schedule segment without a cost "
-      "takes its strategy's measured one (whole CLIP step, uncompressed = 1); a strategy the table lacks is refused")
+    a("--seqcomp-schedule", metavar="FILE|SPEC",
+      help=SEQCOMP_SCHEDULE_HELP)
+    a("--seqcomp-costs", metavar="FILE",
+      help="a cost table of tools/seqcomp_costs (JSON): each --seqcomp-schedule segment without a cost "
+      "takes its strategy's measured one (whole CLIP step, full-sequence = 1); a strategy the table lacks is refused")
     a("--init-from", metavar="FILE|RUN",
       help="warm start: an open_clip checkpoint or model file, a timm ViT state dict or a dtp_ds run / checkpoint "
       "directory, mapped into the trunk (boundary predictor and reducer weights start fresh; positions resampled to "

@@ -53,7 +53,6 @@ from dtp_ds.tasks import TASKS, SplitsContext, TaskSpec, build_task, param_group
 from dtp_ds.train import checkpoint, init_from
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
 from dtp_ds.train.checkpoint import CheckpointError, TrainState
-from dtp_ds.train.compression_schedule import CompressionSchedule, Segment, load_schedule, with_costs
 from dtp_ds.train.ds_config import (
     cpu_has_native_bf16,
     default_ds_config,
@@ -69,6 +68,7 @@ from dtp_ds.train.metrics import MetricsLogger, write_json_atomic
 from dtp_ds.train.precision import DTYPES, check_precision_supported
 from dtp_ds.train.redact import install_log_filter, one_line, redact
 from dtp_ds.train.schedule import Schedules, before_resume, check_resumed_lr, warmup_decay_lr
+from dtp_ds.train.seqcomp_schedule import Segment, SeqCompSchedule, load_schedule, with_costs
 from dtp_ds.train.storage import check_storage, saves_planned
 from dtp_ds.train.trainer import BatchStep, PlainStep, Trainer, TrainerConfig
 
@@ -112,7 +112,7 @@ class Setup:
     folder: ClassFolder | None = None  # --train-data as a class-folder tree (else shards)
     resume_from: tuple[str, str] | None = None  # (checkpoint root, tag) that --resume names
     resume_plan: checkpoint.ResumePlan | None = None  # how to load it (universal at another world size)
-    compression: list[Segment] | None = None  # --compression-schedule's segments
+    seqcomp: list[Segment] | None = None  # --seqcomp-schedule's segments
     init: init_from.InitFrom | None = None  # what --init-from did
     chunks: int = 1  # --accum-freq: GradCache chunks per loader batch (1: none)
 
@@ -210,12 +210,12 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
     except (ValueError, DataError) as e:
         raise ConfigError(str(e)) from e
     overrides += settled
-    compression = None
-    if args.model.compression_schedule:
+    seqcomp = None
+    if args.model.seqcomp_schedule:
         try:
-            compression = load_schedule(args.model.compression_schedule)
-            if args.model.compression_costs:
-                compression = with_costs(compression, args.model.compression_costs)
+            seqcomp = load_schedule(args.model.seqcomp_schedule)
+            if args.model.seqcomp_costs:
+                seqcomp = with_costs(seqcomp, args.model.seqcomp_costs)
         except (OSError, ValueError) as e:
             raise ConfigError(str(e)) from e
     name = args.run.name or broadcast(default_name(args, micro) if rank == 0 else None)
@@ -224,7 +224,7 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         raise ConfigError(f"run directory {run_dir} already exists: pass --resume latest to continue it, "
                           f"or --name to start a new run")
     return Setup(args, ds_config, overrides, shards, plan, micro, accum, total_steps, run_dir, splits, missing,
-                 folder=folder, compression=compression, chunks=chunks)
+                 folder=folder, seqcomp=seqcomp, chunks=chunks)
 
 
 def write_run_config(s: Setup, world: int, resumed_from: str | None) -> None:
@@ -345,11 +345,11 @@ def make_trainer(s: Setup, task, engine, device: torch.device, rank: int, world:
     """Resume (or seed), open the run directory, and put the Trainer together."""
     args = s.args
     schedules = Schedules(task.schedules(s.total_steps))
-    if s.compression:
+    if s.seqcomp:
         try:
-            schedules.items["compression"] = CompressionSchedule(s.compression, trunks(task.module), s.total_steps)
+            schedules.items["seqcomp"] = SeqCompSchedule(s.seqcomp, trunks(task.module), s.total_steps)
         except ValueError as e:
-            raise ConfigError(f"--compression-schedule {args.model.compression_schedule}: {e}") from e
+            raise ConfigError(f"--seqcomp-schedule {args.model.seqcomp_schedule}: {e}") from e
     state, resumed_from, t_load, own = resume(s, engine, schedules, rank)
     last_step = min(s.total_steps, args.optim.max_steps or s.total_steps)
     n_params = sum(p.numel() for p in task.model.parameters())

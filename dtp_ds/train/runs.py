@@ -3,7 +3,7 @@ the launch command of a run on the synthetic shards (``tools/make_synthetic_shar
 whether a run directory already holds a finished run of that command, and the closing summary
 of a run's last zero-shot evaluation.
 
-Used by the demos (``dtp_ds.demo``, ``dtp_ds.compress.demo``), the benchmarks (``dtp_ds.bench``)
+Used by the demos (``dtp_ds.demo``, ``dtp_ds.seqcomp.demo``), the benchmarks (``dtp_ds.bench``)
 and ``tools/lr_find``: it sits in ``dtp_ds.train`` (it knows the training command line and its
 ``metrics.jsonl``) so that every one of them imports it downward.
 """

@@ -32,7 +32,7 @@ def warmup_cosine(step: int, base_lr: float, warmup: int, total: int) -> float:
 LR_SCHEDULERS = ("cosine", "poly", "const")
 LR_HELP = ("the LR after the linear warmup of W steps, at progress t = (step - W) / (S - W) in [0, 1] of S steps: "
            "cosine: lr * (1 + cos(pi t)) / 2; poly: lr * (1 - t) ** POWER (--lr-poly-power, default 2: the "
-           "compression paper's polynomial decay); const: lr")
+           "seqcomp paper's polynomial decay); const: lr")
 
 
 def warmup_decay(step: int, base_lr: float, warmup: int, total: int, kind: str = "cosine", power: float = 2.0) -> float:
@@ -145,9 +145,9 @@ class Schedules:
             raise ValueError(f"the checkpoint has no state for the schedules {missing}: it was trained without "
                              f"them; start a new run to use them")
         extra = sorted(set(saved) - set(self.items))
-        if extra:  # e.g. a --compression-schedule the resume left out: never continue without it silently
+        if extra:  # e.g. a --seqcomp-schedule the resume left out: never continue without it silently
             raise ValueError(f"the checkpoint was trained with the schedules {extra}, which this run does not have: "
-                             f"resume with the flags that made them (e.g. the same --compression-schedule), or "
+                             f"resume with the flags that made them (e.g. the same --seqcomp-schedule), or "
                              f"start a new run")
         for name, s in self.items.items():
             s.load_state_dict(saved[name])

@@ -31,7 +31,7 @@ from torch import nn
 import dtp_ds  # noqa: F401  (registers the dtp_ds models with open_clip)
 from dtp_ds.cluster.process_group import init_process_group
 from dtp_ds.models import registry, trunks
-from dtp_ds.models.compression import Compression
+from dtp_ds.models.seqcomp import SeqComp
 from dtp_ds.tasks import param_groups
 from dtp_ds.tasks.clip import CLIPModule
 from dtp_ds.train.gradcache import GradCacheStep, split_batch
@@ -62,7 +62,7 @@ def noisy_drip_config() -> dict:
 
 def noisy(model: nn.Module) -> nn.Module:
     for trunk in trunks(model):
-        trunk.set_compression(Compression(rate=TOKEN_DROP))
+        trunk.set_seqcomp(SeqComp(rate=TOKEN_DROP))
     return model
 
 

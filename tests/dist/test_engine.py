@@ -83,7 +83,7 @@ def resume_runs(synth, logs, precision, stage, warm) -> dict[str, list[str]]:
     --init-from an open_clip ViT (the table is written at the first start only)."""
     common = ["--precision", precision, "--zero-stage", str(stage), "--workers", "2", "--lr", "2e-3"]
     if warm:
-        common += ["--model", "Plain-ViT-Tiny-8", "--init-from", open_clip_vit_file(logs / "vit.pt")]
+        common += ["--model", "PatchStem-ViT-Tiny-8", "--init-from", open_clip_vit_file(logs / "vit.pt")]
     return {"straight": base_args(synth, logs, "straight", *common, "--max-steps", "6"),
             "split": base_args(synth, logs, "split", *common, "--max-steps", "3"),
             "resumed": base_args(synth, logs, "split", *common, "--max-steps", "6", "--resume", "latest")}

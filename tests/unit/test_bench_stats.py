@@ -113,7 +113,7 @@ def test_overhead_is_charged_to_the_method():
 def test_the_reuse_hash_sees_file_contents_threads_and_code(tmp_path):
     schedule = tmp_path / "schedule.json"
     schedule.write_text('{"segments": [[0.5, "r=0.5"]]}')
-    argv = ["--compression-schedule", str(schedule), "--seed", "0"]
+    argv = ["--seqcomp-schedule", str(schedule), "--seed", "0"]
     threads = {"OMP_NUM_THREADS": "1"}
     first = reuse.reuse_hash(argv, reuse.files_in(argv), threads, revision="abc")
     assert first == reuse.reuse_hash(argv, reuse.files_in(argv), threads, revision="abc")

@@ -1,7 +1,7 @@
-"""The CA-MSE schedule estimator (tools/compression_schedule) and the cost table
-(tools/compression_costs): known squared bias and variance recovered on a synthetic problem,
+"""The CA-MSE schedule estimator (tools/seqcomp_schedule) and the cost table
+(tools/seqcomp_costs): known squared bias and variance recovered on a synthetic problem,
 running sums against a direct computation, the chooser's one-SE tie rule and --monotone, the
-written schedule through train/compression_schedule.py's parser, and small end-to-end runs on a tiny
+written schedule through train/seqcomp_schedule.py's parser, and small end-to-end runs on a tiny
 model."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from dtp_ds.compress.camse import (
+from dtp_ds.models.seqcomp import NONE, SeqComp
+from dtp_ds.seqcomp.camse import (
     Candidate,
     Moments,
     choose,
@@ -19,8 +20,7 @@ from dtp_ds.compress.camse import (
     param_group,
     schedule_segments,
 )
-from dtp_ds.models.compression import NONE, Compression
-from dtp_ds.train.compression_schedule import load_schedule
+from dtp_ds.train.seqcomp_schedule import load_schedule
 
 
 def _quadratic_grads(k: int, p: int, bias: torch.Tensor, noise: float, gen: torch.Generator, batch: int = 16):
@@ -113,12 +113,12 @@ def test_parameter_groups():
 
 
 def _c(r: float, cost: float, camse: float, se: float = float("nan")) -> Candidate:
-    return Candidate(Compression(r), cost, camse, se)
+    return Candidate(SeqComp(r), cost, camse, se)
 
 
-def test_the_least_camse_wins_and_ties_go_to_less_compression():
+def test_the_least_camse_wins_and_ties_go_to_the_mildest_strategy():
     none, half, most = _c(0.0, 1.0, 10.0, 1.0), _c(0.5, 0.6, 5.0, 1.0), _c(0.75, 0.4, 4.5, 1.0)
-    # 4.5 is least; 5.0 is within its one standard error (1.0): the tie goes to less compression
+    # 4.5 is least; 5.0 is within its one standard error (1.0): the tie goes to the mildest strategy
     assert choose([none, half, most]).strategy.rate == 0.5
     # a clear winner (beyond one SE) stays
     assert choose([none, half, _c(0.75, 0.4, 3.0, 1.0)]).strategy.rate == 0.75
@@ -126,7 +126,7 @@ def test_the_least_camse_wins_and_ties_go_to_less_compression():
     assert choose([_c(0.0, 1.0, 5.0), _c(0.5, 0.6, 4.99)]).strategy.rate == 0.5
 
 
-def test_monotone_forbids_compression_from_rising_later():
+def test_monotone_forbids_a_cheaper_strategy_later():
     stages = [[_c(0.0, 1.0, 10.0), _c(0.5, 0.6, 5.0), _c(0.75, 0.4, 8.0)],
               [_c(0.0, 1.0, 3.0), _c(0.5, 0.6, 4.0), _c(0.75, 0.4, 6.0)],
               [_c(0.0, 1.0, 9.0), _c(0.5, 0.6, 5.0), _c(0.75, 0.4, 2.0)]]
@@ -155,11 +155,11 @@ def test_the_written_schedule_round_trips_through_the_parser(tmp_path):
     assert [(s["fraction"], s["r"]) for s in segs] == [(0.5, 0.5), (0.3, 0.25)]
 
 
-def test_compression_costs_writes_sane_json(tmp_path):
-    from dtp_ds.compress.costs import cost_of, load_costs, main
+def test_seqcomp_costs_writes_sane_json(tmp_path):
+    from dtp_ds.seqcomp.costs import cost_of, load_costs, main
 
     out = tmp_path / "costs.json"
-    assert main(["--model", "Plain-ViT-Tiny-8", "--rates", "0", "0.5", "0.75", "--patches", "stored", "16",
+    assert main(["--model", "PatchStem-ViT-Tiny-8", "--rates", "0", "0.5", "0.75", "--patches", "stored", "16",
                  "--batch-size", "4", "--warmup", "0", "--steps", "1", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = {(r["r"], r["p"]): r for r in data["strategies"]}
@@ -173,9 +173,9 @@ def test_compression_costs_writes_sane_json(tmp_path):
     assert rows[(0.0, 8)]["flops_cost"] > rows[(0.0, 16)]["flops_cost"] > rows[(0.5, 16)]["flops_cost"]
     assert rows[(0.5, 8)]["flops_cost"] > rows[(0.5, 8)]["image_tower_flops_est"]
     table = load_costs(str(out))
-    assert cost_of(table, NONE, 8) == 1.0 and cost_of(table, Compression(0.0, 8), 8) == 1.0
-    assert cost_of(table, Compression(0.5, 16), 8) == rows[(0.5, 16)]["cost"]
-    assert cost_of(table, Compression(0.3), 8) is None
+    assert cost_of(table, NONE, 8) == 1.0 and cost_of(table, SeqComp(0.0, 8), 8) == 1.0
+    assert cost_of(table, SeqComp(0.5, 16), 8) == rows[(0.5, 16)]["cost"]
+    assert cost_of(table, SeqComp(0.3), 8) is None
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +193,12 @@ def test_the_estimator_runs_end_to_end_on_a_tiny_checkpoint(small_synth, tmp_pat
     from safetensors.torch import save_file
 
     import dtp_ds
-    from dtp_ds.compress.camse import run, write_outputs
     from dtp_ds.models import get_model_config
+    from dtp_ds.seqcomp.camse import run, write_outputs
     from dtp_ds.tasks.clip import CLIPModule
     from dtp_ds.train.export import exportable_state
 
-    name = "Plain-ViT-Tiny-8"
+    name = "PatchStem-ViT-Tiny-8"
     torch.manual_seed(0)
     model = dtp_ds.create_model(name, output_dict=True, nonscalar_logit_scale=True)
     module = CLIPModule(model)
@@ -213,7 +213,7 @@ def test_the_estimator_runs_end_to_end_on_a_tiny_checkpoint(small_synth, tmp_pat
               metadata={"format": "pt", "model_name": name, "model_cfg": json.dumps(get_model_config(name)),
                         "step": "2"})
     result = run([f"init:{name}", str(file)], f"{small_synth}/train/{{00000..00001}}.tar",
-                 [NONE, Compression(0.5), Compression(0.0, 16)], global_batch=8, batches=4,
+                 [NONE, SeqComp(0.5), SeqComp(0.0, 16)], global_batch=8, batches=4,
                  fractions=[0.0, 0.5], progress=False, final_fraction=0.1)
     files = write_outputs(result, str(tmp_path / "out" / "schedule.json"))
     assert all((tmp_path / "out" / f).stat().st_size > 0 for f in ("schedule.json", "schedule.md", "schedule.png"))
@@ -229,7 +229,7 @@ def test_the_estimator_runs_end_to_end_on_a_tiny_checkpoint(small_synth, tmp_pat
             assert t["var"] > 0 and math.isfinite(t["camse"]) and math.isfinite(t["se"])
             # no cost table: the image tower's FLOP estimate, said so
             assert r["cost_source"] == ("identity" if r["strategy"] == "none" else "flops_est")
-        # compression changes only what the image tower sees: the logit scale's and text tower's gradients
+        # seqcomp changes only what the image tower sees: the logit scale's and text tower's gradients
         # move through the features, but an unbiased text tower is not expected; the image tower's bias is > 0
         assert rows["p=16"]["groups"]["image"]["bias2_raw"] > 0
     segs = load_schedule(files[0])
@@ -240,7 +240,7 @@ def test_a_token_reducers_parameters_are_their_own_group():
     """DRIP (boundary predictor in the trunk's reducer) under token dropout: the reducer's
     parameters are reported apart, and the identity strategy has no bias in any group."""
     import dtp_ds
-    from dtp_ds.compress.camse import estimate_stage
+    from dtp_ds.seqcomp.camse import estimate_stage
     from dtp_ds.tasks.clip import CLIPModule
 
     torch.manual_seed(0)
@@ -248,17 +248,17 @@ def test_a_token_reducers_parameters_are_their_own_group():
     gen = torch.Generator().manual_seed(0)
     batches = [{"image": torch.randn(6, 3, 64, 64, generator=gen),
                 "text": torch.randint(1, 400, (6, model.context_length), generator=gen)} for _ in range(3)]
-    none, half = estimate_stage(CLIPModule(model), [NONE, Compression(0.5)], [1.0, 0.6], batches)
+    none, half = estimate_stage(CLIPModule(model), [NONE, SeqComp(0.5)], [1.0, 0.6], batches)
     assert set(none) == {"image", "text", "logit_scale", "reducer", "total"}
     assert all(none[g]["bias2"] == 0.0 for g in none)
     assert half["reducer"]["var"] > 0 and half["reducer"]["bias2_raw"] > 0
     assert half["total"]["cost_var"] == pytest.approx(0.6 * half["total"]["var"])
 
 
-def test_compression_costs_fill_the_schedules_segments(tmp_path):
-    """``--compression-costs``: a segment without a cost takes its measured one (p = the table
-    model's patch is the uncompressed patch); a given cost stays; a missing strategy is refused."""
-    from dtp_ds.train.compression_schedule import parse_spec, with_costs
+def test_seqcomp_costs_fill_the_schedules_segments(tmp_path):
+    """``--seqcomp-costs``: a segment without a cost takes its measured one (p = the table
+    model's patch is the stored patch); a given cost stays; a missing strategy is refused."""
+    from dtp_ds.train.seqcomp_schedule import parse_spec, with_costs
 
     table = tmp_path / "costs.json"
     table.write_text(json.dumps({"patch_size": 8, "strategies": [
@@ -270,10 +270,10 @@ def test_compression_costs_fill_the_schedules_segments(tmp_path):
         with_costs(parse_spec("0.5:r=0.25"), str(table))
 
 
-def test_bench_compression_time_to_the_baselines_accuracy():
+def test_bench_seqcomp_time_to_the_baselines_accuracy():
     """The benchmark's arithmetic: target = the baseline's final top-1, each arm's time to its first
     evaluation at or above it, over the baseline's own time to it (which may be before its end)."""
-    from dtp_ds.compress.bench import Arm, summarize, time_to
+    from dtp_ds.seqcomp.bench import Arm, summarize, time_to
 
     def points(*pairs):
         return [{"step": 10 * (i + 1), "time_s": t, "top1": a, "top5": 0.0} for i, (t, a) in enumerate(pairs)]
@@ -289,18 +289,18 @@ def test_bench_compression_time_to_the_baselines_accuracy():
     assert rows["patch"]["ratio"] is None and rows["patch"]["best_top1"] == 9.0
 
 
-def test_compression_costs_time_an_ssl_tasks_own_step(tmp_path):
+def test_seqcomp_costs_time_an_ssl_tasks_own_step(tmp_path):
     """``--task mocov3``: the step timed is MoCo v3's (both views through the student and the momentum
-    encoder, the task's own flags passed through); compressing every trunk costs less than the
-    uncompressed step, in FLOPs and in CPU time; another task's flag is refused by name."""
-    from dtp_ds.compress.costs import main
+    encoder, the task's own flags passed through); seqcomp on every trunk costs less than the
+    full-sequence step, in FLOPs and in CPU time; another task's flag is refused by name."""
+    from dtp_ds.seqcomp.costs import main
 
     out = tmp_path / "costs.json"
-    common = ["--task", "mocov3", "--model", "Plain-ViT-Tiny-8", "--batch-size", "4", "--clock", "cpu",
+    common = ["--task", "mocov3", "--model", "PatchStem-ViT-Tiny-8", "--batch-size", "4", "--clock", "cpu",
               "--moco-mlp-dim", "64", "--moco-dim", "32", "--out", str(out)]
     assert main([*common, "--rates", "0", "0.75", "--patches", "stored", "16", "--warmup", "1", "--steps", "2"]) == 0
     data = json.loads(out.read_text())
-    assert data["task"] == "mocov3" and data["model"] == "Plain-ViT-Tiny-8"
+    assert data["task"] == "mocov3" and data["model"] == "PatchStem-ViT-Tiny-8"
     rows = {(r["r"], r["p"]): r for r in data["strategies"]}
     assert rows[(0.0, 8)]["cost"] == 1.0 == rows[(0.0, 8)]["flops_cost"]
     for key in ((0.75, 8), (0.0, 16), (0.75, 16)):
@@ -310,7 +310,7 @@ def test_compression_costs_time_an_ssl_tasks_own_step(tmp_path):
 
 
 def _tiny_ssl(task: str, seed: int = 0):
-    from dtp_ds.compress.costs import task_config
+    from dtp_ds.seqcomp.costs import task_config
     from dtp_ds.tasks import TaskSpec, build_task
 
     flags = {"mocov3": ["--moco-mlp-dim", "64", "--moco-dim", "32"], "simclr": ["--simclr-mlp-dim", "64"],
@@ -321,10 +321,10 @@ def _tiny_ssl(task: str, seed: int = 0):
 
 @pytest.mark.parametrize("task", ["mocov3", "simclr", "dino"])
 def test_the_paired_gradients_of_a_two_view_loss_are_exact(task):
-    """Same batch (the same two views), same seed: the uncompressed gradient is reproduced bit for bit
-    (r = 0 is the uncompressed gradient; the module's buffers, BatchNorm statistics and DINO's centre,
-    are restored after each), and so is a compressed one; the momentum encoder has no gradient."""
-    from dtp_ds.compress.camse import GradientProbe
+    """Same batch (the same two views), same seed: the unseqcomp gradient is reproduced bit for bit
+    (r = 0 is the unseqcomp gradient; the module's buffers, BatchNorm statistics and DINO's centre,
+    are restored after each), and so is a seqcomp one; the momentum encoder has no gradient."""
+    from dtp_ds.seqcomp.camse import GradientProbe
 
     built = _tiny_ssl(task)
     gen = torch.Generator().manual_seed(0)
@@ -335,21 +335,21 @@ def test_the_paired_gradients_of_a_two_view_loss_are_exact(task):
     buffers = {n: b.clone() for n, b in built.module.named_buffers()}
     g0 = probe.grads(NONE, batch, 3)
     assert all(torch.equal(b, buffers[n]) for n, b in built.module.named_buffers())
-    for s in (Compression(0.0), NONE):
+    for s in (SeqComp(0.0), NONE):
         assert all(torch.equal(g0[k], v) for k, v in probe.grads(s, batch, 3).items())
-    g1, g2 = probe.grads(Compression(0.5), batch, 3), probe.grads(Compression(0.5), batch, 3)
+    g1, g2 = probe.grads(SeqComp(0.5), batch, 3), probe.grads(SeqComp(0.5), batch, 3)
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
     assert not torch.equal(g0["image"], g1["image"])
 
 
 def test_the_estimator_runs_on_mocov3_from_a_fresh_model(small_synth):
-    """``tools/compression_schedule --task mocov3 --checkpoints init:ViT-Tiny-8``: two batches of the
-    task's two views from the shards; the uncompressed strategy has no bias in any group, token
+    """``tools/seqcomp_schedule --task mocov3 --checkpoints init:ViT-Tiny-8``: two batches of the
+    task's two views from the shards; the full-sequence strategy has no bias in any group, token
     dropout has some in the trunk's gradient."""
-    from dtp_ds.compress.camse import main, run
-    from dtp_ds.compress.costs import task_config
+    from dtp_ds.seqcomp.camse import main, run
+    from dtp_ds.seqcomp.costs import task_config
 
-    result = run(["init:ViT-Tiny-8"], f"{small_synth}/train/{{00000..00001}}.tar", [NONE, Compression(0.5)],
+    result = run(["init:ViT-Tiny-8"], f"{small_synth}/train/{{00000..00001}}.tar", [NONE, SeqComp(0.5)],
                  global_batch=8, batches=2, fractions=[0.0], progress=False, task="mocov3",
                  config=task_config("mocov3", ["--moco-mlp-dim", "64", "--moco-dim", "32"]))
     assert result["task"] == "mocov3" and result["model"] == "ViT-Tiny-8"

@@ -1,4 +1,4 @@
-"""Imports run one way (models <- data/eval <- tasks <- train <- autotune/bench/compress <- the
+"""Imports run one way (models <- data/eval <- tasks <- train <- autotune/bench/seqcomp <- the
 entry modules dtp_ds.demo / dtp_ds.cli <- tools/), and the launch side starts without torch: read
 from the sources with ``ast`` and from real imports."""
 from __future__ import annotations
@@ -28,7 +28,7 @@ RULES = [
     ("tasks", "dtp_ds.autotune", "tasks sit below autotune"),
     ("train", "dtp_ds.autotune", "train sits below autotune (its start check reads only the memory model)"),
     ("train", "dtp_ds.bench", "train sits below bench"),
-    ("train", "dtp_ds.compress", "the compression tools (costs, CA-MSE) sit above train; its schedule is train's"),
+    ("train", "dtp_ds.seqcomp", "the seqcomp tools (costs, CA-MSE) sit above train; its schedule is train's"),
     ("launch", "dtp_ds.autotune", "launch and autotune share dtp_ds.cluster instead"),
     ("launch", "dtp_ds.train", "train imports launch (discovery, watchdog): launch sits below it"),
     ("autotune", "dtp_ds.launch", "launch and autotune share dtp_ds.cluster instead"),
@@ -147,7 +147,7 @@ def test_every_top_level_module_is_the_base_or_an_entry_module():
 
 def test_the_rules_refuse_the_old_upward_imports():
     """dtp_ds.train.lr_find and dtp_ds.bench.engine once took the launcher from the demo."""
-    for pkg, name in (("train", "lr_find.py"), ("bench", "engine.py"), ("compress", "demo.py")):
+    for pkg, name in (("train", "lr_find.py"), ("bench", "engine.py"), ("seqcomp", "demo.py")):
         path = PKG / pkg / name
         old = _imports(path, "def main():\n    from dtp_ds.demo import deepspeed_launcher\n")
         assert any("dtp_ds.demo is an entry module" in b for b in _refusals(pkg, path, old)), pkg

@@ -18,11 +18,15 @@ from tests.unit.test_layering import TOOLS, console_scripts, dtp_ds_imports
 
 # tools/ scripts that are not installed: the checkout's own helpers
 CHECKOUT_ONLY = {"ci_setup_ssh": "sets up sshd + pdsh for tests/e2e (apt-get, root): the CI's, not a user command"}
+# tools/ scripts kept under an old name only to refuse it with the new one (not installed)
+RENAMED_TOOLS = {"compression_costs": "seqcomp_costs", "compression_schedule": "seqcomp_schedule",
+                 "bench_compression": "bench_seqcomp"}
 
 
 def test_every_tool_is_installed_as_a_dtp_command_running_the_same_function():
     scripts = console_scripts()
-    tools = {p.name: p for p in TOOLS.iterdir() if p.is_file() and not p.suffix and p.name not in CHECKOUT_ONLY}
+    tools = {p.name: p for p in TOOLS.iterdir()
+             if p.is_file() and not p.suffix and p.name not in {**CHECKOUT_ONLY, **RENAMED_TOOLS}}
     expected = {f"dtp-{name.replace('_', '-')}": name for name in tools}
     assert set(scripts) == set(expected), (
         f"setup.py CONSOLE_SCRIPTS: missing {sorted(set(expected) - set(scripts))}, "
@@ -36,6 +40,13 @@ def test_every_tool_is_installed_as_a_dtp_command_running_the_same_function():
         calls = [n for n in ast.walk(ast.parse(tools[tool].read_text())) if isinstance(n, ast.Call)
                  and isinstance(n.func, ast.Name) and n.func.id == "main"]
         assert calls and all(not c.args and not c.keywords for c in calls), f"tools/{tool}: main() takes no arguments"
+
+
+def test_a_renamed_tool_refuses_its_old_name_with_the_new_one():
+    for old, new in RENAMED_TOOLS.items():
+        assert (TOOLS / new).is_file(), new
+        p = subprocess.run([sys.executable, str(TOOLS / old), "--help"], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and f"was renamed tools/{new}" in p.stderr and not p.stdout, (old, p)
 
 
 def _install(tmp_path: Path) -> Path:

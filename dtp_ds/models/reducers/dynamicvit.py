@@ -242,7 +242,7 @@ class DynamicViTReducer(TokenReducer):
 
     def check_input(self, patches: int, grid: tuple[int, int] | None, strategy: str) -> None:
         if self.teacher_path is not None and self.distill_weight > 0 and patches != self.num_patches:
-            raise ValueError(f"the {self.type_name} reducer cannot train under input compression {strategy}: its "
+            raise ValueError(f"the {self.type_name} reducer cannot train under seqcomp {strategy}: its "
                              f"distillation compares token by token with a teacher on the stored {self.num_patches} "
                              f"patches, and patch scaling gives {patches}; use token dropout (r=...) only with it")
 

@@ -209,11 +209,11 @@ class GroupingReducer(TokenReducer):
 
     def check_input(self, patches: int, grid: tuple[int, int] | None, strategy: str) -> None:
         if grid is None:
-            raise ValueError(f"the grouping reducer cannot train under input compression {strategy}: its local "
+            raise ValueError(f"the grouping reducer cannot train under seqcomp {strategy}: its local "
                              f"3x3 windows need the whole patch grid, and token dropout leaves a random subset; "
                              f"use patch scaling only (p=...) with grouping")
         if grid[0] != grid[1] or (self.local and grid[0] % self.stride ** len(self.local)):
-            raise ValueError(f"the grouping reducer cannot train under input compression {strategy}: a {grid[0]}x"
+            raise ValueError(f"the grouping reducer cannot train under seqcomp {strategy}: a {grid[0]}x"
                              f"{grid[1]} patch grid is not square or not divisible by stride {self.stride} "
                              f"{len(self.local)} times; choose a patch size giving such a grid")
 

@@ -1,33 +1,33 @@
-"""``tools/compression_costs``: the measured cost table of input-compression strategies.
+"""``tools/seqcomp_costs``: the measured cost table of seqcomp strategies.
 
 For one model, one task (``--task``, default ``clip``; the task's own flags, as
 ``python -m dtp_ds.train --help`` lists them, may follow) and a grid of strategies (``--rates`` x
 ``--patches``), times a whole training step of the task's module (CLIP: both towers, the
 contrastive loss; MoCo v3: both views through the student and the momentum encoder; then
 backward and an AdamW step; plain PyTorch in one process as ``tools/bench`` does; ``--warmup``
-steps excluded; median of ``--steps``) at a fixed batch, in the trainer's compressed forward
-(every trunk's ``set_compression``, the momentum encoder's included, train mode, the token
+steps excluded; median of ``--steps``) at a fixed batch, in the trainer's seqcomp forward
+(every trunk's ``set_seqcomp``, the momentum encoder's included, train mode, the token
 dropout seeded), and counts its FLOPs (``FlopCounterMode``, forward + backward of the step, 1
 multiply-add = 1 FLOP). The batch is synthetic, of the task's shapes (its data stage run once on
 a generated image: each float tensor, an image or view, filled with N(0, 1) noise, the others
 such as CLIP's tokens the stage's own, repeated). Each row has:
 
 - ``step_s`` / ``per_sample_s``: the median step time and the time per sample;
-- ``step_per_forward``: the step time over the time of one **uncompressed forward** of the
+- ``step_per_forward``: the step time over the time of one **unseqcomp forward** of the
   task's whole module (train mode, no grad) at the same batch (the issue's normalisation; an
-  uncompressed step is ~3-4 forwards);
-- ``cost``: the step time over the uncompressed step's (r = 0, p = stored: 1 by construction):
-  the unit ``--compression-schedule`` counts in (an uncompressed step = 1), so the estimator
-  (``tools/compression_schedule``) and the schedule file carry it as each strategy's ``cost``;
-- ``gflops_step`` and ``flops_cost`` (its ratio to the uncompressed step's) beside them: the
+  full-sequence step is ~3-4 forwards);
+- ``cost``: the step time over the full-sequence step's (r = 0, p = stored: 1 by construction):
+  the unit ``--seqcomp-schedule`` counts in (a full-sequence step = 1), so the estimator
+  (``tools/seqcomp_schedule``) and the schedule file carry it as each strategy's ``cost``;
+- ``gflops_step`` and ``flops_cost`` (its ratio to the full-sequence step's) beside them: the
   text tower (CLIP), the heads (the SSL tasks' projectors, predictor, DINO's head) and the
-  optimizer do not compress, so neither falls as fast as the image tower's FLOPs (the Amdahl
+  optimizer do not shrink with the input, so neither falls as fast as the image tower's FLOPs (the Amdahl
   limit).
 
 The JSON (``--out``): ``{"model", "task", "device", "batch_size", "warmup", "steps", "forward_s",
-"uncompressed_step_s", "patch_size", "strategies": [{"r", "p", "cost", ...}, ...]}``;
-:func:`~dtp_ds.train.compression_schedule.load_costs` reads it back (the estimator's costs;
-``--compression-costs`` fills the cost of schedule segments that give none). Timings on a
+"full_sequence_step_s", "patch_size", "strategies": [{"r", "p", "cost", ...}, ...]}``;
+:func:`~dtp_ds.train.seqcomp_schedule.load_costs` reads it back (the estimator's costs;
+``--seqcomp-costs`` fills the cost of schedule segments that give none). Timings on a
 shared CPU are noisy: use several ``--steps``, and measure on the hardware and model the
 schedule will train (``--device cuda``).
 """
@@ -47,16 +47,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtp_ds.models import trunks
-from dtp_ds.models.compression import NONE, Compression, image_tower_cost
-from dtp_ds.train.compression_schedule import cost_of, load_costs  # noqa: F401  (the table's readers, re-exported)
+from dtp_ds.models.seqcomp import NONE, SeqComp, image_tower_cost
+from dtp_ds.train.seqcomp_schedule import cost_of, load_costs  # noqa: F401  (the table's readers, re-exported)
 
 
-def strategy_grid(rates: Iterable[float], patches: Iterable[int | None]) -> list[Compression]:
-    """Every (r, p) of the grid, the uncompressed one first, duplicates dropped."""
+def strategy_grid(rates: Iterable[float], patches: Iterable[int | None]) -> list[SeqComp]:
+    """Every (r, p) of the grid, the full-sequence one first, duplicates dropped."""
     out = [NONE]
     for p in patches:
         for r in rates:
-            s = Compression(float(r), None if p is None else int(p))
+            s = SeqComp(float(r), None if p is None else int(p))
             if s not in out:
                 out.append(s)
     return out
@@ -139,7 +139,7 @@ def synthetic_batch(task: Any, batch_size: int, device: torch.device) -> dict[st
     return out
 
 
-def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size: int = 16, warmup: int = 2,
+def measure_costs(model_name: str, strategies: Sequence[SeqComp], batch_size: int = 16, warmup: int = 2,
                   steps: int = 5, device: str = "cpu", seed: int = 0, clock: str = "wall", task: str = "clip",
                   config: Any = None) -> dict[str, Any]:
     """The cost table (module doc) of ``strategies`` on a freshly built ``model_name`` trained as
@@ -155,22 +155,22 @@ def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size
     torch.manual_seed(seed)
     built = build_task(task, TaskSpec(model_name, config=config))
     module = built.module.to(dev)
-    found = trunks(module)  # every trunk the trainer compresses (a momentum encoder's too)
+    found = trunks(module)  # every trunk the trainer applies seqcomp to (a momentum encoder's too)
     if not found:
-        raise ValueError(f"{model_name}: no dtp_ds image trunk to compress (open_clip's own ViT has none); use e.g. "
-                         f"Plain-ViT-Tiny-8 or a DRIP model")
+        raise ValueError(f"{model_name}: no dtp_ds image trunk for seqcomp (open_clip's own ViT has none); use e.g. "
+                         f"PatchStem-ViT-Tiny-8 or a DRIP model")
     trunk = found[0]
     for s in strategies:
-        trunk.check_compression(s)
+        trunk.check_seqcomp(s)
     batch = synthetic_batch(built, batch_size, dev)
     params = [p for p in module.parameters() if p.requires_grad]  # a momentum encoder is not trained
     opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.2)  # tiny lr: the weights barely move
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     module.train()
 
-    def set_all(s: Compression) -> None:
+    def set_all(s: SeqComp) -> None:
         for t in found:
-            t.set_compression(s)
+            t.set_seqcomp(s)
 
     def forward() -> None:
         with torch.no_grad():
@@ -194,7 +194,7 @@ def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size
                      "image_tower_flops_est": image_tower_cost(trunk, s)})
     set_all(NONE)
     base = next((r for r, s in zip(rows, strategies) if s.is_identity(trunk.patch_size)), None)
-    if base is None:  # the grid left the uncompressed step out: time it as the unit
+    if base is None:  # the grid left the full-sequence step out: time it as the unit
         torch.manual_seed(seed)
         base = {"step_s": _median_time(step, warmup, steps, sync, timer),
                 "gflops_step": _flops(step) / batch_size / 1e9}
@@ -205,7 +205,7 @@ def measure_costs(model_name: str, strategies: Sequence[Compression], batch_size
     return {"model": model_name, "task": task, "device": str(dev), "clock": clock, "threads": torch.get_num_threads(),
             "batch_size": batch_size, "warmup": warmup, "steps": steps,
             "patch_size": trunk.patch_size, "image_size": image_size, "forward_s": forward_s,
-            "uncompressed_step_s": base["step_s"], "torch": torch.__version__, "strategies": rows}
+            "full_sequence_step_s": base["step_s"], "torch": torch.__version__, "strategies": rows}
 
 
 def format_table(data: dict[str, Any]) -> str:
@@ -224,9 +224,9 @@ def patch_arg(text: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="compression_costs", description=__doc__,
+    p = argparse.ArgumentParser(prog="seqcomp_costs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="Plain-ViT-Tiny-8")
+    p.add_argument("--model", default="PatchStem-ViT-Tiny-8")
     add_task_args(p)
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     p.add_argument("--patches", type=patch_arg, nargs="+", default=[None],
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: the process's CPU time (a shared CPU: set OMP_NUM_THREADS=1)")
-    p.add_argument("--out", default="logs/compression_costs.json")
+    p.add_argument("--out", default="logs/seqcomp_costs.json")
     a, rest = p.parse_known_args(argv)
     try:
         config = task_config(a.task, rest)
@@ -250,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(a.out, "w") as f:
         json.dump(data, f, indent=1)
     print(format_table(data))
-    print(f"compression_costs: {data['model']} (--task {data['task']}) on {data['device']}, batch "
-          f"{data['batch_size']}: uncompressed forward {data['forward_s']:.4f} s, step "
-          f"{data['uncompressed_step_s']:.4f} s; wrote {a.out}")
+    print(f"seqcomp_costs: {data['model']} (--task {data['task']}) on {data['device']}, batch "
+          f"{data['batch_size']}: unseqcomp forward {data['forward_s']:.4f} s, step "
+          f"{data['full_sequence_step_s']:.4f} s; wrote {a.out}")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""``make demo-compress``'s pipeline at tiny sizes (a pilot under the deepspeed launcher saving
+"""``make demo-seqcomp``'s pipeline at tiny sizes (a pilot under the deepspeed launcher saving
 DeepSpeed checkpoints -> the cost table -> the CA-MSE estimator on them), then
-``tools/bench_compression`` on the schedule it wrote; what the bench reports is recomputed here
+``tools/bench_seqcomp`` on the schedule it wrote; what the bench reports is recomputed here
 from the metrics files its arms wrote, and a changed schedule file retrains its arm."""
 from __future__ import annotations
 
@@ -32,18 +32,18 @@ def _curve(run_dir):
 
 
 @pytest.mark.timeout(900)
-def test_demo_compress_then_bench_compression(synth, tmp_path):
-    from dtp_ds.train.compression_schedule import load_schedule
+def test_demo_seqcomp_then_bench_seqcomp(synth, tmp_path):
+    from dtp_ds.train.seqcomp_schedule import load_schedule
 
     logs = tmp_path / "logs"
     # a fixed code revision: other edits to the working tree while this runs must not retrain the baseline
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DTP_DS_CODE_REVISION": "test"}
-    cmd = [sys.executable, "-m", "dtp_ds.compress.demo", "--data", str(synth), "--logs", str(logs), "--nproc", "1",
+    cmd = [sys.executable, "-m", "dtp_ds.seqcomp.demo", "--data", str(synth), "--logs", str(logs), "--nproc", "1",
            "--batch-size", "8", "--pilot-samples", "48", "--pilot-save-every", "3", "--rates", "0", "0.5",
            "--patches", "stored", "16", "--cost-steps", "1", "--batches", "2", "--schedule-only"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    out = logs / "compress"
+    out = logs / "seqcomp"
     schedule = json.loads((out / "schedule.json").read_text())
     # stages: a fresh model, then the pilot's DeepSpeed checkpoints at steps 3 and 6
     assert [st["step"] for st in schedule["stages"]] == [0, 3, 6]
@@ -51,18 +51,18 @@ def test_demo_compress_then_bench_compression(synth, tmp_path):
     assert all(r["cost_source"] in ("identity", "table") for st in schedule["stages"] for r in st["strategies"])
     assert (out / "schedule.png").stat().st_size > 0 and "CA-MSE" in (out / "schedule.md").read_text()
     # the pilot trained on the first half of the 12 shards (the estimator reads the other half)
-    pilot_cmd = json.loads((logs / "compress-pilot" / "config.json").read_text())["command"]
+    pilot_cmd = json.loads((logs / "seqcomp-pilot" / "config.json").read_text())["command"]
     assert pilot_cmd[len(pilot_cmd) - 1 - pilot_cmd[::-1].index("--train-data") + 1].endswith("{00000..00005}.tar")
     # what choosing the schedule cost: the pilot's six logged step times, and the two in-process steps
     overhead = json.loads((out / "overhead.json").read_text())
-    pilot_time = np.sum([r["step_time"] for r in _metrics(logs / "compress-pilot") if "step_time" in r])
+    pilot_time = np.sum([r["step_time"] for r in _metrics(logs / "seqcomp-pilot") if "step_time" in r])
     assert overhead["pilot_s"] == pytest.approx(pilot_time)
     assert overhead["overhead_s"] == pytest.approx(pilot_time + overhead["costs_s"] + overhead["estimator_s"])
     assert overhead["costs_s"] > 0 and overhead["estimator_s"] > 0
 
-    # tools/bench_compression on that schedule: the baseline and the schedule arm
+    # tools/bench_seqcomp on that schedule: the baseline and the schedule arm
     bench = logs / "bench"
-    cmd = [sys.executable, "tools/bench_compression", "--data", str(synth), "--logs", str(bench), "--nproc", "1",
+    cmd = [sys.executable, "tools/bench_seqcomp", "--data", str(synth), "--logs", str(bench), "--nproc", "1",
            "--batch-size", "8", "--steps", "6", "--eval-every", "3", "--budget-margin", "1",
            "--schedule", str(out / "schedule.json"), "--costs", str(out / "costs.json"), "--arms", "schedule"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -91,10 +91,10 @@ def test_demo_compress_then_bench_compression(synth, tmp_path):
         assert per["ratio_without_overhead"]["0"] == pytest.approx(sustained / base_time)
     assert rows["schedule"]["overhead_s"] == pytest.approx(overhead["overhead_s"])
     assert rows["baseline"]["overhead_s"] == 0
-    # the arm really trained under the schedule: its rows carry the schedule's strategies, the last uncompressed
-    logged = [r for r in _metrics(bench / "bench-schedule-s0") if "compression_r" in r]
+    # the arm really trained under the schedule: its rows carry the schedule's strategies, the last full-sequence
+    logged = [r for r in _metrics(bench / "bench-schedule-s0") if "seqcomp_r" in r]
     rates = {s.strategy.rate for s in load_schedule(str(out / "schedule.json"))}
-    assert {r["compression_r"] for r in logged} <= rates and logged[-1]["compression_r"] == 0.0
+    assert {r["seqcomp_r"] for r in logged} <= rates and logged[-1]["seqcomp_r"] == 0.0
     table = (bench / "bench.md").read_text()
     assert "time to target s (sustained)" in table and "ratio (with overhead)" in table
     assert (bench / "bench.png").stat().st_size > 0

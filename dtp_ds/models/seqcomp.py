@@ -1,7 +1,7 @@
 """Sequence compression of the image trunk's input in training ("Accelerating Augmentation
-Invariance Pretraining", Lin et al. 2024): a :class:`Compression` strategy (token-drop rate
+Invariance Pretraining", Lin et al. 2024): a :class:`SeqComp` strategy (token-drop rate
 ``r``, patch size ``p``) set on every :class:`~.vit.VisionTransformer` by a schedule
-(:class:`dtp_ds.train.compression_schedule.CompressionSchedule`); evaluation always runs uncompressed.
+(:class:`dtp_ds.train.seqcomp_schedule.SeqCompSchedule`); evaluation always runs full-sequence.
 
 - **token dropout** at rate ``r``: each sample keeps a random subset of
   ``max(1, floor((1 - r) N))`` of its ``N`` patch tokens after the position embedding, CLS
@@ -12,12 +12,12 @@ Invariance Pretraining", Lin et al. 2024): a :class:`Compression` strategy (toke
   one (FlexiViT; timm ``resample_patch_embed``: differentiable, the stored kernel is never
   overwritten), the position grid resampled (timm ``resample_abs_pos_embed``, CLS kept). An
   image side that ``p`` does not divide is **resized** (bilinear, antialiased) to
-  ``floor(side / p) * p``: the whole field of view the uncompressed model sees stays in the
+  ``floor(side / p) * p``: the whole field of view the full-sequence model sees stays in the
   input, at a slightly different scale (a crop would drop the border the text may describe;
   CLIPA trains on resized low-resolution images for the same reason). The conv stem cannot be
   PI-resized.
 
-``p`` = the stored patch and ``r`` = 0 run exactly the uncompressed code path (bit-identical).
+``p`` = the stored patch and ``r`` = 0 run exactly the full-sequence code path (bit-identical).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 
 
 @dataclass(frozen=True)
-class Compression:
+class SeqComp:
     """A strategy: token-drop rate ``rate`` in [0, 1) and patch size ``patch`` (None: the stored one)."""
 
     rate: float = 0.0
@@ -63,7 +63,7 @@ class Compression:
         return ",".join(parts) or "none"
 
 
-NONE = Compression()
+NONE = SeqComp()
 
 
 def keep_count(patches: int, rate: float) -> int:
@@ -106,7 +106,7 @@ def block_macs(tokens: float, width: int, mlp_ratio: float = 4.0) -> float:
     return tokens * (4 + 2 * mlp_ratio) * width * width + 2 * tokens * tokens * width
 
 
-def image_tower_macs(trunk, strategy: Compression) -> float:
+def image_tower_macs(trunk, strategy: SeqComp) -> float:
     """Estimated training multiply-adds per sample of ``trunk``'s image tower under ``strategy``:
     patch projection, then each block at the tokens its reducer plans (``planned_tokens`` of the
     patches the strategy leaves), then the head. An estimate (the reducers' own layers left out)
@@ -125,8 +125,8 @@ def image_tower_macs(trunk, strategy: Compression) -> float:
     return embed + blocks + width * max(trunk.num_classes, 0)
 
 
-def image_tower_cost(trunk, strategy: Compression) -> float:
-    """:func:`image_tower_macs` as a fraction of the uncompressed trunk's (1.0 for the identity)."""
+def image_tower_cost(trunk, strategy: SeqComp) -> float:
+    """:func:`image_tower_macs` as a fraction of the full-sequence trunk's (1.0 for the identity)."""
     if strategy.is_identity(trunk.patch_size):
         return 1.0
     return image_tower_macs(trunk, strategy) / image_tower_macs(trunk, NONE)

@@ -1,4 +1,4 @@
-"""What a task's runs in ``make demo-compress`` and ``tools/bench_compression`` read from the
+"""What a task's runs in ``make demo-seqcomp`` and ``tools/bench_seqcomp`` read from the
 synthetic data (``tools/make_synthetic_shards --out DATA``): its training shards and its
 evaluation flags, chosen by the settings the task has (its ``Config``'s fields), not its name:
 

@@ -1,11 +1,11 @@
-"""tools/bench_compression's report on hand-made curves: the target over seeds, the sustained
+"""tools/bench_seqcomp's report on hand-made curves: the target over seeds, the sustained
 rule within the baseline's measured budget, the overhead charged to the schedule, and the
 table and figure that say so."""
 from __future__ import annotations
 
 import pytest
 
-from dtp_ds.compress.bench import Arm, markdown, plot, summarize
+from dtp_ds.seqcomp.bench import Arm, markdown, plot, summarize
 
 
 def points(*pairs):
@@ -72,7 +72,7 @@ def test_the_accuracy_is_the_tasks_own_and_forward_passes_are_an_axis(tmp_path):
     carries the forward passes at its step, and the figure can plot against them."""
     import json
 
-    from dtp_ds.compress.bench import accuracy_key, curve
+    from dtp_ds.seqcomp.bench import accuracy_key, curve
 
     assert accuracy_key([{"step": 1, "loss": 1.0}, {"step": 2, "zeroshot_top1": 5.0, "layout_top1": 3.0}]) == \
         "zeroshot_top1"
@@ -108,9 +108,9 @@ def _fake_data(root):
 def _arm_command(tmp_path, *flags):
     import argparse
 
-    from dtp_ds.compress.bench import arm_flags
-    from dtp_ds.compress.demo import add_pipeline_args, parse_pipeline_args, run_command
-    from dtp_ds.compress.task_data import task_data
+    from dtp_ds.seqcomp.bench import arm_flags
+    from dtp_ds.seqcomp.demo import add_pipeline_args, parse_pipeline_args, run_command
+    from dtp_ds.seqcomp.task_data import task_data
 
     data = _fake_data(tmp_path / "data")
     p = argparse.ArgumentParser()
@@ -139,7 +139,7 @@ def test_an_ssl_arms_command_trains_the_task_on_the_class_split_evaluated_by_knn
     assert train[train.index("--knn-bank") + 1] == pattern
     # 40 steps at cost 0.6, 15% margin: 77 steps, planned in epochs of 10
     assert arm.steps == 80 and train[train.index("--epochs") + 1] == "8"
-    assert train[train.index("--compression-schedule") + 1] == "1:r=0.5"
+    assert train[train.index("--seqcomp-schedule") + 1] == "1:r=0.5"
     args = parse_args(train)
     assert args.model.task == "mocov3" and args.data.train_data == pattern
     cfg = args.task_config

@@ -1,26 +1,26 @@
-"""``--compression-schedule FILE|SPEC``: which input compression the image trunk trains under at
+"""``--seqcomp-schedule FILE|SPEC``: which seqcomp strategy the image trunk trains under at
 each stage of training, as a :class:`~dtp_ds.train.schedule.Schedule` the Trainer steps after
 every optimizer step and saves in the checkpoint.
 
 A schedule is a list of segments, each a fraction of the run's optimizer steps (the steps the LR
-curve spans, ``--epochs``) with a strategy (:class:`~dtp_ds.models.compression.Compression`):
+curve spans, ``--epochs``) with a strategy (:class:`~dtp_ds.models.seqcomp.SeqComp`):
 
 - SPEC: ``FRACTION:STRATEGY`` joined by ``;``; a STRATEGY is ``none`` or comma-joined
   ``r=RATE`` (token-drop rate in [0, 1)), ``p=PATCH`` (patch size), ``cost=C`` (the step's cost
-  in units of an uncompressed step, e.g. from a measured cost table), e.g.
+  in units of a full-sequence step, e.g. from a measured cost table), e.g.
   ``"0.5:r=0.5,p=16;0.3:r=0.25;0.2:none"``.
 - FILE (``*.json``, what the schedule estimator writes): ``{"segments": [{"fraction": 0.5,
   "r": 0.5, "p": 16, "cost": 0.31}, ...]}`` (``r``, ``p``, ``cost`` optional; other top-level
   keys are kept for the reader, ignored here).
 
-The fractions must be positive and sum to at most 1; what they leave is a final **uncompressed**
-segment (evaluation runs uncompressed, so training ends so by default). Fractions that sum to 1
+The fractions must be positive and sum to at most 1; what they leave is a final **full-sequence**
+segment (evaluation runs full-sequence, so training ends so by default). Fractions that sum to 1
 say otherwise: the last segment given is the last one run (``"1:r=0.5"``: constant dropout).
 
 Segment ``i`` covers the steps ``[round(S c_{i-1}), round(S c_i))`` of ``S`` steps (``c_i`` the
-cumulative fractions). Cost units: an uncompressed step costs 1, a compressed one its ``cost``
+cumulative fractions). Cost units: a full-sequence step costs 1, a seqcomp one its ``cost``
 or else the image tower's estimated FLOP fraction
-(:func:`~dtp_ds.models.compression.image_tower_cost`: the text tower does not compress, so
+(:func:`~dtp_ds.models.seqcomp.image_tower_cost`: the text tower has no seqcomp, so
 the whole step saves less: the Amdahl limit).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dtp_ds.models.compression import NONE, Compression, image_tower_cost
+from dtp_ds.models.seqcomp import NONE, SeqComp, image_tower_cost
 
 SPEC_HELP = "e.g. '0.5:r=0.5,p=16;0.3:r=0.25;0.2:none'"
 
@@ -40,8 +40,8 @@ SPEC_HELP = "e.g. '0.5:r=0.5,p=16;0.3:r=0.25;0.2:none'"
 @dataclass(frozen=True)
 class Segment:
     fraction: float
-    strategy: Compression = NONE
-    cost: float | None = None  # measured cost per step (uncompressed step = 1); None: estimated
+    strategy: SeqComp = NONE
+    cost: float | None = None  # measured cost per step (full-sequence step = 1); None: estimated
 
     def describe(self) -> str:
         """The SPEC form of this segment (``0.5:r=0.5,p=16``, ``0.2:none``)."""
@@ -50,7 +50,7 @@ class Segment:
         return f"{self.fraction:.10g}:{','.join(parts) or 'none'}"
 
 
-def _strategy(text: str, where: str) -> tuple[Compression, float | None]:
+def _strategy(text: str, where: str) -> tuple[SeqComp, float | None]:
     text = text.strip()
     if text in ("none", ""):
         return NONE, None
@@ -74,7 +74,7 @@ def _strategy(text: str, where: str) -> tuple[Compression, float | None]:
         except ValueError:
             raise ValueError(f"{where}: {item.strip()!r} is not KEY=NUMBER (r=0.5, p=16, cost=0.4)") from None
     try:
-        return Compression(rate, patch), cost
+        return SeqComp(rate, patch), cost
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -87,24 +87,24 @@ def _checked(segments: list[Segment], source: str) -> list[Segment]:
             raise ValueError(f"{source}: segment {i + 1} has fraction {seg.fraction}; each fraction of training "
                              f"must be > 0")
         if seg.cost is not None and not (seg.cost > 0 and math.isfinite(seg.cost)):
-            raise ValueError(f"{source}: segment {i + 1} has cost {seg.cost}; a cost (uncompressed step = 1) must "
+            raise ValueError(f"{source}: segment {i + 1} has cost {seg.cost}; a cost (full-sequence step = 1) must "
                              f"be > 0")
     total = sum(s.fraction for s in segments)
     if total > 1 + 1e-6:
         raise ValueError(f"{source}: the fractions sum to {total:g} > 1; they are fractions of the whole run: "
-                         f"scale them down (what they leave under 1 trains uncompressed)")
+                         f"scale them down (what they leave under 1 trains full-sequence)")
     if total < 1 - 1e-6:
         segments = [*segments, Segment(1.0 - total)]
     return segments
 
 
 def parse_spec(text: str) -> list[Segment]:
-    """The SPEC form (see module doc) -> segments (a final uncompressed one added where the
+    """The SPEC form (see module doc) -> segments (a final full-sequence one added where the
     fractions leave room)."""
     segments = []
     for i, part in enumerate(p for p in text.split(";") if p.strip()):
         frac, colon, strat = part.partition(":")
-        where = f"--compression-schedule segment {i + 1} ({part.strip()!r})"
+        where = f"--seqcomp-schedule segment {i + 1} ({part.strip()!r})"
         if not colon:
             raise ValueError(f"{where}: write FRACTION:STRATEGY ({SPEC_HELP})")
         try:
@@ -113,7 +113,7 @@ def parse_spec(text: str) -> list[Segment]:
             raise ValueError(f"{where}: {frac.strip()!r} is not a fraction of training") from None
         strategy, cost = _strategy(strat, where)
         segments.append(Segment(fraction, strategy, cost))
-    return _checked(segments, f"--compression-schedule {text!r}")
+    return _checked(segments, f"--seqcomp-schedule {text!r}")
 
 
 def _from_json(path: str) -> list[Segment]:
@@ -121,25 +121,25 @@ def _from_json(path: str) -> list[Segment]:
         with open(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--compression-schedule {path}: cannot read it as JSON ({e})") from None
+        raise ValueError(f"--seqcomp-schedule {path}: cannot read it as JSON ({e})") from None
     rows = data.get("segments") if isinstance(data, dict) else None
     if not isinstance(rows, list):
-        raise ValueError(f"--compression-schedule {path}: expected {{\"segments\": [{{\"fraction\": F, \"r\": R, "
+        raise ValueError(f"--seqcomp-schedule {path}: expected {{\"segments\": [{{\"fraction\": F, \"r\": R, "
                          f"\"p\": P, \"cost\": C}}, ...]}}")
     segments = []
     for i, row in enumerate(rows):
-        where = f"--compression-schedule {path} segment {i + 1}"
+        where = f"--seqcomp-schedule {path} segment {i + 1}"
         unknown = sorted(set(row) - {"fraction", "r", "p", "cost"}) if isinstance(row, dict) else None
         if unknown is None or unknown or "fraction" not in row:
             raise ValueError(f"{where}: {row!r}; a segment has 'fraction' and optionally 'r', 'p', 'cost'"
                              + (f" (unknown: {unknown})" if unknown else ""))
         try:
-            strategy = Compression(float(row.get("r") or 0.0), None if row.get("p") is None else int(row["p"]))
+            strategy = SeqComp(float(row.get("r") or 0.0), None if row.get("p") is None else int(row["p"]))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
         cost = None if row.get("cost") is None else float(row["cost"])
         segments.append(Segment(float(row["fraction"]), strategy, cost))
-    return _checked(segments, f"--compression-schedule {path}")
+    return _checked(segments, f"--seqcomp-schedule {path}")
 
 
 def load_schedule(arg: str) -> list[Segment]:
@@ -150,18 +150,18 @@ def load_schedule(arg: str) -> list[Segment]:
 
 
 def load_costs(path: str) -> dict[tuple[float, int | None], float]:
-    """A ``tools/compression_costs`` table's ``cost`` per strategy, keyed ``(r, p)`` with ``p``
-    None for the table model's stored patch size (as :class:`Compression` holds the uncompressed
+    """A ``tools/seqcomp_costs`` table's ``cost`` per strategy, keyed ``(r, p)`` with ``p``
+    None for the table model's stored patch size (as :class:`SeqComp` holds the full-sequence
     patch)."""
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("strategies"), list):
-        raise ValueError(f"{path}: not a cost table of tools/compression_costs (no 'strategies' list)")
+        raise ValueError(f"{path}: not a cost table of tools/seqcomp_costs (no 'strategies' list)")
     stored = data.get("patch_size")
     table = {}
     for row in data["strategies"]:
         p = None if row.get("p") is None or row.get("p") == stored else int(row["p"])
-        s = Compression(float(row.get("r") or 0.0), p)
+        s = SeqComp(float(row.get("r") or 0.0), p)
         cost = float(row["cost"])
         if not (cost > 0 and math.isfinite(cost)):
             raise ValueError(f"{path}: strategy {s.describe()} has cost {cost}; a cost must be > 0")
@@ -169,7 +169,7 @@ def load_costs(path: str) -> dict[tuple[float, int | None], float]:
     return table
 
 
-def cost_of(table: dict[tuple[float, int | None], float], s: Compression, stored: int | None) -> float | None:
+def cost_of(table: dict[tuple[float, int | None], float], s: SeqComp, stored: int | None) -> float | None:
     """``s``'s cost in a :func:`load_costs` table for a trunk of patch size ``stored`` (None
     where the table lacks it)."""
     return table.get((round(s.rate, 9), None if s.patch == stored else s.patch))
@@ -177,10 +177,10 @@ def cost_of(table: dict[tuple[float, int | None], float], s: Compression, stored
 
 def with_costs(segments: Sequence[Segment], table_path: str, stored: int | None = None) -> list[Segment]:
     """``segments`` with each one that has no ``cost`` given its strategy's measured cost from a
-    ``tools/compression_costs`` table (``--compression-costs``; the identity costs 1); a strategy
+    ``tools/seqcomp_costs`` table (``--seqcomp-costs``; the identity costs 1); a strategy
     the table lacks is refused by name."""
     table = load_costs(table_path)
-    if stored is None:  # the table model's patch size: p=stored in a schedule is the uncompressed patch
+    if stored is None:  # the table model's patch size: p=stored in a schedule is the stored patch
         with open(table_path) as f:
             stored = json.load(f).get("patch_size")
     out = []
@@ -188,9 +188,9 @@ def with_costs(segments: Sequence[Segment], table_path: str, stored: int | None 
         s = seg.strategy
         cost = seg.cost if seg.cost is not None else (1.0 if s == NONE else cost_of(table, s, stored))
         if cost is None:
-            have = ", ".join(Compression(r, p).describe() for r, p in table) or "none"
-            raise ValueError(f"--compression-costs {table_path}: no measured cost for {s.describe()} (it has: "
-                             f"{have}); measure it with tools/compression_costs or give cost= in the schedule")
+            have = ", ".join(SeqComp(r, p).describe() for r, p in table) or "none"
+            raise ValueError(f"--seqcomp-costs {table_path}: no measured cost for {s.describe()} (it has: "
+                             f"{have}); measure it with tools/seqcomp_costs or give cost= in the schedule")
         out.append(Segment(seg.fraction, s, cost))
     return out
 
@@ -205,19 +205,19 @@ def segment_ends(segments: Sequence[Segment], total_steps: int) -> list[int]:
     return ends
 
 
-class CompressionSchedule:
-    """Sets each segment's strategy on the image trunks (``set_compression``) for the steps it
+class SeqCompSchedule:
+    """Sets each segment's strategy on the image trunks (``set_seqcomp``) for the steps it
     covers; its position, boundaries and costs are saved (exact on resume at any step)."""
 
     def __init__(self, segments: Sequence[Segment], trunks: Sequence[Any], total_steps: int,
                  spec: str = "") -> None:
         if not trunks:
-            raise ValueError("--compression-schedule needs a dtp_ds image trunk (a model whose config has trunk_cfg "
-                             "or reducer_cfg, e.g. Plain-ViT-Tiny-8 or a DRIP model); open_clip's own ViT has none")
+            raise ValueError("--seqcomp-schedule needs a dtp_ds image trunk (a model whose config has trunk_cfg "
+                             "or reducer_cfg, e.g. PatchStem-ViT-Tiny-8 or a DRIP model); open_clip's own ViT has none")
         self.segments, self.trunks, self.spec = list(segments), list(trunks), spec
         for trunk in self.trunks:  # refuse a strategy a trunk cannot run before the first step
             for seg in self.segments:
-                trunk.check_compression(seg.strategy)
+                trunk.check_seqcomp(seg.strategy)
         self.ends = segment_ends(self.segments, total_steps)
         self.total_steps = total_steps
         self.costs = [seg.cost if seg.cost is not None else image_tower_cost(self.trunks[0], seg.strategy)
@@ -232,11 +232,11 @@ class CompressionSchedule:
         """The segment that step ``step`` (0-based: ``step`` steps done before it) runs in."""
         return next((i for i, end in enumerate(self.ends) if step < end), len(self.ends) - 1)
 
-    def strategy_at(self, step: int) -> Compression:
+    def strategy_at(self, step: int) -> SeqComp:
         return self.segments[self.index_at(step)].strategy
 
     def cost_units(self, steps: int) -> float:
-        """The cost of the first ``steps`` steps (an uncompressed step = 1)."""
+        """The cost of the first ``steps`` steps (a full-sequence step = 1)."""
         total, start = 0.0, 0
         for end, cost in zip(self.ends, self.costs):
             n = max(0, min(steps, end) - start)
@@ -247,7 +247,7 @@ class CompressionSchedule:
     def _apply(self) -> None:
         strategy = self.strategy_at(self.step_done)
         for trunk in self.trunks:
-            trunk.set_compression(strategy)
+            trunk.set_seqcomp(strategy)
 
     def step(self, state: Any) -> None:
         self.step_done = state.step
@@ -258,8 +258,8 @@ class CompressionSchedule:
         units of all steps so far."""
         i = self.index_at(step - 1)
         strategy = self.segments[i].strategy
-        return {"compression_r": strategy.rate, "compression_p": strategy.patch_or(self.trunks[0].patch_size),
-                "compression_cost": self.costs[i], "cost_units": self.cost_units(step)}
+        return {"seqcomp_r": strategy.rate, "seqcomp_p": strategy.patch_or(self.trunks[0].patch_size),
+                "seqcomp_cost": self.costs[i], "cost_units": self.cost_units(step)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_done": self.step_done, "segments": self.describe(), "ends": list(self.ends),
@@ -269,8 +269,8 @@ class CompressionSchedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["segments"] != self.describe():
             saved = ";".join(state["segments"])
-            raise ValueError(f"--compression-schedule {';'.join(self.describe())!r} differs from the checkpoint's "
-                             f"{saved!r}: resume with --compression-schedule '{saved}' (the schedule it was "
+            raise ValueError(f"--seqcomp-schedule {';'.join(self.describe())!r} differs from the checkpoint's "
+                             f"{saved!r}: resume with --seqcomp-schedule '{saved}' (the schedule it was "
                              f"trained on), or start a new run")
         # the saved boundaries and costs go on (another world size changes the steps of an epoch)
         self.ends, self.costs = list(state["ends"]), list(state["costs"])

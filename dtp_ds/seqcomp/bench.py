@@ -1,18 +1,18 @@
-"""``tools/bench_compression``: time to the uncompressed run's accuracy, per compression strategy,
+"""``tools/bench_seqcomp``: time to the full-sequence run's accuracy, per seqcomp strategy,
 with every cost the method needs counted.
 
 Arms, all the same model, task (``--task``, default ``clip``), data order, global batch and LR
 recipe, each run under the ``deepspeed`` launcher at every seed of ``--seeds`` (a seed changes
 initialisation and data order; all arms share each seed) and evaluated by the task every
-``--eval-every`` steps (its data and evaluation in ``--data``: :mod:`dtp_ds.compress.task_data`;
+``--eval-every`` steps (its data and evaluation in ``--data``: :mod:`dtp_ds.seqcomp.task_data`;
 CLIP zero-shot on the captioned shards, an SSL task kNN on the class-labelled split, with
 ``--knn-bank-max-images`` of the training shards as the bank; the accuracy is the first of
 :data:`ACCURACY_KEYS` the evaluation rows log: ``zeroshot_top1``, ``knn_top1``, ``val_top1``):
 
-- ``baseline``: uncompressed, ``--steps`` steps;
+- ``baseline``: full-sequence, ``--steps`` steps;
 - ``dropout``: token dropout at ``--constant-rate`` for the whole run;
 - ``patch``: patch scaling to ``--constant-patch`` for the whole run;
-- ``schedule``: the CA-MSE schedule (``--schedule FILE``, or chosen here by ``make demo-compress``'s
+- ``schedule``: the CA-MSE schedule (``--schedule FILE``, or chosen here by ``make demo-seqcomp``'s
   pipeline: pilot -> cost table -> estimator, at the arms' global batch).
 
 **Time** is training time: the sum of the steps' logged ``step_time`` up to an evaluation (data
@@ -22,7 +22,7 @@ is timed the same way), which other jobs on a shared CPU do not inflate: use it 
 ``--nproc 1`` (a rank waiting for a peer in a collective may spin).
 
 **Equal budgets in measured time**: an arm of mean step cost ``c`` (the cost table's, the
-uncompressed remainder 1) is planned for ``--budget-margin x steps / c`` steps (its LR curve and
+full-sequence remainder 1) is planned for ``--budget-margin x steps / c`` steps (its LR curve and
 schedule span them), and only its evaluations within the baseline's measured training time on
 the same seed count: each arm trains until its measured time reaches the baseline's.
 ``budget used`` is the share of the baseline's time an arm really trained (below 1: the cost
@@ -61,8 +61,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dtp_ds.bench.stats import compare, fmt, interval_of, mean_ci, overhead_ratios, separation_lines, time_to_target
-from dtp_ds.compress.demo import add_pipeline_args, choose_schedule, parse_pipeline_args, train_run
-from dtp_ds.compress.task_data import task_data
+from dtp_ds.seqcomp.demo import add_pipeline_args, choose_schedule, parse_pipeline_args, train_run
+from dtp_ds.seqcomp.task_data import task_data
 from dtp_ds.train.metrics import read_metrics
 
 
@@ -71,7 +71,7 @@ class Arm:
     """One arm at one seed."""
 
     name: str
-    spec: str  # --compression-schedule (a file or SPEC); "" uncompressed
+    spec: str  # --seqcomp-schedule (a file or SPEC); "" full-sequence
     mean_cost: float = 1.0
     schedule: str = "none"  # the segments (SPEC form, without costs)
     steps: int = 0
@@ -83,9 +83,9 @@ class Arm:
 
 
 def mean_cost(spec: str, costs_json: str) -> tuple[float, str]:
-    """The cost per step of a schedule averaged over the run (the uncompressed remainder costs 1),
+    """The cost per step of a schedule averaged over the run (the full-sequence remainder costs 1),
     and the schedule in SPEC form."""
-    from dtp_ds.train.compression_schedule import load_schedule, with_costs
+    from dtp_ds.train.seqcomp_schedule import load_schedule, with_costs
 
     if not spec:
         return 1.0, "none"
@@ -107,7 +107,7 @@ def accuracy_key(rows: Sequence[dict[str, Any]]) -> str:
         found = [k for k in ACCURACY_KEYS if k in r]
         if found:
             return found[0]
-    raise SystemExit(f"bench_compression: no evaluation row with any of {', '.join(ACCURACY_KEYS)}: the arms must "
+    raise SystemExit(f"bench_seqcomp: no evaluation row with any of {', '.join(ACCURACY_KEYS)}: the arms must "
                      f"be evaluated (the task's evaluation flags, --eval-frequency 1)")
 
 
@@ -120,7 +120,7 @@ def curve(run_dir: str, key: str = "step_time") -> tuple[list[dict[str, float]],
     last = max(step_time)
     missing = [s for s in range(1, last + 1) if s not in step_time]
     if missing:
-        raise SystemExit(f"bench_compression: {run_dir} lacks step_time at steps {missing[:5]}...: "
+        raise SystemExit(f"bench_seqcomp: {run_dir} lacks step_time at steps {missing[:5]}...: "
                          f"the arms must log every step (--log-every-n-steps 1)")
     cum, t = {}, 0.0
     for s in range(1, last + 1):
@@ -299,7 +299,7 @@ def arm_flags(a: argparse.Namespace, arm: Arm, costs_json: str) -> list[str]:
     return ["--epochs", str(epochs), "--train-num-samples", str(a.eval_every * global_batch),
             "--warmup", str(max(1, round(a.warmup_fraction * arm.steps))), "--eval-frequency", "1",
             "--log-every-n-steps", "1", "--keep-checkpoints", "1",
-            *(["--compression-schedule", arm.spec, "--compression-costs", costs_json] if arm.spec else [])]
+            *(["--seqcomp-schedule", arm.spec, "--seqcomp-costs", costs_json] if arm.spec else [])]
 
 
 def overhead_of(a: argparse.Namespace, schedule_json: str, p: argparse.ArgumentParser) -> float:
@@ -318,10 +318,10 @@ def overhead_of(a: argparse.Namespace, schedule_json: str, p: argparse.ArgumentP
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_compression", description=__doc__,
+    p = argparse.ArgumentParser(prog="bench_seqcomp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_args(p)
-    p.add_argument("--logs", default="logs/bench_compression", help="the arms' and the pilot's run directories")
+    p.add_argument("--logs", default="logs/bench_seqcomp", help="the arms' and the pilot's run directories")
     p.add_argument("--out", default=None, help="bench.{json,md,png} here (default: LOGS)")
     p.add_argument("--steps", type=int, default=240, help="the baseline's steps")
     p.add_argument("--seeds", type=int, default=1, help="seeds SEED, SEED+1, ...; every arm runs each (3 or more "
@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--constant-rate", type=float, default=0.5)
     p.add_argument("--constant-patch", type=int, default=16)
-    p.add_argument("--schedule", help="a --compression-schedule JSON to use instead of choosing one here")
-    p.add_argument("--costs", help="the cost table (tools/compression_costs) with --schedule")
+    p.add_argument("--schedule", help="a --seqcomp-schedule JSON to use instead of choosing one here")
+    p.add_argument("--costs", help="the cost table (tools/seqcomp_costs) with --schedule")
     p.add_argument("--overhead-s", type=float,
                    help="with --schedule: what choosing it cost, in seconds on --clock (default: overhead.json "
                         "beside the schedule)")
@@ -376,21 +376,21 @@ def main(argv: list[str] | None = None) -> int:
             arm.load.append(os.getloadavg()[0])
             arm.curve, arm.train_time_s, acc = curve(run_dir, key)
             arms.append(arm)
-            print(f"bench_compression: {name} seed {seed}: {arm.steps} steps, {arm.train_time_s:.1f} s training, "
+            print(f"bench_seqcomp: {name} seed {seed}: {arm.steps} steps, {arm.train_time_s:.1f} s training, "
                   f"final top-1 {arm.curve[-1]['top1']:.1f}%", flush=True)
     a.seed = first_seed
     result = summarize(arms, overhead_s)
     result.update(model=a.model, task=a.task, accuracy_key=acc, x=a.x,
                   clock=a.clock, nproc=a.nproc, global_batch=global_batch, baseline_steps=a.steps,
                   budget_margin=a.budget_margin, costs=costs_json, schedule=schedule_json,
-                  command=" ".join(sys.argv if argv is None else ["bench_compression", *argv]))
+                  command=" ".join(sys.argv if argv is None else ["bench_seqcomp", *argv]))
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
     table = markdown(result)
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write(table)
     plot(result, os.path.join(out, "bench.png"), a.x)
-    print(table + f"bench_compression: {out}/bench.{{json,md,png}}", flush=True)
+    print(table + f"bench_seqcomp: {out}/bench.{{json,md,png}}", flush=True)
     return 0
 
 

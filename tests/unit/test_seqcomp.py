@@ -1,5 +1,5 @@
-"""Sequence compression of the image trunk's input (token dropout, patch scaling), its schedule
-(``--compression-schedule``) and the LR schedulers (``--lr-scheduler``)."""
+"""Seqcomp of the image trunk's input (token dropout, patch scaling), its schedule
+(``--seqcomp-schedule``) and the LR schedulers (``--lr-scheduler``)."""
 from __future__ import annotations
 
 import json
@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import dtp_ds  # noqa: F401
 from dtp_ds.eval.flops import torch_macs
 from dtp_ds.models import VisionTransformer, make_reducer, trunks
-from dtp_ds.models.compression import NONE, Compression, image_tower_cost, keep_count, pi_resize_kernel
-from dtp_ds.train.compression_schedule import CompressionSchedule, load_schedule, parse_spec
+from dtp_ds.models.seqcomp import NONE, SeqComp, image_tower_cost, keep_count, pi_resize_kernel
+from dtp_ds.train.args import ConfigError, parse_args
 from dtp_ds.train.schedule import WarmupDecay, before_resume, check_resumed_lr, warmup_decay_lr
+from dtp_ds.train.seqcomp_schedule import SeqCompSchedule, load_schedule, parse_spec
 
 
 def trunk(reducer_cfg: dict | None = None, stem: str = "patch", depth: int = 4) -> VisionTransformer:
@@ -28,12 +29,12 @@ def trunk(reducer_cfg: dict | None = None, stem: str = "patch", depth: int = 4) 
 IMAGES = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("strategy", [NONE, Compression(0.0, 8)])
+@pytest.mark.parametrize("strategy", [NONE, SeqComp(0.0, 8)])
 def test_the_identity_strategy_is_bit_identical(strategy):
     model = trunk()
     torch.manual_seed(5)
     ref = model(IMAGES)
-    model.set_compression(strategy)
+    model.set_seqcomp(strategy)
     torch.manual_seed(5)
     assert torch.equal(model(IMAGES), ref)
 
@@ -42,14 +43,14 @@ def test_evaluation_ignores_the_strategy():
     model = trunk().eval()
     with torch.no_grad():
         ref = model(IMAGES)
-        model.set_compression(Compression(0.75, 16))
+        model.set_seqcomp(SeqComp(0.75, 16))
         out = model.forward_with_aux(IMAGES)
     assert torch.equal(out.features, ref) and out.token_counts.tolist() == [65.0] * 4
 
 
 def test_token_dropout_keeps_cls_and_sorted_distinct_subsets_reproducibly():
     model = trunk()
-    model.set_compression(Compression(0.5))
+    model.set_seqcomp(SeqComp(0.5))
     torch.manual_seed(3)
     x, embed, kept = model._embed(IMAGES)
     torch.manual_seed(3)
@@ -69,7 +70,7 @@ def test_token_dropout_keeps_cls_and_sorted_distinct_subsets_reproducibly():
 
 def test_dropped_pixels_get_no_gradient():
     model = trunk()
-    model.set_compression(Compression(0.75))
+    model.set_seqcomp(SeqComp(0.75))
     images = IMAGES.clone().requires_grad_(True)
     torch.manual_seed(0)
     x, _, kept = model._embed(images)
@@ -99,7 +100,7 @@ def test_pi_resize_keeps_inner_products_and_the_stored_kernel():
 def test_patch_scaling_resamples_positions_reaches_the_stored_kernel_and_leaves_it():
     model = trunk()
     stored = model.patch_embed.weight.detach().clone()
-    model.set_compression(Compression(0.0, 16))
+    model.set_seqcomp(SeqComp(0.0, 16))
     out = model.forward_with_aux(IMAGES)
     assert out.token_counts.tolist() == [17.0] * 4  # 4x4 grid + CLS
     out.features.square().sum().backward()
@@ -107,15 +108,15 @@ def test_patch_scaling_resamples_positions_reaches_the_stored_kernel_and_leaves_
     assert model.pos_embed.grad.abs().sum() > 0
     assert torch.equal(model.patch_embed.weight.detach(), stored)
     # a patch that does not divide the image: the image is resized to floor(64 / 12) * 12 = 60 px
-    model.set_compression(Compression(0.5, 12))
+    model.set_seqcomp(SeqComp(0.5, 12))
     assert model.forward_with_aux(IMAGES).token_counts.tolist() == [13.0] * 4  # 5x5 grid, keep 12
 
 
 def test_the_conv_stem_refuses_patch_scaling_but_drops_tokens():
     model = trunk(stem="conv")
     with pytest.raises(ValueError, match="conv stem"):
-        model.set_compression(Compression(0.0, 16))
-    model.set_compression(Compression(0.5))
+        model.set_seqcomp(SeqComp(0.0, 16))
+    model.set_seqcomp(SeqComp(0.5))
     assert model.forward_with_aux(IMAGES).token_counts.tolist() == [33.0] * 4
 
 
@@ -128,10 +129,10 @@ def test_the_conv_stem_refuses_patch_scaling_but_drops_tokens():
     {"type": "dynamicvit_drop", "rho": 0.7, "stages": [1, 2]},
     {"type": "patch_dropout", "prob": 0.5},
 ])
-@pytest.mark.parametrize("strategy", [Compression(0.5), Compression(0.25, 16)])
-def test_every_reducer_trains_on_a_compressed_input(cfg, strategy):
+@pytest.mark.parametrize("strategy", [SeqComp(0.5), SeqComp(0.25, 16)])
+def test_every_reducer_trains_on_a_seqcomp_input(cfg, strategy):
     model = trunk(cfg)
-    model.set_compression(strategy)
+    model.set_seqcomp(strategy)
     out = model.forward_with_aux(IMAGES)
     loss = out.features.square().sum() + sum(out.aux_losses.values())
     loss.backward()
@@ -142,40 +143,40 @@ def test_every_reducer_trains_on_a_compressed_input(cfg, strategy):
 def test_grouping_refuses_token_dropout_naming_itself():
     model = trunk({"type": "grouping", "local_at": [1], "stride": 2, "dense_at": 2, "tokens": 4})
     with pytest.raises(ValueError, match="grouping reducer.*token dropout"):
-        model.set_compression(Compression(0.5))
-    model.set_compression(Compression(0.0, 16))  # a 4x4 grid still halves once
+        model.set_seqcomp(SeqComp(0.5))
+    model.set_seqcomp(SeqComp(0.0, 16))  # a 4x4 grid still halves once
     model.forward_with_aux(IMAGES).features.sum().backward()
     with pytest.raises(ValueError, match="grouping reducer.*not square or not divisible"):
-        model.set_compression(Compression(0.0, 12))
+        model.set_seqcomp(SeqComp(0.0, 12))
 
 
 def test_image_tower_flops_fall_with_r_and_p_and_the_text_towers_do_not():
-    model = open_clip.create_model("Plain-ViT-Tiny-8")
+    model = open_clip.create_model("PatchStem-ViT-Tiny-8")
     (t,) = trunks(model)
     model.train()
 
     def macs(strategy):
-        t.set_compression(strategy)
+        t.set_seqcomp(strategy)
         return torch_macs(model.visual, (IMAGES,)), torch_macs(model.transformer, (torch.randn(3, 32, 128),))
 
-    base, rate, patch = macs(NONE), macs(Compression(0.5)), macs(Compression(0.0, 16))
+    base, rate, patch = macs(NONE), macs(SeqComp(0.5)), macs(SeqComp(0.0, 16))
     assert rate[0] < 0.6 * base[0] and patch[0] < 0.35 * base[0]
     assert base[1] == rate[1] == patch[1] > 0
     # the per-sample estimate the cost units use is close to the count (which also holds, at a
     # batch of 3, the once-per-batch PI-resize of the kernel)
-    assert image_tower_cost(t, Compression(0.5)) == pytest.approx(rate[0] / base[0], rel=0.05)
-    assert image_tower_cost(t, Compression(0.0, 16)) == pytest.approx(patch[0] / base[0], rel=0.1)
+    assert image_tower_cost(t, SeqComp(0.5)) == pytest.approx(rate[0] / base[0], rel=0.05)
+    assert image_tower_cost(t, SeqComp(0.0, 16)) == pytest.approx(patch[0] / base[0], rel=0.1)
 
 
-def test_spec_and_file_forms_with_a_final_uncompressed_segment(tmp_path):
+def test_spec_and_file_forms_with_a_final_full_sequence_segment(tmp_path):
     segs = parse_spec("0.5:r=0.5,p=16;0.3:r=0.25")
     assert [s.fraction for s in segs] == pytest.approx([0.5, 0.3, 0.2]) and segs[-1].strategy == NONE
-    assert [s.strategy for s in segs[:2]] == [Compression(0.5, 16), Compression(0.25)]
-    assert parse_spec("1:r=0.5")[-1].strategy == Compression(0.5)  # sums to 1: ends compressed, as written
+    assert [s.strategy for s in segs[:2]] == [SeqComp(0.5, 16), SeqComp(0.25)]
+    assert parse_spec("1:r=0.5")[-1].strategy == SeqComp(0.5)  # sums to 1: ends under seqcomp, as written
     f = tmp_path / "s.json"
     f.write_text(json.dumps({"segments": [{"fraction": 0.6, "r": 0.5, "cost": 0.4}], "ca_mse": {}}))
     got = load_schedule(str(f))
-    assert got[0].cost == 0.4 and got[0].strategy == Compression(0.5) and got[1].strategy == NONE
+    assert got[0].cost == 0.4 and got[0].strategy == SeqComp(0.5) and got[1].strategy == NONE
     for bad, why in [("0.7:r=0.5;0.6:none", "sum to 1.3 > 1"), ("0.5:q=2", "unknown key 'q'"),
                      ("0.5:r=1.0", r"must be in \[0, 1\)"), ("0.5", "FRACTION:STRATEGY"),
                      ("-0.1:none", "must be > 0"), ("0.5:p=x", "is not KEY=NUMBER")]:
@@ -183,34 +184,42 @@ def test_spec_and_file_forms_with_a_final_uncompressed_segment(tmp_path):
             parse_spec(bad)
 
 
+def test_the_old_flags_are_refused_with_the_new_names():
+    for old, new in [("--compression-schedule", "--seqcomp-schedule"), ("--compression-costs", "--seqcomp-costs")]:
+        with pytest.raises(ConfigError, match=f"{old} was renamed {new} .*: use {new}$"):
+            parse_args(["--train-data", "x.tar", old, "0.5:r=0.5"])
+    args = parse_args(["--train-data", "x.tar", "--seqcomp-schedule", "0.5:r=0.5"])
+    assert args.model.seqcomp_schedule == "0.5:r=0.5"
+
+
 def test_schedule_boundaries_costs_and_resume_at_any_step():
     model = trunk()
     segs = parse_spec("0.3:r=0.5;0.2:p=16,cost=0.5")
-    sched = CompressionSchedule(segs, [model], total_steps=10)
+    sched = SeqCompSchedule(segs, [model], total_steps=10)
     assert sched.ends == [3, 5, 10]
     seen = []
     for step in range(1, 11):  # the Trainer: a step runs, is logged, then the schedule steps
-        seen.append(model.compression)
+        seen.append(model.seqcomp)
         row = sched.metrics(step)
-        assert row["compression_r"] == model.compression.rate
-        assert row["compression_p"] == model.compression.patch_or(8)
+        assert row["seqcomp_r"] == model.seqcomp.rate
+        assert row["seqcomp_p"] == model.seqcomp.patch_or(8)
         sched.step(SimpleNamespace(step=step))
-    assert seen == [Compression(0.5)] * 3 + [Compression(0.0, 16)] * 2 + [NONE] * 5
-    r_cost = image_tower_cost(model, Compression(0.5))
+    assert seen == [SeqComp(0.5)] * 3 + [SeqComp(0.0, 16)] * 2 + [NONE] * 5
+    r_cost = image_tower_cost(model, SeqComp(0.5))
     assert sched.cost_units(10) == pytest.approx(3 * r_cost + 2 * 0.5 + 5)
     assert sched.metrics(4)["cost_units"] == pytest.approx(3 * r_cost + 0.5)
     for k in range(11):  # resume after any step: same strategies and costs from there on
-        a = CompressionSchedule(segs, [trunk()], 10)
+        a = SeqCompSchedule(segs, [trunk()], 10)
         a.step(SimpleNamespace(step=k))
         other = trunk()
-        b = CompressionSchedule(segs, [other], 10)
+        b = SeqCompSchedule(segs, [other], 10)
         b.load_state_dict(json.loads(json.dumps(a.state_dict())))
-        assert other.compression == a.trunks[0].compression == seen[min(k, 9)]
+        assert other.seqcomp == a.trunks[0].seqcomp == seen[min(k, 9)]
         assert b.state_dict() == a.state_dict()
-    with pytest.raises(ValueError, match="resume with --compression-schedule '0.3:r=0.5"):
-        CompressionSchedule(parse_spec("0.5:r=0.5"), [trunk()], 10).load_state_dict(sched.state_dict())
+    with pytest.raises(ValueError, match="resume with --seqcomp-schedule '0.3:r=0.5"):
+        SeqCompSchedule(parse_spec("0.5:r=0.5"), [trunk()], 10).load_state_dict(sched.state_dict())
     with pytest.raises(ValueError, match="conv stem"):
-        CompressionSchedule(parse_spec("0.5:p=16"), [trunk(stem="conv")], 10)
+        SeqCompSchedule(parse_spec("0.5:p=16"), [trunk(stem="conv")], 10)
 
 
 def test_polynomial_and_constant_lr_against_closed_form_and_resume_checks():
@@ -261,8 +270,8 @@ def test_a_resume_that_leaves_out_a_saved_schedule_is_refused():
         def load_state_dict(self, state: dict) -> None:
             self.n = state["n"]
 
-    saved = Schedules({"compression": Counter(), "reducer0_patch_dropout": Counter()}).state_dict()
-    with pytest.raises(ValueError, match=r"\['compression'\].*same --compression-schedule"):
+    saved = Schedules({"seqcomp": Counter(), "reducer0_patch_dropout": Counter()}).state_dict()
+    with pytest.raises(ValueError, match=r"\['seqcomp'\].*same --seqcomp-schedule"):
         Schedules({"reducer0_patch_dropout": Counter()}).load_state_dict(saved)
     with pytest.raises(ValueError, match="no state for the schedules"):
         Schedules({"other": Counter()}).load_state_dict({})

@@ -1,4 +1,4 @@
-"""``tools/compression_schedule``: the CA-MSE (cost-adjusted mean squared error of the gradient)
+"""``tools/seqcomp_schedule``: the CA-MSE (cost-adjusted mean squared error of the gradient)
 schedule estimator ("Accelerating Augmentation Invariance Pretraining", Lin et al. 2024).
 
 Inputs: the task (``--task``, default ``clip``; its own flags, as ``python -m dtp_ds.train
@@ -7,9 +7,9 @@ Inputs: the task (``--task``, default ``clip``; its own flags, as ``python -m dt
 ``*.safetensors`` files, or ``init:MODEL`` for a freshly built task at step 0), the training
 shards, the global batch, a
 candidate grid of strategies (``--rates`` x ``--patches``) and the cost table of
-``tools/compression_costs`` (``--costs``; each strategy's ``cost`` in units of an uncompressed
+``tools/seqcomp_costs`` (``--costs``; each strategy's ``cost`` in units of a full-sequence
 step; a strategy the table lacks falls back to the image tower's estimated FLOP fraction, with a
-warning: it ignores the text tower and the heads, so it flatters compression). A checkpoint
+warning: it ignores the text tower and the heads, so it flatters seqcomp). A checkpoint
 directory rebuilds the task's whole module (the trunk, its heads, a momentum encoder: their
 gradients and the loss depend on them), with the task settings its run recorded (``RUN/config.json``;
 else the flags given); an exported file holds the model alone (an SSL task's heads and momentum
@@ -18,12 +18,12 @@ encoder are then fresh, with a warning).
 Per stage, every strategy ``s`` runs on the same ``K`` global batches (read once through the
 task's data stage, the train augmentation seeded per sample, then kept: a two-view task's views
 are the same tensors for every strategy; paired samples, so the bias estimate is a paired
-difference) through the same compressed forward as training (every trunk's ``set_compression``,
+difference) through the same seqcomp forward as training (every trunk's ``set_seqcomp``,
 a momentum encoder's included, train mode, the token dropout and any other random draw seeded
 per batch, the module's buffers, e.g. DINO's centre and BatchNorm statistics, restored after each
 gradient), and the task module's whole-batch loss (CLIP: contrastive + the reducer's auxiliary
 losses; MoCo v3: the symmetric InfoNCE against the momentum encoder's keys; ...) is
-back-propagated in fp32 in one process: at r = 0 the gradient is the uncompressed one exactly.
+back-propagated in fp32 in one process: at r = 0 the gradient is the full-sequence one exactly.
 From running sums only (per parameter group: ``sum g``, ``sum ||g||^2``, and of the paired
 difference ``d = g_s - g_0``: ``sum d``, ``sum ||d||^2``; never a K x P matrix):
 
@@ -44,14 +44,14 @@ comes from ``--replicates`` disjoint groups of the K batches (the spread of thei
 over sqrt(replicates)); it only decides ties.
 
 **Choice** per stage: the strategy of least total CA-MSE; every strategy within one standard
-error of it ties, and a tie goes to the least compression (the highest cost). ``--monotone``
-forbids compression from rising at a later stage (a later stage may only pick a strategy whose
+error of it ties, and a tie goes to the mildest strategy (the highest cost). ``--monotone``
+forbids a later stage a cheaper strategy (a later stage may only pick a strategy whose
 cost is at least the previous choice's).
 
-**Schedule** (the ``--compression-schedule`` JSON of :mod:`dtp_ds.train.compression_schedule`): stage
+**Schedule** (the ``--seqcomp-schedule`` JSON of :mod:`dtp_ds.train.seqcomp_schedule`): stage
 ``i`` (at fraction ``f_i`` of the pilot: its step over the last checkpoint's, or ``--fractions``)
 runs its choice over ``[f_i, f_{i+1})``; the stage at 1.0 is reported but spans nothing. The last
-``--final-fraction`` of training (default 0.1) is left uncompressed (the parser adds that final
+``--final-fraction`` of training (default 0.1) is left full-sequence (the parser adds that final
 segment; ``--final-fraction 0`` runs the last stage's choice to the end). Adjacent equal
 segments merge. Each segment carries its strategy's ``cost`` from the table, so the trainer's
 cost units are the measured ones. Written beside it: ``SCHEDULE.md`` (the tables) and
@@ -73,7 +73,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtp_ds.models.compression import NONE, Compression, image_tower_cost
+from dtp_ds.models.seqcomp import NONE, SeqComp, image_tower_cost
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def module_groups(module: nn.Module) -> dict[str, str]:
 
 class Moments:
     """Running sums of one strategy's gradients (and of their paired differences to the
-    uncompressed ones) per group, in ``replicates`` disjoint groups of batches."""
+    full-sequence ones) per group, in ``replicates`` disjoint groups of batches."""
 
     def __init__(self, sizes: dict[str, int], replicates: int = 1) -> None:
         self.sizes = dict(sizes)
@@ -137,7 +137,7 @@ class Moments:
         self.count = [0] * replicates
 
     def add(self, g: dict[str, torch.Tensor], g0: dict[str, torch.Tensor], index: int) -> None:
-        """Batch ``index``'s gradient ``g`` of this strategy and ``g0`` of the uncompressed one."""
+        """Batch ``index``'s gradient ``g`` of this strategy and ``g0`` of the full-sequence one."""
         j = index % self.replicates
         for k in self.sizes:
             a = g[k].double()
@@ -191,7 +191,7 @@ def estimate_from_sums(sums: dict[str, tuple], n: int, cost: float) -> dict[str,
 
 @dataclass
 class Candidate:
-    strategy: Compression
+    strategy: SeqComp
     cost: float
     camse: float
     se: float = float("nan")
@@ -199,11 +199,11 @@ class Candidate:
 
 def choose(cands: Sequence[Candidate], min_cost: float | None = None) -> Candidate:
     """Least CA-MSE; everything within one standard error of the least ties, and a tie goes to
-    the least compression (highest cost). ``min_cost``: only strategies at least that costly
-    (``--monotone``: no more compression than the previous stage's choice)."""
+    the mildest strategy (highest cost). ``min_cost``: only strategies at least that costly
+    (``--monotone``: no cheaper strategy than the previous stage's choice)."""
     pool = [c for c in cands if min_cost is None or c.cost >= min_cost - 1e-12]
     if not pool:
-        raise ValueError("no candidate strategy left (the grid must hold the uncompressed one)")
+        raise ValueError("no candidate strategy left (the grid must hold the full-sequence one)")
     best = min(pool, key=lambda c: c.camse)
     margin = best.se if math.isfinite(best.se) else 0.0
     tied = [c for c in pool if c.camse <= best.camse + margin]
@@ -221,7 +221,7 @@ def schedule_segments(fractions: Sequence[float], chosen: Sequence[Candidate], f
                       ) -> list[dict[str, Any]]:
     """The schedule file's segments: stage ``i``'s choice over ``[f_i, f_{i+1})``, the last
     stage over ``[f_last, 1)`` (nothing when it sits at 1), all cut at ``1 - final_fraction``
-    (left for the parser's final uncompressed segment); adjacent equal strategies merged."""
+    (left for the parser's final full-sequence segment); adjacent equal strategies merged."""
     if not 0.0 <= final_fraction < 1.0:
         raise ValueError(f"--final-fraction {final_fraction}: must be in [0, 1)")
     end = 1.0 - final_fraction
@@ -238,7 +238,7 @@ def schedule_segments(fractions: Sequence[float], chosen: Sequence[Candidate], f
             segs[-1]["fraction"] += row["fraction"]
         else:
             segs.append(row)
-    if not segs:  # nothing compressed (or everything cut): one uncompressed segment
+    if not segs:  # no seqcomp (or everything cut): one full-sequence segment
         segs.append({"fraction": 1.0, "r": 0.0, "p": None, "cost": 1.0})
     for s in segs:
         s["fraction"] = round(s["fraction"], 9)
@@ -357,9 +357,9 @@ class GradientProbe:
         from dtp_ds.models import trunks
 
         self.module = module.float().train()
-        self.trunks = trunks(self.module)  # every trunk the trainer compresses (a momentum encoder's too)
+        self.trunks = trunks(self.module)  # every trunk the trainer applies seqcomp to (a momentum encoder's too)
         if not self.trunks:
-            raise ValueError("no dtp_ds image trunk to compress (open_clip's own ViT has none)")
+            raise ValueError("no dtp_ds image trunk for seqcomp (open_clip's own ViT has none)")
         self.groups = module_groups(self.module)
         self.params = [(n, p) for n, p in self.module.named_parameters() if n in self.groups]
         self.sizes: dict[str, int] = {}
@@ -370,23 +370,23 @@ class GradientProbe:
     def stored_patch(self) -> int:
         return self.trunks[0].patch_size
 
-    def check(self, s: Compression) -> None:
+    def check(self, s: SeqComp) -> None:
         for t in self.trunks:
-            t.check_compression(s)
+            t.check_seqcomp(s)
 
-    def grads(self, s: Compression, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    def grads(self, s: SeqComp, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         """The gradient under ``s`` on ``batch``, every random draw from ``seed``; the module's
         buffers (BatchNorm statistics, DINO's centre) as they were before, after it."""
         buffers = {n: b.detach().clone() for n, b in self.module.named_buffers()}
         for t in self.trunks:
-            t.set_compression(s)
+            t.set_seqcomp(s)
         try:
             self.module.zero_grad(set_to_none=True)
             torch.manual_seed(seed)  # the token dropout's draw (and any other)
             self.module(batch)["loss"].backward()
         finally:
             for t in self.trunks:
-                t.set_compression(NONE)
+                t.set_seqcomp(NONE)
             with torch.no_grad():
                 for n, b in self.module.named_buffers():
                     b.copy_(buffers[n])
@@ -396,7 +396,7 @@ class GradientProbe:
         return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def estimate_stage(module: nn.Module, strategies: Sequence[Compression], costs: Sequence[float],
+def estimate_stage(module: nn.Module, strategies: Sequence[SeqComp], costs: Sequence[float],
                    batches: Sequence[dict[str, torch.Tensor]], replicates: int = 1, seed: int = 0
                    ) -> list[dict[str, Any]]:
     """One stage of a task's ``module``: per strategy, :meth:`Moments.estimate` over ``batches``
@@ -450,11 +450,11 @@ def markdown(result: dict[str, Any]) -> str:
                                 + [(g, g, "{}") for g in groups]))
     lines += ["", "## Schedule", "", "| fraction | strategy | cost |", "| --- | --- | --- |"]
     for s in result["segments"]:
-        desc = Compression(s["r"] or 0.0, s["p"]).describe()
+        desc = SeqComp(s["r"] or 0.0, s["p"]).describe()
         lines.append(f"| {s['fraction']:.3g} | {desc} | {s['cost']:.3f} |")
     left = 1.0 - sum(s["fraction"] for s in result["segments"])
     if left > 1e-6:
-        lines.append(f"| {left:.3g} | none (final, uncompressed) | 1.000 |")
+        lines.append(f"| {left:.3g} | none (final, full-sequence) | 1.000 |")
     return "\n".join(lines) + "\n"
 
 
@@ -498,14 +498,14 @@ def default_replicates(batches: int) -> int:
     return max(1, min(5, batches // 2))
 
 
-def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compression], global_batch: int,
+def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[SeqComp], global_batch: int,
         batches: int, costs_path: str | None = None, fractions: Sequence[float] | None = None,
         replicates: int | None = None, monotone: bool = False, final_fraction: float = 0.1, seed: int = 0,
         progress: bool = True, task: str = "clip", config: Any = None) -> dict[str, Any]:
     """The estimator end to end (no files written): ``{"segments": ..., "stages": ...}``;
     ``task`` and its settings ``config`` (its Config; None: the defaults) as :func:`load_stage`."""
     from dtp_ds.models import trunks
-    from dtp_ds.train.compression_schedule import cost_of, load_costs
+    from dtp_ds.train.seqcomp_schedule import cost_of, load_costs
 
     table = load_costs(costs_path) if costs_path else {}
     if replicates is None:
@@ -522,8 +522,8 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
             raise ValueError(f"{spec}: model {name}, the first stage's is {name0}: give one pilot run's checkpoints")
         found = trunks(built.module)
         if not found:
-            raise ValueError(f"{spec}: model {name} has no dtp_ds image trunk to compress (open_clip's own ViT has "
-                             f"none); use e.g. Plain-ViT-Tiny-8 or a DRIP model")
+            raise ValueError(f"{spec}: model {name} has no dtp_ds image trunk for seqcomp (open_clip's own ViT has "
+                             f"none); use e.g. PatchStem-ViT-Tiny-8 or a DRIP model")
         trunk_patch = found[0].patch_size
         cs, sources = [], []
         for s in strategies:
@@ -532,7 +532,7 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
             if c is None:
                 c = image_tower_cost(found[0], s)
                 log.warning("%s: not in the cost table%s; using the image tower's FLOP estimate %.3f (it leaves out "
-                            "the text tower and the heads: compression looks cheaper than it is)", s.describe(),
+                            "the text tower and the heads: seqcomp looks cheaper than it is)", s.describe(),
                             f" {costs_path}" if costs_path else "", c)
             cs.append(c)
         est = estimate_stage(built.module, strategies, cs, data, replicates, seed)
@@ -541,7 +541,7 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
             for s, c, src, e in zip(strategies, cs, sources, est)]})
         if progress:
             best = min(stages[-1]["strategies"], key=lambda r: r["groups"]["total"]["camse"])
-            print(f"compression_schedule: stage {i + 1}/{len(checkpoints)} ({spec}, step {step}): least CA-MSE "
+            print(f"seqcomp_schedule: stage {i + 1}/{len(checkpoints)} ({spec}, step {step}): least CA-MSE "
                   f"{best['strategy']}", flush=True)
         del built
     if fractions is None:
@@ -554,7 +554,7 @@ def run(checkpoints: Sequence[str], train_data: str, strategies: Sequence[Compre
         raise ValueError(f"--fractions {list(fractions)}: one per checkpoint, ascending")
     for st, f in zip(stages, fractions):
         st["fraction"] = f
-    cands = [[Candidate(Compression(r["r"], r["p"]), r["cost"], r["groups"]["total"]["camse"],
+    cands = [[Candidate(SeqComp(r["r"], r["p"]), r["cost"], r["groups"]["total"]["camse"],
                         r["groups"]["total"]["se"]) for r in st["strategies"]] for st in stages]
     chosen = choose_all(cands, monotone)
     for st, cs_, c in zip(stages, cands, chosen):
@@ -579,9 +579,9 @@ def write_outputs(result: dict[str, Any], out: str) -> list[str]:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from dtp_ds.compress.costs import add_task_args, patch_arg, strategy_grid, task_config
+    from dtp_ds.seqcomp.costs import add_task_args, patch_arg, strategy_grid, task_config
 
-    p = argparse.ArgumentParser(prog="compression_schedule", description=__doc__,
+    p = argparse.ArgumentParser(prog="seqcomp_schedule", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", nargs="+", required=True,
                    help="one per stage, in training order: run dir, checkpoints/step_N, *.safetensors or init:MODEL")
@@ -594,16 +594,16 @@ def main(argv: Iterable[str] | None = None) -> int:
                    help="K batches per stage (>= 2; 10 or more: the standard error has 4 degrees of freedom)")
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     p.add_argument("--patches", type=patch_arg, nargs="+", default=[None], help="'stored' or sizes")
-    p.add_argument("--costs", help="the cost table of tools/compression_costs (JSON)")
+    p.add_argument("--costs", help="the cost table of tools/seqcomp_costs (JSON)")
     p.add_argument("--fractions", type=float, nargs="+",
                    help="each checkpoint's fraction of training (default: its step over the last one's)")
     p.add_argument("--replicates", type=int,
                    help="batch groups for the standard error (default: BATCHES // 2, at most 5)")
-    p.add_argument("--monotone", action="store_true", help="compression never rises at a later stage")
+    p.add_argument("--monotone", action="store_true", help="no later stage picks a cheaper strategy")
     p.add_argument("--final-fraction", type=float, default=0.1,
-                   help="the last fraction of training left uncompressed (0: the last stage's choice to the end)")
+                   help="the last fraction of training on the full sequence (0: the last stage's choice to the end)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="logs/compression_schedule.json")
+    p.add_argument("--out", default="logs/seqcomp_schedule.json")
     a, rest = p.parse_known_args(list(argv) if argv is not None else None)
     try:
         config = task_config(a.task, rest)
@@ -613,10 +613,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                  a.fractions, a.replicates, a.monotone, a.final_fraction, a.seed, task=a.task, config=config)
     files = write_outputs(result, a.out)
     print(markdown(result))
-    from dtp_ds.train.compression_schedule import load_schedule
+    from dtp_ds.train.seqcomp_schedule import load_schedule
 
     segs = load_schedule(files[0])
-    print("compression_schedule: --compression-schedule " + files[0] + " = '" + ";".join(s.describe() for s in segs)
+    print("seqcomp_schedule: --seqcomp-schedule " + files[0] + " = '" + ";".join(s.describe() for s in segs)
           + "'; wrote " + ", ".join(files))
     return 0
 

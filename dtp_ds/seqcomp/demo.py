@@ -1,24 +1,24 @@
-"""``make demo-compress``: the CA-MSE pipeline end to end on the synthetic shards, on this machine.
+"""``make demo-seqcomp``: the CA-MSE pipeline end to end on the synthetic shards, on this machine.
 
-1. **pilot**: a short run of the tiny patch-stem trunk (``Plain-ViT-Tiny-8``: token dropout and
+1. **pilot**: a short run of the tiny patch-stem trunk (``PatchStem-ViT-Tiny-8``: token dropout and
    patch scaling both apply) under the ``deepspeed`` launcher, checkpointing every
-   ``--pilot-save-every`` steps (``LOGS/compress-pilot``), on the first half of the shards (the
+   ``--pilot-save-every`` steps (``LOGS/seqcomp-pilot``), on the first half of the shards (the
    estimator takes its gradients on the other half: samples the pilot did not train on);
-2. **costs**: ``tools/compression_costs`` on this CPU for the grid (``LOGS/compress/costs.json``);
-3. **schedule**: ``tools/compression_schedule`` on the pilot's stages (a freshly built model as
+2. **costs**: ``tools/seqcomp_costs`` on this CPU for the grid (``LOGS/seqcomp/costs.json``);
+3. **schedule**: ``tools/seqcomp_schedule`` on the pilot's stages (a freshly built model as
    the 0% stage, then each checkpoint; fraction = step / the pilot's last step), the global batch
-   the runs train at (``LOGS/compress/schedule.{json,md,png}``);
-4. **scheduled run**: the same model trained with ``--compression-schedule`` the estimator wrote
-   (``LOGS/compress-scheduled``), zero-shot evaluated; ``--baseline`` also trains it uncompressed
-   (``LOGS/compress-baseline``) and prints both runs' cost units and zero-shot top-1.
+   the runs train at (``LOGS/seqcomp/schedule.{json,md,png}``);
+4. **scheduled run**: the same model trained with ``--seqcomp-schedule`` the estimator wrote
+   (``LOGS/seqcomp-scheduled``), zero-shot evaluated; ``--baseline`` also trains it full-sequence
+   (``LOGS/seqcomp-baseline``) and prints both runs' cost units and zero-shot top-1.
 
 What choosing the schedule cost (the pilot's training time on the runs' clock, the cost table's
-and the estimator's time) goes to ``LOGS/compress/overhead.json``: ``tools/bench_compression``
+and the estimator's time) goes to ``LOGS/seqcomp/overhead.json``: ``tools/bench_seqcomp``
 charges it to the schedule. The defaults take a few minutes on a 2-core CPU; every size is a flag.
 
 Every run, the cost table and the estimator take ``--task`` (default ``clip``) and the task's own
 flags given after the others; its training shards and evaluation in ``--data`` follow the task
-(:mod:`dtp_ds.compress.task_data`: an SSL task trains on the class-labelled split and is kNN-evaluated).
+(:mod:`dtp_ds.seqcomp.task_data`: an SSL task trains on the class-labelled split and is kNN-evaluated).
 """
 from __future__ import annotations
 
@@ -32,18 +32,18 @@ import time
 
 from dtp_ds.bench import reuse
 from dtp_ds.cluster.ports import free_port
-from dtp_ds.compress.costs import patch_arg
+from dtp_ds.seqcomp.costs import patch_arg
 from dtp_ds.train.metrics import read_metrics
 from dtp_ds.train.runs import finished_as, launch_command, summary_lines
 
-MODEL = "Plain-ViT-Tiny-8"
+MODEL = "PatchStem-ViT-Tiny-8"
 
 
 def run_command(a: argparse.Namespace, name: str, extra: list[str], data_flags: list[str] | None = None
                 ) -> list[str]:
-    """The launcher command of run ``name``: ``data_flags`` (:meth:`dtp_ds.compress.task_data.TaskData.flags`:
+    """The launcher command of run ``name``: ``data_flags`` (:meth:`dtp_ds.seqcomp.task_data.TaskData.flags`:
     the task, its training data and evaluation) in place of the launcher's CLIP data."""
-    from dtp_ds.compress.task_data import with_data_flags
+    from dtp_ds.seqcomp.task_data import with_data_flags
 
     cmd = launch_command(a.data, a.logs, name, a.nproc, a.model,
                          ["--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(a.seed),
@@ -62,15 +62,15 @@ def train_run(a: argparse.Namespace, name: str, extra: list[str], reuse_run: boo
     cmd = run_command(a, name, extra, data_flags)
     digest = reuse.reuse_hash(cmd[1:], reuse.files_in(cmd), reuse.thread_settings(env))
     if reuse_run and finished_as(run_dir, a.model, cmd) and reuse.reusable(run_dir, digest):
-        print(f"demo-compress: {run_dir}: finished with these arguments and files: not trained again", flush=True)
+        print(f"demo-seqcomp: {run_dir}: finished with these arguments and files: not trained again", flush=True)
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     # a free rendezvous port: another job on the machine may hold the launcher's default 29500
     cmd[1:1] = ["--master_port", str(free_port())]
-    print("demo-compress:", " ".join(cmd), flush=True)
+    print("demo-seqcomp:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     if rc != 0:
-        raise SystemExit(f"demo-compress: training {name} failed (exit {rc}); see the output above and {run_dir}")
+        raise SystemExit(f"demo-seqcomp: training {name} failed (exit {rc}); see the output above and {run_dir}")
     reuse.record(run_dir, digest, command=cmd, threads=reuse.thread_settings(env))
     return run_dir
 
@@ -90,7 +90,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=MODEL)
     p.add_argument("--task", default="clip",
                    help="what every run trains (clip, mocov3, simclr, dino, classify): its data and evaluation in "
-                        "--data follow (dtp_ds/compress/task_data.py; an SSL task: the class-labelled split "
+                        "--data follow (dtp_ds/seqcomp/task_data.py; an SSL task: the class-labelled split "
                         "DATA/classify, evaluated by kNN); the task's own flags (e.g. --moco-mlp-dim 1024) may "
                         "follow: every run, the cost table and the estimator get them")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
@@ -116,7 +116,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 def parse_pipeline_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``p``'s arguments; the rest, the task's own flags (as ``python -m dtp_ds.train`` takes them,
     checked here), in ``task_flags``: every run, the cost table and the estimator get them."""
-    from dtp_ds.compress.costs import task_config
+    from dtp_ds.seqcomp.costs import task_config
 
     a, rest = p.parse_known_args(argv)
     try:
@@ -132,25 +132,25 @@ def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
     ``out``, and what each step cost in ``out/overhead.json`` (``clock``: the runs' step times,
     wall or rank 0's CPU; the pilot's training time on it, the cost table's and the estimator's
     time in this process on it; ``overhead_s`` their sum)."""
-    from dtp_ds.compress import camse, costs
-    from dtp_ds.compress.task_data import task_data
+    from dtp_ds.seqcomp import camse, costs
+    from dtp_ds.seqcomp.task_data import task_data
     from dtp_ds.train.checkpoint import list_checkpoints
 
     data = task_data(a.task, a.data, a.knn_bank_max_images)
     shards = data.shards()
     if not shards:
-        raise SystemExit(f"demo-compress: no shards in {data.train_dir}: run tools/make_synthetic_shards --out "
+        raise SystemExit(f"demo-seqcomp: no shards in {data.train_dir}: run tools/make_synthetic_shards --out "
                          f"{a.data}")
     os.makedirs(out, exist_ok=True)
     if len(shards) < 2:
-        raise SystemExit(f"demo-compress: {data.train_dir} has {len(shards)} shard(s): the pilot trains on the first "
+        raise SystemExit(f"demo-seqcomp: {data.train_dir} has {len(shards)} shard(s): the pilot trains on the first "
                          f"half and the estimator reads the other half; make at least 2")
     half = len(shards) // 2
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
 
     # 1. pilot (logging every step: its training time is counted as the runs' is)
     started = time.perf_counter()
-    pilot = train_run(a, "compress-pilot", ["--epochs", "1", "--train-num-samples", str(a.pilot_samples),
+    pilot = train_run(a, "seqcomp-pilot", ["--epochs", "1", "--train-num-samples", str(a.pilot_samples),
                                             "--warmup", "5", "--save-every-n-steps", str(a.pilot_save_every),
                                             "--keep-checkpoints", "100", "--eval-frequency", "0",
                                             "--log-every-n-steps", "1", *a.task_flags],
@@ -159,7 +159,7 @@ def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
              "pilot_s": run_seconds(pilot, "step_cpu_time" if a.clock == "cpu" else "step_time")}
     ckpts = [d for _, d in list_checkpoints(os.path.join(pilot, "checkpoints"))]
     stages = [f"init:{a.model}"] + [os.path.join(pilot, "checkpoints", d) for d in ckpts]
-    print(f"demo-compress: pilot stages: {', '.join(stages)}", flush=True)
+    print(f"demo-seqcomp: pilot stages: {', '.join(stages)}", flush=True)
 
     # 2. cost table (one micro-batch, the size each rank steps at)
     costs_json = os.path.join(out, "costs.json")
@@ -183,47 +183,47 @@ def choose_schedule(a: argparse.Namespace, out: str) -> tuple[str, str]:
     overhead = {"clock": a.clock, **spent, "overhead_s": spent["pilot_s"] + spent["costs_s"] + spent["estimator_s"]}
     with open(os.path.join(out, "overhead.json"), "w") as f:
         json.dump(overhead, f, indent=1)
-    print(f"demo-compress: choosing the schedule cost {overhead['overhead_s']:.1f} s ({a.clock} clock): pilot "
+    print(f"demo-seqcomp: choosing the schedule cost {overhead['overhead_s']:.1f} s ({a.clock} clock): pilot "
           f"{spent['pilot_s']:.1f} s training, cost table {spent['costs_s']:.1f} s, estimator "
           f"{spent['estimator_s']:.1f} s", flush=True)
     return schedule_json, costs_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="demo-compress", description=__doc__,
+    p = argparse.ArgumentParser(prog="demo-seqcomp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_args(p)
     p.add_argument("--logs", default="logs")
     p.add_argument("--epochs", type=int, default=2, help="of the scheduled run")
     p.add_argument("--samples-per-epoch", type=int, default=1920)
-    p.add_argument("--baseline", action="store_true", help="also train the uncompressed run and compare")
+    p.add_argument("--baseline", action="store_true", help="also train the full-sequence run and compare")
     p.add_argument("--schedule-only", action="store_true",
                    help="stop after step 3: the schedule, the cost table and overhead.json, no run trained")
     a = parse_pipeline_args(p, argv)
-    from dtp_ds.compress.task_data import task_data
+    from dtp_ds.seqcomp.task_data import task_data
 
-    out = os.path.join(a.logs, "compress")
+    out = os.path.join(a.logs, "seqcomp")
     schedule_json, costs_json = choose_schedule(a, out)
     if a.schedule_only:
-        print(f"demo-compress: schedule {schedule_json}, costs {costs_json}, {out}/overhead.json", flush=True)
+        print(f"demo-seqcomp: schedule {schedule_json}, costs {costs_json}, {out}/overhead.json", flush=True)
         return 0
 
-    # 4. the scheduled run (and the uncompressed one)
+    # 4. the scheduled run (and the full-sequence one)
     common = [*a.task_flags, "--epochs", str(a.epochs), "--train-num-samples", str(a.samples_per_epoch),
               "--warmup", "5", "--eval-frequency", str(a.epochs)]
     flags = task_data(a.task, a.data, a.knn_bank_max_images).flags()
-    runs = [("scheduled", train_run(a, "compress-scheduled", [*common, "--compression-schedule", schedule_json],
+    runs = [("scheduled", train_run(a, "seqcomp-scheduled", [*common, "--seqcomp-schedule", schedule_json],
                                     data_flags=flags))]
     if a.baseline:
-        runs.append(("baseline", train_run(a, "compress-baseline", common, data_flags=flags)))
+        runs.append(("baseline", train_run(a, "seqcomp-baseline", common, data_flags=flags)))
     for label, run_dir in runs:
         rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
         steps = [r for r in rows if "loss" in r]
         units = steps[-1].get("cost_units", float(steps[-1]["step"])) if steps else float("nan")
-        print(f"demo-compress: {label}: {len(steps) and steps[-1]['step']} steps, {units:.1f} cost units "
-              f"(an uncompressed step = 1)")
+        print(f"demo-seqcomp: {label}: {len(steps) and steps[-1]['step']} steps, {units:.1f} cost units "
+              f"(a full-sequence step = 1)")
         print("\n".join(f"  {line}" for line in summary_lines(os.path.join(run_dir, "metrics.jsonl"))))
-    print(f"demo-compress: schedule {schedule_json} (table {out}/schedule.md, panels {out}/schedule.png), "
+    print(f"demo-seqcomp: schedule {schedule_json} (table {out}/schedule.md, panels {out}/schedule.png), "
           f"costs {costs_json}", flush=True)
     return 0
 
