@@ -26,7 +26,7 @@ class ModelConfig:
     task: str = "clip"  # a dtp_ds.tasks.TASKS name; its settings are TrainArgs.task_config
     model: str = "ViT-Tiny-8"
     grad_checkpointing: bool | None = None  # None: on iff the ds_config has "activation_checkpointing"
-    boundary_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss)
+    reducer_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss, ...)
     seqcomp_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.train.seqcomp_schedule); None: full-sequence
     seqcomp_costs: str | None = None  # a tools/seqcomp_costs table: the cost of segments without one
     init_from: str | None = None  # warm start: weights file or dtp_ds run (dtp_ds.train.init_from); a resume wins
@@ -88,7 +88,9 @@ _SEQCOMP = "'compression' is the token reducer's ratio; the training-input strat
 RENAMED_FLAGS = {"--zeroshot-frequency": ("--eval-frequency", _EVAL),
                  "--zeroshot-max-images": ("--eval-max-images", _EVAL),
                  "--compression-schedule": ("--seqcomp-schedule", _SEQCOMP),
-                 "--compression-costs": ("--seqcomp-costs", _SEQCOMP)}
+                 "--compression-costs": ("--seqcomp-costs", _SEQCOMP),
+                 "--boundary-loss-weight": ("--reducer-loss-weight", "it weights every token reducer's auxiliary "
+                                            "losses, not only DRIP's boundary loss")}
 
 
 class _Renamed(argparse.Action):
@@ -133,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x), or a model JSON path/NAME.json")
     _bool_flag(p, "--grad-checkpointing", "activation checkpointing per transformer block "
                "(default: on iff the ds_config has an activation_checkpointing section)")
-    a("--boundary-loss-weight", type=float,
-      help="weight of the token reducer's auxiliary losses (DRIP's boundary-rate loss)")
+    a("--reducer-loss-weight", type=float,
+      help="weight of each auxiliary loss of the token reducer (DRIP's boundary-rate loss, DynamicViT's ratio "
+      "and distillation losses, ...)")
     a("--seqcomp-schedule", metavar="FILE|SPEC",
       help=SEQCOMP_SCHEDULE_HELP)
     a("--seqcomp-costs", metavar="FILE",

@@ -265,7 +265,7 @@ def build_engine(s: Setup, rank: int, world: int, lr_scheduler: Callable[[Any], 
     ``lr_scheduler``: optimizer -> scheduler (default: the run's warmup and decay)."""
     args = s.args
     seed_all(args.run.seed)  # identical initial weights on every rank
-    spec = TaskSpec(args.model.model, rank, world, DTYPES[precision_of(s.ds_config)], args.model.boundary_loss_weight,
+    spec = TaskSpec(args.model.model, rank, world, DTYPES[precision_of(s.ds_config)], args.model.reducer_loss_weight,
                     args.task_config)
     task = build_task(args.model.task, spec)
     if grad_checkpointing_on(s.ds_config, args):

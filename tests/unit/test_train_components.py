@@ -40,6 +40,15 @@ def test_flags_win_and_are_recorded():
     assert raw["bf16"]["enabled"] is True  # the loaded JSON itself is untouched
 
 
+def test_the_reducer_loss_weight_flag_and_its_old_name():
+    """--reducer-loss-weight weights every reducer's auxiliary losses; the old DRIP-only name is
+    refused with the new one, never aliased."""
+    assert _args("--reducer-loss-weight", "0.5").model.reducer_loss_weight == 0.5
+    with pytest.raises(ConfigError, match="--boundary-loss-weight was renamed --reducer-loss-weight "
+                                          r"\(it weights every token reducer's .*\): use --reducer-loss-weight$"):
+        _args("--boundary-loss-weight", "0.5")
+
+
 def test_no_flags_no_overrides_but_the_derived_total():
     cfg, overrides = resolve(load_ds_config(TINY_DS_CONFIG), _args(), world_size=2)
     assert [o["key"] for o in overrides] == ["train_batch_size"]
