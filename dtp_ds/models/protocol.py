@@ -1,33 +1,50 @@
 """The token-reducer protocol, in one place: the types a reducer and the trunk share.
 
 A reducer (:class:`TokenReducer`) is an ``nn.Module`` the trunk (:class:`~dtp_ds.models.vit.VisionTransformer`)
-calls in every forward. What it must say, and what it may do:
+calls in every forward. It has 11 methods (1 required, 10 hooks) and 2 declarations:
 
-Required
+Required (1)
   ``planned_tokens(patches, depth, rate)``: tokens per sample (CLS included) entering each
   block, without a forward. FLOP counts, the memory model and the tuner read it: a subclass that
   does not define it is refused when it is defined (no silent "no reduction").
 
-Hooks (each does nothing unless overridden)
+Hooks (10; each does nothing unless overridden)
   ``on_input(x, st)``: the tokens (B, 1 + N, D) after positions (a training-time seqcomp
   has already acted; ``check_input`` refuses one the reducer cannot train on);
   ``at_boundary(i, x, st)``: before block ``i`` (``i = depth``: after the last block); may switch
-  to packed rows by setting ``st.packing`` (DRIP, TokenLearner, grouping);
+  to packed rows by setting ``st.packing`` (DRIP, TokenLearner, grouping) or weigh the dense
+  tokens by setting ``st.weights`` (DynamicViT's policy);
   ``mid_block(i, st)``: a :data:`MidBlockFn` run between block ``i``'s attention and MLP, or
-  ``None`` (ToMe: it gets the attention keys and carries token sizes);
+  ``None`` (ToMe: it gets the attention keys and returns merged tokens and their weights);
   ``pin(tokens)``: fix the kept token count (FLOP counts, memory checks at a compression);
   ``schedule(total_steps)``: an object the Trainer steps and checkpoints, or ``None``;
-  ``check(trunk)``, ``check_input(...)``: refuse what cannot run, naming the reducer;
+  ``check(trunk)``, ``check_input(patches, grid, strategy)``: refuse what cannot run, naming the reducer;
   ``plan(...)``: :meth:`planned_tokens` plus what the memory model needs (:class:`TokenPlan`);
-  ``default_rate()``, ``upgrade_state_dict(...)``.
+  ``default_rate()``; ``upgrade_state_dict(state_dict, prefix)``.
 
-Reports
-  Everything a forward produces besides the tokens goes into its :class:`ForwardState`, never
-  onto the module: ``aux_losses`` (with gradient; a task adds them weighted by
-  ``--boundary-loss-weight``), ``stats`` (detached scalars, under the names the reducer declares
-  in ``stat_names``; ``compression`` is the patches per kept token, the one statistic every
-  caller reads), ``groups`` / ``scores`` (per patch). The trunk returns them as a
-  :class:`TowerOutput` (``forward_with_aux``) or hands it to an open ``record_forward()``.
+Declarations (2; class attributes)
+  ``stat_names``: the statistics its forwards report, every one of them (``compression``
+  included, for a reducer that reports it); ``type_name``: set by ``register_reducer``.
+
+Per forward: :class:`ForwardState` (11 fields)
+  What the trunk gives (3): ``embed`` (the patch embeddings; ``st.batch`` and ``st.patches``
+  follow from it), ``images``, ``kept_patches``. What the reducer sets for the trunk (2):
+  ``packing`` (packed rows), ``weights`` (:class:`TokenWeights`: a per-key attention bias, a
+  per-key attention gate, pooling weights; generic, for dense tokens). The reducer's own (1):
+  ``carry`` (any object of its own, e.g. a dataclass, carried between its hooks; the trunk never
+  reads it). What it reports (5): ``aux_losses`` (with gradient; a task adds them weighted by
+  ``--reducer-loss-weight``), ``stats`` (detached scalars, exactly the names in ``stat_names``),
+  ``groups`` / ``scores`` (per patch), ``extras`` (by the reducer's own names: tests, pictures).
+  Never on the module, so two forwards in one step (GradCache, a teacher) each have their own
+  and no graph outlives its step. The trunk returns the reports as a :class:`TowerOutput`
+  (``forward_with_aux``) or hands it to an open ``record_forward()``.
+
+Statistics under declared names
+  A forward that reports a statistic its class does not declare in ``stat_names``, or a training
+  forward that leaves a declared one out, is a ``ValueError`` naming the reducer, the name and the
+  fix, at its first forward (:func:`check_stats`). ``compression``, by convention, is patch tokens
+  per kept token (the reducers that reduce report it); callers read statistics only under
+  declared names (:func:`dtp_ds.models.reducers.declared_stats`).
 
 A new reducer is one file: a subclass registered with
 :func:`dtp_ds.models.reducers.register_reducer`, or named in a model JSON as
@@ -44,35 +61,64 @@ from torch import nn
 
 from .segments import Packing
 
-# A reducer's hook between a block's attention and its MLP: (tokens, packing, token sizes or
-# None, attention keys averaged over heads) -> (tokens, packing, sizes). It may run twice per
-# forward under activation checkpointing, so it must be a pure function of its inputs (and the RNG
-# state, which checkpointing replays); what changes from block to block travels in its arguments.
-MidBlockFn = Callable[[torch.Tensor, "Packing | None", "torch.Tensor | None", torch.Tensor],
-                      "tuple[torch.Tensor, Packing | None, torch.Tensor | None]"]
 
+@dataclass(frozen=True)
+class TokenWeights:
+    """How much each token of a dense sequence (B, T) counts, for a reducer that weighs tokens
+    rather than (or besides) dropping them; every block's attention and the final pooling read
+    it (:attr:`ForwardState.weights`). A field left ``None`` changes nothing. Dense tokens only
+    (attention refuses it on packed rows)."""
+
+    # (B, T) added to every query's attention logit for key j (ToMe's proportional attention:
+    # the log of the patches a merged token stands for)
+    attn_bias: torch.Tensor | None = None
+    # (B, T) in [0, 1]: multiplies key j's attention weight for every query but j itself, then
+    # renormalises (:func:`~dtp_ds.models.vit.policy_weights`: at 0 the key is hidden and the gate
+    # still has a gradient); attention then runs explicitly in fp32 (DynamicViT's token policy)
+    attn_gate: torch.Tensor | None = None
+    # (B, T) each token's weight in mean pooling (ToMe: its size; DynamicViT: its policy); a
+    # token at 0 is not valid in ``forward_tokens_valid``
+    pool: torch.Tensor | None = None
+
+
+# A reducer's hook between a block's attention and its MLP: (tokens, packing, token weights or
+# None, attention keys averaged over heads) -> (tokens, packing, token weights). It may run twice
+# per forward under activation checkpointing, so it must be a pure function of its inputs (and the
+# RNG state, which checkpointing replays); what changes from block to block travels in its arguments.
+MidBlockFn = Callable[[torch.Tensor, "Packing | None", "TokenWeights | None", torch.Tensor],
+                      "tuple[torch.Tensor, Packing | None, TokenWeights | None]"]
 
 
 @dataclass
 class ForwardState:
-    """One forward's scratch space, handed to the reducer's hooks; never kept on a module, so
-    two forwards in one step (GradCache, a teacher) each have their own and no graph outlives
-    its step."""
+    """One forward's scratch space, handed to the reducer's hooks (see the module doc); never
+    kept on a module, so two forwards in one step (GradCache, a teacher) each have their own and
+    no graph outlives its step."""
 
-    batch: int
-    patches: int  # the patch tokens entering the trunk (fewer under seqcomp's token dropout in training)
-    embed: torch.Tensor  # (B, N, D) those patches' embeddings before positions (content only)
-    packing: Packing | None = None  # set while the tokens are packed rows
-    sizes: torch.Tensor | None = None  # (B, T) patches per token once tokens were merged (ToMe)
-    # (B, T) token policy in [0, 1] (DynamicViT training): attention ignores dropped keys, pooling weighs by it
-    keep: torch.Tensor | None = None
+    # what the trunk gives
+    embed: torch.Tensor  # (B, N, D) the patch embeddings entering the trunk, before positions (content only)
     images: torch.Tensor | None = None  # the forward's input images (a teacher runs on them)
+    kept_patches: torch.Tensor | None = None  # (B, N) patch indices kept by seqcomp's token dropout, or None
+    # what the reducer sets for the trunk
+    packing: Packing | None = None  # set while the tokens are packed rows
+    weights: TokenWeights | None = None  # per-token attention and pooling weights of dense tokens
+    # the reducer's own, between its hooks (any object; the trunk never reads it)
+    carry: Any = None
+    # what the reducer reports
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # with grad, weight 1 each
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, under stat_names
     groups: torch.Tensor | None = None  # (B, N) long: the group each patch ended in
     scores: torch.Tensor | None = None  # (B, N) the reducer's per-patch score (e.g. boundary probability)
-    extras: dict[str, Any] = field(default_factory=dict)  # reducer-specific (tests, pictures)
-    memo: dict[str, Any] = field(default_factory=dict)  # the reducer's own carry between hooks
+    extras: dict[str, Any] = field(default_factory=dict)  # by the reducer's own names (tests, pictures)
+
+    @property
+    def batch(self) -> int:
+        return self.embed.shape[0]
+
+    @property
+    def patches(self) -> int:
+        """The patch tokens entering the trunk (fewer under seqcomp's token dropout in training)."""
+        return self.embed.shape[1]
 
     def tokens_per_sample(self, x: torch.Tensor) -> torch.Tensor | float:
         """Mean tokens per sample of ``x`` (CLS included), without a host synchronisation."""
@@ -94,7 +140,6 @@ class TowerOutput:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-
 @dataclass(frozen=True)
 class TokenPlan:
     """A reducer's expected token layout per sample, without a forward (memory model, tuner)."""
@@ -114,10 +159,10 @@ class TokenPlan:
 
 class TokenReducer(nn.Module):
     """The protocol (see the module doc): ``planned_tokens`` required, the hooks do nothing
-    unless overridden."""
+    unless overridden, ``stat_names`` every statistic its forwards report."""
 
     type_name = "none"
-    # the detached statistics its forwards report in ForwardState.stats (besides "compression")
+    # every detached statistic its forwards report in ForwardState.stats ("compression" included)
     stat_names: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -126,6 +171,9 @@ class TokenReducer(nn.Module):
             raise TypeError(f"{cls.__name__}: a TokenReducer must define planned_tokens(patches, depth, rate) "
                             f"(FLOP counts and the memory model read it; a reducer that reduces nothing returns "
                             f"[patches + 1.0] * depth)")
+        if not (isinstance(cls.stat_names, tuple) and all(isinstance(n, str) for n in cls.stat_names)):
+            raise TypeError(f"{cls.__name__}.stat_names must be a tuple of names, e.g. ('compression',), got "
+                            f"{cls.stat_names!r}")
 
     def check(self, trunk: nn.Module) -> None:
         """Raise ``ValueError`` if this reducer cannot run in ``trunk`` (depth, grid, ...)."""
@@ -175,3 +223,19 @@ class TokenReducer(nn.Module):
         return TokenPlan(tokens, (None,) * len(tokens), tokens[-1] if tokens else patches + 1.0, False)
 
 
+def check_stats(reducer: TokenReducer, stats: dict[str, Any], training: bool) -> None:
+    """``ValueError`` naming ``reducer``, the statistic and the fix when a forward reported one its
+    class does not declare in ``stat_names``, or (``training``) left a declared one out. The trunk
+    calls it after every forward: a reducer that breaks the rule fails at its first forward."""
+    cls = type(reducer)
+    declared = cls.stat_names
+    undeclared = [k for k in stats if k not in declared]
+    if undeclared:
+        raise ValueError(f"the {reducer.type_name} reducer ({cls.__qualname__}) reported statistic(s) "
+                         f"{undeclared} that it does not declare: add them to {cls.__qualname__}.stat_names "
+                         f"(declared: {declared})")
+    missing = [k for k in declared if k not in stats] if training else []
+    if missing:
+        raise ValueError(f"the {reducer.type_name} reducer ({cls.__qualname__}) declares statistic(s) {missing} "
+                         f"in stat_names but its training forward did not report them: report each in every "
+                         f"training forward (st.stats[name] = ...), or remove it from {cls.__qualname__}.stat_names")

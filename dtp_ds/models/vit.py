@@ -26,7 +26,7 @@ from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .protocol import ForwardState, MidBlockFn, TowerOutput
+from .protocol import ForwardState, MidBlockFn, TokenWeights, TowerOutput, check_stats
 from .segments import Packing, from_padded, to_padded
 from .seqcomp import NONE, SeqComp, gather_tokens, pi_resize_kernel, token_keep_indices
 
@@ -45,13 +45,13 @@ def drop_path(x: torch.Tensor, prob: float, training: bool, packing: Packing | N
     return x * keep.view(-1, *([1] * (x.ndim - 1)))
 
 
-def policy_weights(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, key_bias: torch.Tensor | None = None,
+def policy_weights(q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor, key_bias: torch.Tensor | None = None,
                    eps: float = 1e-6) -> torch.Tensor:
-    """Attention weights (B, H, T, T), fp32, under a token policy ``keep`` (B, T) in [0, 1]
-    (DynamicViT): ``w_ij = exp(s_ij) * P_ij / (sum_j exp(s_ij) * P_ij + eps)`` with
-    ``P_ij = keep_j`` off the diagonal and 1 on it: no query attends to a dropped key (weight
-    exactly 0 at ``keep_j = 0``), every token still attends to itself. Multiplicative, not an
-    additive ``log keep``: at ``keep_j = 0`` the gradient with respect to ``keep_j`` stays finite
+    """Attention weights (B, H, T, T), fp32, under a per-key gate (B, T) in [0, 1] (a token
+    policy: DynamicViT's): ``w_ij = exp(s_ij) * P_ij / (sum_j exp(s_ij) * P_ij + eps)`` with
+    ``P_ij = gate_j`` off the diagonal and 1 on it: no query attends to a gated-off key (weight
+    exactly 0 at ``gate_j = 0``), every token still attends to itself. Multiplicative, not an
+    additive ``log gate``: at ``gate_j = 0`` the gradient with respect to ``gate_j`` stays finite
     (``exp(s_ij) / sum``), so a policy predictor learns from dropped tokens too; the logits are
     shifted by their maximum over all keys (each ``exp`` at most 1)."""
     scale = q.shape[-1] ** -0.5
@@ -59,17 +59,17 @@ def policy_weights(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, key_bia
     if key_bias is not None:
         logits = logits + key_bias.float()[:, None, None, :]
     logits = logits - logits.amax(dim=-1, keepdim=True).detach()
-    length = keep.shape[1]
-    eye = torch.eye(length, device=keep.device, dtype=torch.float32)
-    policy = keep.float()[:, None, None, :] * (1.0 - eye) + eye  # (B, 1, T, T)
+    length = gate.shape[1]
+    eye = torch.eye(length, device=gate.device, dtype=torch.float32)
+    policy = gate.float()[:, None, None, :] * (1.0 - eye) + eye  # (B, 1, T, T)
     weights = logits.exp() * policy
     return weights / (weights.sum(dim=-1, keepdim=True) + eps)
 
 
-def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,
                      key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention (B, H, T, hd) under a token policy (:func:`policy_weights`), in fp32, cast back."""
-    return (policy_weights(q, k, keep, key_bias) @ v.float()).to(v.dtype)
+    """Attention (B, H, T, hd) under a per-key gate (:func:`policy_weights`), in fp32, cast back."""
+    return (policy_weights(q, k, gate, key_bias) @ v.float()).to(v.dtype)
 
 
 class Attention(nn.Module):
@@ -88,25 +88,25 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None, key_bias: torch.Tensor | None = None,
-                want_keys: bool = False, keep: torch.Tensor | None = None
+                want_keys: bool = False, key_gate: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``key_bias`` (B, T): added to every query's logit for each key (dense input only; ToMe's
-        proportional attention passes log token sizes). ``want_keys``: also return the keys
-        averaged over heads (B, T, head width), ToMe's similarity metric. ``keep`` (B, T): a
-        token policy in [0, 1] (DynamicViT's training masks; dense input only): attention then
-        runs explicitly (:func:`policy_attention`), not through SDPA."""
+        """The per-key terms of :class:`~.protocol.TokenWeights` (dense input only): ``key_bias``
+        (B, T) added to every query's logit for each key; ``key_gate`` (B, T) in [0, 1]
+        multiplying each key's weight (its own excepted): attention then runs explicitly
+        (:func:`policy_attention`), not through SDPA. ``want_keys``: also return the keys
+        averaged over heads (B, T, head width), a similarity metric (ToMe's)."""
         qkv = self.qkv(x)
         mask = None
         if packing is not None:
+            if key_bias is not None or key_gate is not None:
+                raise ValueError("per-key attention terms (TokenWeights) apply to dense tokens, not packed rows")
             qkv = to_padded(qkv, packing)
             mask = packing.attn_mask
         batch, length, dim3 = qkv.shape
         dim = dim3 // 3
         q, k, v = qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        if keep is not None:
-            if packing is not None:
-                raise ValueError("a token policy (keep) masks dense sequences, not packed rows")
-            out = policy_attention(q, k, v, keep, key_bias)
+        if key_gate is not None:
+            out = policy_attention(q, k, v, key_gate, key_bias)
         else:
             if key_bias is not None:
                 mask = key_bias[:, None, None, :].to(q.dtype)
@@ -131,18 +131,17 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None, mid: MidBlockFn | None = None,
-                sizes: torch.Tensor | None = None, keep: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, Packing | None, torch.Tensor | None]:
-        """``sizes`` (B, T): how many patches each token stands for (merged tokens), or None;
-        ``keep`` (B, T): a token policy masking attention (:func:`policy_weights`), or None."""
-        bias = None if sizes is None else sizes.log()
-        h = self.attn(self.norm1(x), packing, bias, want_keys=mid is not None, keep=keep)
+                weights: TokenWeights | None = None) -> tuple[torch.Tensor, Packing | None, TokenWeights | None]:
+        """``weights``: the tokens' attention terms (:class:`~.protocol.TokenWeights`), or None;
+        ``mid`` may change tokens, packing and weights (returned)."""
+        bias, gate = (None, None) if weights is None else (weights.attn_bias, weights.attn_gate)
+        h = self.attn(self.norm1(x), packing, bias, want_keys=mid is not None, key_gate=gate)
         if mid is not None:
             h, keys = h
         x = x + drop_path(h, self.drop_path, self.training, packing)
         if mid is not None:
-            x, packing, sizes = mid(x, packing, sizes, keys)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, packing), packing, sizes
+            x, packing, weights = mid(x, packing, weights, keys)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, packing), packing, weights
 
 
 class PatchEmbed(nn.Conv2d):
@@ -389,25 +388,25 @@ class VisionTransformer(nn.Module):
     def _block(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         blk, mid = self.blocks[index], self.reducer.mid_block(index, st)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            x, st.packing, st.sizes = checkpoint(blk, x, st.packing, mid, st.sizes, st.keep, use_reentrant=False)
+            x, st.packing, st.weights = checkpoint(blk, x, st.packing, mid, st.weights, use_reentrant=False)
         else:
-            x, st.packing, st.sizes = blk(x, st.packing, mid, st.sizes, st.keep)
+            x, st.packing, st.weights = blk(x, st.packing, mid, st.weights)
         return x
 
     def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState, list[torch.Tensor | float]]:
         """Images -> (final-normed tokens, the forward's state, tokens per sample entering each block)."""
         images = x
         x, embed, kept = self._embed(x)
-        st = ForwardState(batch=x.shape[0], patches=embed.shape[1], embed=embed, images=images)
-        if kept is not None:
-            st.extras["kept_patches"] = kept
+        st = ForwardState(embed=embed, images=images, kept_patches=kept)
         x = self.reducer.on_input(x, st)
         counts: list[torch.Tensor | float] = []
         for i in range(len(self.blocks)):
             x = self.reducer.at_boundary(i, x, st)
             counts.append(st.tokens_per_sample(x))
             x = self._block(i, x, st)
-        return self.norm(self.reducer.at_boundary(len(self.blocks), x, st)), st, counts
+        x = self.norm(self.reducer.at_boundary(len(self.blocks), x, st))
+        check_stats(self.reducer, st.stats, self.training)
+        return x, st, counts
 
     def forward_with_aux(self, x: torch.Tensor) -> TowerOutput:
         """Images (B, C, H, W) -> :class:`TowerOutput` (embeddings and the reducer's report)."""
@@ -415,7 +414,7 @@ class VisionTransformer(nn.Module):
         device = x.device
         token_counts = torch.stack([torch.as_tensor(c, dtype=torch.float32).to(device) for c in counts]) \
             if counts else torch.zeros(0, device=device)
-        features = self.head(self._pool(x, st.packing, st.sizes, st.keep))
+        features = self.head(self._pool(x, st.packing, None if st.weights is None else st.weights.pool))
         return TowerOutput(features, st.aux_losses, st.stats, token_counts.detach(), st.groups, st.scores, st.extras)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -428,8 +427,8 @@ class VisionTransformer(nn.Module):
         to the longest (zeros at padding)."""
         x, st, _ = self._forward_tokens(x)
         if st.packing is None:
-            if st.keep is not None:  # a token policy: the tokens it dropped are not valid
-                return x, st.keep > 0.5
+            if st.weights is not None and st.weights.pool is not None:  # tokens pooling ignores are not valid
+                return x, st.weights.pool > 0
             return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return to_padded(x, st.packing), st.packing.valid
 
@@ -441,22 +440,19 @@ class VisionTransformer(nn.Module):
             records.append(out)
         return out.features
 
-    def _pool(self, x: torch.Tensor, packing: Packing | None, sizes: torch.Tensor | None = None,
-              keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Pool each sample's final tokens (dense (B, T, D) or packed (N, D)) -> (B, D); merged
-        tokens (``sizes``) weigh as many patches as they stand for, a token policy (``keep``,
-        dense only) by its value (dropped tokens do not count)."""
-        if keep is not None:
-            sizes = keep.float() if sizes is None else sizes * keep.float()
+    def _pool(self, x: torch.Tensor, packing: Packing | None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Pool each sample's final tokens (dense (B, T, D) or packed (N, D)) -> (B, D); ``weights``
+        (B, T, dense only; :attr:`TokenWeights.pool`) weigh the mean (a merged token as the patches
+        it stands for, a token policy by its value)."""
         if packing is None:
             if self.global_pool == "cls":
                 return x[:, 0]
             if self.global_pool == "last":
                 return x[:, -1]
             start = 0 if self.global_pool == "mean_with_cls" else 1
-            if sizes is None:
+            if weights is None:
                 return x[:, start:].mean(1)
-            w = sizes[:, start:].unsqueeze(-1)
+            w = weights[:, start:].float().unsqueeze(-1)
             return ((x[:, start:].float() * w).sum(1) / w.sum(1).clamp_min(1e-6)).to(x.dtype)
         if self.global_pool == "cls":
             return x.index_select(0, packing.starts)

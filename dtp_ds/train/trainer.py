@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from dtp_ds.models.reducers import declared_stats
 from dtp_ds.train import checkpoint
 from dtp_ds.train.checkpoint import TrainState
 from dtp_ds.train.guard import BadDataGuard, NonFiniteGuard, TrainingError, all_reduce_step
@@ -107,7 +108,9 @@ class Trainer:
         self.device, self.rank = device, rank
         self.saved_at, self.evaluated_at = saved_at, -1
         self.sums: dict[str, torch.Tensor | float] = {}
-        self.last_train: dict[str, float] = {}  # the step means of the last step
+        # the statistics the task's reducers declare: read under those names only
+        self.reducer_stats = declared_stats(task.module)
+        self.last_train: dict[str, float] = {}  # the last step's means of those statistics
         self.bar = tqdm(total=cfg.last_step, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
         self.restart_timer()
 
@@ -143,7 +146,7 @@ class Trainer:
         # one small collective per step: rank-mean losses and the bad-data counts
         means, bad_counts = all_reduce_step(self.sums, cfg.accum, self.bad_data.take(), self.device)
         self.sums = {}
-        self.last_train.update({k: float(v) for k, v in means.items() if k == "compression"})
+        self.last_train.update({k: float(means[k]) for k in self.reducer_stats if k in means})
         st.samples_seen += cfg.global_batch
         self.bad_data.account(st, bad_counts)
         st.nonfinite_steps += self.nonfinite.account(st.step, means["loss"])
@@ -196,13 +199,12 @@ class Trainer:
         t0 = time.time()
         res, lines = self.task.evaluate(self.splits, self.device, self.cfg.eval_batch_size, self.cfg.eval_max_images,
                                         self.cfg.eval_workers)
+        # the reducers' statistics of the last training step, next to evaluation's (train_compression, ...)
+        training = ", ".join(f"{k} {v:.2f}" for k, v in self.last_train.items())
         if self.rank == 0:
             for line in lines:
-                self.bar.write(f"{line} @ step {self.state.step}" + (
-                    f" (training compression {self.last_train['compression']:.2f})"
-                    if "compression" in self.last_train else ""))
-        if "compression" in self.last_train:  # the last logged training compression, next to evaluation's
-            res["train_compression"] = self.last_train["compression"]
+                self.bar.write(f"{line} @ step {self.state.step}" + (f" (training {training})" if training else ""))
+        res.update({f"train_{k}": v for k, v in self.last_train.items()})
         res.update(step=self.state.step, epoch=self.state.epoch, eval_time=time.time() - t0,
                    split=self.splits[0].name)
         self.logger.log(res)

@@ -11,6 +11,8 @@ class StrideReducer(TokenReducer):
     """Before block ``at``: keep CLS and every ``stride``-th patch token, each scaled by a learned
     gate; an auxiliary loss pulls the mean gate toward 1 (so it has a gradient to follow)."""
 
+    stat_names = ("kept_fraction",)
+
     def __init__(self, dim: int, depth: int, num_patches: int, at: int = 1, stride: int = 2) -> None:
         super().__init__()
         self.at, self.stride = at, stride

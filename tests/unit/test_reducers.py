@@ -269,11 +269,11 @@ def test_policy_attention_gives_dropped_tokens_no_attention_but_the_policy_a_gra
     # an all-ones policy is plain attention; a dropped token's content does not reach the others
     attn = Attention(8, 2)
     x = torch.randn(2, 5, 8)
-    assert torch.allclose(attn(x, keep=torch.ones(2, 5)), attn(x), atol=1e-5)
+    assert torch.allclose(attn(x, key_gate=torch.ones(2, 5)), attn(x), atol=1e-5)
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]]).expand(2, -1)
     y = x.clone()
     y[:, 2] += 3.0
-    a, b = attn(x, keep=mask), attn(y, keep=mask)
+    a, b = attn(x, key_gate=mask), attn(y, key_gate=mask)
     assert torch.allclose(a[:, [0, 1, 3, 4]], b[:, [0, 1, 3, 4]], atol=1e-6) and not torch.allclose(a[:, 2], b[:, 2])
 
 
@@ -365,3 +365,41 @@ def test_a_reducer_without_planned_tokens_is_refused_when_defined():
         pass
 
     assert Subclassed.planned_tokens is not TokenReducer.planned_tokens
+
+
+def test_a_reducer_reports_exactly_the_statistics_it_declares():
+    """stat_names is enforced at the first forward: a statistic the class does not declare, or
+    (in training) a declared one left out, is refused naming the reducer, the name and the fix."""
+    from dtp_ds.models.protocol import TokenReducer
+
+    class Chatty(TokenReducer):
+        stat_names = ("compression",)
+        say = ("compression", "purity")
+
+        def on_input(self, x, st):
+            for name in self.say:
+                st.stats[name] = torch.tensor(1.0)
+            return x
+
+        def planned_tokens(self, patches, depth, rate=None):
+            return [patches + 1.0] * depth
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, reducer=Chatty())
+    images = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"reducer \(.*Chatty\) reported statistic\(s\) \['purity'\].*add them to "
+                                         r".*Chatty.stat_names"):
+        model(images)
+    Chatty.say = ()
+    with pytest.raises(ValueError, match=r"declares statistic\(s\) \['compression'\].*report each in every training "
+                                         r"forward.*or remove it from .*Chatty.stat_names"):
+        model(images)
+    with torch.no_grad():
+        model.eval()(images)  # evaluation may leave a declared statistic out
+    Chatty.say = ("compression",)
+    model.train()(images)
+    with pytest.raises(TypeError, match="stat_names must be a tuple"):
+        class Misdeclared(TokenReducer):
+            stat_names = "compression"
+
+            def planned_tokens(self, patches, depth, rate=None):
+                return [patches + 1.0] * depth

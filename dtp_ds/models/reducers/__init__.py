@@ -84,7 +84,14 @@ def reducers_of(model: nn.Module) -> list[TokenReducer]:
     return [m for m in model.modules() if isinstance(m, TokenReducer)]
 
 
+def declared_stats(model: nn.Module) -> tuple[str, ...]:
+    """The statistics the reducers inside ``model`` declare (their ``stat_names``), each once, in
+    module order: the only names their forwards report (``TowerOutput.stats``), and the names a
+    caller reads them under."""
+    return tuple(dict.fromkeys(n for r in reducers_of(model) for n in type(r).stat_names))
+
+
 from . import drip, dropout, dynamicvit, grouping, tokenlearner, tome  # noqa: E402,F401  (each registers itself)
 
-__all__ = ["REDUCERS", "NoReducer", "TokenPlan", "TokenReducer", "make_reducer", "pinned_tokens", "reducers_of",
-           "register_reducer"]
+__all__ = ["REDUCERS", "NoReducer", "TokenPlan", "TokenReducer", "declared_stats", "make_reducer", "pinned_tokens",
+           "reducers_of", "register_reducer"]

@@ -35,6 +35,8 @@ class DripReducer(TokenReducer):
     :class:`~dtp_ds.models.boundary.CosineBoundaryPredictor`); ``threshold_momentum``: the
     adaptive selection's calibration EMA."""
 
+    stat_names = ("compression", "boundary_rate")
+
     def __init__(
         self,
         dim: int,
@@ -130,7 +132,7 @@ class DripReducer(TokenReducer):
             short, packing = x, st.packing
             cls_out = short.index_select(0, packing.starts).unsqueeze(1)
             st.packing = None
-            return st.memo.pop("drip_residual") + torch.cat([cls_out, unpack_patches(short, packing)], dim=1)
+            return st.carry + torch.cat([cls_out, unpack_patches(short, packing)], dim=1)
         return x
 
     def _pool(self, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
@@ -144,7 +146,7 @@ class DripReducer(TokenReducer):
         st.groups, st.scores = ids, bnd.probs.detach()
         st.extras["boundaries"] = bnd
         if self.upsample:
-            st.memo["drip_residual"] = x
+            st.carry = x  # the tokens before pooling: upsampling adds them back
         st.packing = packing
         return pack_segments(x, packing, weights)
 

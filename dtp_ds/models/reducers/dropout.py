@@ -19,6 +19,8 @@ from . import TokenReducer, register_reducer
 class PatchDropoutReducer(TokenReducer):
     """Drop ``prob`` of the patch tokens in training (keep ``max(1, int(N (1 - prob)))``)."""
 
+    stat_names = ("compression",)
+
     def __init__(self, dim: int, depth: int, num_patches: int, prob: float = 0.5, ordered: bool = True,
                  final_unmasked: float = 0.0) -> None:
         super().__init__()

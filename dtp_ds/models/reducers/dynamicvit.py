@@ -10,10 +10,11 @@ patch tokens; CLS is always kept.
 
 **Training** (``dynamicvit``) does *not* cut compute, as in the paper: every token runs every
 block. A stage samples hard keep decisions by Gumbel-Softmax (straight-through) and multiplies
-them into the previous stage's policy; the policy (``ForwardState.keep``) masks attention (a
-dropped token receives no attention from the others, every token still attends to itself,
-multiplicatively: :func:`~dtp_ds.models.vit.policy_weights`, so the predictor has a gradient at
-dropped tokens) and weighs the final pooling. Auxiliary losses:
+them into the previous stage's policy (carried in the forward's :class:`PolicyCarry`); the policy
+is the tokens' :class:`~dtp_ds.models.protocol.TokenWeights`: it gates attention (a dropped token
+receives no attention from the others, every token still attends to itself, multiplicatively:
+:func:`~dtp_ds.models.vit.policy_weights`, so the predictor has a gradient at dropped tokens) and
+weighs the final pooling. Auxiliary losses:
 
 * ``ratio_loss``: ``ratio_weight`` (paper: 2) x the mean over stages of
   ``(mean policy of a sample's patch tokens - rho ** s) ** 2``, averaged over samples;
@@ -55,13 +56,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..protocol import ForwardState
+from ..protocol import ForwardState, TokenWeights
 from ..vit import ConvStem, VisionTransformer
 from . import TokenPlan, TokenReducer, register_reducer
 
@@ -136,11 +138,21 @@ def read_teacher_state(path: str) -> dict[str, torch.Tensor]:
             and not k[len(prefix):].startswith(("reducer.", "head."))}
 
 
+@dataclass
+class PolicyCarry:
+    """What one forward carries from stage to stage (:attr:`ForwardState.carry`)."""
+
+    keep: torch.Tensor | None = None  # (B, 1 + N) the masked stages' policy so far, CLS first (always 1)
+    policies: list[torch.Tensor] = field(default_factory=list)  # each masked stage's patch policy (B, N)
+    positions: torch.Tensor | None = None  # (B, K) the patches the pruned stages kept, raster order
+
+
 @register_reducer("dynamicvit")
 class DynamicViTReducer(TokenReducer):
     """DynamicViT, masked in training (see module doc)."""
 
     drops_in_training = False
+    stat_names = ("compression", "keep_ratio")
 
     def __init__(self, dim: int, depth: int, num_patches: int, rho: float = 0.7, stages: list[int] | None = None,
                  ratio_weight: float = 2.0, distill_weight: float = 0.5, teacher: str | None = None,
@@ -231,6 +243,8 @@ class DynamicViTReducer(TokenReducer):
 
     # --- forward ----------------------------------------------------------------------------
     def at_boundary(self, index: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
+        if index == self.stages[0]:
+            st.carry = PolicyCarry()
         if index in self.stages:
             j = self.stages.index(index)
             if self.training and not self.drops_in_training:
@@ -247,14 +261,16 @@ class DynamicViTReducer(TokenReducer):
                              f"patches, and patch scaling gives {patches}; use token dropout (r=...) only with it")
 
     def _mask(self, j: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
-        prev = None if st.keep is None else st.keep[:, 1:]
+        carry: PolicyCarry = st.carry
+        prev = None if carry.keep is None else carry.keep[:, 1:]
         logp = self.predictors[j](x[:, 1:], prev)
         if j == 0:
             st.scores = logp[..., 0].detach().exp()
         hard = F.gumbel_softmax(logp, tau=self.tau, hard=True)[..., 0]  # 0/1, soft gradient
         policy = hard if prev is None else hard * prev
-        st.keep = torch.cat([policy.new_ones(policy.shape[0], 1), policy], dim=1)
-        st.memo.setdefault("policies", []).append(policy)
+        carry.keep = torch.cat([policy.new_ones(policy.shape[0], 1), policy], dim=1)
+        carry.policies.append(policy)
+        st.weights = TokenWeights(attn_gate=carry.keep, pool=carry.keep)
         return x
 
     def _prune(self, j: int, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
@@ -272,23 +288,23 @@ class DynamicViTReducer(TokenReducer):
         if self.training:
             p = logp[..., 0].exp().gather(1, idx)
             kept = kept * (1.0 + p - p.detach()).to(x.dtype).unsqueeze(-1)  # 1 forward, d p backward
-        prev = st.memo.get("positions")
-        st.memo["positions"] = idx if prev is None else prev.gather(1, idx)
-        st.extras["kept_positions"] = st.memo["positions"]
+        carry: PolicyCarry = st.carry
+        carry.positions = idx if carry.positions is None else carry.positions.gather(1, idx)
+        st.extras["kept_positions"] = carry.positions
         return torch.cat([x[:, :1], kept], dim=1)
 
     def _finish(self, x: torch.Tensor, st: ForwardState) -> None:
-        if st.keep is not None:
-            ratio = st.keep[:, 1:].detach().mean()
+        carry: PolicyCarry = st.carry
+        if carry.keep is not None:
+            ratio = carry.keep[:, 1:].detach().mean()
         else:
             ratio = torch.tensor((x.shape[1] - 1) / st.patches, device=x.device)
         st.stats["keep_ratio"] = ratio.float()
         st.stats["compression"] = 1.0 / ratio.float().clamp_min(1e-6)
         if not self.training:
             return
-        policies = st.memo.get("policies")
-        if policies and self.ratio_weight > 0:
-            terms = [(p.mean(dim=1) - r).square().mean() for p, r in zip(policies, self.ratios)]
+        if carry.policies and self.ratio_weight > 0:
+            terms = [(p.mean(dim=1) - r).square().mean() for p, r in zip(carry.policies, self.ratios)]
             st.aux_losses["ratio_loss"] = self.ratio_weight * torch.stack(terms).mean()
         if self.teacher_path is not None and self.distill_weight > 0:
             if st.images is None:
@@ -297,17 +313,18 @@ class DynamicViTReducer(TokenReducer):
 
     def _distill(self, x: torch.Tensor, st: ForwardState) -> torch.Tensor:
         t = self._teacher_tokens(st.images, x.dtype)
-        kept = st.extras.get("kept_patches")
+        carry: PolicyCarry = st.carry
+        kept = st.kept_patches
         if kept is not None:  # token dropout at the input: the teacher's tokens at the kept patches
             t = torch.cat([t[:, :1], t[:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, t.shape[-1]))], dim=1)
-        pos = st.memo.get("positions")
+        pos = carry.positions
         if pos is not None:  # the student's kept tokens: compare with the teacher's at those positions
             t = torch.cat([t[:, :1], t[:, 1:].gather(1, pos.unsqueeze(-1).expand(-1, -1, t.shape[-1]))], dim=1)
         dim = x.shape[-1]
         err = (F.layer_norm(x.float(), (dim,)) - F.layer_norm(t.float(), (dim,))).square().mean(dim=-1)  # (B, T)
-        if st.keep is None:
+        if carry.keep is None:
             return err.mean()
-        w = st.keep.detach()  # the tokens the policy keeps (the paper selects them), CLS always
+        w = carry.keep.detach()  # the tokens the policy keeps (the paper selects them), CLS always
         return ((err * w).sum(dim=1) / w.sum(dim=1)).mean()
 
 

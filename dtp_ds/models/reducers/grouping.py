@@ -173,6 +173,8 @@ class GroupingReducer(TokenReducer):
     ``stride``), then a dense grouping layer to ``tokens`` tokens before block ``dense_at``
     (``None``: none). See the module doc. Reports ``compression`` (patch tokens / final tokens)."""
 
+    stat_names = ("compression",)
+
     def __init__(self, dim: int, depth: int, num_patches: int, local_at: Sequence[int] = (2,), stride: int = 2,
                  dense_at: int | None = 4, tokens: int = 8, iters: int = 2) -> None:
         super().__init__()
@@ -255,7 +257,7 @@ class GroupingReducer(TokenReducer):
         layers = [layer for at, layer in self._layers() if at == index]
         if not layers:
             return x
-        grid = st.memo.get("grouping_grid")
+        grid = st.carry  # the grid the previous layer left (None before the first)
         if grid is None:
             side = math.isqrt(st.patches)
             if side * side != st.patches or side % self.stride ** len(self.local):
@@ -266,6 +268,6 @@ class GroupingReducer(TokenReducer):
             st.groups = hard if st.groups is None else hard.gather(1, st.groups)
             st.extras.setdefault("assignments", []).append(soft)
             x = torch.cat([x[:, :1], out], dim=1)
-        st.memo["grouping_grid"] = grid
+        st.carry = grid
         st.stats["compression"] = torch.tensor(st.patches / (x.shape[1] - 1), device=x.device)
         return x

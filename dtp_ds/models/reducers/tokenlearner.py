@@ -18,6 +18,8 @@ class TokenLearnerReducer(TokenReducer):
     """Learn ``tokens`` tokens before block ``at`` (see module doc). Reports ``compression``
     (patch tokens / learned tokens)."""
 
+    stat_names = ("compression",)
+
     def __init__(self, dim: int, depth: int, num_patches: int, at: int, tokens: int = 8,
                  hidden: int | None = None) -> None:
         super().__init__()

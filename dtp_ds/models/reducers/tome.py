@@ -5,8 +5,9 @@ In block ``i`` the tokens are split alternately into sets A (even positions, CLS
 B (odd positions); each A token's most similar B token is found by cosine similarity of the
 attention keys (averaged over heads); the ``r_i`` A tokens with the most similar partners are
 merged into them (a size-weighted mean), so the sequence loses ``r_i`` tokens. Token sizes (how
-many patches a token stands for) are carried from block to block: attention adds ``log(size)`` to
-each key's logit ("proportional attention") and pooling weighs tokens by size. CLS is never
+many patches a token stands for) are carried from block to block as the tokens'
+:class:`~dtp_ds.models.protocol.TokenWeights`: their pooling weights, and their log as each key's
+attention bias ("proportional attention": a merged token attends as the tokens it stands for). CLS is never
 merged and stays first; the other tokens keep their relative order within A and within B.
 Matching has no gradient (it is an argmax); the merged values do.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..protocol import ForwardState, MidBlockFn
+from ..protocol import ForwardState, MidBlockFn, TokenWeights
 from ..segments import Packing
 from . import TokenReducer, register_reducer
 
@@ -62,6 +63,8 @@ class ToMeReducer(TokenReducer):
     """ToMe (see module doc). Reports ``compression`` (patch tokens / tokens after the last block,
     CLS aside)."""
 
+    stat_names = ("compression",)
+
     def __init__(self, dim: int, depth: int, num_patches: int, r: int | list[int] = 0) -> None:
         super().__init__()
         schedule = [int(r)] * depth if isinstance(r, int) else [int(v) for v in r]
@@ -81,14 +84,18 @@ class ToMeReducer(TokenReducer):
         if r == 0:
             return None
 
-        def merge(x: torch.Tensor, packing: Packing | None, sizes: torch.Tensor | None,
-                  metric: torch.Tensor) -> tuple[torch.Tensor, Packing | None, torch.Tensor]:
+        def merge(x: torch.Tensor, packing: Packing | None, weights: TokenWeights | None,
+                  metric: torch.Tensor) -> tuple[torch.Tensor, Packing | None, TokenWeights]:
             if packing is not None:
                 raise ValueError("ToMe merges dense sequences; it cannot follow a reducer that packs rows")
+            if weights is not None and weights.attn_gate is not None:
+                raise ValueError("ToMe merges tokens by size; it cannot follow a reducer that gates attention")
+            # the sizes so far are the pooling weights (every token one patch before the first merge)
+            sizes = weights.pool if weights is not None else None
             if sizes is None:
                 sizes = x.new_ones(x.shape[:2], dtype=torch.float32)
             x, sizes = bipartite_merge(x, sizes, metric, mergeable(x.shape[1], r))
-            return x, packing, sizes
+            return x, packing, TokenWeights(attn_bias=sizes.log(), pool=sizes)
 
         return merge
 
