@@ -38,11 +38,17 @@ import torch
 from torch import nn
 
 
+def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
+    """A half-cosine from ``start`` at step 0 to ``end`` at ``total_steps`` (and after): DINO's
+    ``cosine_scheduler`` for its momentum and its weight decay."""
+    progress = min(1.0, step / total_steps) if total_steps > 0 else 1.0
+    return end - (end - start) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:
     """The momentum after ``step`` of ``total_steps`` updates: ``base`` at 0, 1 at the end,
     half-cosine in between (MoCo v3, BYOL, DINO)."""
-    progress = min(1.0, step / total_steps) if total_steps > 0 else 1.0
-    return 1.0 - (1.0 - base) * (1.0 + math.cos(math.pi * progress)) / 2.0
+    return cosine_schedule(step, total_steps, base, 1.0)
 
 
 def is_zero3(p: torch.Tensor) -> bool:
@@ -95,6 +101,10 @@ class MomentumTeacher:
     set to the student's weights. Buffers are not averaged: the teacher's BatchNorm statistics
     are its own (as MoCo v3's and DINO's).
 
+    A student parameter that is not trained (``requires_grad`` off: MoCo v3's frozen patch
+    projection, DINO's fixed weight norm) is copied once and never averaged: its teacher stays
+    equal to it bit for bit (an EMA of two equal values rounds away from them).
+
     Call :meth:`step` after each applied optimizer step (the Trainer's schedules do; not on an
     fp16 overflow, which leaves the student unchanged)."""
 
@@ -118,6 +128,7 @@ class MomentumTeacher:
                 t.requires_grad_(False)
                 if copy:
                     t.copy_(s)
+        self.pairs = [(name, t, s) for name, t, s in self.pairs if s.requires_grad]
 
     def momentum(self, done: int) -> float:
         """The momentum of the update that follows ``done`` earlier updates."""

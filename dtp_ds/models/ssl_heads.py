@@ -56,24 +56,43 @@ def simclr_projector(in_dim: int, hidden: int = 2048, out: int = 128, layers: in
     return bn_mlp(in_dim, hidden, out, layers, last_bn=True)
 
 
+class _NoGradient(torch.autograd.Function):
+    """The identity whose gradient is zero: what it gates takes part in the backward (ZeRO's
+    hooks see a gradient for every trained parameter) but is given nothing."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad)
+
+
 class WeightNormLinear(nn.Module):
     """A bias-free linear layer with weight normalisation (Salimans & Kingma 2016): each output
     row is ``g * v / |v|``. Written out rather than ``torch.nn.utils.parametrizations.weight_norm``
     so that its two tensors are plain parameters, which ZeRO-3 partitions and an EMA teacher
     updates like any other. ``fixed_norm``: ``g`` stays 1 and is not trained (DINO's
-    ``norm_last_layer``, which it recommends for stability)."""
+    ``norm_last_layer``, which it recommends for stability).
+
+    ``frozen`` (not module state; a schedule sets it): its parameters get zero gradients, while
+    the input still gets its own (DINO's ``freeze_last_layer``: its first epoch cancels the last
+    layer's gradients)."""
 
     def __init__(self, in_dim: int, out_dim: int, fixed_norm: bool = True) -> None:
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
         nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's initialisation
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fixed_norm)
+        self.frozen = False
 
     def weight(self) -> torch.Tensor:
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight())
+        w = self.weight()
+        return F.linear(x, _NoGradient.apply(w) if self.frozen and w.requires_grad else w)
 
 
 class DINOHead(nn.Module):
@@ -98,6 +117,8 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck, out_dim, fixed_norm=norm_last_layer)
+        # its own optimizer groups (dtp_ds.tasks.param_groups): frozen, it takes no update at all
+        self.last_layer.own_param_group = "last_layer"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.normalize(self.mlp(x), dim=-1, p=2)

@@ -41,6 +41,7 @@ class TaskSpec:
     world: int = 1
     input_dtype: torch.dtype = torch.float32
     aux_loss_weight: float = 1.0  # each reducer auxiliary loss (DRIP's boundary loss) enters with this weight
+    weight_decay: float = 0.0  # the optimizer's weight decay (--wd, else the ds_config's): a schedule's start
     config: Any = None  # the task's own settings (its ``Config``); None: the defaults
 
 
@@ -95,9 +96,15 @@ class Task(Protocol):
 
     def schedules(self, total_steps: int) -> dict[str, Any]:
         """What changes over the run besides the LR, by name: objects with ``step(state)`` after
-        each optimizer step, ``state_dict()`` / ``load_state_dict()`` saved with every checkpoint
-        and optionally ``metrics(step)`` for the logged rows (``dtp_ds.train.schedule.Schedule``;
-        a reducer's, a momentum encoder's update)."""
+        each optimizer step, ``state_dict()`` / ``load_state_dict()`` saved with every checkpoint,
+        optionally ``metrics(step)`` for the logged rows and optionally
+        ``before_step(state, param_groups)``, called before the first forward of every optimizer
+        step (``state.step`` steps done, ``state.epoch`` the epoch it is in) with the optimizer's
+        groups (:func:`param_groups`' dicts, each with its ``"group"`` name and ``"decays"``), to
+        set what that step's forward and update use: a group's ``weight_decay`` or ``lr`` (the
+        LR scheduler sets every group's ``lr`` again after the step). A value that is a function
+        of ``state`` resumes exactly. (``dtp_ds.train.schedule.Schedule``; a reducer's, a momentum
+        encoder's update, DINO's weight decay.)"""
         ...
 
     def evaluate(self, splits: Iterable[Any], device: torch.device, batch_size: int,
@@ -261,15 +268,25 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups through timm's ``param_groups_weight_decay`` (no decay on gains, biases,
-    embeddings, the logit scale), always [no decay, decay] with the same split whatever
-    ``weight_decay`` is (the export rebuilds the groups to name a checkpoint's fp32 masters)."""
+    embeddings, the logit scale; frozen parameters left out), always [no decay, decay] first
+    with the same split whatever ``weight_decay`` is (the export rebuilds the groups to name a
+    checkpoint's fp32 masters). A submodule with an ``own_param_group`` name (DINO's last layer)
+    puts its parameters in groups of their own after those, [NAME no decay, NAME decay] (an empty
+    one left out), so that a schedule can set their ``lr`` or ``weight_decay`` apart. Each group
+    carries its ``"group"`` name and whether it ``"decays"`` (takes ``weight_decay``)."""
     from timm.optim import param_groups_weight_decay
 
+    owner = {id(p): m.own_param_group for m in model.modules() if getattr(m, "own_param_group", None)
+             for p in m.parameters()}
     # timm puts everything in one group at weight decay 0: ask with 1.0, set the value after
-    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=no_weight_decay_names(model))
-    no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]
-    decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    split = param_groups_weight_decay(model, 1.0, no_weight_decay_list=no_weight_decay_names(model))
+    groups = {("", False): [], ("", True): []}  # (own group name, decays) -> params, the plain two first
+    for g in split:
+        for p in g["params"]:
+            groups.setdefault((owner.get(id(p), ""), bool(g["weight_decay"])), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "decays": decays,
+             "group": f"{name + '_' if name else ''}{'decay' if decays else 'no_decay'}"}
+            for (name, decays), params in groups.items() if params or not name]
 
 
 from . import classify, clip, dino, mocov3, simclr  # noqa: E402,F401  (each registers its task)

@@ -5,11 +5,18 @@ projector and a 2-layer predictor with BatchNorm synchronised across ranks, a mo
 :class:`dtp_ds.models.momentum.MomentumTeacher`: a run schedule, checkpointed) and the symmetric
 InfoNCE loss with temperature 0.2 over keys gathered from every rank. Evaluated by kNN.
 
+The paper's "random patch projection" (sec. 4.2; ``--moco-freeze-patch-embed``, on by default
+as in its ViT recipe): the trunk's patch embedding (either stem) keeps its random initialisation,
+which the paper found stabilises ViT training. Its parameters are frozen (``requires_grad``
+off) before the engine is built, so the optimizer never holds them (every ZeRO stage) and the
+momentum encoder's copy stays equal to it.
+
 A ``--seqcomp-schedule`` applies seqcomp to both encoders' training inputs (each view's tokens
 dropped or its patches scaled independently): the momentum encoder's forward is half the cost.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +43,7 @@ class MoCoV3Config(KnnConfig):
     moco_temperature: float = 0.2
     moco_mlp_dim: int = 4096  # the projector's and predictor's hidden width
     moco_dim: int = 256  # the projected feature width
+    moco_freeze_patch_embed: bool = True  # the paper's random patch projection: the patch embedding is not trained
 
 
 class MoCoV3Module(nn.Module):
@@ -44,6 +52,8 @@ class MoCoV3Module(nn.Module):
 
     def __init__(self, trunk: nn.Module, cfg: MoCoV3Config, aux_loss_weight: float, input_dtype: torch.dtype) -> None:
         super().__init__()
+        if cfg.moco_freeze_patch_embed:  # before the teacher's copy and the engine: no optimizer state
+            trunk.patch_embed.requires_grad_(False)
         self.model = trunk
         self.projector = sync_batchnorm(mocov3_projector(trunk.num_features, cfg.moco_mlp_dim, cfg.moco_dim))
         self.predictor = sync_batchnorm(mocov3_predictor(cfg.moco_dim, cfg.moco_mlp_dim))
@@ -82,6 +92,9 @@ class MoCoV3Task(SSLTask):
         add("--moco-temperature", type=float, help="InfoNCE temperature (0.2)")
         add("--moco-mlp-dim", type=int, help="projector / predictor hidden width (4096)")
         add("--moco-dim", type=int, help="projected feature width (256)")
+        add("--moco-freeze-patch-embed", action=argparse.BooleanOptionalAction,
+            help="keep the trunk's patch embedding at its random initialisation, untrained: the paper's random "
+                 "patch projection (sec. 4.2), which stabilises ViT training (default on, as its ViT recipe)")
 
     @classmethod
     def check(cls, cfg: MoCoV3Config) -> None:

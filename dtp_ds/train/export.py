@@ -227,7 +227,13 @@ def fp32_state_dict(ckpt_dir: str, model: nn.Module, states: dict[str, Any] | No
         if not glob.glob(os.path.join(ckpt_dir, "*zero_pp_rank_*_optim_states.pt")):
             raise FileNotFoundError(f"{ckpt_dir}: ZeRO stage {stage} checkpoint without its "
                                     f"*zero_pp_rank_*_optim_states.pt files (where the fp32 weights are)")
-        return _strip(_zero_fp32_state(ckpt_dir))
+        merged = _zero_fp32_state(ckpt_dir)
+        # a parameter the optimizer never held (frozen: MoCo v3's patch projection) has no fp32
+        # master: ZeRO-2/3 save it apart (merged above), ZeRO-1 only in the module's weights,
+        # its one copy (the module's dtype; ZeRO-3's module entries are empty placeholders)
+        frozen = {k: v.float() if v.is_floating_point() else v for k, v in (states.get("module") or {}).items()
+                  if k not in merged and v.numel()}
+        return _strip({**frozen, **merged})
     raise ValueError(f"{ckpt_dir}: unknown ZeRO stage {stage}")
 
 

@@ -265,8 +265,9 @@ def build_engine(s: Setup, rank: int, world: int, lr_scheduler: Callable[[Any], 
     ``lr_scheduler``: optimizer -> scheduler (default: the run's warmup and decay)."""
     args = s.args
     seed_all(args.run.seed)  # identical initial weights on every rank
+    wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     spec = TaskSpec(args.model.model, rank, world, DTYPES[precision_of(s.ds_config)], args.model.reducer_loss_weight,
-                    args.task_config)
+                    args.task_config, weight_decay=wd)
     task = build_task(args.model.task, spec)
     if grad_checkpointing_on(s.ds_config, args):
         task.model.set_grad_checkpointing(True)
@@ -276,7 +277,6 @@ def build_engine(s: Setup, rank: int, world: int, lr_scheduler: Callable[[Any], 
         s.ds_config = s.resume_plan.apply(s.ds_config)
     if args.model.init_from:  # before the engine: ZeRO-3 partitions the loaded weights
         s.init = init_from.apply(task.model, args.model.init_from, s.resume_from, rank)
-    wd = s.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=task.module, model_parameters=param_groups(task.module, wd), config=s.ds_config,
         lr_scheduler=lr_scheduler or (lambda opt: warmup_decay_lr(

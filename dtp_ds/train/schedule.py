@@ -10,7 +10,10 @@ would have drawn another one. (DeepSpeed's own WarmupCosineLR spends its first t
 
 Anything else that changes over training is a :class:`Schedule`: an object with
 ``step(state)``, ``state_dict()`` and ``load_state_dict()``, stepped by the Trainer after each
-optimizer step and saved in the checkpoint's client state (:class:`Schedules`).
+optimizer step and saved in the checkpoint's client state (:class:`Schedules`); one with a
+``before_step(state, param_groups)`` method is also called before the first forward of every
+optimizer step with the optimizer's groups, to set that step's hyperparameters (DINO's weight
+decay, its frozen last layer's lr: see ``dtp_ds.tasks.Task.schedules``).
 """
 from __future__ import annotations
 
@@ -124,6 +127,12 @@ class Schedules:
 
     def __init__(self, schedules: dict[str, Schedule] | None = None) -> None:
         self.items = dict(schedules or {})
+
+    def before_step(self, state: Any, param_groups: list[dict]) -> None:
+        """Before optimizer step ``state.step + 1``: each schedule's ``before_step``, if it has one."""
+        for s in self.items.values():
+            if hasattr(s, "before_step"):
+                s.before_step(state, param_groups)
 
     def step(self, state: Any) -> None:
         for s in self.items.values():

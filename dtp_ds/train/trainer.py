@@ -108,6 +108,7 @@ class Trainer:
         self.device, self.rank = device, rank
         self.saved_at, self.evaluated_at = saved_at, -1
         self.sums: dict[str, torch.Tensor | float] = {}
+        self.step_begun = False  # the current optimizer step's before_step has run
         # the statistics the task's reducers declare: read under those names only
         self.reducer_stats = declared_stats(task.module)
         self.last_train: dict[str, float] = {}  # the last step's means of those statistics
@@ -130,6 +131,9 @@ class Trainer:
         run's last optimizer step is done."""
         *tensors, bad = batch
         self.bad_data.add(bad)
+        if not self.step_begun:  # the first loader batch of an optimizer step: set its hyperparameters
+            self.schedules.before_step(self.state, self.engine.optimizer.param_groups)
+            self.step_begun = True
         out, lr = self.stepper(dict(zip(self.task.batch_keys, tensors)), self.state.step + 1)
         for k, v in out.items():  # summed on the device: no host synchronisation per micro-batch
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().double().reshape(())
@@ -142,6 +146,7 @@ class Trainer:
         """Accounting, logging, checks, schedules and the periodic save of one optimizer step."""
         st, cfg = self.state, self.cfg
         st.step += 1
+        self.step_begun = False
         step_time, step_cpu_time = time.time() - self.t_step, time.process_time() - self.t_cpu
         # one small collective per step: rank-mean losses and the bad-data counts
         means, bad_counts = all_reduce_step(self.sums, cfg.accum, self.bad_data.take(), self.device)

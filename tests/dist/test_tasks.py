@@ -201,6 +201,11 @@ def test_ssl_tasks_train_evaluate_and_resume(launch):
     assert mocov3[0]["momentum"] == pytest.approx(0.99) and 0.99 < mocov3[-1]["momentum"] <= 1.0
     dino = step_records(res["dino"].dir)
     assert dino[0]["teacher_temp"] == pytest.approx(0.04) and dino[-1]["teacher_temp"] == pytest.approx(0.07)
+    # the run's one epoch is DINO's frozen-last-layer epoch; its weight decay rises from the ds_config's
+    assert all(r["last_layer_frozen"] == 1.0 for r in dino)
+    assert dino[0]["weight_decay"] == pytest.approx(0.1) and 0.39 < dino[-1]["weight_decay"] < 0.4
+    mocov3_config = json.loads((res["mocov3"].dir / "config.json").read_text())["args"]["task_config"]
+    assert mocov3_config["moco_freeze_patch_embed"] is True  # the random patch projection, recorded
 
     # stop at 3, resume to 6 == straight to 6 (ZeRO-3, the momentum encoder's schedule restored)
     straight, split = step_records(res["straight"].dir), step_records(res["split"].dir)
