@@ -65,6 +65,7 @@ from dtp_ds.eval.linear_probe import eval_transform
 from dtp_ds.eval.retrieval import KS, RetrievalSet, retrieval_eval, retrieval_set
 from dtp_ds.eval.retrieval import describe as describe_retrieval
 from dtp_ds.eval.zeroshot import ZeroShotSplit, check_split, evaluate_splits, folder_split, imagenet_split
+from dtp_ds.models.registry import renamed_model
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ def load_source(source: str, pretrained: str | None, checkpoints: ModuleType, an
             raise EvaluateError(f"{source} is a file or directory: --pretrained goes with an open_clip model name "
                                 f"(a checkpoint or an export carries its own weights): drop --pretrained")
         if source not in open_clip.list_models() and not source.startswith(("hf-hub:", "local-dir:")):
-            raise EvaluateError(f"{source}: not an open_clip model name (open_clip.list_models() lists them, "
+            raise EvaluateError(renamed_model(source) or
+                                f"{source}: not an open_clip model name (open_clip.list_models() lists them, "
                                 f"dtp_ds's among them after `import dtp_ds`); give the architecture's name with "
                                 f"--pretrained")
         try:
@@ -177,7 +179,8 @@ def load_source(source: str, pretrained: str | None, checkpoints: ModuleType, an
     if source in open_clip.list_models() or source.startswith(("hf-hub:", "local-dir:")):
         raise EvaluateError(f"{source} is a model name without weights: give them with --pretrained FILE (or an "
                             f"open_clip pretrained tag), or evaluate a run directory, checkpoint or export instead")
-    raise EvaluateError(f"{source}: no such file or directory, and not an open_clip model name; give {SOURCES}")
+    raise EvaluateError(renamed_model(source) or
+                        f"{source}: no such file or directory, and not an open_clip model name; give {SOURCES}")
 
 
 def _split(path: str, flag: str) -> ZeroShotSplit:

@@ -35,6 +35,7 @@ from torch import nn
 from dtp_ds.data.shards import DataError
 from dtp_ds.eval.classify import ClassSplit, class_split
 from dtp_ds.eval.knn import Embed, embedder, image_features
+from dtp_ds.models.registry import renamed_model
 
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 HOLDOUT = 0.2
@@ -175,7 +176,8 @@ def load_model(a: argparse.Namespace, checkpoints: ModuleType | None) -> tuple[n
         if a.pretrained or os.path.exists(a.source):
             raise ProbeError("--random-init goes with a model name alone (no --pretrained, no checkpoint)")
         if a.source not in open_clip.list_models():
-            raise ProbeError(f"{a.source}: not an open_clip or dtp_ds model name (open_clip.list_models())")
+            raise ProbeError(renamed_model(a.source) or
+                             f"{a.source}: not an open_clip or dtp_ds model name (open_clip.list_models())")
         torch.manual_seed(a.seed)
         return open_clip.create_model(a.source).eval(), f"{a.source} (random init, seed {a.seed})"
     from dtp_ds.eval.evaluate import EvaluateError, load_source

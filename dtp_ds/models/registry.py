@@ -40,6 +40,7 @@ from .vit import POOL_TYPES, VisionTransformer
 
 __all__ = [
     "CONFIG_DIR",
+    "RENAMED_MODELS",
     "create_model",
     "get_reducer_cfg",
     "get_model_config",
@@ -48,12 +49,15 @@ __all__ = [
     "register_config",
     "register_model_configs",
     "register_model_file",
+    "renamed_model",
     "timm_name",
     "vision_tower",
 ]
 # timm's register_model appends each entrypoint's name to this module's __all__.
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# model names renamed in this version (old -> new): refused with the new name, never aliased
+RENAMED_MODELS = {"Plain-ViT-Tiny-8": "PatchStem-ViT-Tiny-8"}
 _REGISTERED: dict[str, dict[str, Any]] = {}
 _TIMM_KWARGS: dict[str, dict[str, Any]] = {}
 
@@ -223,9 +227,21 @@ def register_model_file(path: str | Path) -> str:
     return path.stem
 
 
+def renamed_model(name: str) -> str | None:
+    """The refusal of a model name this version renamed, naming the new one; None for any other."""
+    new = RENAMED_MODELS.get(name)
+    return f"model '{name}' was renamed {new}: use {new}" if new else None
+
+
+def _refuse_renamed(name: str) -> None:
+    if why := renamed_model(name):
+        raise ValueError(why)
+
+
 def get_reducer_cfg(name: str) -> dict[str, Any] | None:
     """The ``reducer_cfg`` of a registered dtp_ds model (a legacy ``drip_cfg`` upgraded);
     ``None`` for models without a dtp_ds trunk."""
+    _refuse_renamed(name)
     if name not in _REGISTERED:
         raise ValueError(f"unknown dtp_ds model '{name}'; dtp_ds models: {', '.join(list_models())}")
     return upgrade_vision_cfg(_REGISTERED[name]["vision_cfg"]).get("reducer_cfg")
@@ -234,6 +250,7 @@ def get_reducer_cfg(name: str) -> dict[str, Any] | None:
 def get_model_config(name: str) -> dict[str, Any] | None:
     """The config to store with a checkpoint: dtp_ds's own form (``drip_cfg`` kept, so
     ``register_config`` can rebuild the model anywhere), else open_clip's."""
+    _refuse_renamed(name)
     if name in _REGISTERED:
         return copy.deepcopy(_REGISTERED[name])
     return open_clip.get_model_config(name)
@@ -251,6 +268,7 @@ def vision_tower(name: str, num_classes: int, **overrides: Any) -> VisionTransfo
     pooling, stem); an open_clip ViT config (e.g. ``ViT-B-32``) builds dtp_ds's plain trunk
     with its widths, pooled as open_clip pools it (``pool_type`` ``tok``: the class token).
     ``overrides``: trunk keywords that win over the config's (``drop_path_rate``)."""
+    _refuse_renamed(name)
     cfg = get_model_config(name) if name in _REGISTERED or name in open_clip.list_models() else None
     if cfg is None:
         raise ValueError(f"unknown model '{name}'; dtp_ds models: {', '.join(list_models())}")
@@ -273,6 +291,7 @@ def list_models() -> list[str]:
 
 def create_model(name: str, **kwargs: Any):
     """``open_clip.create_model`` with dtp_ds's configs registered; clear error on unknown names."""
+    _refuse_renamed(name)
     if name not in open_clip.list_models():
         raise ValueError(
             f"unknown model '{name}'. dtp_ds models: {', '.join(list_models())}; "
@@ -297,7 +316,24 @@ def _install_warm_start() -> None:
     _oc_factory.convert_state_dict = convert_state_dict
 
 
+def _install_renamed_refusal() -> None:
+    """``open_clip.create_model`` (and ``get_tokenizer``) of a renamed dtp_ds name: the refusal
+    naming the new name, not open_clip's "not found" (open_clip looks configs up through
+    ``factory.get_model_config``, no public hook)."""
+    original = _oc_factory.get_model_config
+    if getattr(original, "dtp_ds_renamed", False):
+        return
+
+    def get_model_config(model_name):
+        _refuse_renamed(model_name)
+        return original(model_name)
+
+    get_model_config.dtp_ds_renamed = True  # type: ignore[attr-defined]
+    _oc_factory.get_model_config = get_model_config
+
+
 # Importing the registry registers the shipped configs: ``import dtp_ds`` relies on it (directly,
 # or from its hook once open_clip is imported), so the names exist whichever comes first.
 register_model_configs()
 _install_warm_start()
+_install_renamed_refusal()

@@ -24,7 +24,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     task: str = "clip"  # a dtp_ds.tasks.TASKS name; its settings are TrainArgs.task_config
-    model: str = "ViT-Tiny-8"
+    # dtp_ds's trunk in every task (ViT-Tiny-8 is open_clip's own tower under CLIP), with the linear patch
+    # stem: every tool and every --seqcomp-schedule (token dropout, patch scaling) takes it
+    model: str = "PatchStem-ViT-Tiny-8"
     grad_checkpointing: bool | None = None  # None: on iff the ds_config has "activation_checkpointing"
     reducer_loss_weight: float = 1.0  # each auxiliary loss of the token reducer (DRIP's boundary loss, ...)
     seqcomp_schedule: str | None = None  # FILE.json or SPEC (dtp_ds.train.seqcomp_schedule); None: full-sequence
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--task", help="what to train: a task name (" + ", ".join(sorted(TASKS)) + "; default clip: contrastive "
       "image-text) or a FILE.py that registers one (dtp_ds.tasks.register_task); each task's flags are in its group")
     a("--model",
-      help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x), or a model JSON path/NAME.json")
+      help="open_clip or dtp_ds model name (e.g. ViT-B-32, DRIP-ViT-B-32-10x), or a model JSON path/NAME.json "
+      "(default: %(default)s)")
     _bool_flag(p, "--grad-checkpointing", "activation checkpointing per transformer block "
                "(default: on iff the ds_config has an activation_checkpointing section)")
     a("--reducer-loss-weight", type=float,

@@ -49,6 +49,7 @@ from dtp_ds.launch.discovery import DiscoveryError, discover
 from dtp_ds.launch.probe import git_revision
 from dtp_ds.launch.watchdog import EXIT_PEER_LOST, report_failure, start_watchdog, stop_watchdog
 from dtp_ds.models import get_model_config, register_model_file, trunks
+from dtp_ds.models.registry import renamed_model
 from dtp_ds.tasks import TASKS, SplitsContext, TaskSpec, build_task, param_groups, task_type
 from dtp_ds.train import checkpoint, init_from
 from dtp_ds.train.args import ConfigError, TrainArgs, parse_args
@@ -170,7 +171,8 @@ def prepare(args: TrainArgs, world: int, rank: int) -> Setup:
         init_from.check_source(args.model.init_from)
     task_cls = task_type(args.model.task)  # (known: parse_args checked it)
     if args.model.model not in open_clip.list_models():
-        raise ConfigError(f"unknown model '{args.model.model}'. dtp_ds models: {', '.join(dtp_ds.list_models())}; "
+        raise ConfigError(renamed_model(args.model.model) or
+                          f"unknown model '{args.model.model}'. dtp_ds models: {', '.join(dtp_ds.list_models())}; "
                           f"or any open_clip name (e.g. ViT-B-32, see open_clip.list_models())")
     if not args.run.deepspeed_config:
         args.run.deepspeed_config = default_ds_config(args.model.model, get_accelerator().is_bf16_supported())

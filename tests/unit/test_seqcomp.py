@@ -15,7 +15,7 @@ import dtp_ds  # noqa: F401
 from dtp_ds.eval.flops import torch_macs
 from dtp_ds.models import VisionTransformer, make_reducer, trunks
 from dtp_ds.models.seqcomp import NONE, SeqComp, image_tower_cost, keep_count, pi_resize_kernel
-from dtp_ds.train.args import ConfigError, parse_args
+from dtp_ds.train.args import ConfigError, ModelConfig, parse_args
 from dtp_ds.train.schedule import WarmupDecay, before_resume, check_resumed_lr, warmup_decay_lr
 from dtp_ds.train.seqcomp_schedule import SeqCompSchedule, load_schedule, parse_spec
 
@@ -190,6 +190,22 @@ def test_the_old_flags_are_refused_with_the_new_names():
             parse_args(["--train-data", "x.tar", old, "0.5:r=0.5"])
     args = parse_args(["--train-data", "x.tar", "--seqcomp-schedule", "0.5:r=0.5"])
     assert args.model.seqcomp_schedule == "0.5:r=0.5"
+
+
+def test_the_default_model_takes_every_schedule_in_every_task_and_the_old_name_is_refused():
+    """The default --model is dtp_ds's trunk with the linear patch stem, in CLIP as in the
+    image-only tasks, so token dropout and patch scaling both run; Plain-ViT-Tiny-8, its old
+    name, is refused naming the new one wherever a name is resolved."""
+    from dtp_ds.models import create_model, get_model_config, vision_tower
+
+    default = ModelConfig().model
+    spec = parse_spec("0.3:r=0.5,p=16;0.3:p=16;0.3:r=0.25")
+    for built in (open_clip.create_model(default), vision_tower(default, 0)):
+        SeqCompSchedule(spec, trunks(built), 10)  # checks every strategy on every trunk
+    for resolve in (create_model, open_clip.create_model, get_model_config, lambda n: vision_tower(n, 0)):
+        with pytest.raises(ValueError, match="model 'Plain-ViT-Tiny-8' was renamed PatchStem-ViT-Tiny-8: use "
+                                             "PatchStem-ViT-Tiny-8"):
+            resolve("Plain-ViT-Tiny-8")
 
 
 def test_schedule_boundaries_costs_and_resume_at_any_step():
