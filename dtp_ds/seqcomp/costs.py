@@ -13,7 +13,7 @@ a generated image: each float tensor, an image or view, filled with N(0, 1) nois
 such as CLIP's tokens the stage's own, repeated). Each row has:
 
 - ``step_s`` / ``per_sample_s``: the median step time and the time per sample;
-- ``step_per_forward``: the step time over the time of one **unseqcomp forward** of the
+- ``step_per_forward``: the step time over the time of one **full-sequence forward** of the
   task's whole module (train mode, no grad) at the same batch (the issue's normalisation; an
   full-sequence step is ~3-4 forwards);
 - ``cost``: the step time over the full-sequence step's (r = 0, p = stored: 1 by construction):
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(data, f, indent=1)
     print(format_table(data))
     print(f"seqcomp_costs: {data['model']} (--task {data['task']}) on {data['device']}, batch "
-          f"{data['batch_size']}: unseqcomp forward {data['forward_s']:.4f} s, step "
+          f"{data['batch_size']}: full-sequence forward {data['forward_s']:.4f} s, step "
           f"{data['full_sequence_step_s']:.4f} s; wrote {a.out}")
     return 0
 

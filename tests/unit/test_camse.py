@@ -321,8 +321,8 @@ def _tiny_ssl(task: str, seed: int = 0):
 
 @pytest.mark.parametrize("task", ["mocov3", "simclr", "dino"])
 def test_the_paired_gradients_of_a_two_view_loss_are_exact(task):
-    """Same batch (the same two views), same seed: the unseqcomp gradient is reproduced bit for bit
-    (r = 0 is the unseqcomp gradient; the module's buffers, BatchNorm statistics and DINO's centre,
+    """Same batch (the same two views), same seed: the full-sequence gradient is reproduced bit for bit
+    (r = 0 is the full-sequence gradient; the module's buffers, BatchNorm statistics and DINO's centre,
     are restored after each), and so is a seqcomp one; the momentum encoder has no gradient."""
     from dtp_ds.seqcomp.camse import GradientProbe
 
