@@ -41,8 +41,8 @@ class TaskSpec:
     world: int = 1
     input_dtype: torch.dtype = torch.float32
     aux_loss_weight: float = 1.0  # each reducer auxiliary loss (DRIP's boundary loss) enters with this weight
-    weight_decay: float = 0.0  # the optimizer's weight decay (--wd, else the ds_config's): a schedule's start
     config: Any = None  # the task's own settings (its ``Config``); None: the defaults
+    weight_decay: float = 0.0  # the optimizer's weight decay (--wd, else the ds_config's): a schedule's start
 
 
 @dataclass
