@@ -15,6 +15,11 @@ hundred thousand images.
 
 Under several ranks (``deepspeed --num_gpus N tools/linear_probe ...``) the images are split
 over ranks and the features gathered; every rank fits the same probe.
+
+The CLI sets torch's intra-op threads explicitly (``--threads``, default: the CPUs this process
+may run on, ``os.sched_getaffinity``): L-BFGS's full-batch matrix products otherwise take torch's
+default, which on a shared or containerised machine can be more threads than the process has
+cores, and they then wait on each other.
 """
 from __future__ import annotations
 
@@ -166,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda where there is one, else cpu")
     p.add_argument("--out", help="write the result as JSON to this file")
     p.add_argument("--seed", type=int, default=0, help="the random initialisation's seed (--random-init)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the features and the fit (default: the CPUs this process may "
+                        "run on, os.sched_getaffinity)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
@@ -191,6 +199,11 @@ def load_model(a: argparse.Namespace, checkpoints: ModuleType | None) -> tuple[n
     return src.model.eval(), f"{src.name} ({src.kind} {src.path})"
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def split_of(path: str, flag: str) -> ClassSplit:
     try:
         return class_split(path)
@@ -201,7 +214,12 @@ def split_of(path: str, flag: str) -> ClassSplit:
 def main(argv: list[str] | None = None, checkpoints: ModuleType | None = None) -> int:
     """The CLI. ``checkpoints``: the checkpoint reader (``dtp_ds.train.export``), given by the
     tool (dtp_ds.eval sits below dtp_ds.train)."""
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    threads = cpu_count() if a.threads is None else a.threads
+    if threads < 1:
+        p.error(f"--threads {a.threads}: give at least 1 (default: {cpu_count()}, the CPUs this process may run on)")
+    torch.set_num_threads(threads)
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

@@ -4,6 +4,7 @@ class split beats chance (in-process and through the CLI)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,17 @@ def test_the_cli_on_a_random_init_model(synth_split, tmp_path, capsys):
     assert main(["ViT-Tiny-8", "--random-init", "--train", str(tmp_path / "nothing"), "--val",
                  str(synth_split / "val"), "--workers", "0"]) == 2
     assert "--train" in capsys.readouterr().err
+
+
+def test_the_cli_sets_its_threads(synth_split, tmp_path, capsys):
+    """--threads N, else the CPUs the process may run on (not torch's own default)."""
+    from dtp_ds.eval.linear_probe import cpu_count
+
+    args = ["ViT-Tiny-8", "--random-init", "--train", str(synth_split / "train" / "00000.tar"),
+            "--val", str(synth_split / "val"), "--l2", "1e-3", "--workers", "0", "--device", "cpu",
+            "--max-images", "8", "--train-max-images", "16"]
+    assert main([*args, "--threads", "1"]) == 0 and torch.get_num_threads() == 1
+    assert main(args) == 0 and torch.get_num_threads() == cpu_count() == len(os.sched_getaffinity(0))
+    with pytest.raises(SystemExit):
+        main([*args, "--threads", "0"])
+    assert "--threads 0: give at least 1" in capsys.readouterr().err
