@@ -149,6 +149,10 @@ class Schedules:
         return {name: s.state_dict() for name, s in self.items.items()}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if "compression" in saved:  # the seqcomp schedule's key before the rename; never read as seqcomp
+            raise ValueError("the checkpoint's schedule 'compression' was renamed 'seqcomp' (--seqcomp-schedule): "
+                             "a checkpoint from before the rename cannot resume; start a new run (its weights: "
+                             "--init-from RUN)")
         missing = sorted(set(self.items) - set(saved))
         if missing:
             raise ValueError(f"the checkpoint has no state for the schedules {missing}: it was trained without "

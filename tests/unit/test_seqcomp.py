@@ -289,5 +289,8 @@ def test_a_resume_that_leaves_out_a_saved_schedule_is_refused():
     saved = Schedules({"seqcomp": Counter(), "reducer0_patch_dropout": Counter()}).state_dict()
     with pytest.raises(ValueError, match=r"\['seqcomp'\].*same --seqcomp-schedule"):
         Schedules({"reducer0_patch_dropout": Counter()}).load_state_dict(saved)
+    old = Schedules({"compression": Counter()}).state_dict()  # the key before the rename
+    with pytest.raises(ValueError, match="schedule 'compression' was renamed 'seqcomp'"):
+        Schedules({"seqcomp": Counter()}).load_state_dict(old)
     with pytest.raises(ValueError, match="no state for the schedules"):
         Schedules({"other": Counter()}).load_state_dict({})
