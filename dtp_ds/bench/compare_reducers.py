@@ -46,10 +46,13 @@ from dtp_ds.train.metrics import read_metrics
 BASE = "ViT-Tiny-8"  # widths, depth, patch, text tower of every arm
 TRUNK_CFG = {"pool": "mean_with_cls", "stem": "conv"}
 # arm -> the shipped tiny config whose reducer_cfg (and image size) it trains; every one but DRIP's
-# own is sized to DRIP-ViT-Tiny-8-4x's inference FLOPs (tools/size_configs, flops_target)
+# own (its twins: the same trunk and compression) is sized to DRIP-ViT-Tiny-8-4x's inference FLOPs
+# (tools/size_configs, flops_target)
 ARM_MODELS: dict[str, str] = {
     "plain": "ViT-Tiny-8",
-    "drip": "DRIP-ViT-Tiny-8-4x",
+    "drip": "DRIP-ViT-Tiny-8-4x",  # the router, its count following content (selection adaptive)
+    "drip-topk": "DRIPTopK-ViT-Tiny-8-4x",  # the router at a fixed count per image
+    "drip-gumbel": "DRIPGumbel-ViT-Tiny-8-4x",  # the seed's DRIP: DTP's Gumbel-Sigmoid MLP
     "drip-uniform": "DRIPUniform-ViT-Tiny-8",
     "tome": "ToMe-ViT-Tiny-8",
     "tokenlearner": "TokenLearner-ViT-Tiny-8",
@@ -66,7 +69,9 @@ ARMS: dict[str, tuple[dict[str, Any], int]] = {
 TEACHER_ARM = "plain"
 NOTES = {"dynamicvit": "training runs every token (masked attention) and the teacher",
          "dynamicvit-drop": "drops in training too; teacher", "patch-dropout": "inference runs every patch",
-         "low-res": "fewer pixels, same trunk", "drip-uniform": "DRIP with evenly spaced boundaries"}
+         "low-res": "fewer pixels, same trunk", "drip-uniform": "DRIP with evenly spaced boundaries",
+         "drip": "count per image follows content", "drip-topk": "same count every image",
+         "drip-gumbel": "the seed's Gumbel-Sigmoid DRIP"}
 COLUMNS = [("arm", "arm", "{}"), ("params_m", "params (M)", "{:.2f}"), ("gflops", "GFLOPs", "{:.3f}"),
            ("gflops_fvcore", "fvcore", "{:.3f}"), ("train_gflops", "train GFLOPs/sample", "{:.3f}"),
            ("step_time", "step s", "{:.2f}"), ("samples_per_s", "samples/s", "{:.1f}"),

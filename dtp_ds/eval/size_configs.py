@@ -3,7 +3,9 @@ knob solved so the image tower's measured FLOPs (:func:`dtp_ds.eval.sizing.measu
 closest to a target ratio of the plain trunk's; ``--pin`` instead writes into shipped configs
 without a ``flops_target`` what they measure (so the test pins them against drift);
 ``--gumbel-twins`` writes the seed's DRIP (``DRIPGumbel-*``, DTP's Gumbel-Sigmoid MLP) twin of
-every DRIP router config, its target measured.
+every DRIP router config, its target measured; ``--router-selections`` sets every DRIP router
+config to the adaptive count (the default) and writes its fixed-count twin (``DRIPTopK-*``),
+their targets measured.
 
 A family is one monotone knob (more of it: fewer FLOPs) and the ``reducer_cfg`` (or image size)
 it gives at a trunk shape; the search is a bisection over the knob's candidates on real images.
@@ -94,7 +96,8 @@ def _groupings(s: Shape) -> list[dict[str, Any]]:
 
 
 def _drip_like(base: str) -> dict[str, Any]:
-    return dict(get_reducer_cfg(f"DRIP-{base}-4x"))
+    # the fixed-count twin: evenly spaced boundaries have one count per image, as it does
+    return dict(get_reducer_cfg(f"{TOPK_PREFIX}-{base}-4x"))
 
 
 FAMILIES: dict[str, Family] = {f.prefix: f for f in [
@@ -125,11 +128,16 @@ GUMBEL_TEMPERATURE = 0.5  # the seed's Gumbel-Sigmoid temperature ("about 0.5")
 GUMBEL_IMAGES = 1  # real images its flops_target is measured on (pinned: every image the same count)
 
 
-def gumbel_twin_name(router: str) -> str:
-    """``DRIP-ViT-B-32-10x-up`` -> ``DRIPGumbel-ViT-B-32-10x-up``."""
+def twin_name(router: str, prefix: str) -> str:
+    """``DRIP-ViT-B-32-10x-up`` -> ``<prefix>-ViT-B-32-10x-up``."""
     if not router.startswith("DRIP-ViT-"):
         raise ValueError(f"not a DRIP router config name: {router!r}")
-    return GUMBEL_PREFIX + router[len("DRIP"):]
+    return prefix + router[len("DRIP"):]
+
+
+def gumbel_twin_name(router: str) -> str:
+    """``DRIP-ViT-B-32-10x-up`` -> ``DRIPGumbel-ViT-B-32-10x-up``."""
+    return twin_name(router, GUMBEL_PREFIX)
 
 
 def gumbel_twin_config(router: str) -> dict[str, Any]:
@@ -152,6 +160,43 @@ def gumbel_twin_config(router: str) -> dict[str, Any]:
         "eval_rule": "expected",
     }
     return cfg
+
+
+# The router's two counts: ``DRIP-ViT-...`` follows content (``selection: adaptive``, the default),
+# its twin ``DRIPTopK-ViT-...`` gives every image the prior's count (``topk``); same trunk, layout,
+# compression and evaluation compute (an uncalibrated adaptive router evaluates at the top-k).
+TOPK_PREFIX = "DRIPTopK"
+ROUTER_SELECTION = "adaptive"
+ADAPTIVE_TARGET_NOTE = ("measured untrained (evaluation at the per-image top-k until the threshold is calibrated); "
+                        "trained, each image's count follows content, the prior's mean on average")
+
+
+def topk_twin_name(router: str) -> str:
+    """``DRIP-ViT-B-32-10x-up`` -> ``DRIPTopK-ViT-B-32-10x-up``."""
+    return twin_name(router, TOPK_PREFIX)
+
+
+def router_config(router: str, selection: str) -> dict[str, Any]:
+    """``router``'s config with the cosine router's ``selection``, no ``flops_target``."""
+    cfg = copy.deepcopy(get_model_config(router))
+    cfg.pop("flops_target", None)
+    cfg["vision_cfg"]["reducer_cfg"]["selection"] = selection
+    return cfg
+
+
+def write_router_selections(image_dir: str, out: Path, bases: list[str]) -> None:
+    """Every shipped ``DRIP-ViT-<base>-...`` router config with the adaptive count, and its
+    ``DRIPTopK-`` twin with the fixed count; both targets measured (:func:`measured_ratio`, as
+    ``--pin``): the twin's pinned, the adaptive one's stated as the untrained model's."""
+    for router in [n for n in list_models() if n.startswith("DRIP-ViT-")]:
+        if not any(router.startswith(f"DRIP-{b}-") for b in bases):
+            continue
+        topk, adaptive = router_config(router, "topk"), router_config(router, ROUTER_SELECTION)
+        ratio = round(measured_ratio(router, image_dir, cfg=topk)["ratio"], 3)
+        topk["flops_target"] = {"ratio": ratio, "count": "inference", "note": "measured when shipped"}
+        adaptive["flops_target"] = {"ratio": ratio, "count": "inference", "note": ADAPTIVE_TARGET_NOTE}
+        twin = topk_twin_name(router)
+        print(f"{router}: {ratio:.3f} of the plain trunk  {write(router, adaptive, out)}  {write(twin, topk, out)}")
 
 
 @contextlib.contextmanager
@@ -263,9 +308,15 @@ def main(argv: list[str] | None = None) -> int:
                    "config that states no flops_target")
     p.add_argument("--gumbel-twins", action="store_true", help=f"instead: write the seed's DRIP ({GUMBEL_PREFIX}-*, "
                    "DTP's Gumbel-Sigmoid MLP) twin of every DRIP router config of --bases, its target measured")
+    p.add_argument("--router-selections", action="store_true", help=f"instead: set every DRIP router config of "
+                   f"--bases to selection {ROUTER_SELECTION!r} and write its fixed-count twin ({TOPK_PREFIX}-*, "
+                   "selection 'topk'), their targets measured")
     a = p.parse_args(argv)
     out = Path(a.out)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if a.router_selections:
+        write_router_selections(a.image_dir, out, a.bases)
+        return 0
     if a.gumbel_twins:
         write_gumbel_twins(a.image_dir, out, a.bases)
         return 0

@@ -95,6 +95,9 @@ EVAL_RULES = ("expected", "threshold", "sample")
 STRAIGHT_THROUGH = ("cumsum", "confidence")
 SELECTIONS = ("threshold", "topk", "adaptive")
 THRESHOLD_MOMENTUM = 0.99  # the adaptive router's running (EMA) estimate of its batch threshold
+# the adaptive router's per-image cap, a multiple of the prior's mean segment count: packed
+# attention pads a batch to its longest image, so the cap bounds that padded length
+MAX_SEGMENTS_RATIO = 2.0
 EVAL_SAMPLE_SEED = 0
 
 
@@ -138,6 +141,10 @@ class BoundaryPredictorBase(nn.Module):
             raise ValueError(f"boundary prior must be in (0, 1), got {prior}")
         self.prior = prior
         self.forced_segments: int | None = None
+
+    def segment_cap(self, length: int) -> int:
+        """The most segments an image of ``length`` patches can get (here: one per patch)."""
+        return length
 
     def _finish(self, logits: torch.Tensor, probs: torch.Tensor, hard: torch.Tensor) -> Boundaries:
         if self.forced_segments is not None:
@@ -253,8 +260,14 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
     running mean (bias-corrected EMA, ``threshold_momentum``), and evaluation cuts every image
     at ``p > threshold`` on its own, so an image's segments never depend on its neighbours in a
     batch. Before any training step (``calibration_steps == 0``) evaluation falls back to the
-    per-image top-k. No rate loss (the count is met by construction); the EMA stays fp32 under
-    ``.half()`` / ``.bfloat16()``, whose rounding would freeze its small updates.
+    per-image top-k. Each image gets at most :meth:`segment_cap` segments (``max_segments_ratio``
+    times the prior's mean count, rounded): packed attention pads a batch to its longest image,
+    and the cap bounds that length. In training a pair outside its image's own top ``cap - 1``
+    is no candidate of the batch's top-k (which still meets the rate exactly: the cap is never
+    below the mean) nor of the calibrated threshold; evaluation cuts at the threshold, then
+    keeps at most the image's top ``cap - 1`` pairs. No rate loss (the count is met by
+    construction); the EMA stays fp32 under ``.half()`` / ``.bfloat16()``, whose rounding would
+    freeze its small updates.
     """
 
     straight_through = "confidence"
@@ -264,14 +277,19 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
         return self.selection == "topk" or self.forced_segments is not None
 
     def __init__(self, dim: int, prior: float = 0.5, selection: str = "threshold", tied: bool = False,
-                 threshold_momentum: float = THRESHOLD_MOMENTUM) -> None:
+                 threshold_momentum: float = THRESHOLD_MOMENTUM,
+                 max_segments_ratio: float = MAX_SEGMENTS_RATIO) -> None:
         super().__init__(prior)
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if not 0.0 <= threshold_momentum < 1.0:
             raise ValueError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
+        if not max_segments_ratio > 1.0:
+            raise ValueError(f"max_segments_ratio must be > 1 (an image's segment cap as a multiple of the "
+                             f"prior's mean count, which the batch must still meet), got {max_segments_ratio}")
         self.selection = selection
         self.threshold_momentum = threshold_momentum
+        self.max_segments_ratio = max_segments_ratio
         if selection == "adaptive":  # only then: the other selections' checkpoints keep their keys
             self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float32))
             self.register_buffer("calibration_steps", torch.tensor(0, dtype=torch.long))
@@ -280,6 +298,14 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
         # boundary needs a change in content (separate ones can learn to cut uniform regions)
         self.k = None if tied else Fp32Linear(dim, dim, bias=False)
         self.reset_parameters()
+
+    def segment_cap(self, length: int) -> int:
+        """The adaptive selection's per-image cap: ``max_segments_ratio`` times the prior's mean
+        count, rounded, never below the mean (so the batch's total is always reachable)."""
+        if self.selection != "adaptive":
+            return length
+        mean = expected_segments(length, self.prior)
+        return min(length, max(math.ceil(mean), round(self.max_segments_ratio * mean)))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -314,16 +340,19 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
         threshold in training (unless the segment count is pinned)."""
         cand = probs[:, :-1].detach()
         ends = probs.new_ones(probs.shape[0], 1)
-        if not self.training:
-            return torch.cat([(cand > self.threshold.float()).to(probs.dtype), ends], -1)
         batch, pairs = int(cand.shape[0]), int(cand.shape[1])  # tensors under fvcore's tracing
-        total = min(batch * pairs, max(0, round(batch * self.prior * pairs)))
-        flat = cand.reshape(1, -1)
+        per_image = self.segment_cap(pairs + 1) - 1  # boundaries an image may place before its end
+        eligible = topk_boundaries(cand, torch.full((batch,), per_image, device=probs.device)) > 0.5
+        if not self.training:
+            return torch.cat([((cand > self.threshold.float()) & eligible).to(probs.dtype), ends], -1)
+        total = min(batch * per_image, max(0, round(batch * self.prior * pairs)))
+        flat = cand.masked_fill(~eligible, -1.0).reshape(1, -1)  # below every probability: never taken
         hard = topk_boundaries(flat, torch.full((1,), total, device=probs.device)).reshape(cand.shape)
         if self.forced_segments is None and flat.shape[1] > 0:
             top = flat.topk(min(total + 1, flat.shape[1]), dim=-1).values[0]
             taken = top[total - 1] if total > 0 else top[0].new_tensor(1.0)
-            left = top[total] if total < top.shape[0] else top[0].new_tensor(0.0)
+            # the first eligible pair left (none left: 0, below every probability)
+            left = top[total].clamp(min=0.0) if total < top.shape[0] else top[0].new_tensor(0.0)
             self._update_threshold(0.5 * (taken + left))
         return torch.cat([hard.to(probs.dtype), ends], -1)
 
@@ -377,12 +406,13 @@ class FixedBoundaryPredictor(BoundaryPredictorBase):
 def make_boundary_predictor(kind: str, dim: int, hidden: int, prior: float, temperature: float = 0.5,
                             eval_rule: str = "expected", straight_through: str = "cumsum",
                             selection: str = "threshold", tied: bool = False,
-                            threshold_momentum: float = THRESHOLD_MOMENTUM) -> BoundaryPredictorBase:
+                            threshold_momentum: float = THRESHOLD_MOMENTUM,
+                            max_segments_ratio: float = MAX_SEGMENTS_RATIO) -> BoundaryPredictorBase:
     """The predictor a model JSON's ``predictor`` names (see :data:`PREDICTORS`)."""
     if kind == "mlp":
         return MLPBoundaryPredictor(dim, hidden, temperature, prior, eval_rule, straight_through)
     if kind == "cosine":
-        return CosineBoundaryPredictor(dim, prior, selection, tied, threshold_momentum)
+        return CosineBoundaryPredictor(dim, prior, selection, tied, threshold_momentum, max_segments_ratio)
     if kind == "fixed":
         return FixedBoundaryPredictor(prior)
     raise ValueError(f"predictor must be one of {PREDICTORS}, got {kind!r}")

@@ -2,7 +2,9 @@
 batch's B x (L - 1) neighbouring pairs, so the batch's mean count meets the rate while a plain
 image gives its budget to a busy one; in evaluation a threshold calibrated in training (a
 running mean of the batch's threshold, a buffer), so an image's segments are deterministic and
-never depend on the rest of the batch. The fixed count (``"topk"``) stays a named option."""
+never depend on the rest of the batch; at most a per-image cap of segments (packed attention
+pads a batch to its longest image). The shipped ``DRIP-*`` routers are adaptive; the fixed count
+(``"topk"``) stays a named option, the ``DRIPTopK-*`` twins."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +14,8 @@ import open_clip
 import pytest
 import torch
 
+import dtp_ds
+from dtp_ds.eval.size_configs import ADAPTIVE_TARGET_NOTE, ROUTER_SELECTION, router_config, topk_twin_name
 from dtp_ds.models import (
     VisionTransformer,
     expected_segments,
@@ -21,7 +25,7 @@ from dtp_ds.models import (
     registry,
     trunks,
 )
-from dtp_ds.models.boundary import SELECTIONS, CosineBoundaryPredictor
+from dtp_ds.models.boundary import MAX_SEGMENTS_RATIO, SELECTIONS, CosineBoundaryPredictor
 from dtp_ds.models.reducers.drip import DripReducer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,13 +35,15 @@ RATE = 0.25  # 4x
 TARGET = expected_segments(PATCHES, RATE)  # 16.75 segments per image on average
 
 
-def small_trunk(selection: str = "adaptive", upsample: bool = False, momentum: float = 0.9) -> VisionTransformer:
+def small_trunk(selection: str = "adaptive", upsample: bool = False, momentum: float = 0.9,
+                cap_ratio: float = MAX_SEGMENTS_RATIO) -> VisionTransformer:
     """The shipped router (cosine, tied, on the patch embeddings) on a 32 px, width-32 trunk."""
     torch.manual_seed(0)
     post = 1 if upsample else 0
     reducer = DripReducer(dim=32, depth=3 + post, num_patches=PATCHES, pre=1, shorten=2, post=post,
                           upsample=upsample, compression=1 / RATE, predictor="cosine", predictor_input="embed",
-                          selection=selection, tied=True, threshold_momentum=momentum)
+                          selection=selection, tied=True, threshold_momentum=momentum,
+                          max_segments_ratio=cap_ratio)
     return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=3 + post, num_heads=2, num_classes=16,
                              reducer=reducer)
 
@@ -149,6 +155,56 @@ def test_before_calibration_eval_uses_the_per_image_budget() -> None:
     assert counts.unique().tolist() == [round(TARGET)]
 
 
+def test_the_cap_refuses_a_ratio_the_rate_cannot_fit_under() -> None:
+    for ratio in (1.0, 0.5):
+        with pytest.raises(ValueError, match="max_segments_ratio must be > 1"):
+            CosineBoundaryPredictor(8, 0.25, selection="adaptive", max_segments_ratio=ratio)
+    pred = CosineBoundaryPredictor(8, 0.25, selection="adaptive")
+    assert pred.segment_cap(PATCHES) == round(MAX_SEGMENTS_RATIO * TARGET) == 34
+    # never below the mean (so the batch's total is reachable), never over the patches
+    assert CosineBoundaryPredictor(8, 0.25, selection="adaptive", max_segments_ratio=1.01).segment_cap(PATCHES) == 17
+    assert CosineBoundaryPredictor(8, 0.75, selection="adaptive").segment_cap(PATCHES) == PATCHES
+    assert CosineBoundaryPredictor(8, 0.25, selection="topk").segment_cap(PATCHES) == PATCHES  # no cap
+
+
+CAP_RATIO = 1.3  # a cap of 22 segments, under what the busiest rectangles images take uncapped
+CAP = 22
+
+
+def test_the_cap_holds_in_training_and_the_batch_still_meets_the_rate() -> None:
+    images, objects = rectangles(42)
+    uncapped = run(small_trunk(cap_ratio=100.0).train(), images)[2]
+    assert uncapped.max().item() > CAP  # the cap below binds
+    trunk = small_trunk(cap_ratio=CAP_RATIO).train()
+    assert predictor(trunk).segment_cap(PATCHES) == CAP
+    _, _, counts = run(trunk, images)
+    assert counts.max().item() == CAP  # held, and reached: the busiest images give budget back
+    total = round(42 * RATE * (PATCHES - 1))
+    assert counts.sum().item() == total + 42  # the batch's total exactly, as uncapped
+    assert uncapped.sum().item() == total + 42
+    assert np.corrcoef(counts.numpy(), objects)[0, 1] > 0.5  # still follows content
+    # the memory plan's padded length is the cap (a batch's busiest image reaches it)
+    plan = trunk.reducer.plan(PATCHES, 3, 32)
+    assert plan.padded[1] == CAP + 1 and plan.tokens[1] == TARGET + 1
+
+
+def test_the_cap_holds_in_evaluation_per_image() -> None:
+    trunk = small_trunk(momentum=0.9, cap_ratio=CAP_RATIO)
+    train_means = calibrate(trunk)
+    assert train_means == pytest.approx([TARGET] * len(train_means), rel=0.05)
+    trunk.eval()
+    images = rectangles(70, seed=7)[0]
+    _, _, counts = run(trunk, images)
+    assert counts.max().item() == CAP
+    assert torch.equal(run(trunk, images)[2], counts)  # deterministic
+    for i in range(0, 70, 5):  # batch-invariant: an image alone gets what it got among others
+        assert run(trunk, images[i:i + 1])[2].item() == counts[i].item()
+    # without the cap the same calibration cuts the busiest images further
+    free = small_trunk(momentum=0.9, cap_ratio=100.0)
+    free.load_state_dict(trunk.state_dict())
+    assert run(free.eval(), images)[2].max().item() > CAP
+
+
 def test_checkpoint_carries_the_calibrated_threshold() -> None:
     trunk = small_trunk()
     calibrate(trunk, steps=8)
@@ -174,11 +230,29 @@ def test_pinned_segments_leave_the_calibration_alone() -> None:
     assert counts.unique().tolist() == [8.0] and int(predictor(trunk).calibration_steps) == 0
 
 
+def test_every_router_name_is_adaptive_and_has_its_fixed_count_twin() -> None:
+    routers = [n for n in dtp_ds.list_models() if n.startswith("DRIP-ViT-")]
+    twins = [topk_twin_name(n) for n in routers]
+    assert len(routers) == 26 and set(twins) <= set(dtp_ds.list_models()) <= set(open_clip.list_models())
+    assert not [n for n in dtp_ds.list_models() if n.startswith("DRIPTopK-") and n not in twins]
+    for router, twin in zip(routers, twins):
+        cfg, tcfg = get_model_config(router), get_model_config(twin)
+        assert cfg["vision_cfg"]["reducer_cfg"]["selection"] == ROUTER_SELECTION == "adaptive"
+        assert tcfg["vision_cfg"]["reducer_cfg"]["selection"] == "topk"
+        stated, tstated = cfg.pop("flops_target"), tcfg.pop("flops_target")
+        # what tools/size_configs --router-selections writes; the same compute untrained
+        assert cfg == router_config(router, "adaptive") and tcfg == router_config(router, "topk")
+        assert stated["ratio"] == tstated["ratio"] and tstated["note"] == "measured when shipped"
+        assert stated["note"] == ADAPTIVE_TARGET_NOTE
+        cfg["vision_cfg"]["reducer_cfg"].pop("selection"), tcfg["vision_cfg"]["reducer_cfg"].pop("selection")
+        assert cfg == tcfg
+
+
 def test_a_shipped_layout_with_adaptive_selection_trains() -> None:
-    """``DRIP-ViT-Tiny-8-4x`` (conv stem, 64 patches, upsampling off) with ``selection: adaptive``
-    through open_clip: forward, backward, eval after calibration."""
+    """``DRIP-ViT-Tiny-8-4x`` (conv stem, 64 patches, upsampling off) as shipped, its count
+    following content, through open_clip: forward, backward, eval after calibration."""
     cfg = copy.deepcopy(get_model_config("DRIP-ViT-Tiny-8-4x"))
-    cfg["vision_cfg"]["reducer_cfg"]["selection"] = "adaptive"
+    assert cfg["vision_cfg"]["reducer_cfg"]["selection"] == "adaptive"  # the shipped default
     cfg.pop("flops_target")
     name = "test-DRIP-ViT-Tiny-8-4x-adaptive"
     register_config(name, cfg)
@@ -200,4 +274,4 @@ def test_a_shipped_layout_with_adaptive_selection_trains() -> None:
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model.encode_image(images)).all()
-    assert registry.get_reducer_cfg("DRIP-ViT-Tiny-8-4x")["selection"] == "topk"  # the shipped default, as was
+    assert registry.get_reducer_cfg("DRIPTopK-ViT-Tiny-8-4x")["selection"] == "topk"  # the fixed count, named

@@ -1,7 +1,8 @@
-"""The shipped DRIP predictor (H-Net's cosine router on the patch embeddings, top-k count) under
-the invariances the MLP predictor is held to in test_drip.py: low-precision extremes, padded-batch
-invariance, determinism, activation checkpointing and pinned counts. The router's threshold
-selection (a count per image, hence padding) is held to the same."""
+"""The shipped DRIP predictor (H-Net's cosine router on the patch embeddings, its count following
+content: ``adaptive``) under the invariances the MLP predictor is held to in test_drip.py:
+low-precision extremes, padded-batch invariance, determinism, activation checkpointing and pinned
+counts. The fixed count (``topk``, the ``DRIPTopK-*`` names) and H-Net's threshold selection are
+held to the same."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,8 @@ from dtp_ds.models.reducers.drip import DripReducer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # what every shipped DRIP config sets (checked against the shipped files below)
-SHIPPED = {"predictor": "cosine", "predictor_input": "embed", "selection": "topk", "tied": True}
+SHIPPED = {"predictor": "cosine", "predictor_input": "embed", "selection": "adaptive", "tied": True}
+SELECTIONS = ["adaptive", "topk", "threshold"]
 
 
 def router_trunk(selection: str = "topk", upsample: bool = False, pool: str = "mean_with_cls",
@@ -49,11 +51,22 @@ def forward_aux(trunk: VisionTransformer, images: torch.Tensor) -> tuple[torch.T
 
 def test_shipped_drip_configs_use_this_router() -> None:
     # the shipped files (the registry also holds what tests and exports registered since)
-    names = sorted(p.stem for p in CONFIG_DIR.glob("DRIP-*.json"))
-    assert len(names) >= 26
-    for name in names:
-        cfg = registry.get_model_config(name)["vision_cfg"]["reducer_cfg"]
-        assert {k: cfg.get(k) for k in SHIPPED} == SHIPPED, name
+    for prefix, selection in (("DRIP-", "adaptive"), ("DRIPTopK-", "topk")):
+        names = sorted(p.stem for p in CONFIG_DIR.glob(f"{prefix}*.json"))
+        assert len(names) >= 26
+        for name in names:
+            cfg = registry.get_model_config(name)["vision_cfg"]["reducer_cfg"]
+            assert {k: cfg.get(k) for k in SHIPPED} == {**SHIPPED, "selection": selection}, name
+
+
+def calibrated(trunk: VisionTransformer) -> VisionTransformer:
+    """An adaptive router's threshold calibrated by training forwards (a no-op for the others)."""
+    if trunk.reducer.boundary_predictor.selection == "adaptive":
+        trunk.train()
+        with torch.no_grad():
+            for seed in (1, 2):
+                trunk(blocky_images(8, seed=seed))
+    return trunk.eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -90,12 +103,12 @@ def test_router_probabilities_stay_fp32_under_autocast() -> None:
     assert seen["out"].probs.dtype == torch.float32 and seen["out"].logits.dtype == torch.float32
 
 
-@pytest.mark.parametrize("selection", ["topk", "threshold"])
+@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("upsample", [False, True])
 @pytest.mark.parametrize("pool", POOL_TYPES)
 def test_eval_batch_invariance_and_determinism(selection: str, upsample: bool, pool: str) -> None:
     torch.manual_seed(0)
-    trunk = router_trunk(selection, upsample=upsample, pool=pool).eval()
+    trunk = calibrated(router_trunk(selection, upsample=upsample, pool=pool))
     images = blocky_images(6)
     with torch.no_grad():
         batched = trunk(images)
@@ -104,7 +117,7 @@ def test_eval_batch_invariance_and_determinism(selection: str, upsample: bool, p
         assert torch.equal(trunk.forward_features(images), tokens)  # timm's contract: the tokens alone
         alone = torch.cat([trunk(images[i:i + 1]) for i in range(len(images))])
         again = trunk(images)
-    if selection == "threshold" and not upsample:
+    if selection in ("threshold", "adaptive") and not upsample:
         assert lengths.min() < lengths.max()  # padding really exercised: a count per image
     if selection == "topk" and not upsample:
         assert torch.all(lengths == 1 + 17)
@@ -112,16 +125,16 @@ def test_eval_batch_invariance_and_determinism(selection: str, upsample: bool, p
     assert torch.equal(batched, again)
 
 
-@pytest.mark.parametrize("selection", ["topk", "threshold"])
+@pytest.mark.parametrize("selection", SELECTIONS)
 def test_boundaries_follow_edges_not_positions(selection: str) -> None:
     """Where the cuts go depends on the image: two different images get different segments
     (evenly spaced boundaries would give them the same), and a flat image cut by threshold is one segment."""
-    trunk = router_trunk(selection).eval()
+    trunk = calibrated(router_trunk(selection))
     with torch.no_grad(), record_forward() as rec:
         trunk(blocky_images(4))
     groups = rec[0].groups
     assert not torch.equal(groups[1], groups[2])
-    if selection == "threshold":
+    if selection in ("threshold", "adaptive"):
         with torch.no_grad():
             _, aux = forward_aux(trunk, torch.full((1, 3, 32, 32), 0.5))
         assert aux["compression"].item() == pytest.approx(64.0)
@@ -135,7 +148,7 @@ def _run(trunk: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, 
     return out.detach(), {n: p.grad.clone() for n, p in trunk.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("selection", ["topk", "threshold"])
+@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("upsample", [False, True])
 def test_checkpointing_same_outputs_and_grads(selection: str, upsample: bool) -> None:
     torch.manual_seed(0)
@@ -149,11 +162,13 @@ def test_checkpointing_same_outputs_and_grads(selection: str, upsample: bool) ->
     assert grads_ckpt.keys() == grads_ref.keys()
     for name, g in grads_ref.items():
         torch.testing.assert_close(grads_ckpt[name], g, msg=name)
+    if selection == "adaptive":  # recomputed blocks do not calibrate twice: one step per forward
+        assert int(trunk.reducer.boundary_predictor.calibration_steps) == 2
 
 
-@pytest.mark.parametrize("selection", ["topk", "threshold"])
+@pytest.mark.parametrize("selection", SELECTIONS)
 def test_pinned_tokens_cut_exactly_that_many_segments(selection: str) -> None:
-    trunk = router_trunk(selection).eval()
+    trunk = calibrated(router_trunk(selection))
     for segments in (1, 7, 16, 63, 64):
         with pinned_tokens(trunk, segments):
             _, aux = forward_aux(trunk, blocky_images(3))

@@ -108,7 +108,7 @@ def test_legacy_drip_cfg_builds_the_same_parameters(name: str) -> None:
         open_clip.factory._MODEL_CONFIGS.pop(name + "-legacy", None)
 
 
-@pytest.mark.parametrize("name", [n for n in SHIPPED if n.startswith("DRIP-")])
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.startswith(("DRIP-", "DRIPTopK-"))])
 def test_drip_config_matches_its_base_and_layout_rules(name: str) -> None:
     cfg = raw(name)
     cfg.pop("flops_target")  # tests/unit/test_flops_targets.py

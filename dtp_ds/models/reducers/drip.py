@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ..boundary import THRESHOLD_MOMENTUM, Boundaries, expected_segments, make_boundary_predictor
+from ..boundary import MAX_SEGMENTS_RATIO, THRESHOLD_MOMENTUM, Boundaries, expected_segments, make_boundary_predictor
 from ..protocol import ForwardState
 from ..segments import make_packing, pack_segments, segment_ids, unpack_patches
 from . import TokenPlan, TokenReducer, register_reducer
@@ -33,7 +33,8 @@ class DripReducer(TokenReducer):
     ``selection`` (cosine router): ``"topk"`` a fixed count per image, ``"adaptive"`` a count
     that follows content at the rate on average, ``"threshold"`` H-Net's (see
     :class:`~dtp_ds.models.boundary.CosineBoundaryPredictor`); ``threshold_momentum``: the
-    adaptive selection's calibration EMA."""
+    adaptive selection's calibration EMA; ``max_segments_ratio``: its per-image cap, a multiple
+    of the prior's mean segment count (bounds packed attention's padded length)."""
 
     stat_names = ("compression", "boundary_rate")
 
@@ -56,6 +57,7 @@ class DripReducer(TokenReducer):
         selection: str = "threshold",
         tied: bool = False,
         threshold_momentum: float = THRESHOLD_MOMENTUM,
+        max_segments_ratio: float = MAX_SEGMENTS_RATIO,
     ) -> None:
         super().__init__()
         if post and not upsample:
@@ -73,7 +75,7 @@ class DripReducer(TokenReducer):
         self.predictor_hidden = predictor_hidden or dim
         self.boundary_predictor = make_boundary_predictor(
             predictor, dim, predictor_hidden or dim, 1.0 / compression, temperature, eval_rule,
-            straight_through, selection, tied, threshold_momentum,
+            straight_through, selection, tied, threshold_momentum, max_segments_ratio,
         )
 
     def upgrade_state_dict(self, state_dict: dict, trunk_prefix: str) -> None:
@@ -109,7 +111,9 @@ class DripReducer(TokenReducer):
              padding_sigmas: float = 3.0) -> TokenPlan:
         """Short blocks run packed: the batch's longest sequence is ``padding_sigmas`` standard
         deviations of the binomial boundary count over the mean (no padding where every image
-        gets the same count: top-k selection, evenly spaced or pinned boundaries). The fp32 boundary path saves
+        gets the same count: top-k selection, evenly spaced or pinned boundaries); under a per-image
+        cap (the adaptive router's) the cap itself: its counts spread far wider than a binomial's,
+        and a batch's busiest image reaches it. The fp32 boundary path saves
         the predictor MLP's input and hidden layers, and pooling fp32 patch copies and sums."""
         pre, shorten, post = self.layout
         tokens = tuple(self.planned_tokens(patches, depth, rate))
@@ -117,7 +121,9 @@ class DripReducer(TokenReducer):
         p = self.default_rate() if rate is None else rate
         padded = None
         if padding_sigmas > 0 and not self.boundary_predictor.same_count_per_image:
-            padded = 1.0 + min(float(patches), short - 1.0 + padding_sigmas * math.sqrt(patches * p * (1 - p)))
+            cap = self.boundary_predictor.segment_cap(patches)
+            spread = short - 1.0 + padding_sigmas * math.sqrt(patches * p * (1 - p))
+            padded = 1.0 + (float(cap) if cap < patches else min(float(patches), spread))
         predictor = patches * (width + 2 * self.predictor_hidden) * 4 + patches * 24
         pooling = 2 * patches * width * 4 + short * width * 4
         final = patches + 1.0 if self.upsample else short
