@@ -8,26 +8,31 @@ import pytest
 
 from dtp_ds.train import checkpoint
 from dtp_ds.train.export import load_model_from_checkpoint
-from tests.faults.conftest import Background, base, error_lines, fill, records, run, run_ok, steps
+from tests.conftest import run_many
+from tests.faults.conftest import FAST_ENV, Background, base, fill, records, run_ok, steps
 
 pytestmark = pytest.mark.dist  # real runs under the deepspeed launcher
 
 FP32 = ["--precision", "fp32", "--zero-stage", "0", "--lr", "1e-3"]
 
 
-def test_unwritable_or_nearly_full_output_is_refused_before_anything_is_written(synth, tmpfs):
+def test_unwritable_or_nearly_full_output_is_refused_before_anything_is_written(synth, tmpfs, tmp_path):
+    """Both refusals in one launch of one rank (tests/dist/train_runs.py: each run is the entry
+    point's own body, its refusal reported as the entry point reports it)."""
     small = tmpfs(100)  # less than one checkpoint
-    proc = run(base(synth, small / "logs", "r", *FP32, "--max-steps", "2"))
-    assert proc.returncode == 2
-    errors = error_lines(proc)
-    assert len(errors) == 1 and "is nearly full" in errors[0] and "ZeRO stage 0" in errors[0], proc.stderr[-2000:]
-    assert "1 checkpoint(s) to write" in errors[0] and "Traceback" not in proc.stderr
+    readonly = tmpfs(400, ro=True)
+    res = run_many({"full": base(synth, small / "logs", "r", *FP32, "--max-steps", "2"),
+                    "readonly": base(synth, readonly / "logs", "r", *FP32, "--max-steps", "2")},
+                   tmp_path / "launch", nproc=1, env=FAST_ENV)
+    assert res["full"].rc == [2], res["full"].stderr
+    stderr = res["full"].stderr[0]
+    errors = [line for line in stderr.splitlines() if line.startswith("dtp_ds.train: error:")]
+    assert len(errors) == 1 and "is nearly full" in errors[0] and "ZeRO stage 0" in errors[0], stderr[-2000:]
+    assert "1 checkpoint(s) to write" in errors[0] and "Traceback" not in stderr
     assert list(small.iterdir()) == []  # not even the run directory
 
-    readonly = tmpfs(400, ro=True)
-    proc = run(base(synth, readonly / "logs", "r", *FP32, "--max-steps", "2"))
-    assert proc.returncode == 2
-    errors = error_lines(proc)
+    assert res["readonly"].rc == [2], res["readonly"].stderr
+    errors = [line for line in res["readonly"].stderr[0].splitlines() if line.startswith("dtp_ds.train: error:")]
     assert len(errors) == 1 and "is not writable" in errors[0] and "Read-only file system" in errors[0], errors
 
 
