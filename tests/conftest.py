@@ -95,13 +95,16 @@ class RunResult:
 
 
 def run_many(runs: dict[str, list[str]], out: Path, nproc: int = 2, env: dict | None = None,
-             run_env: dict[str, dict] | None = None, timeout: int = 900) -> dict[str, RunResult]:
+             run_env: dict[str, dict] | None = None, timeout: int = 900,
+             calls: list[list[str]] | None = None) -> dict[str, RunResult]:
     """Several ``dtp_ds.train`` runs (name -> argv) one after another in one launch of ``nproc``
     ranks (tests/dist/train_runs.py): the launcher, imports and process group once. ``run_env``:
-    environment variables set around one run. Each run's directory is ``--logs``/``--name`` of
-    its argv."""
+    environment variables set around one run. ``calls``: ``["module:function", *args]`` each, run
+    on every rank before the runs (a test's own multi-rank script in the same launch). Each run's
+    directory is ``--logs``/``--name`` of its argv."""
     out.mkdir(parents=True, exist_ok=True)
-    spec = [{"name": name, "argv": argv, "env": (run_env or {}).get(name, {})} for name, argv in runs.items()]
+    spec = [{"name": f"call {i}", "call": call[0], "args": call[1:]} for i, call in enumerate(calls or [])]
+    spec += [{"name": name, "argv": argv, "env": (run_env or {}).get(name, {})} for name, argv in runs.items()]
     (out / "runs.json").write_text(json.dumps(spec))
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
                 **(env or {})}

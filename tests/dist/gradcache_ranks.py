@@ -1,5 +1,6 @@
 """GradCache against one large batch on real DeepSpeed engines. Run by tests/unit/test_gradcache.py
-(one process) and tests/dist/test_gradcache.py (2 ranks under the deepspeed launcher):
+(one process) and tests/dist/test_gradcache.py (2 ranks under the deepspeed launcher, as a
+``call`` of tests/dist/train_runs.py: :func:`run_cases`):
 
     python tests/dist/gradcache_ranks.py OUT CASE ...     CASE = KIND:MODEL:STAGE:PRECISION[:OPTION ...]
 
@@ -191,8 +192,13 @@ def overflow(model: str, stage: int, tmp: str) -> dict:
 
 
 def main(out: str, cases: list[str]) -> None:
-    deepspeed.utils.logger.setLevel(logging.ERROR)
     init_process_group(dist_backend="gloo")
+    run_cases(out, *cases)
+
+
+def run_cases(out: str, *cases: str) -> None:
+    """The CASEs on the process group that is up (also a ``call`` of tests/dist/train_runs.py)."""
+    deepspeed.utils.logger.setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             kind, model, stage, precision, *options = case.split(":")

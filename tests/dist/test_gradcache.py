@@ -1,19 +1,15 @@
-"""GradCache (``--accum-freq``) on two real ranks under the deepspeed launcher: one launch of
-tests/dist/gradcache_ranks.py (DRIP with replayed noise under ZeRO-3; a plain ViT under ZeRO-0
-with --local-loss --gather-with-grad, whose feature gradients cross ranks), and a short training
-run whose loss curve and final weights are those of the large-batch run."""
+"""GradCache (``--accum-freq``) on two real ranks under the deepspeed launcher, in one launch:
+tests/dist/gradcache_ranks.py's cases (DRIP with replayed noise under ZeRO-3; a plain ViT under
+ZeRO-0 with --local-loss --gather-with-grad, whose feature gradients cross ranks), then a short
+training run whose loss curve and final weights are those of the large-batch run."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dtp_ds.cluster.ports import free_port
-from tests.conftest import REPO, base_args, metrics, run_many, step_records
+from tests.conftest import base_args, metrics, run_many, step_records
 
 pytestmark = pytest.mark.dist
 
@@ -21,14 +17,25 @@ CASES = ["large:drip:3:fp32", "large:vit:0:fp32:local"]
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> dict[str, dict]:
+def launch(synth, tmp_path_factory) -> tuple[dict[str, dict], Path]:
+    """One launch of 2 ranks: tests/dist/gradcache_ranks.py's CASES, then the two training runs of
+    test_a_gradcache_run_trains_the_large_batch_run (tests/dist/train_runs.py)."""
     out = tmp_path_factory.mktemp("gradcache_ranks")
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "dist" / "gradcache_ranks.py"), str(out), *CASES]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {case: json.loads((out / f"{case.replace(':', '_')}.json").read_text()) for case in CASES}
+    common = ["--precision", "fp32", "--zero-stage", "2", "--max-steps", "4", "--lr", "2e-3",
+              "--train-num-samples", "480"]
+    large = base_args(synth, out, "large", *common)
+    large[large.index("--batch-size") + 1] = "24"
+    chunked = base_args(synth, out, "gradcache", *common, "--accum-freq", "3")
+    chunked[chunked.index("--batch-size") + 1] = "8"
+    done = run_many({"large": large, "gradcache": chunked}, out / "launch",
+                    calls=[["tests.dist.gradcache_ranks:run_cases", str(out), *CASES]])
+    assert [r.rc for r in done.values()] == [[0, 0], [0, 0]], {k: r.stderr for k, r in done.items()}
+    return {case: json.loads((out / f"{case.replace(':', '_')}.json").read_text()) for case in CASES}, out
+
+
+@pytest.fixture(scope="module")
+def ranks(launch) -> dict[str, dict]:
+    return launch[0]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -41,18 +48,11 @@ def test_two_ranks_gradcache_steps_equal_one_large_batch(ranks, case):
     assert a == b  # the ranks agree
 
 
-def test_a_gradcache_run_trains_the_large_batch_run(synth, tmp_path):
+def test_a_gradcache_run_trains_the_large_batch_run(launch):
     """dtp_ds.train with --batch-size 8 --accum-freq 3 against --batch-size 24 (2 ranks, ZeRO-2,
     fp32, AdamW): the same samples per step, the same logged whole-batch loss at every step, the
-    same final weights, 3 engine micro-steps per optimizer step. Both runs in one launch."""
-    common = ["--precision", "fp32", "--zero-stage", "2", "--max-steps", "4", "--lr", "2e-3",
-              "--train-num-samples", "480"]
-    large = base_args(synth, tmp_path, "large", *common)
-    large[large.index("--batch-size") + 1] = "24"
-    chunked = base_args(synth, tmp_path, "gradcache", *common, "--accum-freq", "3")
-    chunked[chunked.index("--batch-size") + 1] = "8"
-    done = run_many({"large": large, "gradcache": chunked}, tmp_path / "launch")
-    assert [r.rc for r in done.values()] == [[0, 0], [0, 0]], {k: r.stderr for k, r in done.items()}
+    same final weights, 3 engine micro-steps per optimizer step. Both runs in the module's launch."""
+    tmp_path = launch[1]
     a, b = step_records(tmp_path / "gradcache"), step_records(tmp_path / "large")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["samples_seen"] for r in a] == [r["samples_seen"] for r in b] == [48 * s for s in range(1, 5)]

@@ -9,12 +9,16 @@ and tests/e2e); a refusal (``dtp_ds.train.main.REFUSALS``) is reported as the en
 reports it, its stderr kept per rank, and the next run starts. The process group stays up between
 runs (DeepSpeed cannot bring it up twice in a process). Any other exception stops the launch with
 its traceback. Rank 0 writes ``OUT/results.json``: per run, each rank's exit status and stderr.
+A spec entry with ``call`` (``"module:function"`` and its ``args``) instead of ``argv`` runs that
+function on every rank in turn, on the process group that is up: a test's own multi-rank script
+shares the launch (its exception, too, stops the launch).
 
     deepspeed --num_gpus N tests/dist/train_runs.py SPEC.json OUT
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -53,13 +57,23 @@ def run_one(argv: list[str], env: dict[str, str]) -> dict:
     return {"rc": rc, "stderr": err.getvalue(), "seconds": round(time.time() - start, 1)}
 
 
+def call_one(target: str, args: list[str]) -> dict:
+    module, function = target.split(":")
+    start = time.time()
+    getattr(importlib.import_module(module), function)(*args)
+    return {"rc": 0, "stderr": "", "seconds": round(time.time() - start, 1)}
+
+
 def main() -> None:
     spec_path, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     init_process_group()  # up before the first run, which may be refused before it brings it up
     results = {}
     for run in json.loads(open(spec_path).read()):
         print(f"=== {run['name']}", flush=True)
-        results[run["name"]] = run_one(run["argv"], run.get("env", {}))
+        if "call" in run:
+            results[run["name"]] = call_one(run["call"], run.get("args", []))
+        else:
+            results[run["name"]] = run_one(run["argv"], run.get("env", {}))
         dist.barrier()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
