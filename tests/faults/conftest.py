@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, deepspeed_cmd, run_train
+from dtp_ds.cluster.ports import free_port
+from tests.conftest import REPO, deepspeed_cmd, leaked_shm, run_train
 from tests.conftest import base_args as base  # noqa: F401  (the fault tests' run arguments)
 
 FAST_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
@@ -30,10 +31,24 @@ class Background:
     """A job under the launcher in its own process group, output to a file."""
 
     def __init__(self, args: list[str], log: Path, nproc: int = 1, env: dict | None = None):
-        self.log = log
+        self.log, self.port = log, free_port()
         self.out = open(log, "w")
-        self.proc = subprocess.Popen(deepspeed_cmd(nproc) + args, cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **FAST_ENV, **(env or {})}, start_new_session=True)
+        self.proc = subprocess.Popen(deepspeed_cmd(nproc, self.port) + args, cwd=REPO, stdout=self.out,
+                                     stderr=subprocess.STDOUT, env={**os.environ, **FAST_ENV, **(env or {})},
+                                     start_new_session=True)
+
+    def finish_ok(self, timeout: float = 300) -> None:
+        """Wait for the job to end: exit 0 and no shared-memory segment left (as ``run_ok``)."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the job did not end within {timeout:g} s:\n{self.log.read_text()[-4000:]}") from None
+        finally:
+            self.out.close()
+            leaked = leaked_shm(self.port)
+        assert rc == 0, f"the job failed (exit {rc}):\n{self.log.read_text()[-4000:]}"
+        assert not leaked, f"the job left its shared-memory all-reduce segments in /dev/shm: {leaked}"
 
     def wait_for(self, predicate, timeout: float = 240, what: str = "") -> None:
         end = time.time() + timeout

@@ -29,19 +29,23 @@ def _curve(run_dir):
 
 def test_kill9_then_resume_latest_loses_nothing(synth, tmp_path, capsys):
     logs = tmp_path / "logs"
-    run_ok(base(synth, logs, "straight", *COMMON))
-    straight = _curve(logs / "straight")
-    assert [s for s, *_ in straight] == list(range(1, STEPS + 1))
-    assert {e for _, e, *_ in straight} == {0, 1, 2}  # the curve crosses two epoch boundaries
-
     run_dir = logs / "split"
     root = run_dir / "checkpoints"
     args = base(synth, logs, "split", *COMMON)
 
-    # 1. kill -9 at an arbitrary step (whatever step the job is in once step 4 was logged)
-    job = Background(args, tmp_path / "a.log")
-    job.wait_for(lambda: any(r.get("step", 0) >= 4 for r in steps(run_dir)), what="step 4")
-    job.kill()
+    # the straight run alongside the first job (one rank each, on separate ports and directories):
+    # its launch overlaps the first job's instead of adding to it
+    straight_job = Background(base(synth, logs, "straight", *COMMON), tmp_path / "straight.log")
+    try:
+        # 1. kill -9 at an arbitrary step (whatever step the job is in once step 4 was logged)
+        job = Background(args, tmp_path / "a.log")
+        job.wait_for(lambda: any(r.get("step", 0) >= 4 for r in steps(run_dir)), what="step 4")
+        job.kill()
+    finally:
+        straight_job.finish_ok()
+    straight = _curve(logs / "straight")
+    assert [s for s, *_ in straight] == list(range(1, STEPS + 1))
+    assert {e for _, e, *_ in straight} == {0, 1, 2}  # the curve crosses two epoch boundaries
     logged = max(r["step"] for r in steps(run_dir))
     latest = checkpoint.latest_tag(str(root))
     committed = [t for _, t in checkpoint.list_checkpoints(str(root))]
