@@ -17,6 +17,9 @@ DRIP's segments) is measured; the probability spread needs its per-patch ``score
 - **compression**: patches / segments over all images, as evaluation really ran, and the
   boundary rate that makes that many segments (what ``tools/flops --boundary-rate RUN_DIR``
   counts at).
+- **segments per image** (``segments_mean``, ``segments_std``, ``segments_cv`` = std / mean, the
+  population std over images): whether the count follows content (a fixed top-k budget gives
+  std 0).
 
 Accumulated as sums (and a probability histogram) so ranks can all-reduce them.
 """
@@ -32,8 +35,9 @@ from dtp_ds.models.segments import segment_ids
 
 HIST_BINS = 1000
 # sums: segment purity, the same for even boundaries, labelled segments, majority patches,
-# the same for even boundaries, labelled patches; patches, segments, images
-_FIELDS = 9
+# the same for even boundaries, labelled patches; patches, segments, images, squared segments
+# per image (sums, so ranks all-reduce them and the std still comes out exact)
+_FIELDS = 10
 
 
 def segment_purity_sums(ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int]:
@@ -65,7 +69,7 @@ class BoundaryQuality:
         acc = torch.zeros(_FIELDS, dtype=torch.float64)
         for b, lab in enumerate(labels):
             n = int(torch.unique(groups[b]).numel())
-            acc[6:9] += torch.tensor([length, n, 1], dtype=torch.float64)
+            acc[6:10] += torch.tensor([length, n, 1, n * n], dtype=torch.float64)
             if lab is None:
                 continue
             lab_t = torch.as_tensor(lab, dtype=torch.bool)
@@ -79,7 +83,8 @@ class BoundaryQuality:
 
     def result(self, prefix: str = "") -> dict[str, float]:
         s = self.sums.cpu()
-        seg, seg_even, labelled, maj, maj_even, labelled_patches, patches, segments, images = s[:_FIELDS].tolist()
+        seg, seg_even, labelled, maj, maj_even, labelled_patches, patches, segments, images, segments_sq = \
+            s[:_FIELDS].tolist()
         if not segments:
             return {}
         hist = s[_FIELDS:]
@@ -87,9 +92,12 @@ class BoundaryQuality:
         q = [float((torch.searchsorted(cdf, torch.tensor([p], dtype=cdf.dtype)).clamp(max=HIST_BINS - 1) + 0.5)
                    / HIST_BINS) for p in (0.05, 0.95)]
         length = patches / images
+        mean = segments / images
         # the rate whose expected segment count (dtp_ds.models.expected_segments) is the one seen
-        rate = (segments / images - 1.0) / max(length - 1.0, 1.0)
-        out = {f"{prefix}compression": patches / segments, f"{prefix}boundary_rate": rate}
+        rate = (mean - 1.0) / max(length - 1.0, 1.0)
+        std = max(segments_sq / images - mean * mean, 0.0) ** 0.5
+        out = {f"{prefix}compression": patches / segments, f"{prefix}boundary_rate": rate,
+               f"{prefix}segments_mean": mean, f"{prefix}segments_std": std, f"{prefix}segments_cv": std / mean}
         if hist.sum() > 0:  # the reducer reported per-patch scores
             out.update({f"{prefix}prob_spread": q[1] - q[0], f"{prefix}prob_q05": q[0], f"{prefix}prob_q95": q[1]})
         if labelled:

@@ -60,19 +60,23 @@ def finished_as(run_dir: str, model: str, cmd: list[str]) -> bool:
     return same
 
 
+# issue 23's targets for a count that follows content, printed beside the demo's figures
+SEGMENTS_CV_TARGET = 0.15  # per-image segment count std / mean on the zero-shot split, at least
+COMPRESSION_GAP_TARGET = 0.15  # |eval compression / training's - 1|, at most
+
+
 def summary_lines(metrics_path: str) -> list[str]:
-    """The demo's last lines: DRIP's boundaries as evaluation ran them (when the model has
-    them), the layout split, then zero-shot top-1 / top-5 against chance (the last line)."""
+    """The demo's last lines: DRIP's boundaries as evaluation placed them (when the model has
+    them), the layout split, zero-shot top-1 / top-5 against chance, then (DRIP) the per-image
+    segment count on the zero-shot split and the eval compression against training's, each
+    beside issue 23's target."""
     evals = [r for r in read_metrics(metrics_path) if "zeroshot_top1" in r]
     if not evals:
         raise SystemExit(f"demo: no zero-shot result in {metrics_path}")
     r = evals[-1]
     lines = []
     if "zeroshot_compression" in r:
-        train = r.get("train_compression")
-        gap = f" ({100 * (r['zeroshot_compression'] / train - 1):+.1f}%)" if train else ""
-        lines.append(f"demo: boundaries: eval compression {r['zeroshot_compression']:.2f}x vs training "
-                     f"{train or float('nan'):.2f}x{gap}; segment purity {r.get('zeroshot_purity', float('nan')):.3f} "
+        lines.append(f"demo: boundaries: segment purity {r.get('zeroshot_purity', float('nan')):.3f} "
                      f"vs {r.get('zeroshot_purity_even', float('nan')):.3f} for evenly spaced boundaries; "
                      f"boundary probability spread (q95 - q05) {r['zeroshot_prob_spread']:.3f}")
     if "layout_top1" in r:
@@ -84,4 +88,13 @@ def summary_lines(metrics_path: str) -> list[str]:
     lines.append(f"demo: zero-shot top-1 {r['zeroshot_top1']:.1f}% = {r['zeroshot_top1'] / chance1:.1f}x chance "
                  f"({chance1:.2f}%), top-5 {r['zeroshot_top5']:.1f}% = {r['zeroshot_top5'] / chance5:.1f}x chance "
                  f"({chance5:.2f}%), {r['zeroshot_classes']} held-out classes, step {r['step']}")
+    if "zeroshot_segments_mean" in r:
+        lines.append(f"demo: DRIP segments per image on the zero-shot split: mean {r['zeroshot_segments_mean']:.1f}, "
+                     f"std {r['zeroshot_segments_std']:.1f}, std/mean {r['zeroshot_segments_cv']:.2f} "
+                     f"(issue 23 target >= {SEGMENTS_CV_TARGET:.2f})")
+    if "zeroshot_compression" in r:
+        train = r.get("train_compression")
+        gap = f"{100 * abs(r['zeroshot_compression'] / train - 1):.0f}% apart" if train else "training's not recorded"
+        lines.append(f"demo: eval compression {r['zeroshot_compression']:.2f} vs training "
+                     f"{train or float('nan'):.2f}: {gap} (issue 23 target within {100 * COMPRESSION_GAP_TARGET:.0f}%)")
     return lines

@@ -279,19 +279,33 @@ def test_cumsum_straight_through_gives_a_boundary_no_task_gradient() -> None:
 
 def test_demo_prints_the_boundaries_as_evaluation_placed_them(tmp_path) -> None:
     import json
+    import re
 
     from dtp_ds.train.runs import summary_lines
 
+    # the count line's figures come from BoundaryQuality as evaluation accumulates them: three
+    # images of 16 patches cut into 2, 4 and 6 segments (mean 4, population std sqrt(8/3))
+    quality = BoundaryQuality()
+    quality.add(torch.tensor([[0] * 8 + [1] * 8, [0, 1, 2, 3] * 4, [0, 1, 2, 3, 4, 5] * 2 + [5] * 4]), None, [None] * 3)
+    counts = quality.result("zeroshot_")
     row = {"step": 237, "zeroshot_top1": 30.0, "zeroshot_top5": 90.0, "zeroshot_chance_top1": 100 / 48,
-           "zeroshot_classes": 48, "zeroshot_compression": 3.76, "train_compression": 3.76,
+           "zeroshot_classes": 48, **counts, "train_compression": 3.6,
            "zeroshot_purity": 0.95, "zeroshot_purity_even": 0.92, "zeroshot_prob_spread": 0.9,
            "layout_top1": 5.0, "layout_chance_top1": 100 / 30, "layout_classes": 30}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     lines = summary_lines(str(tmp_path / "metrics.jsonl"))
-    assert "eval compression 3.76x vs training 3.76x (+0.0%)" in lines[0]
     assert "purity 0.950 vs 0.920" in lines[0] and "spread (q95 - q05) 0.900" in lines[0]
     assert lines[1].startswith("demo: layout split: top-1 5.0% = 1.5x chance")
-    assert lines[-1].startswith("demo: zero-shot top-1 30.0% = 14.4x chance")
+    assert lines[2].startswith("demo: zero-shot top-1 30.0% = 14.4x chance")
+    # the last two lines parse back to the figures (the demo's closing check of issue 23)
+    count = re.fullmatch(r"demo: DRIP segments per image on the zero-shot split: mean ([\d.]+), std ([\d.]+), "
+                         r"std/mean ([\d.]+) \(issue 23 target >= 0\.15\)", lines[-2])
+    assert count, lines[-2]
+    assert [float(v) for v in count.groups()] == pytest.approx([4.0, 1.6, 0.41], abs=0.01)
+    gap = re.fullmatch(r"demo: eval compression ([\d.]+) vs training ([\d.]+): (\d+)% apart "
+                       r"\(issue 23 target within 15%\)", lines[-1])
+    assert gap, lines[-1]
+    assert [float(v) for v in gap.groups()] == pytest.approx([4.0, 3.6, 11], abs=0.005)
 
 
 def test_tied_router_never_cuts_between_identical_neighbours() -> None:
