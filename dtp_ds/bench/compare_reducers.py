@@ -53,6 +53,7 @@ ARM_MODELS: dict[str, str] = {
     "drip": "DRIP-ViT-Tiny-8-4x",  # the router, its count following content (selection adaptive)
     "drip-topk": "DRIPTopK-ViT-Tiny-8-4x",  # the router at a fixed count per image
     "drip-gumbel": "DRIPGumbel-ViT-Tiny-8-4x",  # the seed's DRIP: DTP's Gumbel-Sigmoid MLP
+    "drip-prop": "DRIP-ViT-Tiny-8-4x",  # the adaptive router + proportional attention (REDUCER_OVERRIDES)
     "drip-uniform": "DRIPUniform-ViT-Tiny-8",
     "tome": "ToMe-ViT-Tiny-8",
     "tokenlearner": "TokenLearner-ViT-Tiny-8",
@@ -62,8 +63,13 @@ ARM_MODELS: dict[str, str] = {
     "patch-dropout": "PatchDrop-ViT-Tiny-8",
     "low-res": "LowRes-ViT-Tiny-8",  # CLIPA's static strategy: the plain trunk at a lower resolution
 }
+# arm -> reducer_cfg keys set over its shipped config's: a hypothesis tested as an arm (issue 23)
+REDUCER_OVERRIDES: dict[str, dict[str, Any]] = {
+    "drip-prop": {"proportional_attention": True},  # a pooled segment of k patches keeps k keys' weight
+}
 ARMS: dict[str, tuple[dict[str, Any], int]] = {
-    arm: (get_reducer_cfg(name) or {"type": "none"}, get_model_config(name)["vision_cfg"]["image_size"])
+    arm: ({**(get_reducer_cfg(name) or {"type": "none"}), **REDUCER_OVERRIDES.get(arm, {})},
+          get_model_config(name)["vision_cfg"]["image_size"])
     for arm, name in ARM_MODELS.items()}
 # DynamicViT distils from a plain trunk: the plain arm's export, when it ran first
 TEACHER_ARM = "plain"
@@ -71,7 +77,8 @@ NOTES = {"dynamicvit": "training runs every token (masked attention) and the tea
          "dynamicvit-drop": "drops in training too; teacher", "patch-dropout": "inference runs every patch",
          "low-res": "fewer pixels, same trunk", "drip-uniform": "DRIP with evenly spaced boundaries",
          "drip": "count per image follows content", "drip-topk": "same count every image",
-         "drip-gumbel": "the seed's Gumbel-Sigmoid DRIP"}
+         "drip-gumbel": "the seed's Gumbel-Sigmoid DRIP",
+         "drip-prop": "count follows content; log segment size per attention key"}
 COLUMNS = [("arm", "arm", "{}"), ("params_m", "params (M)", "{:.2f}"), ("gflops", "GFLOPs", "{:.3f}"),
            ("gflops_fvcore", "fvcore", "{:.3f}"), ("train_gflops", "train GFLOPs/sample", "{:.3f}"),
            ("step_time", "step s", "{:.2f}"), ("samples_per_s", "samples/s", "{:.1f}"),

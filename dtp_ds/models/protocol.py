@@ -30,7 +30,8 @@ Per forward: :class:`ForwardState` (11 fields)
   What the trunk gives (3): ``embed`` (the patch embeddings; ``st.batch`` and ``st.patches``
   follow from it), ``images``, ``kept_patches``. What the reducer sets for the trunk (2):
   ``packing`` (packed rows), ``weights`` (:class:`TokenWeights`: a per-key attention bias, a
-  per-key attention gate, pooling weights; generic, for dense tokens). The reducer's own (1):
+  per-key attention gate, pooling weights; generic, for dense tokens, the bias for packed rows
+  too). The reducer's own (1):
   ``carry`` (any object of its own, e.g. a dataclass, carried between its hooks; the trunk never
   reads it). What it reports (5): ``aux_losses`` (with gradient; a task adds them weighted by
   ``--reducer-loss-weight``), ``stats`` (detached scalars, exactly the names in ``stat_names``),
@@ -66,11 +67,13 @@ from .segments import Packing
 class TokenWeights:
     """How much each token of a dense sequence (B, T) counts, for a reducer that weighs tokens
     rather than (or besides) dropping them; every block's attention and the final pooling read
-    it (:attr:`ForwardState.weights`). A field left ``None`` changes nothing. Dense tokens only
-    (attention refuses it on packed rows)."""
+    it (:attr:`ForwardState.weights`). A field left ``None`` changes nothing. The gate and the
+    pooling weights are for dense tokens only (the trunk refuses them on packed rows); the bias
+    is for packed rows too."""
 
-    # (B, T) added to every query's attention logit for key j (ToMe's proportional attention:
-    # the log of the patches a merged token stands for)
+    # (B, T) added to every query's attention logit for key j; on packed rows (N,), one per row,
+    # padded as attention pads the rows (padding stays masked). Proportional attention (ToMe's
+    # merged tokens, DRIP's pooled segments): the log of the patches a token stands for
     attn_bias: torch.Tensor | None = None
     # (B, T) in [0, 1]: multiplies key j's attention weight for every query but j itself, then
     # renormalises (:func:`~dtp_ds.models.vit.policy_weights`: at 0 the key is hidden and the gate

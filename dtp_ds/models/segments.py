@@ -118,6 +118,13 @@ def pack_segments(x: torch.Tensor, packing: Packing, weights: torch.Tensor | Non
     return (num / den.unsqueeze(-1)).to(x.dtype)
 
 
+def row_sizes(packing: Packing) -> torch.Tensor:
+    """Patches each packed row stands for, (N,) fp32: a segment its patch count, CLS 1."""
+    ones = torch.ones(packing.patch_rows.numel(), device=packing.patch_rows.device)
+    sizes = torch.zeros(packing.num_rows, device=ones.device).index_add(0, packing.patch_rows, ones)
+    return sizes.clamp_min(1.0)  # CLS rows hold no patch
+
+
 def unpack_patches(packed: torch.Tensor, packing: Packing) -> torch.Tensor:
     """Give every patch its segment's row: packed (N, D) -> (B, L, D)."""
     return packed.index_select(0, packing.patch_rows).view(packing.batch, -1, packed.shape[-1])

@@ -90,18 +90,26 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, packing: Packing | None = None, key_bias: torch.Tensor | None = None,
                 want_keys: bool = False, key_gate: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The per-key terms of :class:`~.protocol.TokenWeights` (dense input only): ``key_bias``
-        (B, T) added to every query's logit for each key; ``key_gate`` (B, T) in [0, 1]
-        multiplying each key's weight (its own excepted): attention then runs explicitly
+        """The per-key terms of :class:`~.protocol.TokenWeights`: ``key_bias`` added to every
+        query's logit for each key, (B, T) for dense input or (N,) for packed rows (padded with
+        them; padding stays masked); ``key_gate`` (B, T, dense input only) in [0, 1] multiplying
+        each key's weight (its own excepted): attention then runs explicitly
         (:func:`policy_attention`), not through SDPA. ``want_keys``: also return the keys
         averaged over heads (B, T, head width), a similarity metric (ToMe's)."""
         qkv = self.qkv(x)
         mask = None
+        if key_bias is not None and key_bias.shape != x.shape[:-1]:
+            raise ValueError(f"a per-key attention bias (TokenWeights.attn_bias) of shape {tuple(key_bias.shape)} "
+                             f"for tokens of shape {tuple(x.shape)}: give one value per token, "
+                             f"{tuple(x.shape[:-1])} ((B, T) dense, (N,) packed rows)")
         if packing is not None:
-            if key_bias is not None or key_gate is not None:
-                raise ValueError("per-key attention terms (TokenWeights) apply to dense tokens, not packed rows")
+            if key_gate is not None:
+                raise ValueError("a per-key attention gate (TokenWeights.attn_gate) applies to dense tokens, "
+                                 "not packed rows")
             qkv = to_padded(qkv, packing)
             mask = packing.attn_mask
+            if key_bias is not None:
+                key_bias = to_padded(key_bias, packing)
         batch, length, dim3 = qkv.shape
         dim = dim3 // 3
         q, k, v = qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -109,7 +117,8 @@ class Attention(nn.Module):
             out = policy_attention(q, k, v, key_gate, key_bias)
         else:
             if key_bias is not None:
-                mask = key_bias[:, None, None, :].to(q.dtype)
+                bias = key_bias[:, None, None, :].to(q.dtype)
+                mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(batch, length, dim)
         if packing is not None:
@@ -444,6 +453,8 @@ class VisionTransformer(nn.Module):
         """Pool each sample's final tokens (dense (B, T, D) or packed (N, D)) -> (B, D); ``weights``
         (B, T, dense only; :attr:`TokenWeights.pool`) weigh the mean (a merged token as the patches
         it stands for, a token policy by its value)."""
+        if packing is not None and weights is not None:
+            raise ValueError("pooling weights (TokenWeights.pool) apply to dense tokens, not packed rows")
         if packing is None:
             if self.global_pool == "cls":
                 return x[:, 0]

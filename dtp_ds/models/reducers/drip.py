@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..boundary import MAX_SEGMENTS_RATIO, THRESHOLD_MOMENTUM, Boundaries, expected_segments, make_boundary_predictor
-from ..protocol import ForwardState
-from ..segments import make_packing, pack_segments, segment_ids, unpack_patches
+from ..protocol import ForwardState, TokenWeights
+from ..segments import make_packing, pack_segments, row_sizes, segment_ids, unpack_patches
 from . import TokenPlan, TokenReducer, register_reducer
 
 # What the boundary predictor reads: the tokens after the ``pre`` blocks (DTP's and H-Net's
@@ -34,7 +34,13 @@ class DripReducer(TokenReducer):
     that follows content at the rate on average, ``"threshold"`` H-Net's (see
     :class:`~dtp_ds.models.boundary.CosineBoundaryPredictor`); ``threshold_momentum``: the
     adaptive selection's calibration EMA; ``max_segments_ratio``: its per-image cap, a multiple
-    of the prior's mean segment count (bounds packed attention's padded length)."""
+    of the prior's mean segment count (bounds packed attention's padded length).
+
+    ``proportional_attention`` (default off): ToMe's rule for the pooled segments: a segment of
+    ``k`` patches is one key, so every query's logit for it gets ``log k`` (CLS: size 1, no
+    bias) in the shorten blocks, and it keeps the weight its patches had together; through the
+    trunk's generic per-key bias (:class:`~dtp_ds.models.protocol.TokenWeights`). The sizes are
+    counts (no gradient). After upsampling every token is one patch again: no bias."""
 
     stat_names = ("compression", "boundary_rate")
 
@@ -58,6 +64,7 @@ class DripReducer(TokenReducer):
         tied: bool = False,
         threshold_momentum: float = THRESHOLD_MOMENTUM,
         max_segments_ratio: float = MAX_SEGMENTS_RATIO,
+        proportional_attention: bool = False,
     ) -> None:
         super().__init__()
         if post and not upsample:
@@ -66,6 +73,8 @@ class DripReducer(TokenReducer):
             raise ValueError(f"compression must be > 1, got {compression}")
         if predictor_input not in PREDICTOR_INPUTS:
             raise ValueError(f"predictor_input must be one of {PREDICTOR_INPUTS}, got {predictor_input!r}")
+        if not isinstance(proportional_attention, bool):
+            raise ValueError(f"proportional_attention must be true or false, got {proportional_attention!r}")
         if pre + shorten + post != depth:
             raise ValueError(f"DRIP pre + shorten + post = {pre + shorten + post} != the trunk's {depth} blocks")
         self.layout = (pre, shorten, post)
@@ -73,6 +82,7 @@ class DripReducer(TokenReducer):
         self.compression = compression
         self.predictor_input = predictor_input
         self.predictor_hidden = predictor_hidden or dim
+        self.proportional_attention = proportional_attention
         self.boundary_predictor = make_boundary_predictor(
             predictor, dim, predictor_hidden or dim, 1.0 / compression, temperature, eval_rule,
             straight_through, selection, tied, threshold_momentum, max_segments_ratio,
@@ -137,7 +147,7 @@ class DripReducer(TokenReducer):
         if index == pre + shorten and self.upsample:
             short, packing = x, st.packing
             cls_out = short.index_select(0, packing.starts).unsqueeze(1)
-            st.packing = None
+            st.packing, st.weights = None, None  # one patch per token again: no proportional bias
             return st.carry + torch.cat([cls_out, unpack_patches(short, packing)], dim=1)
         return x
 
@@ -154,6 +164,8 @@ class DripReducer(TokenReducer):
         if self.upsample:
             st.carry = x  # the tokens before pooling: upsampling adds them back
         st.packing = packing
+        if self.proportional_attention:
+            st.weights = TokenWeights(attn_bias=row_sizes(packing).log())
         return pack_segments(x, packing, weights)
 
 
