@@ -359,7 +359,14 @@ class CosineBoundaryPredictor(BoundaryPredictorBase):
     @torch.no_grad()
     def _update_threshold(self, batch_threshold: torch.Tensor) -> None:
         """Bias-corrected running mean: a plain average over the first ``1 / (1 - momentum)``
-        steps, an EMA after."""
+        steps, an EMA after, of the batch thresholds averaged over the data-parallel ranks."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # every data-parallel rank keeps the same threshold (as SyncBatchNorm's statistics): each
+            # rank's own EMA would cut its evaluation shard differently from a checkpoint's reader
+            batch_threshold = batch_threshold.detach().float().clone()
+            torch.distributed.all_reduce(batch_threshold)
+            batch_threshold /= torch.distributed.get_world_size()
         steps = int(self.calibration_steps) + 1
         alpha = max(1.0 - self.threshold_momentum, 1.0 / steps)
         self.threshold.lerp_(batch_threshold.to(self.threshold.dtype), alpha)

@@ -275,3 +275,34 @@ def test_a_shipped_layout_with_adaptive_selection_trains() -> None:
     with torch.no_grad():
         assert torch.isfinite(model.encode_image(images)).all()
     assert registry.get_reducer_cfg("DRIPTopK-ViT-Tiny-8-4x")["selection"] == "topk"  # the fixed count, named
+
+
+def _calibrate_on_rank(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        trunk = small_trunk()
+        trunk.train()
+        for step in range(3):  # each rank its own images, as data parallelism gives it
+            run(trunk, rectangles(14, seed=1000 * rank + step)[0])
+        torch.save(predictor(trunk).state_dict(), f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_ranks_keep_one_calibrated_threshold(tmp_path) -> None:
+    """Each rank sees other images; the calibration averages their batch thresholds, so every rank
+    (and the checkpoint rank 0 writes) cuts an evaluation image the same way."""
+    from dtp_ds.cluster.ports import free_port
+
+    out = str(tmp_path / "pred")
+    torch.multiprocessing.spawn(_calibrate_on_rank, args=(free_port(), out), nprocs=2, join=True)
+    states = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert torch.equal(states[0]["threshold"], states[1]["threshold"])
+    assert int(states[0]["calibration_steps"]) == 3
+    # one process fed rank 1's batches alone ends elsewhere: the ranks' batches did differ
+    alone = small_trunk()
+    alone.train()
+    for step in range(3):
+        run(alone, rectangles(14, seed=1000 + step)[0])
+    assert not torch.equal(predictor(alone).threshold, states[1]["threshold"])
