@@ -481,23 +481,29 @@ def test_flops_counts_drip_at_its_prior(capsys: pytest.CaptureFixture[str]) -> N
     from dtp_ds.eval.flops import main, model_flops
 
     plain = model_flops("ViT-Tiny-8", whole_model=False)
-    drip = model_flops("DRIP-ViT-Tiny-8-4x", whole_model=False)
-    # 64 patches at the prior 1/4: 63 / 4 + 1 = 16.75 segments expected; the shipped top-k router
+    drip = model_flops("DRIPTopK-ViT-Tiny-8-4x", whole_model=False)
+    # 64 patches at the prior 1/4: 63 / 4 + 1 = 16.75 segments expected; the fixed-count router
     # cuts every image into the rounded count, 17 (+ CLS)
     assert plain["tokens"] == 65 and drip["tokens"] == 18
     assert drip["compression"] == pytest.approx(64 / 17)
     assert 0.3 < drip["gflops"] / plain["gflops"] < 0.7
     assert drip["gflops"] >= drip["gflops_fvcore"]  # FlopCounterMode counts attention, fvcore does not
     # counted at that whole count, which lies above the count below it
-    model = dtp_ds.create_model("DRIP-ViT-Tiny-8-4x")
+    model = dtp_ds.create_model("DRIPTopK-ViT-Tiny-8-4x")
     size = (model.visual.image_size,) * 2 if isinstance(model.visual.image_size, int) else model.visual.image_size
     from dtp_ds.eval.flops import count_flops
 
     g16, g17 = (count_flops(model, size, segments=n)["gflops"] for n in (16, 17))
     assert g16 < drip["gflops"] and drip["gflops"] == pytest.approx(g17)
-    assert main(["--models", "DRIP-ViT-Tiny-8-4x", "--image-only", "--boundary-rate", "0.5", "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)
-    assert row["boundary_rate"] == 0.5 and row["tokens"] == 1 + round(0.5 * 63 + 1)
+    # the shipped default (the count follows content) is planned at the prior's mean, 16.75 segments:
+    # between the whole counts around it
+    adaptive = model_flops("DRIP-ViT-Tiny-8-4x", whole_model=False)
+    assert adaptive["tokens"] == pytest.approx(1 + 16.75) and g16 < adaptive["gflops"] < g17
+    assert main(["--models", "DRIPTopK-ViT-Tiny-8-4x", "DRIP-ViT-Tiny-8-4x", "--image-only", "--boundary-rate", "0.5",
+                 "--json"]) == 0
+    fixed, mean = json.loads(capsys.readouterr().out)
+    assert fixed["boundary_rate"] == mean["boundary_rate"] == 0.5
+    assert fixed["tokens"] == 1 + round(0.5 * 63 + 1) and mean["tokens"] == pytest.approx(1 + 0.5 * 63 + 1)
 
 
 def tiny_tower_macs(segments: int | None) -> int:
@@ -520,15 +526,16 @@ def tiny_tower_macs(segments: int | None) -> int:
 
 def test_bench_tool_runs() -> None:
     root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "tools/bench", "--models", "ViT-Tiny-8", "DRIP-ViT-Tiny-8-4x",
+    # the fixed-count twin: its count, and so its FLOPs, is known by hand on any image
+    cmd = [sys.executable, "tools/bench", "--models", "ViT-Tiny-8", "DRIPTopK-ViT-Tiny-8-4x",
            "--steps", "1", "--warmup", "1", "--batch-size", "2", "--threads", "1", "--json"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["rows"]
-    assert [r["model"] for r in rows] == ["ViT-Tiny-8", "DRIP-ViT-Tiny-8-4x"]
+    assert [r["model"] for r in rows] == ["ViT-Tiny-8", "DRIPTopK-ViT-Tiny-8-4x"]
     assert rows[1]["gflops_ratio"] < 1 and rows[1]["act_mb_image_ratio"] < 1 and rows[1]["step_s"] > 0
     # against the hand count: the plain ViT, and DRIP at its configured 4x (round(63 / 4 + 1) = 17
-    # segments) and at what the timed steps ran (the top-k router cuts every image into 17)
+    # segments) and at what the timed steps ran (the fixed-count router cuts every image into 17)
     assert rows[0]["gflops"] == pytest.approx(tiny_tower_macs(None) / 1e9, rel=1e-6)
     assert rows[0]["gflops_run"] == rows[0]["gflops"]
     assert rows[1]["compression"] == pytest.approx(64 / 17)
