@@ -10,7 +10,9 @@
   pair ``*_diff_mean``, ``*_diff_ci95``, ``*_separated``), :func:`separation_lines` its summary;
 - :func:`time_to_target`: sustained time to a target (the first evaluation after which the curve
   stays at or above it) beside the first touch;
-- :func:`overhead_ratios`: a method's one-off cost charged to its time to target.
+- :func:`overhead_ratios`: a method's one-off cost charged to its time to target;
+- :func:`correlation_from_sums`: Pearson's r over paired values given as all-reducible sums, with
+  its Fisher-z interval.
 
 An interval prints as ``mean +- half-width (n)`` (:func:`fmt`).
 """
@@ -66,6 +68,23 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval
         return Interval(mean, mean, mean, n)
     ci = stats.ttest_1samp(x, 0.0).confidence_interval(confidence)
     return Interval(mean, float(ci.low), float(ci.high), n)
+
+
+def correlation_from_sums(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float,
+                          confidence: float = CONFIDENCE) -> Interval:
+    """Pearson's r of ``n`` pairs (x, y) given their sums, sums of squares and of products (so
+    ranks can all-reduce them), with the Fisher-z interval ``tanh(atanh(r) +- z / sqrt(n - 3))``
+    (the normal approximation for r; nan for n < 4 or a constant x or y)."""
+    if n < 2:
+        return Interval(NAN, NAN, NAN, int(n))
+    vx, vy = sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
+    if vx <= 1e-12 * max(1.0, sxx / n) or vy <= 1e-12 * max(1.0, syy / n):
+        return Interval(NAN, NAN, NAN, int(n))
+    r = max(-1.0, min(1.0, (sxy / n - sx * sy / n ** 2) / math.sqrt(vx * vy)))
+    if n < 4 or abs(r) == 1.0:
+        return Interval(r, NAN, NAN, int(n))
+    z, half = math.atanh(r), stats.norm.ppf(0.5 + confidence / 2) / math.sqrt(n - 3)
+    return Interval(r, math.tanh(z - half), math.tanh(z + half), int(n))
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,8 @@ def classify_eval(model: nn.Module, transform: Callable, split: ClassSplit, devi
             if out.groups is not None:
                 names = paths[seen:seen + len(labels)] if paths is not None else [None] * len(labels)
                 quality.add(out.groups, out.scores,
-                            [None if p is None else _patch_labels(split, p, out.groups.shape[-1]) for p in names])
+                            [None if p is None else _patch_labels(split, p, out.groups.shape[-1]) for p in names],
+                            images)
         seen += len(labels)
     if dist.is_initialized():
         dist.all_reduce(stats)

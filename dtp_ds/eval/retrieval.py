@@ -160,7 +160,7 @@ def encode_set(model: nn.Module, tokenizer: Callable, preprocess: Callable, rset
             image_feats.append(model.encode_image(images, normalize=True).float().cpu())
         for out in rec:  # the groups this forward's reducer made, if it groups patches (no objects known)
             if out.groups is not None:
-                quality.add(out.groups, out.scores, [None] * len(usable))
+                quality.add(out.groups, out.scores, [None] * len(usable), images)
         indices += [i for i, _, _ in usable]
         captions += [caps for _, _, caps in usable]
     flat = [c for caps in captions for c in caps]

@@ -186,7 +186,8 @@ def _evaluate(model: nn.Module, classifier: torch.Tensor, preprocess: Callable, 
             for out in rec:  # the groups this forward's reducer made, if it groups patches
                 if out.groups is not None:
                     quality.add(out.groups, out.scores,
-                                [_patch_labels(split, dataset.samples[i][0], out.groups.shape[-1]) for i in idx])
+                                [_patch_labels(split, dataset.samples[i][0], out.groups.shape[-1]) for i in idx],
+                                images)
     return first_failure
 
 

@@ -92,6 +92,13 @@ def summary_lines(metrics_path: str) -> list[str]:
         lines.append(f"demo: DRIP segments per image on the zero-shot split: mean {r['zeroshot_segments_mean']:.1f}, "
                      f"std {r['zeroshot_segments_std']:.1f}, std/mean {r['zeroshot_segments_cv']:.2f} "
                      f"(issue 23 target >= {SEGMENTS_CV_TARGET:.2f})")
+    if "zeroshot_segments_edges_r" in r:
+        def corr(name: str) -> str:
+            k = f"zeroshot_segments_{name}_r"
+            return f"r {r[k]:.2f} [{r[k + '_lo']:.2f}, {r[k + '_hi']:.2f}]"
+        outline = f", with shape outlines {corr('outline')}" if "zeroshot_segments_outline_r" in r else ""
+        lines.append(f"demo: DRIP segments per image against scene complexity (95% interval over images): with "
+                     f"edge density {corr('edges')}{outline} (issue 23 target: r > 0, interval above 0)")
     if "zeroshot_compression" in r:
         train = r.get("train_compression")
         gap = f"{100 * abs(r['zeroshot_compression'] / train - 1):.0f}% apart" if train else "training's not recorded"

@@ -2,6 +2,8 @@
 differences, the sustained time-to-target rule, overhead accounting and the reuse hash."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -150,3 +152,25 @@ def test_a_named_code_revision_stands_in_for_git(monkeypatch):
     assert reuse.reuse_hash(["a"], [], {}) == reuse.reuse_hash(["a"], [], {}, revision="pinned")
     monkeypatch.delenv(reuse.REVISION_VAR)
     assert reuse.reuse_hash(["a"], [], {}) == reuse.reuse_hash(["a"], [], {}, revision=reuse.code_revision())
+
+
+def test_correlation_from_sums_is_pearsons_r_with_scipys_fisher_interval() -> None:
+    """r and its interval from all-reducible sums equal scipy's on the raw pairs; two halves'
+    sums added (two ranks) give the same; a constant variable has no r."""
+    from scipy import stats as sps
+
+    from dtp_ds.bench.stats import correlation_from_sums
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(10, 30, 200).astype(float)
+    y = 0.3 * x + rng.normal(0, 3, 200)
+
+    def sums(a, b):
+        return np.array([len(a), a.sum(), b.sum(), (a * a).sum(), (b * b).sum(), (a * b).sum()])
+
+    ref = sps.pearsonr(x, y)
+    ci = ref.confidence_interval(0.95)
+    got = correlation_from_sums(*(sums(x[:70], y[:70]) + sums(x[70:], y[70:])))
+    assert got.mean == pytest.approx(ref.statistic, abs=1e-9) and got.n == 200
+    assert (got.lo, got.hi) == pytest.approx((ci.low, ci.high), abs=1e-9) and got.excludes(0.0)
+    assert math.isnan(correlation_from_sums(*sums(np.full(50, 3.0), y[:50])).mean)

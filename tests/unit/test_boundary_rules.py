@@ -286,8 +286,15 @@ def test_demo_prints_the_boundaries_as_evaluation_placed_them(tmp_path) -> None:
     # the count line's figures come from BoundaryQuality as evaluation accumulates them: three
     # images of 16 patches cut into 2, 4 and 6 segments (mean 4, population std sqrt(8/3))
     quality = BoundaryQuality()
-    quality.add(torch.tensor([[0] * 8 + [1] * 8, [0, 1, 2, 3] * 4, [0, 1, 2, 3, 4, 5] * 2 + [5] * 4]), None, [None] * 3)
+    # and the busier the image, the more segments: flat, one step, a checkerboard of 4x4 (x 10)
+    images = torch.zeros(3, 3, 16, 16)
+    images[1, :, :, 8:] = 1.0
+    images[2] = ((torch.arange(16)[:, None] // 4 + torch.arange(16)[None, :] // 4) % 2).float()
+    for _ in range(10):
+        quality.add(torch.tensor([[0] * 8 + [1] * 8, [0, 1, 2, 3] * 4, [0, 1, 2, 3, 4, 5] * 2 + [5] * 4]), None,
+                    [None] * 3, images)
     counts = quality.result("zeroshot_")
+    assert counts["zeroshot_segments_edges_r"] > 0.9 and counts["zeroshot_segments_edges_r_lo"] > 0.5
     row = {"step": 237, "zeroshot_top1": 30.0, "zeroshot_top5": 90.0, "zeroshot_chance_top1": 100 / 48,
            "zeroshot_classes": 48, **counts, "train_compression": 3.6,
            "zeroshot_purity": 0.95, "zeroshot_purity_even": 0.92, "zeroshot_prob_spread": 0.9,
@@ -299,9 +306,15 @@ def test_demo_prints_the_boundaries_as_evaluation_placed_them(tmp_path) -> None:
     assert lines[2].startswith("demo: zero-shot top-1 30.0% = 14.4x chance")
     # the last two lines parse back to the figures (the demo's closing check of issue 23)
     count = re.fullmatch(r"demo: DRIP segments per image on the zero-shot split: mean ([\d.]+), std ([\d.]+), "
-                         r"std/mean ([\d.]+) \(issue 23 target >= 0\.15\)", lines[-2])
-    assert count, lines[-2]
+                         r"std/mean ([\d.]+) \(issue 23 target >= 0\.15\)", lines[-3])
+    assert count, lines[-3]
     assert [float(v) for v in count.groups()] == pytest.approx([4.0, 1.6, 0.41], abs=0.01)
+    follows = re.fullmatch(r"demo: DRIP segments per image against scene complexity \(95% interval over images\): "
+                           r"with edge density r ([\d.-]+) \[([\d.-]+), ([\d.-]+)\] \(issue 23 target: r > 0, "
+                           r"interval above 0\)", lines[-2])
+    assert follows, lines[-2]
+    assert [float(v) for v in follows.groups()] == pytest.approx(
+        [counts[f"zeroshot_segments_edges_r{k}"] for k in ("", "_lo", "_hi")], abs=0.005)
     gap = re.fullmatch(r"demo: eval compression ([\d.]+) vs training ([\d.]+): (\d+)% apart "
                        r"\(issue 23 target within 15%\)", lines[-1])
     assert gap, lines[-1]
