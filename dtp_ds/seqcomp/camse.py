@@ -298,7 +298,7 @@ def load_stage(spec: str, task: str = "clip", config: Any = None, seed: int = 0)
                         "are fresh: give the checkpoint directory for their trained weights", spec)
         step = meta.get("step")
         return built, meta["model_name"], int(step) if step else None
-    from dtp_ds.train.export import _register_model, fp32_state_dict, read_model_states, resolve_checkpoint_dir
+    from dtp_ds.train.export import _register_model, module_fp32_state, read_model_states, resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(spec)
     states = read_model_states(ckpt)
@@ -314,11 +314,10 @@ def load_stage(spec: str, task: str = "clip", config: Any = None, seed: int = 0)
         config = task_type(task).Config(**{k: v for k, v in recorded.items() if k in fields})
     built = build(name, config)
     module = built.module
-    # the trainer's module state with its model's "model." prefix stripped: put it back
-    saved = fp32_state_dict(ckpt, built.model, states)
+    # the trainer's whole module: the model, and a task's heads and momentum encoder
+    saved = module_fp32_state(ckpt, built.model, states)
     target = module.state_dict()
-    state = {k: saved[k.removeprefix("model.") if k.startswith("model.") else k] for k in target
-             if (k.removeprefix("model.") if k.startswith("model.") else k) in saved}
+    state = {k: saved[k] for k in target if k in saved}
     missing = sorted(set(target) - set(state))
     if missing:
         raise ValueError(f"{ckpt}: weights do not fit --task {task}'s module of model '{name}': missing "

@@ -216,13 +216,20 @@ def _stage0_state(states: dict[str, Any], model: nn.Module) -> dict[str, torch.T
 
 def fp32_state_dict(ckpt_dir: str, model: nn.Module, states: dict[str, Any] | None = None
                     ) -> dict[str, torch.Tensor]:
-    """The checkpoint's fp32 weights, keys as in ``model.state_dict()`` (the ``model.``
-    prefix of the trainer's task wrapper stripped). ``model``: a model of the same
-    architecture (names the stage-0 16-bit masters)."""
+    """The checkpoint's fp32 weights of the task's model, keys as in ``model.state_dict()`` (the
+    ``model.`` prefix of the trainer's task wrapper stripped; the module's other parts left out).
+    ``model``: a model of the same architecture (names the stage-0 16-bit masters)."""
+    return _strip(module_fp32_state(ckpt_dir, model, states))
+
+
+def module_fp32_state(ckpt_dir: str, model: nn.Module, states: dict[str, Any] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 weights of the trainer's whole task module, keys as in its
+    ``state_dict()`` (``model.*`` and, for an SSL task, its heads and momentum encoder)."""
     states = read_model_states(ckpt_dir) if states is None else states
     stage = zero_stage(ckpt_dir, states)
     if stage == 0:
-        return _strip(_stage0_state(states, model))
+        return _stage0_state(states, model)
     if stage in (1, 2, 3):
         if not glob.glob(os.path.join(ckpt_dir, "*zero_pp_rank_*_optim_states.pt")):
             raise FileNotFoundError(f"{ckpt_dir}: ZeRO stage {stage} checkpoint without its "
@@ -233,7 +240,7 @@ def fp32_state_dict(ckpt_dir: str, model: nn.Module, states: dict[str, Any] | No
         # its one copy (the module's dtype; ZeRO-3's module entries are empty placeholders)
         frozen = {k: v.float() if v.is_floating_point() else v for k, v in (states.get("module") or {}).items()
                   if k not in merged and v.numel()}
-        return _strip({**frozen, **merged})
+        return {**frozen, **merged}
     raise ValueError(f"{ckpt_dir}: unknown ZeRO stage {stage}")
 
 

@@ -216,6 +216,19 @@ def test_ssl_tasks_train_evaluate_and_resume(launch):
     assert metrics(res["split"].dir)[-1]["param_fingerprint_by_rank"] == \
         metrics(res["straight"].dir)[-1]["param_fingerprint_by_rank"]
 
+    # the seqcomp estimator (tools/seqcomp_schedule) reads an SSL run's checkpoint whole: the
+    # model, the heads and the momentum encoder, under ZeRO-2 (DRIP) and ZeRO-3
+    from dtp_ds.seqcomp.camse import load_stage
+    from dtp_ds.train.export import module_fp32_state, resolve_checkpoint_dir
+
+    for name, steps in (("mocov3", SSL_STEPS), ("straight", 6)):
+        built, _, step = load_stage(str(res[name].dir), "mocov3")
+        saved = module_fp32_state(resolve_checkpoint_dir(str(res[name].dir)), built.model)
+        loaded = built.module.state_dict()
+        assert step == steps and set(loaded) <= set(saved), (name, sorted(set(loaded) - set(saved))[:5])
+        for key in ("predictor.0.weight", "projector.0.weight", "teacher.projector.0.weight", "model.cls_token"):
+            assert torch.equal(loaded[key], saved[key]), (name, key)
+
     # tools/evaluate --knn on the finished run (one process) reproduces its last kNN row (the
     # ranks gathered the features in order); tools/linear_probe reads the same run
     from dtp_ds.cli import evaluate, linear_probe
