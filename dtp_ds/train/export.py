@@ -252,7 +252,10 @@ def _register_model(name: str, cfg: dict[str, Any] | None, ckpt_dir: str) -> Non
             raise ValueError(f"{ckpt_dir}: model '{name}' is unknown to open_clip and the checkpoint stores no "
                              f"model_cfg")
         return
-    if known == cfg:
+    # the registered config, or open_clip's form of it (a DRIP trunk as a registered timm model:
+    # what checkpoints stored before get_model_config), which must not replace the dtp_ds form that
+    # every other reader of the name (vision_tower, the tasks) builds from
+    if known == cfg or (known is not None and cfg == open_clip.get_model_config(name)):
         return
     if known is not None:
         log.warning("model '%s': the checkpoint's config differs from the registered one; using the checkpoint's",

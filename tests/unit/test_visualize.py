@@ -24,7 +24,7 @@ from dtp_ds.eval.boundaries import (
     val_transform,
     visualize,
 )
-from dtp_ds.models import CONFIG_DIR, record_forward, register_config, registry, trunks
+from dtp_ds.models import CONFIG_DIR, get_model_config, record_forward, register_config, registry, trunks, vision_tower
 from dtp_ds.models.registry import load_config
 from dtp_ds.train.export import load_model_from_checkpoint, resolve_checkpoint_dir
 from dtp_ds.train.visualize import main
@@ -155,6 +155,10 @@ def test_export_loads_the_fp32_masters(runs, run, model_name, stage, precision):
         assert torch.equal(state[key], value), key
     if precision == "bf16":  # the masters carry more than the 16-bit copies do
         assert any(not torch.equal(v, v.bfloat16().float()) for v in ref.values())
+    # the checkpoint stored open_clip's form of the config (as checkpoints did before
+    # get_model_config): reading it leaves the registered dtp_ds form, which the trunk builds from
+    assert "reducer_cfg" in get_model_config(model_name)["vision_cfg"]
+    assert vision_tower(model_name, 0).reducer is not None
 
 
 def test_export_accepts_each_path_form_and_refuses_others(runs, tmp_path):
