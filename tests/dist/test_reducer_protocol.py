@@ -1,14 +1,14 @@
 """The reducer seam: a reducer written in a test's own file trains a CLIP model on 2 ranks
 under ZeRO-2 through the unchanged trainer; its auxiliary loss, statistics and token counts
 reach the metrics. Every shipped reducer family trains under ZeRO-3. All runs share one launch
-(tests/dist/train_runs.py)."""
+with tests/dist/test_seqcomp_schedule.py's (tests/dist/conftest.py)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from tests.conftest import base_args, run_many, step_records
+from tests.conftest import base_args, step_records
 
 pytestmark = pytest.mark.dist
 
@@ -17,9 +17,8 @@ REDUCERS = {"ToMe-ViT-Tiny-8": True, "PatchDrop-ViT-Tiny-8": True, "TokenLearner
             "Grouping-ViT-Tiny-8": True, "DynamicViTDrop-ViT-Tiny-8": True, "DynamicViT-ViT-Tiny-8": False}
 
 
-@pytest.fixture(scope="module")
-def runs(synth, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("reducers")
+def planned_runs(synth, logs) -> dict[str, list[str]]:
+    """This module's runs (name -> argv), trained in tests/dist/conftest.py's shared launch."""
     with open("dtp_ds/models/configs/ViT-Tiny-8.json") as f:
         cfg = json.load(f)
     cfg["vision_cfg"]["reducer_cfg"] = {"type": "tests.dist.toy_reducer:StrideReducer", "at": 2, "stride": 2}
@@ -34,7 +33,12 @@ def runs(synth, tmp_path_factory):
                          "--eval-max-images", "16")
         args[args.index("--model") + 1] = name
         todo[name] = args
-    done = run_many(todo, logs / "launch")
+    return todo
+
+
+@pytest.fixture(scope="module")
+def runs(shared_launch):
+    done = {name: shared_launch[name] for name in ("toy", *REDUCERS)}
     for name, result in done.items():
         assert result.rc == [0, 0], (name, result.stderr)
     return done

@@ -1,12 +1,13 @@
 """``--seqcomp-schedule`` end to end: 2 ranks, ZeRO-2, the plain patch-stem trunk (token
 dropout + patch scaling) and DRIP (conv stem: token dropout only) train under a schedule whose
 segments change within 10 steps; every row logs the step's strategy and the cumulative cost
-units; the schedule's state is in the checkpoint. Both runs share one launch."""
+units; the schedule's state is in the checkpoint. Both runs share one launch with
+tests/dist/test_reducer_protocol.py's (tests/dist/conftest.py)."""
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import base_args, run_many, step_records
+from tests.conftest import base_args, step_records
 
 pytestmark = pytest.mark.dist
 
@@ -16,16 +17,20 @@ CASES = {"PatchStem-ViT-Tiny-8": ("0.04:r=0.5,p=16;0.04:r=0.25", 8, 16),
          "DRIP-ViT-Tiny-8-4x": ("0.04:r=0.5;0.04:r=0.25", 8, 8)}
 
 
-@pytest.fixture(scope="module")
-def runs(synth, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("schedules")
+def planned_runs(synth, logs) -> dict[str, list[str]]:
+    """This module's runs (model -> argv), trained in tests/dist/conftest.py's shared launch."""
     todo = {}
     for model, (spec, _, _) in CASES.items():
         args = base_args(synth, logs, model, "--zero-stage", "2", "--precision", "fp32", "--max-steps", "10",
                          "--lr", "2e-3", "--seqcomp-schedule", spec, "--lr-scheduler", "poly")
         args[args.index("--model") + 1] = model
         todo[model] = args
-    return run_many(todo, logs / "launch")
+    return todo
+
+
+@pytest.fixture(scope="module")
+def runs(shared_launch):
+    return {model: shared_launch[model] for model in CASES}
 
 
 @pytest.mark.parametrize("model", list(CASES))
